@@ -1,0 +1,76 @@
+"""All exceptions of daam-pipeline.
+
+Every error derives from :class:`PipelineError`; where a built-in exception has the same meaning the
+subclass inherits it too, so callers can catch either. Messages name what is wrong and where it came from
+(model name, shard URL, sample key, config field path).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BankError",
+    "CheckpointError",
+    "ConfigError",
+    "DecodeError",
+    "PipelineError",
+    "SchemaError",
+    "ShardError",
+    "ShardNotFoundError",
+    "StoreError",
+    "TargetError",
+    "UnitFailedError",
+    "UnsupportedModelError",
+]
+
+
+class PipelineError(Exception):
+    """Base class of every error raised by daam-pipeline."""
+
+
+class UnsupportedModelError(PipelineError, TypeError):
+    """The model cannot be explained by DAAM (no [class] token, no token attention, ...)."""
+
+
+class TargetError(PipelineError, ValueError):
+    """Explained classes or self-supervised weights that do not fit the batch or the model."""
+
+
+class CheckpointError(PipelineError, ValueError):
+    """A checkpoint that cannot be loaded safely or does not match the model."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """An invalid job file; the message names the field path."""
+
+
+class ShardError(PipelineError, ValueError):
+    """A WebDataset shard that cannot be written or read as a whole."""
+
+
+class ShardNotFoundError(ShardError, FileNotFoundError):
+    """A shard pattern or URL that matches no file."""
+
+
+class DecodeError(PipelineError, ValueError):
+    """One sample that cannot be decoded; names the shard and the key."""
+
+    def __init__(self, message: str, *, shard: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.key = key
+
+
+class SchemaError(PipelineError, ValueError):
+    """Data that does not match the Arrow schemas or Zarr layout in ``schemas/``."""
+
+
+class StoreError(PipelineError, OSError):
+    """An output store that cannot be opened, written or committed."""
+
+
+class BankError(PipelineError, ValueError):
+    """A memory bank that does not fit the query (too small, other feature size, missing)."""
+
+
+class UnitFailedError(PipelineError, RuntimeError):
+    """A unit of work (one input shard) that failed after all retries."""
