@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DecodeError",
+    "InputError",
     "PipelineError",
     "SchemaError",
     "ShardError",
@@ -29,6 +30,10 @@ class PipelineError(Exception):
 
 class UnsupportedModelError(PipelineError, TypeError):
     """The model cannot be explained by DAAM (no [class] token, no token attention, ...)."""
+
+
+class InputError(PipelineError, ValueError):
+    """Images that do not fit the model (rank, channels, size)."""
 
 
 class TargetError(PipelineError, ValueError):
