@@ -1,0 +1,207 @@
+"""Per-block statistics of DAAM maps, batched on the device.
+
+The one implementation of these formulas (``schemas/blocks.schema.json`` describes each column). Maps are
+non-negative (METHOD.md: M_l is a ReLU, D_l a sum of them). A map's *mass* is its sum; *normalised* means divided
+by the mass. Coordinates are in patch units: patch ``(i, j)`` sits at row ``i``, column ``j`` of the ``h x w`` grid.
+
+Undefined values: every float statistic of an all-zero map is NaN, its peak row/column is -1; box statistics are
+NaN for a sample without boxes (an all-False row of ``box_mask``) or without a box mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from pipeline.errors import TargetError
+
+__all__ = [
+    "STATISTICS",
+    "block_statistics",
+    "box_energy",
+    "boxes_to_grid_mask",
+    "pointing_hit",
+]
+
+TOP_MASS_FRACTION = 0.1  # map_/daam_top10_mass: share of the patches whose mass is summed
+IOU_FRACTION = 0.2  # daam_iou_final: share of the patches in each top set
+
+_MAP_STATISTICS = (
+    "entropy",
+    "top10_mass",
+    "peak_row",
+    "peak_col",
+    "centroid_row",
+    "centroid_col",
+    "spread",
+    "box_energy",
+    "point_hit",
+)
+STATISTICS: tuple[str, ...] = (
+    *(f"map_{name}" for name in _MAP_STATISTICS),
+    *(f"daam_{name}" for name in _MAP_STATISTICS),
+    "daam_cos_final",
+    "daam_iou_final",
+    "daam_change",
+    "coef_l1",
+    "coef_pos_frac",
+)
+"""Names of :func:`block_statistics`' values, in order; the columns of the blocks table after key, unit, block."""
+
+
+def boxes_to_grid_mask(
+    boxes_per_sample: Sequence[Tensor],
+    input_size: tuple[int, int],
+    grid: tuple[int, int],
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """Which patches of the grid lie in a sample's boxes.
+
+    A patch is inside when its centre lies in any box of the sample (borders included).
+
+    Args:
+        boxes_per_sample: One ``(k, 4)`` tensor per sample, boxes as ``(x0, y0, x1, y1)`` in the pixel
+            coordinates of the model input (after resizing/cropping); ``k`` may be 0.
+        input_size: ``(H, W)`` of the model input in pixels.
+        grid: ``(h, w)`` patch grid.
+        device: Where the mask is built; defaults to the boxes' device.
+
+    Returns:
+        ``(B, h, w)`` bool mask; all False for a sample without boxes.
+
+    Raises:
+        TargetError: a sample's boxes are not of shape ``(k, 4)``.
+    """
+    for i, boxes in enumerate(boxes_per_sample):
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise TargetError(f"boxes of sample {i} have shape {tuple(boxes.shape)}, expected (k, 4)")
+    (height, width), (h, w) = input_size, grid
+    # Padding boxes are NaN: every comparison with them is False.
+    boxes = pad_sequence(
+        [b.to(device=device, dtype=torch.float32) for b in boxes_per_sample], batch_first=True, padding_value=math.nan
+    )  # (B, K, 4)
+    ys = (torch.arange(h, device=boxes.device) + 0.5) * (height / h)
+    xs = (torch.arange(w, device=boxes.device) + 0.5) * (width / w)
+    x0, y0, x1, y1 = (c[..., None] for c in boxes.unbind(-1))  # (B, K, 1) each
+    in_y = (ys >= y0) & (ys <= y1)  # (B, K, h)
+    in_x = (xs >= x0) & (xs <= x1)  # (B, K, w)
+    return (in_y[..., :, None] & in_x[..., None, :]).any(dim=1)
+
+
+def box_energy(maps: Tensor, box_mask: Tensor) -> Tensor:
+    """Share of each map's mass inside the boxes.
+
+    Args:
+        maps: ``(B, ..., h, w)`` non-negative maps.
+        box_mask: ``(B, h, w)`` from :func:`boxes_to_grid_mask`.
+
+    Returns:
+        ``(B, ...)`` float32; NaN for an all-zero map or a sample without boxes.
+    """
+    mask = _broadcast_mask(box_mask, maps)
+    flat = maps.float().flatten(-2)
+    energy = (flat * mask.flatten(-2)).sum(-1) / flat.sum(-1)
+    return energy.masked_fill(~_has_boxes(box_mask, energy), math.nan)
+
+
+def pointing_hit(maps: Tensor, box_mask: Tensor) -> Tensor:
+    """Pointing game: 1.0 when a map's peak patch is inside the boxes, else 0.0.
+
+    Args:
+        maps: ``(B, ..., h, w)`` non-negative maps.
+        box_mask: ``(B, h, w)`` from :func:`boxes_to_grid_mask`.
+
+    Returns:
+        ``(B, ...)`` float32; NaN for an all-zero map or a sample without boxes.
+    """
+    flat = maps.float().flatten(-2)
+    mask = _broadcast_mask(box_mask, maps).flatten(-2).expand_as(flat)
+    hit = mask.gather(-1, flat.argmax(-1, keepdim=True)).squeeze(-1).float()
+    undefined = ~_has_boxes(box_mask, hit) | (flat.sum(-1) == 0)
+    return hit.masked_fill(undefined, math.nan)
+
+
+@torch.no_grad()
+def block_statistics(
+    block_maps: Tensor, daam: Tensor, coefficients: Tensor, box_mask: Tensor | None = None
+) -> dict[str, Tensor]:
+    """All per-block statistics of a batch, on the maps' device.
+
+    Args:
+        block_maps: ``(B, L, h, w)`` block maps M_l.
+        daam: ``(B, L, h, w)`` accumulated maps D_l.
+        coefficients: ``(B, L, C)`` channel coefficients c_l.
+        box_mask: ``(B, h, w)`` from :func:`boxes_to_grid_mask`, or None (box statistics are then NaN).
+
+    Returns:
+        The values named in :data:`STATISTICS`, in that order, each ``(B, L)``: float32, int16 for peaks.
+    """
+    stats = {
+        **_map_statistics(block_maps, box_mask, "map_"),
+        **_map_statistics(daam, box_mask, "daam_"),
+        **_accumulation_statistics(daam),
+        "coef_l1": coefficients.float().abs().sum(-1),
+        "coef_pos_frac": (coefficients > 0).float().mean(-1),
+    }
+    assert tuple(stats) == STATISTICS
+    return stats
+
+
+def _map_statistics(maps: Tensor, box_mask: Tensor | None, prefix: str) -> dict[str, Tensor]:
+    h, w = maps.shape[-2:]
+    n = h * w
+    flat = maps.float().flatten(-2)  # (B, L, n)
+    mass = flat.sum(-1)
+    p = flat / mass[..., None]  # NaN rows for all-zero maps
+    rows = torch.arange(h, device=maps.device, dtype=torch.float32).repeat_interleave(w)
+    cols = torch.arange(w, device=maps.device, dtype=torch.float32).repeat(h)
+    centroid_row = (p * rows).sum(-1)
+    centroid_col = (p * cols).sum(-1)
+    spread = (p * ((rows - centroid_row[..., None]) ** 2 + (cols - centroid_col[..., None]) ** 2)).sum(-1).sqrt()
+    peak = flat.argmax(-1).masked_fill(mass == 0, -1)
+    if box_mask is None:
+        energy = hit = torch.full_like(mass, math.nan)
+    else:
+        energy, hit = box_energy(maps, box_mask), pointing_hit(maps, box_mask)
+    values = {
+        "entropy": -torch.special.xlogy(p, p).sum(-1) / (math.log(n) if n > 1 else 1.0),
+        "top10_mass": flat.topk(math.ceil(TOP_MASS_FRACTION * n), dim=-1).values.sum(-1) / mass,
+        "peak_row": torch.where(peak >= 0, peak // w, -1).to(torch.int16),
+        "peak_col": torch.where(peak >= 0, peak % w, -1).to(torch.int16),
+        "centroid_row": centroid_row,
+        "centroid_col": centroid_col,
+        "spread": spread,
+        "box_energy": energy,
+        "point_hit": hit,
+    }
+    return {prefix + name: value for name, value in values.items()}
+
+
+def _accumulation_statistics(daam: Tensor) -> dict[str, Tensor]:
+    flat = daam.float().flatten(-2)  # (B, L, n)
+    final = flat[:, -1:]
+    mass = flat.sum(-1)
+    cos = (flat * final).sum(-1) / (flat.norm(dim=-1) * final.norm(dim=-1))  # 0/0 = NaN for all-zero maps
+    k = math.ceil(IOU_FRACTION * flat.shape[-1])
+    top = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k, dim=-1).indices, True)
+    top_final = top[:, -1:]
+    iou = (top & top_final).sum(-1).float() / (top | top_final).sum(-1).float()
+    iou = iou.masked_fill((mass == 0) | (mass[:, -1:] == 0), math.nan)
+    p = flat / mass[..., None]
+    change = (p[:, 1:] - p[:, :-1]).abs().sum(-1)
+    change = torch.cat([torch.full_like(mass[:, :1], math.nan), change], dim=1)
+    return {"daam_cos_final": cos, "daam_iou_final": iou, "daam_change": change}
+
+
+def _broadcast_mask(box_mask: Tensor, maps: Tensor) -> Tensor:
+    """``(B, h, w)`` mask viewed as ``(B, 1, ..., h, w)`` to match ``maps``."""
+    return box_mask.view(box_mask.shape[0], *[1] * (maps.dim() - 3), *box_mask.shape[1:])
+
+
+def _has_boxes(box_mask: Tensor, like: Tensor) -> Tensor:
+    """``(B,)`` whether each sample has a box, viewed to broadcast against ``like`` ``(B, ...)``."""
+    return box_mask.flatten(1).any(-1).view(-1, *[1] * (like.dim() - 1))

@@ -1,0 +1,115 @@
+"""Reading a pipeline output: ``open_results(path)``.
+
+Only committed units are read (those with a marker in ``OUT/_done``); parts of unfinished units are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import StoreError
+from pipeline.store.commit import Output, OutputLike, as_output, done_units
+from pipeline.store.tables import blocks_schema, samples_schema
+
+__all__ = ["Results", "SampleMaps", "open_results"]
+
+# Integer columns become pandas' nullable dtypes, whether or not a column holds nulls.
+_PANDAS_TYPES = {pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype()}
+
+
+@dataclass(frozen=True)
+class SampleMaps:
+    """The stored arrays of one sample, float32; None for arrays the store does not keep."""
+
+    key: str
+    unit: str
+    row: int
+    block_maps: np.ndarray | None  # (L, h, w)
+    daam: np.ndarray | None  # (L, h, w)
+    coefficients: np.ndarray | None  # (L, C)
+
+
+class Results:
+    """The committed part of an output location; tables are read on first access.
+
+    Args:
+        output: The output location.
+    """
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+
+    @cached_property
+    def units(self) -> list[str]:
+        """Committed units, sorted."""
+        return done_units(self.output)
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes of ``maps.zarr`` (model, layout, storage); empty before any unit was written."""
+        try:
+            return self.output.maps(read_only=True).attrs
+        except StoreError:
+            return {}
+
+    @cached_property
+    def samples(self) -> pd.DataFrame:
+        """The samples table of all committed units."""
+        return self._read("samples", samples_schema())
+
+    @cached_property
+    def blocks(self) -> pd.DataFrame:
+        """The blocks table of all committed units."""
+        return self._read("blocks", blocks_schema())
+
+    def maps(self, key: str, unit: str | None = None) -> SampleMaps:
+        """The stored maps and coefficients of one ok sample, located through the samples table.
+
+        Args:
+            key: Sample key.
+            unit: The sample's unit; needed only when several units hold the key.
+
+        Raises:
+            KeyError: no ok sample with this key (and unit), or the key is in several units and ``unit`` is None.
+        """
+        samples = self.samples
+        found = samples[(samples["key"] == key) & (samples["status"] == "ok")]
+        if unit is not None:
+            found = found[found["unit"] == unit]
+        if len(found) != 1:
+            where = "no ok sample" if found.empty else f"units {sorted(found['unit'])} hold the"
+            raise KeyError(f"{where} key {key!r} in {self.output.url}")
+        unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
+        return SampleMaps(key=key, unit=unit, row=row, **self.output.maps(read_only=True).read(unit, row))
+
+    def _read(self, kind: str, schema: pa.Schema) -> pd.DataFrame:
+        paths = [self.output.path(kind, f"{unit}.parquet") for unit in self.units]
+        try:
+            table = pq.read_table(paths, filesystem=self.output.fs, schema=schema) if paths else schema.empty_table()
+        except OSError as e:
+            raise StoreError(f"cannot read the {kind} tables of {self.output.url}: {e}") from e
+        return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+
+def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = None) -> Results:
+    """Open a pipeline output for reading.
+
+    Args:
+        path: Local path or fsspec URL of the output location (or an :class:`~pipeline.store.commit.Output`).
+        storage_options: fsspec options for a URL.
+
+    Raises:
+        StoreError: nothing exists at ``path``.
+    """
+    output = as_output(path, storage_options)
+    if not output.fs.exists(output.root):
+        raise StoreError(f"no pipeline output at {output.url}")
+    return Results(output)

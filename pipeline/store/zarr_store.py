@@ -1,0 +1,314 @@
+"""The Zarr v3 store of maps and coefficients, ``OUT/maps.zarr`` (layout: ``schemas/zarr_layout.json``).
+
+The root group holds the attributes shared by all units, written once; each unit of work writes only its own
+group ``maps.zarr/<unit>``, so a worker killed mid-write cannot damage another unit. A unit's arrays grow along
+the sample dimension as batches arrive; the writer buffers batches and writes whole chunks, so a unit never holds
+more than about one chunk of output in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+from numpy.typing import ArrayLike
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.errors import ContainsGroupError
+from zarr.storage import FsspecStore, LocalStore
+
+from pipeline.errors import ConfigError, SchemaError, StoreError
+from pipeline.store.tables import load_json_schema
+
+__all__ = ["PRECISION_TOLERANCE", "MapLayout", "MapStore", "StoreOptions", "UnitMapWriter", "storage_error"]
+
+logger = logging.getLogger(__name__)
+
+PRECISION_TOLERANCE = 1e-3
+"""Largest error of a stored value relative to its map's maximum before the writer warns."""
+
+MAP_ARRAYS = ("block_maps", "daam", "coefficients")
+_COMPRESSORS = ("zstd", "blosc", "none")
+_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """Shapes of one sample's outputs, as the engine produces them for a model.
+
+    Args:
+        model: timm model name.
+        n_blocks: L, number of transformer blocks.
+        grid: ``(h, w)`` patch grid.
+        channels: C, length of a coefficient vector.
+        prefix_tokens: Number of prefix tokens dropped from the maps.
+    """
+
+    model: str
+    n_blocks: int
+    grid: tuple[int, int]
+    channels: int
+    prefix_tokens: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(self.grid))
+        sizes = {"n_blocks": self.n_blocks, "grid": self.grid, "channels": self.channels}
+        if not (self.n_blocks > 0 and self.channels > 0 and len(self.grid) == 2 and min(self.grid) > 0):
+            raise SchemaError(f"invalid map layout for {self.model!r}: {sizes}")
+
+    def dims(self) -> dict[str, int]:
+        """Size of every named dimension of ``zarr_layout.json`` but ``sample``."""
+        return {"block": self.n_blocks, "row": self.grid[0], "col": self.grid[1], "channel": self.channels}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MapLayout:
+        return cls(**{k: data[k] for k in ("model", "n_blocks", "grid", "channels", "prefix_tokens")})
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How the maps are stored.
+
+    Args:
+        dtype: ``"float16"`` (default; see the dtype policy in ``schemas/zarr_layout.json``) or ``"float32"``.
+        compressor: ``"zstd"``, ``"blosc"`` (blosc-zstd with byte shuffle) or ``"none"``.
+        compression_level: Compressor level.
+        chunk_rows: Samples per chunk.
+        arrays: Which of ``block_maps``, ``daam``, ``coefficients`` to store (``keys`` always are).
+    """
+
+    dtype: str = "float16"
+    compressor: str = "zstd"
+    compression_level: int = 3
+    chunk_rows: int = 128
+    arrays: tuple[str, ...] = MAP_ARRAYS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arrays", tuple(self.arrays))
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"store.dtype: {self.dtype!r} is not one of {_DTYPES}")
+        if self.compressor not in _COMPRESSORS:
+            raise ConfigError(f"store.compressor: {self.compressor!r} is not one of {_COMPRESSORS}")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"store.chunk_rows: {self.chunk_rows} must be >= 1")
+        unknown = [a for a in self.arrays if a not in MAP_ARRAYS]
+        if unknown or len(set(self.arrays)) != len(self.arrays):
+            raise ConfigError(f"store.arrays: {list(self.arrays)} must be distinct names from {MAP_ARRAYS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "arrays": list(self.arrays)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoreOptions:
+        return cls(**data)
+
+    def codecs(self) -> list[Any]:
+        """Zarr compressors for every array."""
+        if self.compressor == "zstd":
+            return [ZstdCodec(level=self.compression_level)]
+        if self.compressor == "blosc":
+            return [BloscCodec(cname="zstd", clevel=self.compression_level, shuffle="shuffle")]
+        return []
+
+
+def storage_error(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cast ``values`` to the storage dtype and measure what the cast loses.
+
+    Args:
+        values: ``(B, L, ...)`` float32; each ``values[b, l]`` is one map or coefficient vector.
+        dtype: Storage dtype.
+
+    Returns:
+        The cast array and ``(B, L)`` errors: max |stored - value| / max |value| per map (0 for an all-zero map,
+        inf where the cast overflows).
+    """
+    if np.dtype(dtype) == values.dtype:
+        return values, np.zeros(values.shape[:2], dtype=np.float32)
+    axes = tuple(range(2, values.ndim))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        stored = values.astype(dtype)
+        error = np.abs(stored.astype(np.float32) - values).max(axis=axes)
+        peak = np.abs(values).max(axis=axes)
+        return stored, np.where(peak > 0, error / peak, 0.0).astype(np.float32)
+
+
+class MapStore:
+    """``OUT/maps.zarr``: the root attributes and one group per unit.
+
+    Args:
+        store: A zarr store rooted at ``maps.zarr``; see :meth:`open`.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, url: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False) -> MapStore:
+        """The store at ``url`` (a local path or an fsspec URL such as ``s3://bucket/out/maps.zarr``)."""
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        if isinstance(fs, LocalFileSystem):
+            return cls(LocalStore(path, read_only=read_only))
+        return cls(FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The root attributes (``root_attributes`` of ``zarr_layout.json``).
+
+        Raises:
+            StoreError: the store has no root group.
+        """
+        try:
+            return zarr.open_group(self.store, mode="r").attrs.asdict()
+        except FileNotFoundError as e:
+            raise StoreError(f"no maps store at {self.store}") from e
+
+    def init(self, layout: MapLayout, options: StoreOptions) -> dict[str, Any]:
+        """Create the root group with its attributes, or check that an existing one has the same.
+
+        Safe to call from many workers at once: they all write the same attributes.
+
+        Raises:
+            StoreError: the store holds maps of another model or stored with other options.
+        """
+        attrs = _root_attrs(layout, options)
+        try:
+            existing = self.attrs
+        except StoreError:
+            try:
+                zarr.create_group(self.store, attributes=attrs)
+                return attrs
+            except ContainsGroupError:  # another worker created it in between
+                existing = self.attrs
+        differing = {k: (existing.get(k), v) for k, v in attrs.items() if existing.get(k) != v}
+        if differing:
+            raise StoreError(
+                f"{self.store} holds maps of another configuration (stored, this job): {differing}; "
+                "write to another output or clear it"
+            )
+        return existing
+
+    def unit_writer(self, unit: str, layout: MapLayout, options: StoreOptions) -> UnitMapWriter:
+        """A writer for the unit's group; replaces any earlier content of that group."""
+        return UnitMapWriter(zarr.open_group(self.store, path=unit, mode="w"), unit, layout, options)
+
+    def read(self, unit: str, row: int) -> dict[str, np.ndarray | None]:
+        """The stored arrays of one sample as float32; None for arrays the store does not keep.
+
+        Raises:
+            StoreError: the unit's group or the row does not exist.
+        """
+        try:
+            group = zarr.open_group(self.store, path=unit, mode="r")
+            present = set(group.array_keys())
+            return {
+                name: np.asarray(group[name][row], dtype=np.float32) if name in present else None for name in MAP_ARRAYS
+            }
+        except (FileNotFoundError, IndexError) as e:
+            raise StoreError(f"no row {row} of unit {unit!r} in {self.store}: {e}") from e
+
+
+class UnitMapWriter:
+    """Appends batches to one unit's arrays, whole chunks at a time.
+
+    Args:
+        group: The unit's (empty) group.
+        unit: Unit name, for messages.
+        layout: Shapes of the arrays.
+        options: dtype, compressor, chunking and which arrays to store.
+    """
+
+    def __init__(self, group: zarr.Group, unit: str, layout: MapLayout, options: StoreOptions) -> None:
+        self.unit = unit
+        self.options = options
+        self.rows = 0  # rows appended, written or pending
+        self.flagged = 0  # samples whose storage error exceeded PRECISION_TOLERANCE
+        self._written = 0
+        self._pending: list[dict[str, np.ndarray]] = []
+        spec = load_json_schema("zarr_layout.json")["arrays"]
+        dims = layout.dims()
+        self._shapes = {name: tuple(dims[d] for d in spec[name]["dims"][1:]) for name in ("keys", *options.arrays)}
+        self._arrays = {
+            name: group.create_array(
+                name,
+                shape=(0, *shape),
+                chunks=(options.chunk_rows, *shape),
+                dtype="str" if spec[name]["dtype"] == "string" else options.dtype,
+                compressors=options.codecs(),
+                dimension_names=spec[name]["dims"],
+            )
+            for name, shape in self._shapes.items()
+        }
+
+    def append(self, keys: Sequence[str], arrays: Mapping[str, ArrayLike | None]) -> int:
+        """Append one batch.
+
+        Args:
+            keys: ``B`` sample keys.
+            arrays: ``block_maps``, ``daam``, ``coefficients`` as float32 arrays ``(B, ...)``; those the options do
+                not store may be missing or None.
+
+        Returns:
+            The row of the batch's first sample.
+
+        Raises:
+            SchemaError: a stored array is missing or has the wrong shape.
+        """
+        batch = {"keys": np.asarray(keys, dtype=str)}
+        errors = []
+        for name in self.options.arrays:
+            if arrays.get(name) is None:
+                raise SchemaError(f"unit {self.unit!r}: array {name!r} is missing")
+            values = np.asarray(arrays[name], dtype=np.float32)
+            expected = (len(batch["keys"]), *self._shapes[name])
+            if values.shape != expected:
+                raise SchemaError(f"unit {self.unit!r}: array {name!r} has shape {values.shape}, expected {expected}")
+            batch[name], error = storage_error(values, self.options.dtype)
+            errors.append(error.max(axis=1))
+        if errors:
+            self._check_precision(batch["keys"], np.max(errors, axis=0))
+        first = self.rows
+        self._pending.append(batch)
+        self.rows += len(batch["keys"])
+        self.flush(final=False)
+        return first
+
+    def flush(self, *, final: bool = True) -> None:
+        """Write the whole chunks among the pending rows; all of them when ``final``."""
+        pending = self.rows - self._written
+        count = pending if final else pending - pending % self.options.chunk_rows
+        if count == 0:
+            return
+        data = {name: np.concatenate([b[name] for b in self._pending]) for name in self._arrays}
+        start, stop = self._written, self._written + count
+        for name, array in self._arrays.items():
+            array.resize((stop, *self._shapes[name]))
+            array[start:stop] = data[name][:count]
+        self._pending = [{name: values[count:] for name, values in data.items()}] if count < pending else []
+        self._written = stop
+
+    def _check_precision(self, keys: np.ndarray, error: np.ndarray) -> None:
+        bad = ~(error <= PRECISION_TOLERANCE)  # NaN counts as bad
+        if bad.any():
+            self.flagged += int(bad.sum())
+            logger.warning(
+                "unit %s: %d samples lose more than %g of a map's maximum in %s (worst %.3g), keys %s",
+                self.unit,
+                int(bad.sum()),
+                PRECISION_TOLERANCE,
+                self.options.dtype,
+                float(np.nanmax(np.where(bad, error, np.nan))),
+                keys[bad][:10].tolist(),
+            )
+
+
+def _root_attrs(layout: MapLayout, options: StoreOptions) -> dict[str, Any]:
+    return {"schema_version": load_json_schema("zarr_layout.json")["version"], **layout.to_dict(), **options.to_dict()}

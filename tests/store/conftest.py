@@ -1,0 +1,46 @@
+"""Batch builders for the store tests: engine-like outputs in numpy (no torch, so child processes start fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.store.tables import blocks_schema
+from pipeline.store.zarr_store import MapLayout
+
+LAYOUT = MapLayout(model="test_vit", n_blocks=3, grid=(4, 5), channels=8, prefix_tokens=1)
+
+
+def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
+    """``UnitWriter.write_batch`` arguments: ReLU'd block maps, their cumsum, coefficients, rows and statistics."""
+    rng = np.random.default_rng(seed)
+    n, n_blocks, (h, w), c = len(keys), layout.n_blocks, layout.grid, layout.channels
+    block_maps = np.maximum(rng.standard_normal((n, n_blocks, h, w)), 0).astype(np.float32)
+    stats = {
+        f.name: rng.integers(0, h, (n, n_blocks)) if str(f.type) == "int16" else rng.random((n, n_blocks))
+        for f in blocks_schema()
+        if f.name not in ("key", "unit", "block")
+    }
+    rows = [
+        {"label": i % 3, "predicted": i % 2, "score": 0.5, "target": i % 2, "width": 64, "height": 48, "n_boxes": 0}
+        for i in range(n)
+    ]
+    return {
+        "keys": keys,
+        "block_maps": block_maps,
+        "daam": block_maps.cumsum(1),
+        "coefficients": rng.standard_normal((n, n_blocks, c)).astype(np.float32),
+        "sample_rows": rows,
+        "block_stats": stats,
+    }
+
+
+@pytest.fixture
+def layout() -> MapLayout:
+    return LAYOUT
+
+
+@pytest.fixture
+def make_batch():
+    """:func:`build_batch`; child processes load it with ``runpy.run_path`` on this file."""
+    return build_batch

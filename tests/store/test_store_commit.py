@@ -1,0 +1,149 @@
+"""Unit commits: markers written last, interrupted units redone from scratch, other units untouched."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import runpy
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.errors import StoreError
+from pipeline.store import commit
+from pipeline.store.commit import (
+    Output,
+    UnitWriter,
+    begin_unit,
+    clear,
+    commit_unit,
+    done_units,
+    is_done,
+)
+from pipeline.store.results import open_results
+from pipeline.store.zarr_store import StoreOptions
+
+CHILD = """
+import runpy
+import time
+from pathlib import Path
+
+from pipeline.store.commit import UnitWriter
+from pipeline.store.zarr_store import StoreOptions
+
+helpers = runpy.run_path(CONFTEST)
+writer = UnitWriter(OUT, "shard-000001", helpers["LAYOUT"], shard="shard-000001.tar", job="j",
+                    store_options=StoreOptions(chunk_rows=4))
+for b in range(3):
+    writer.write_batch(**helpers["build_batch"]([f"u1-{b}-{i}" for i in range(5)], seed=b))
+Path(READY).touch()
+time.sleep(120)
+"""
+
+
+def write_unit(out, unit, layout, make_batch, n_batches, prefix, options=None):
+    writer = UnitWriter(out, unit, layout, shard=f"{unit}.tar", job="j", store_options=options)
+    batches = [make_batch([f"{prefix}-{b}-{i}" for i in range(5)], seed=b) for b in range(n_batches)]
+    for batch in batches:
+        writer.write_batch(**batch)
+    writer.commit({"attempt": 1})
+    return batches
+
+
+def test_killed_unit_is_not_done_and_rerun_writes_rows_once(tmp_path, layout, make_batch):
+    first = write_unit(tmp_path, "shard-000000", layout, make_batch, 2, "u0", StoreOptions(chunk_rows=4))
+    ready = tmp_path / "ready"
+    (script := tmp_path / "child.py").write_text(CHILD)
+    context = multiprocessing.get_context("spawn")
+    conftest = str(Path(__file__).with_name("conftest.py"))
+    child = context.Process(
+        target=runpy.run_path,
+        args=(str(script),),
+        kwargs={"init_globals": {"OUT": str(tmp_path), "CONFTEST": conftest, "READY": str(ready)}},
+    )
+    child.start()
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert child.is_alive() and time.monotonic() < deadline, "child did not write its batches"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+
+    assert not is_done(tmp_path, "shard-000001") and done_units(tmp_path) == ["shard-000000"]
+    partial = zarr.open_group(tmp_path / "maps.zarr" / "shard-000001", mode="r")
+    assert partial["keys"].shape == (12,)  # the killed unit left whole chunks behind
+    results = open_results(tmp_path)
+    assert results.samples["unit"].unique().tolist() == ["shard-000000"] and len(results.samples) == 10
+    np.testing.assert_allclose(results.maps("u0-1-4").daam, first[1]["daam"][4], rtol=1e-3)
+
+    rerun = write_unit(tmp_path, "shard-000001", layout, make_batch, 4, "u1", StoreOptions(chunk_rows=4))
+    results = open_results(tmp_path)
+    assert done_units(tmp_path) == ["shard-000000", "shard-000001"]
+    redone = results.samples[results.samples["unit"] == "shard-000001"]
+    assert redone["key"].tolist() == [k for b in rerun for k in b["keys"]]  # 20 rows, each once
+    assert redone["row"].tolist() == list(range(20))
+    assert len(results.blocks) == (10 + 20) * layout.n_blocks
+    assert zarr.open_group(tmp_path / "maps.zarr" / "shard-000001", mode="r")["keys"].shape == (20,)
+    np.testing.assert_allclose(results.maps("u1-3-2").coefficients, rerun[3]["coefficients"][2], rtol=1e-3)
+
+
+def test_interrupted_commit_leaves_no_marker_and_is_ignored(tmp_path, layout, make_batch, monkeypatch):
+    write_unit(tmp_path, "shard-000000", layout, make_batch, 1, "u0")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(commit, "commit_unit", crash)
+        with pytest.raises(KeyboardInterrupt):
+            write_unit(tmp_path, "shard-000001", layout, make_batch, 1, "stale")
+    assert (tmp_path / "samples" / "shard-000001.parquet").exists()  # tables written, marker not
+    assert not is_done(tmp_path, "shard-000001")
+    assert set(open_results(tmp_path).samples["unit"]) == {"shard-000000"}
+
+    write_unit(tmp_path, "shard-000001", layout, make_batch, 2, "fresh")
+    keys = open_results(tmp_path).samples.query("unit == 'shard-000001'")["key"]
+    assert len(keys) == 10 and keys.str.startswith("fresh").all()
+
+
+def test_begin_unit_removes_every_part(tmp_path, layout, make_batch):
+    write_unit(tmp_path, "shard-000000", layout, make_batch, 1, "u0")
+    write_unit(tmp_path, "shard-000001", layout, make_batch, 1, "u1")
+    leftover = tmp_path / "samples" / "shard-000000.parquet.tmp-0123abcd"
+    leftover.write_bytes(b"partial")
+    begin_unit(tmp_path, "shard-000000")
+    assert not is_done(tmp_path, "shard-000000")
+    for path in ("maps.zarr/shard-000000", "samples/shard-000000.parquet", "blocks/shard-000000.parquet", leftover):
+        assert not (tmp_path / path).exists(), path
+    assert done_units(tmp_path) == ["shard-000001"] and len(open_results(tmp_path).samples) == 5
+
+
+def test_memory_url_round_trip_and_clear(layout, make_batch):
+    url = f"memory://{uuid.uuid4().hex}/out"
+    out = Output(url)
+    batches = write_unit(url, "shard-000000", layout, make_batch, 2, "m", StoreOptions(chunk_rows=3))
+    out.fs.pipe_file(out.path("job.yaml"), b"name: j\n")
+    assert is_done(out, "shard-000000") and done_units(url) == ["shard-000000"]
+    marker = out.fs.cat_file(out.path("_done", "shard-000000.json"))
+    assert b'"ok": 10' in marker and b'"attempt": 1' in marker
+    results = open_results(url)
+    assert results.attrs["chunk_rows"] == 3
+    np.testing.assert_allclose(results.maps("m-1-0").block_maps, batches[1]["block_maps"][0], rtol=1e-3)
+    clear(url)
+    assert done_units(url) == [] and open_results(url).samples.empty
+    assert out.fs.ls(out.root, detail=False) == [out.path("job.yaml")]  # other files stay
+
+
+def test_invalid_unit_names_and_summaries(tmp_path):
+    for unit in ("../escape", "a/b", "", "_done"):
+        with pytest.raises(StoreError, match="unit name"):
+            begin_unit(tmp_path, unit)
+    with pytest.raises(StoreError, match="not JSON-serialisable"):
+        commit_unit(tmp_path, "u", {"when": object()})
+    assert not is_done(tmp_path, "u")
