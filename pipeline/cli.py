@@ -1,0 +1,138 @@
+"""The ``daam-pipeline`` command: thin click commands that parse, validate and call one library function."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from pipeline.errors import PipelineError
+
+__all__ = ["main"]
+
+
+def _user_errors(command: Callable) -> Callable:
+    """A user's mistake (bad job, missing shard, ...) ends with one clear line and exit code 2, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PipelineError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
+        result[key] = yaml.safe_load(value)
+    return result
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="daam-pipeline")
+def main(verbose: int) -> None:
+    """Dynamic Accumulated Attention Maps for timm Vision Transformers, at dataset scale."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+_set_option = click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a job field, e.g. --set output.path=/tmp/x"
+)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--address", default=None, help="Join this Ray cluster (e.g. 'auto'); default: start a local one.")
+@click.option("--overwrite", is_flag=True, help="Remove earlier outputs first (default: resume, skip done units).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan (units, actors, outputs) and exit.")
+@click.option("--no-ray", is_flag=True, help="Run every unit in this process, without a Ray cluster.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--inject-fault", default=None, hidden=True, metavar="UNIT:BATCHES", help="Kill a worker (tests).")
+@_set_option
+@_user_errors
+def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, sets) -> None:
+    """Explain every sample of JOB_FILE's shards and write maps (Zarr) and statistics (Parquet)."""
+    from pipeline.config import load_job
+    from pipeline.runner import run_job
+
+    job = load_job(job_file, _overrides(sets))
+    summary = run_job(
+        job,
+        address=address,
+        overwrite=overwrite,
+        use_ray=not no_ray,
+        dry_run=dry_run,
+        fault=inject_fault,
+        progress=not quiet,
+    )
+    if dry_run:
+        return
+    click.echo(summary.render())
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@_set_option
+@_user_errors
+def validate(job_file, sets) -> None:
+    """Check JOB_FILE (keys, types, shards, checkpoint) without running it."""
+    from pipeline.config import load_job
+
+    job = load_job(job_file, _overrides(sets))
+    urls = job.shard_urls()
+    if job.model.checkpoint and "://" not in job.model.checkpoint and not Path(job.model.checkpoint).is_file():
+        raise PipelineError(f"model.checkpoint: {job.model.checkpoint} does not exist")
+    click.echo(f"job {job.name} is valid: {len(urls)} shard(s), model {job.model.name}, mode {job.mode}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--kind", type=click.Choice(["imagefolder", "imagenet-val", "list"]), default=None, help="Default: detected."
+)
+@click.option("--samples-per-shard", default=1000, show_default=True)
+@click.option("--prefix", default="shard", show_default=True)
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help="ImageNet-val labels.")
+@click.option("--boxes", type=click.Path(exists=True, file_okay=False), default=None, help="Folder of box XMLs.")
+@_user_errors
+def shard(src, out, kind, samples_per_shard, prefix, labels, boxes) -> None:
+    """Write WebDataset shards of SRC (ImageFolder tree, ImageNet-val folder or path,label list) into OUT."""
+    from pipeline.data.shards import shard_source
+
+    index = shard_source(
+        src, out, kind=kind, samples_per_shard=samples_per_shard, prefix=prefix, labels=labels, boxes=boxes
+    )
+    total = sum(entry["samples"] for entry in index)
+    click.echo(f"wrote {total} samples in {len(index)} shard(s) to {out} (index: {out / 'index.json'})")
+
+
+@main.command("demo-assets")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: the package's.")
+@_user_errors
+def demo_assets(out) -> None:
+    """Regenerate the built-in demo data and retrain the shipped demo model (deterministic)."""
+    from pipeline.demo.train import ASSETS_DIR, build_demo_assets
+
+    info = build_demo_assets(out or ASSETS_DIR)
+    click.echo(f"demo assets written to {out or ASSETS_DIR}: validation accuracy {info['val_accuracy']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

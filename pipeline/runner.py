@@ -1,0 +1,320 @@
+"""The Ray driver: one actor per GPU (CPU actors where there is none), units handed out dynamically, retries.
+
+Each unit of work is one input shard. The driver keeps every actor busy with one unit at a time; when an actor
+dies its unit goes back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies
+or it raises) after ``workers.max_retries`` extra attempts is recorded under ``OUT/_failed/`` and the rest of the
+job completes. Units already committed are skipped (resume), unless the job is run with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import JobConfig
+from pipeline.errors import PipelineError
+from pipeline.store.commit import as_output, clear, done_units
+from pipeline.worker import UnitWorker, unit_name
+
+__all__ = ["ActorPlan", "JobSummary", "plan_actors", "run_job"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many actors run, and what each one asks Ray for."""
+
+    count: int
+    num_gpus: int
+    num_cpus: float
+    reason: str
+
+
+@dataclass
+class JobSummary:
+    """What a job did.
+
+    ``exit_code``: 0 when every sample was explained; 1 when a unit failed or its shard was truncated; 3 when all
+    units completed but some samples failed (corrupt images, ...; their rows say why). 2 is the CLI's user error.
+    """
+
+    job: str
+    output: str
+    units: int
+    skipped: int = 0
+    done: int = 0
+    failed_units: dict[str, str] = field(default_factory=dict)
+    incomplete_units: dict[str, str] = field(default_factory=dict)
+    samples_ok: int = 0
+    samples_failed: int = 0
+    seconds: float = 0.0
+    actors: int = 0
+    actor_restarts: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        if self.failed_units or self.incomplete_units:
+            return 1
+        return 3 if self.samples_failed else 0
+
+    @property
+    def throughput(self) -> float:
+        return self.samples_ok / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exit_code": self.exit_code, "throughput": self.throughput}
+
+    def render(self) -> str:
+        lines = [
+            f"job {self.job}: {self.done} units explained, {self.skipped} already done, "
+            f"{len(self.failed_units)} failed of {self.units}",
+            f"samples: {self.samples_ok} ok, {self.samples_failed} failed; {self.seconds:.1f} s, "
+            f"{self.throughput:.1f} samples/s on {self.actors} actor(s), {self.actor_restarts} restart(s)",
+            f"outputs: {self.output}",
+        ]
+        lines += [f"FAILED unit {unit}: {error}" for unit, error in self.failed_units.items()]
+        lines += [f"INCOMPLETE unit {unit}: {error}" for unit, error in self.incomplete_units.items()]
+        if self.samples_failed:
+            lines.append(f"{self.samples_failed} samples failed: see the `error` column of the samples table")
+        return "\n".join(lines)
+
+
+def plan_actors(job: JobConfig, cluster_gpus: float, units: int) -> ActorPlan:
+    """One actor per GPU; CPU actors when the job or the cluster has none (never wait for a missing GPU)."""
+    workers = job.workers
+    cpu = ActorPlan(min(workers.cpu_actors, max(units, 1)), 0, workers.cpus_per_actor, "")
+    wanted = int(cluster_gpus) if workers.num_gpus == "auto" else workers.num_gpus
+    if job.device == "cpu" or wanted == 0:
+        reason = "job runs on the CPU" if job.device == "cpu" or workers.num_gpus == 0 else "no GPU in the cluster"
+        return ActorPlan(cpu.count, 0, cpu.num_cpus, reason)
+    if cluster_gpus < 1:
+        _log.warning(
+            "job asks for %s GPU actor(s) but the cluster has no GPU: running %d CPU actor(s)", wanted, cpu.count
+        )
+        return ActorPlan(cpu.count, 0, cpu.num_cpus, f"asked for {wanted} GPU(s), cluster has none: CPU fallback")
+    count = min(wanted, int(cluster_gpus), max(units, 1))
+    if count < wanted:
+        _log.warning("job asks for %d GPU actor(s); the cluster has %d GPU(s)", wanted, int(cluster_gpus))
+    return ActorPlan(count, 1, workers.cpus_per_actor, f"one actor per GPU ({int(cluster_gpus)} in the cluster)")
+
+
+def _pending_units(job: JobConfig, overwrite: bool) -> tuple[list[str], list[str]]:
+    urls = job.shard_urls()
+    names = [unit_name(u) for u in urls]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise PipelineError(f"data.shards: several shards share the unit name {sorted(duplicates)[0]!r}")
+    if overwrite:
+        clear(job.output.path)
+        return urls, []
+    done = set(done_units(job.output.path))
+    return [u for u in urls if unit_name(u) not in done], [u for u in urls if unit_name(u) in done]
+
+
+def describe_plan(job: JobConfig, plan: ActorPlan, todo: list[str], done: list[str]) -> str:
+    """The resolved plan that ``run --dry-run`` prints."""
+    kind = f"{plan.count} GPU actor(s)" if plan.num_gpus else f"{plan.count} CPU actor(s) x {plan.num_cpus} CPU"
+    lines = [
+        f"job {job.name}: {job.mode}, model {job.model.name}"
+        + (f" from {job.model.checkpoint}" if job.model.checkpoint else ""),
+        f"units: {len(todo) + len(done)} shards, {len(done)} already done, {len(todo)} to explain",
+        *[f"  {u}" for u in todo[:5]],
+        *(["  ..."] if len(todo) > 5 else []),
+        f"actors: {kind} ({plan.reason}); batch {job.batch_size}, dtype {job.dtype}",
+        f"outputs: {job.output.path} (maps.zarr: {', '.join(job.output.arrays)} as {job.output.dtype}; "
+        "samples/, blocks/ Parquet)",
+    ]
+    return "\n".join(lines)
+
+
+def run_job(
+    job: JobConfig,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    use_ray: bool = True,
+    dry_run: bool = False,
+    fault: str | None = None,
+    progress: bool = True,
+) -> JobSummary:
+    """Run a job to completion and return what happened.
+
+    Args:
+        job: The validated job.
+        address: Ray cluster to join (``auto`` or ``ray://host:port``); default: the running one, or a new local one.
+        overwrite: Remove earlier outputs first; default is to resume, skipping committed units.
+        use_ray: False runs every unit in this process, one after another (same outputs, no cluster).
+        dry_run: Print the plan and return without computing.
+        fault: ``UNIT:BATCHES`` test hook: the worker running UNIT's first attempt dies after BATCHES batches.
+        progress: Show a progress bar.
+    """
+    as_output(job.output.path)  # fail early on a bad output location
+    todo, done = _pending_units(job, overwrite and not dry_run)
+    summary = JobSummary(job=job.name, output=job.output.path, units=len(todo) + len(done), skipped=len(done))
+    if use_ray:
+        _ensure_ray(address, job)
+        import ray
+
+        plan = plan_actors(job, ray.cluster_resources().get("GPU", 0), len(todo))
+    else:
+        plan = ActorPlan(1, 0, 0, "single process")
+    if dry_run:
+        print(describe_plan(job, plan, todo, done))
+        return summary
+    _write_job(job)
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=job.name)
+    results = _run_local(job, todo, fault) if not use_ray else _run_ray(job, plan, todo, fault, summary)
+    for unit, marker, error in results:
+        if error is not None:
+            summary.failed_units[unit] = error
+            _record_failure(job, unit, error)
+        else:
+            summary.done += 1
+            summary.samples_ok += marker["ok"]
+            summary.samples_failed += marker["failed"]
+            if "shard_error" in marker.get("summary", {}):
+                summary.incomplete_units[unit] = marker["summary"]["shard_error"]
+        bar.update(1)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(samples_s=f"{summary.samples_ok / elapsed:.1f}", failed_units=len(summary.failed_units))
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.actors = plan.count
+    return summary
+
+
+def _write_job(job: JobConfig) -> None:
+    output = as_output(job.output.path)
+    output.put_atomic(output.path("job.json"), json.dumps(job.model_dump(mode="json"), indent=2).encode())
+
+
+def _record_failure(job: JobConfig, unit: str, error: str) -> None:
+    output = as_output(job.output.path)
+    output.put_atomic(output.path("_failed", f"{unit}.json"), json.dumps({"unit": unit, "error": error}).encode())
+
+
+def _run_local(job: JobConfig, todo: list[str], fault: str | None) -> Iterator[tuple[str, dict | None, str | None]]:
+    if not todo:
+        return
+    with UnitWorker(job, fault=fault) as worker:
+        for url in todo:
+            try:
+                yield unit_name(url), worker.process_unit(url), None
+            except PipelineError as e:
+                yield unit_name(url), None, str(e)
+
+
+def _ensure_ray(address: str | None, job: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+    if address is None:
+        actors = job.workers.cpu_actors * job.workers.cpus_per_actor
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, int(actors + 0.999))
+    ray.init(address=address, **kwargs)
+
+
+def _unit_actor_class():
+    import ray
+
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class UnitActor:
+        """A Ray actor holding one :class:`UnitWorker` (the model loaded once)."""
+
+        def __init__(self, job: dict[str, Any], device: str, fault: str | None, threads: int) -> None:
+            import torch
+
+            if device == "cpu":
+                torch.set_num_threads(threads)
+            self.worker = UnitWorker(JobConfig.model_validate(job), device, fault=fault)
+
+        def ready(self) -> int:
+            return os.getpid()
+
+        def process(self, url: str, attempt: int) -> dict[str, Any]:
+            return self.worker.process_unit(url, attempt=attempt)
+
+    return UnitActor
+
+
+def _run_ray(
+    job: JobConfig, plan: ActorPlan, todo: list[str], fault: str | None, summary: JobSummary
+) -> Iterator[tuple[str, dict | None, str | None]]:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    if not todo:
+        return
+    actor_class = _unit_actor_class()
+    device = "cuda" if plan.num_gpus else "cpu"
+    job_dict = job.model_dump(mode="json")
+    threads = max(1, int(plan.num_cpus))
+
+    def start_actor():
+        return actor_class.options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus).remote(
+            job_dict, device, fault, threads
+        )
+
+    def wait_ready(actors: list) -> None:
+        try:
+            ray.get([a.ready.remote() for a in actors], timeout=job.workers.actor_start_timeout_s)
+        except GetTimeoutError:
+            raise PipelineError(
+                f"actors did not start within workers.actor_start_timeout_s={job.workers.actor_start_timeout_s} s "
+                f"(each asks for {plan.num_gpus} GPU and {plan.num_cpus} CPU; cluster has {ray.cluster_resources()})"
+            ) from None
+        except RayActorError as e:
+            raise PipelineError(f"an actor failed to start: {e}") from e
+
+    idle = [start_actor() for _ in range(plan.count)]
+    wait_ready(idle)
+    queue = deque((url, 0) for url in todo)
+    running: dict[Any, tuple[Any, str, int]] = {}
+    try:
+        while queue or running:
+            while idle and queue:
+                actor = idle.pop()
+                url, attempt = queue.popleft()
+                running[actor.process.remote(url, attempt)] = (actor, url, attempt)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                actor, url, attempt = running.pop(ref)
+                try:
+                    marker = ray.get(ref)
+                except RayActorError as e:
+                    _log.warning("actor died while explaining %s (attempt %d): replacing it", url, attempt)
+                    summary.actor_restarts += 1
+                    ray.kill(actor, no_restart=True)
+                    replacement = start_actor()
+                    wait_ready([replacement])
+                    idle.append(replacement)
+                    error = f"worker died: {type(e).__name__}: {str(e).splitlines()[0]}"
+                except RayTaskError as e:
+                    idle.append(actor)
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    error = f"{type(cause).__name__}: {cause}"
+                else:
+                    idle.append(actor)
+                    yield unit_name(url), marker, None
+                    continue
+                if attempt < job.workers.max_retries:
+                    queue.append((url, attempt + 1))
+                else:
+                    yield unit_name(url), None, f"{error} (after {attempt + 1} attempts)"
+    finally:
+        for actor in idle + [a for a, _, _ in running.values()]:
+            ray.kill(actor, no_restart=True)

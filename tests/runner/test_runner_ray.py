@@ -1,0 +1,101 @@
+"""The job runner on a real local Ray cluster (2 CPUs): equality with one process, faults, resume, fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from builders import job_dict, make_shards
+
+from pipeline import open_results
+from pipeline.config import parse_job
+from pipeline.runner import plan_actors, run_job
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.timeout(900)
+
+_VOLATILE = ["shard"]  # identical except for the shard URL folder, which differs between runs
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return make_shards(tmp_path_factory.mktemp("shards"), shards=4, per_shard=6, corrupt={1: (2,)})
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """The same job in a single process, no Ray."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    summary = run_job(parse_job(job_dict(shards, out)), use_ray=False, progress=False)
+    assert (summary.done, summary.samples_ok, summary.samples_failed) == (4, 23, 1)
+    return open_results(out)
+
+
+def assert_same_results(out: Path, reference) -> None:
+    results = open_results(out)
+    got = results.samples.sort_values("key").reset_index(drop=True).drop(columns=["row"])
+    want = reference.samples.sort_values("key").reset_index(drop=True).drop(columns=["row"])
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5)
+    assert got.key.is_unique and len(got) == 24
+    blocks = results.blocks.sort_values(["key", "block"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        blocks, reference.blocks.sort_values(["key", "block"]).reset_index(drop=True), check_exact=False, rtol=1e-4
+    )
+    for key in ("s0_0000", "s3_0005"):
+        np.testing.assert_allclose(results.maps(key).daam, reference.maps(key).daam, rtol=1e-3, atol=1e-6)
+
+
+def test_two_actors_equal_one_process(cluster, shards, reference, tmp_path):
+    summary = run_job(parse_job(job_dict(shards, tmp_path / "out")), progress=False)
+    assert (summary.actors, summary.done, summary.failed_units, summary.exit_code) == (2, 4, {}, 3)
+    assert_same_results(tmp_path / "out", reference)
+
+
+def test_killed_actor_is_replaced_and_every_sample_lands_once(cluster, shards, reference, tmp_path):
+    job = parse_job(job_dict(shards, tmp_path / "out"))
+    summary = run_job(job, fault="part2-000000:1", progress=False)
+    assert summary.actor_restarts == 1 and summary.done == 4 and not summary.failed_units
+    assert_same_results(tmp_path / "out", reference)
+
+
+def test_unit_that_keeps_failing_is_recorded_then_resume_completes(cluster, shards, reference, tmp_path):
+    job = parse_job(job_dict(shards, tmp_path / "out", **{"workers.max_retries": 0}))
+    summary = run_job(job, fault="part3-000000:1", progress=False)
+    assert list(summary.failed_units) == ["part3-000000"] and summary.done == 3 and summary.exit_code == 1
+    assert "worker died" in summary.failed_units["part3-000000"]
+    assert (tmp_path / "out" / "_failed" / "part3-000000.json").exists()
+    assert set(open_results(tmp_path / "out").samples.unit) == {"part0-000000", "part1-000000", "part2-000000"}
+
+    resumed = run_job(job, progress=False)  # resume is the default: only the failed unit runs again
+    assert (resumed.skipped, resumed.done, resumed.failed_units) == (3, 1, {})
+    assert_same_results(tmp_path / "out", reference)
+
+    again = run_job(job, overwrite=True, progress=False)
+    assert (again.skipped, again.done) == (0, 4)
+    assert_same_results(tmp_path / "out", reference)
+
+
+def test_gpu_job_falls_back_to_cpu_actors(cluster, shards, reference, tmp_path):
+    job = parse_job(job_dict(shards, tmp_path / "out", **{"workers.num_gpus": 1, "device": "auto"}))
+    plan = plan_actors(job, ray.cluster_resources().get("GPU", 0), units=4)
+    assert (plan.num_gpus, plan.count) == (0, 2) and "CPU fallback" in plan.reason
+    summary = run_job(job, progress=False)
+    assert summary.done == 4
+    assert_same_results(tmp_path / "out", reference)
+
+
+def test_dry_run_prints_the_plan_and_computes_nothing(cluster, shards, tmp_path, capsys):
+    run_job(parse_job(job_dict(shards, tmp_path / "out")), dry_run=True, progress=False)
+    printed = capsys.readouterr().out
+    assert "4 shards, 0 already done, 4 to explain" in printed and "2 CPU actor(s)" in printed
+    assert not (tmp_path / "out" / "_done").exists()
