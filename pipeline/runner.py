@@ -59,6 +59,8 @@ class JobSummary:
     seconds: float = 0.0
     actors: int = 0
     actor_restarts: int = 0
+    bank_samples: int = 0
+    knn_accuracy: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -81,6 +83,10 @@ class JobSummary:
             f"{self.throughput:.1f} samples/s on {self.actors} actor(s), {self.actor_restarts} restart(s)",
             f"outputs: {self.output}",
         ]
+        if self.bank_samples:
+            lines.append(f"memory bank: {self.bank_samples} samples")
+        if self.knn_accuracy is not None:
+            lines.append(f"k-NN accuracy of the explained samples: {self.knn_accuracy:.4f}")
         lines += [f"FAILED unit {unit}: {error}" for unit, error in self.failed_units.items()]
         lines += [f"INCOMPLETE unit {unit}: {error}" for unit, error in self.incomplete_units.items()]
         if self.samples_failed:
@@ -107,25 +113,32 @@ def plan_actors(job: JobConfig, cluster_gpus: float, units: int) -> ActorPlan:
     return ActorPlan(count, 1, workers.cpus_per_actor, f"one actor per GPU ({int(cluster_gpus)} in the cluster)")
 
 
-def _pending_units(job: JobConfig, overwrite: bool) -> tuple[list[str], list[str]]:
+def _pending_units(job: JobConfig) -> tuple[list[str], list[str]]:
     urls = job.shard_urls()
     names = [unit_name(u) for u in urls]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise PipelineError(f"data.shards: several shards share the unit name {sorted(duplicates)[0]!r}")
-    if overwrite:
-        clear(job.output.path)
-        return urls, []
     done = set(done_units(job.output.path))
     return [u for u in urls if unit_name(u) not in done], [u for u in urls if unit_name(u) in done]
 
 
-def describe_plan(job: JobConfig, plan: ActorPlan, todo: list[str], done: list[str]) -> str:
+def describe_plan(
+    job: JobConfig, plan: ActorPlan, todo: list[str], done: list[str], bank_todo: list[str], bank_done: list[str]
+) -> str:
     """The resolved plan that ``run --dry-run`` prints."""
     kind = f"{plan.count} GPU actor(s)" if plan.num_gpus else f"{plan.count} CPU actor(s) x {plan.num_cpus} CPU"
     lines = [
         f"job {job.name}: {job.mode}, model {job.model.name}"
         + (f" from {job.model.checkpoint}" if job.model.checkpoint else ""),
+        *(
+            [
+                f"bank stage: {len(bank_todo) + len(bank_done)} reference shards, {len(bank_todo)} to encode -> "
+                f"{job.bank_path()} (k={job.bank.k}, T={job.bank.temperature})"
+            ]
+            if job.mode == "self-supervised"
+            else []
+        ),
         f"units: {len(todo) + len(done)} shards, {len(done)} already done, {len(todo)} to explain",
         *[f"  {u}" for u in todo[:5]],
         *(["  ..."] if len(todo) > 5 else []),
@@ -148,6 +161,9 @@ def run_job(
 ) -> JobSummary:
     """Run a job to completion and return what happened.
 
+    A self-supervised job first runs the bank stage over ``bank.shards`` (resumable the same way) and assembles
+    the memory bank, then the explain stage.
+
     Args:
         job: The validated job.
         address: Ray cluster to join (``auto`` or ``ray://host:port``); default: the running one, or a new local one.
@@ -158,23 +174,29 @@ def run_job(
         progress: Show a progress bar.
     """
     as_output(job.output.path)  # fail early on a bad output location
-    todo, done = _pending_units(job, overwrite and not dry_run)
+    if overwrite and not dry_run:
+        clear(job.output.path)
+        clear_bank(job)
+    todo, done = _pending_units(job)
+    bank_todo, bank_done = _pending_bank_units(job)
     summary = JobSummary(job=job.name, output=job.output.path, units=len(todo) + len(done), skipped=len(done))
     if use_ray:
         _ensure_ray(address, job)
         import ray
 
-        plan = plan_actors(job, ray.cluster_resources().get("GPU", 0), len(todo))
+        plan = plan_actors(job, ray.cluster_resources().get("GPU", 0), max(len(todo), len(bank_todo)))
     else:
         plan = ActorPlan(1, 0, 0, "single process")
     if dry_run:
-        print(describe_plan(job, plan, todo, done))
+        print(describe_plan(job, plan, todo, done, bank_todo, bank_done))
         return summary
     _write_job(job)
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=job.name)
-    results = _run_local(job, todo, fault) if not use_ray else _run_ray(job, plan, todo, fault, summary)
-    for unit, marker, error in results:
+    summary.actors = plan.count
+    if job.mode == "self-supervised" and job.bank.shards is not None:
+        _run_bank_stage(job, plan, bank_todo, bank_done, use_ray, fault, progress, summary)
+    bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} explain")
+    for unit, marker, error in _run_stage("explain", job, plan, todo, use_ray, fault, summary):
         if error is not None:
             summary.failed_units[unit] = error
             _record_failure(job, unit, error)
@@ -182,15 +204,62 @@ def run_job(
             summary.done += 1
             summary.samples_ok += marker["ok"]
             summary.samples_failed += marker["failed"]
-            if "shard_error" in marker.get("summary", {}):
-                summary.incomplete_units[unit] = marker["summary"]["shard_error"]
+            if "shard_error" in marker.get("summary", marker):
+                summary.incomplete_units[unit] = marker.get("summary", marker)["shard_error"]
         bar.update(1)
         elapsed = time.perf_counter() - start
         bar.set_postfix(samples_s=f"{summary.samples_ok / elapsed:.1f}", failed_units=len(summary.failed_units))
     bar.close()
     summary.seconds = time.perf_counter() - start
-    summary.actors = plan.count
+    if job.mode == "self-supervised" and summary.done + summary.skipped:
+        summary.knn_accuracy = _knn_accuracy(job)
     return summary
+
+
+def _knn_accuracy(job: JobConfig) -> float | None:
+    from pipeline.store.results import open_results
+
+    samples = open_results(job.output.path).samples
+    labelled = samples[(samples.status == "ok") & samples.label.notna() & samples.predicted.notna()]
+    return float((labelled.predicted == labelled.label).mean()) if len(labelled) else None
+
+
+def _run_bank_stage(job, plan, todo, done, use_ray, fault, progress, summary) -> None:
+    from pipeline.bank_stage import assemble_bank, bank_is_built
+
+    bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} bank")
+    for unit, marker, error in _run_stage("bank", job, plan, todo, use_ray, fault, summary):
+        if error is not None:
+            summary.failed_units[f"bank:{unit}"] = error
+        else:
+            summary.bank_samples += marker["ok"]
+        bar.update(1)
+    bar.close()
+    if summary.failed_units:
+        raise PipelineError(f"the bank stage failed, so nothing is explained: {summary.failed_units}")
+    if todo or not bank_is_built(job):
+        summary.bank_samples = assemble_bank(job).size
+
+
+def _pending_bank_units(job: JobConfig) -> tuple[list[str], list[str]]:
+    if job.mode != "self-supervised" or job.bank.shards is None:
+        return [], []
+    from pipeline.bank_stage import bank_units_done
+    from pipeline.config import expand_shards
+
+    urls = expand_shards(job.bank.shards, "bank.shards")
+    done = set(bank_units_done(job))
+    return [u for u in urls if unit_name(u) not in done], [u for u in urls if unit_name(u) in done]
+
+
+def clear_bank(job: JobConfig) -> None:
+    """Remove the bank stage's outputs (for --overwrite); a bank given by ``bank.path`` alone stays."""
+    if job.mode != "self-supervised" or job.bank.shards is None:
+        return
+    output = as_output(job.output.path)
+    output.remove(output.path("bank"))
+    bank = as_output(job.bank_path())
+    bank.remove(bank.root)
 
 
 def _write_job(job: JobConfig) -> None:
@@ -203,13 +272,21 @@ def _record_failure(job: JobConfig, unit: str, error: str) -> None:
     output.put_atomic(output.path("_failed", f"{unit}.json"), json.dumps({"unit": unit, "error": error}).encode())
 
 
-def _run_local(job: JobConfig, todo: list[str], fault: str | None) -> Iterator[tuple[str, dict | None, str | None]]:
+UnitResult = tuple[str, dict | None, str | None]  # unit, commit marker, error
+
+
+def _run_stage(
+    stage: str, job: JobConfig, plan: ActorPlan, todo: list[str], use_ray: bool, fault: str | None, summary: JobSummary
+) -> Iterator[UnitResult]:
     if not todo:
+        return
+    if use_ray:
+        yield from _run_ray(stage, job, plan, todo, fault, summary)
         return
     with UnitWorker(job, fault=fault) as worker:
         for url in todo:
             try:
-                yield unit_name(url), worker.process_unit(url), None
+                yield unit_name(url), worker.run(stage, url), None
             except PipelineError as e:
                 yield unit_name(url), None, str(e)
 
@@ -245,20 +322,18 @@ def _unit_actor_class():
         def ready(self) -> int:
             return os.getpid()
 
-        def process(self, url: str, attempt: int) -> dict[str, Any]:
-            return self.worker.process_unit(url, attempt=attempt)
+        def process(self, stage: str, url: str, attempt: int) -> dict[str, Any]:
+            return self.worker.run(stage, url, attempt=attempt)
 
     return UnitActor
 
 
 def _run_ray(
-    job: JobConfig, plan: ActorPlan, todo: list[str], fault: str | None, summary: JobSummary
-) -> Iterator[tuple[str, dict | None, str | None]]:
+    stage: str, job: JobConfig, plan: ActorPlan, todo: list[str], fault: str | None, summary: JobSummary
+) -> Iterator[UnitResult]:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-    if not todo:
-        return
     actor_class = _unit_actor_class()
     device = "cuda" if plan.num_gpus else "cpu"
     job_dict = job.model_dump(mode="json")
@@ -289,7 +364,7 @@ def _run_ray(
             while idle and queue:
                 actor = idle.pop()
                 url, attempt = queue.popleft()
-                running[actor.process.remote(url, attempt)] = (actor, url, attempt)
+                running[actor.process.remote(stage, url, attempt)] = (actor, url, attempt)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
                 actor, url, attempt = running.pop(ref)

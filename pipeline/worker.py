@@ -102,9 +102,25 @@ class UnitWorker:
             dtype=out.dtype, compressor=out.compressor, compression_level=out.compression_level, arrays=out.arrays
         )
         self.num_classes = getattr(self.model, "num_classes", 0)
-        self.bank = None  # set by the runner for self-supervised jobs (see pipeline.engine.bank)
+        self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
         self._fault = _Fault.parse(fault)
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer")
+
+    def bank(self):
+        """The job's memory bank and each bank key's row, loaded once."""
+        if self._bank is None:
+            from pipeline.bank_stage import load_bank
+
+            self._bank = load_bank(self.job, self.device)
+        return self._bank
+
+    def run(self, stage: str, url: str, *, attempt: int = 0) -> dict[str, Any]:
+        """Process one unit of a stage: ``explain`` (maps and statistics) or ``bank`` (memory bank features)."""
+        if stage == "bank":
+            from pipeline.bank_stage import encode_unit
+
+            return encode_unit(self, url, attempt=attempt)
+        return self.process_unit(url, attempt=attempt)
 
     def process_unit(self, url: str, *, attempt: int = 0) -> dict[str, Any]:
         """Explain every sample of the shard at ``url`` and commit the unit.
@@ -182,16 +198,23 @@ class UnitWorker:
             pixels = pixels.pin_memory()
         images = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
         if self.job.mode == "self-supervised":
+            bank, rows = self.bank()
+            exclude = None
+            if self.job.bank.exclude_self:
+                exclude = torch.tensor([rows.get(s.key, -1) for s in samples], device=self.device)
             query: dict[str, Any] = {}
 
             def weigh(features: torch.Tensor) -> torch.Tensor:
-                query["result"] = self.bank.query(features)
+                query["result"] = bank.query(features, exclude=exclude)
                 return query["result"].weights
 
             result = self.daam(images, weights=weigh)
             knn = query["result"]
-            predicted = knn.predicted if knn.predicted is not None else torch.full_like(knn.vote_share, -1).long()
-            score = knn.vote_share if knn.vote_share is not None else torch.full_like(predicted, float("nan")).float()
+            if knn.predicted is not None:
+                predicted, score = knn.predicted, knn.vote_share
+            else:  # label-free bank: no vote, no predicted class
+                predicted = torch.full((len(samples),), -1, device=self.device)
+                score = torch.full((len(samples),), float("nan"), device=self.device)
         else:
             target = None
             if self.job.target == "label":
@@ -220,8 +243,8 @@ class UnitWorker:
         rows = [
             dict(
                 label=s.label,
-                predicted=int(host["predicted"][i]),
-                score=float(host["score"][i]),
+                predicted=int(host["predicted"][i]) if host["predicted"][i] >= 0 else None,
+                score=float(host["score"][i]) if not host["score"][i].isnan() else None,
                 target=int(target[i]) if target is not None else None,
                 width=s.meta.get("width"),
                 height=s.meta.get("height"),
