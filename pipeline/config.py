@@ -9,10 +9,19 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -20,7 +29,6 @@ __all__ = [
     "BankConfig",
     "DataConfig",
     "ErrorPolicy",
-    "EvaluateConfig",
     "JobConfig",
     "ModelConfig",
     "OutputConfig",
@@ -103,12 +111,21 @@ class ErrorPolicy(_Section):
     )
 
 
-class EvaluateConfig(_Section):
-    enabled: bool = False
-    steps: int = Field(16, ge=1, description="deletion/insertion perturbation steps")
-    baseline: Literal["blur", "zero", "mean"] = "blur"
-    batch_size: int = Field(64, ge=1, description="perturbed images per forward pass")
-    seed: int = 0
+def _evaluation(value: Any) -> Any:
+    """The ``evaluate:`` section becomes pipeline.evaluate's EvaluationConfig (its own validation, one definition)."""
+    from pipeline.evaluate import EvaluationConfig
+
+    if value is None or isinstance(value, EvaluationConfig):
+        return value
+    try:
+        return EvaluationConfig.from_dict(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+EvaluationSection = Annotated[
+    Any, BeforeValidator(_evaluation), PlainSerializer(lambda v: v.to_dict() if v is not None else None)
+]
 
 
 class JobConfig(_Section):
@@ -126,7 +143,9 @@ class JobConfig(_Section):
     output: OutputConfig
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     errors: ErrorPolicy = Field(default_factory=ErrorPolicy)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    evaluate: EvaluationSection = Field(
+        None, description="localisation and deletion/insertion (pipeline.evaluate.EvaluationConfig fields)"
+    )
     explainers: list[Literal["daam"]] = Field(default_factory=lambda: ["daam"])
     seed: int = 0
 
@@ -213,7 +232,10 @@ def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid job {source}:"]
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
+        if message.startswith(f"{path}.") or message.startswith(f"{path}:"):  # the message names a deeper field
+            path, _, message = message.partition(" ")
+            path = path.rstrip(":")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "missing":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from pipeline.data.decode import DecodedSample, Preprocess, batches, decode_stre
 from pipeline.data.stream import iter_shard
 from pipeline.engine.daam import DAAM
 from pipeline.engine.transfer import to_host
-from pipeline.errors import ShardError, UnitFailedError
+from pipeline.errors import ConfigError, ShardError, UnitFailedError
+from pipeline.evaluate import METHODS, evaluate_batch
 from pipeline.models import create_model, model_data_config
 from pipeline.stats import block_statistics, boxes_to_grid_mask
 from pipeline.store.commit import UnitWriter
@@ -104,7 +106,17 @@ class UnitWorker:
         self.num_classes = getattr(self.model, "num_classes", 0)
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
         self._fault = _Fault.parse(fault)
+        self._check_evaluation()
+        self._generator: torch.Generator | None = None  # random reference maps, reseeded per unit
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer")
+
+    def _check_evaluation(self) -> None:
+        config = self.job.evaluate
+        if config is not None and "faithfulness" in config.metrics and not self.num_classes:
+            raise ConfigError(
+                "evaluate.metrics: deletion/insertion ('faithfulness') needs a classifier, and the model has none; "
+                "use metrics: [localisation]"
+            )
 
     def bank(self):
         """The job's memory bank and each bank key's row, loaded once."""
@@ -134,6 +146,9 @@ class UnitWorker:
         """
         unit = unit_name(url)
         start = time.perf_counter()
+        if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit
+            seed = self.job.evaluate.seed + zlib.crc32(unit.encode())
+            self._generator = torch.Generator(self.device).manual_seed(seed)
         writer = UnitWriter(
             self.job.output.path, unit, self.layout, shard=url, job=self.job.name, store_options=self.store_options
         )
@@ -227,6 +242,18 @@ class UnitWorker:
             boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
             box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
         stats = block_statistics(result.block_maps, result.daam, result.coefficients, box_mask)
+        evaluation = {}
+        if self.job.evaluate is not None:
+            evaluation = evaluate_batch(
+                self.model,
+                images,
+                result.daam,
+                result.target,
+                box_mask,
+                self.job.evaluate,
+                generator=self._generator,
+                autocast_dtype=self.daam.autocast_dtype,
+            )
         device_results = {
             "block_maps": result.block_maps,
             "daam": result.daam,
@@ -235,6 +262,7 @@ class UnitWorker:
             "score": score,
             **({"target": result.target} if result.target is not None else {}),
             **{f"stat:{k}": v for k, v in stats.items()},
+            **{f"eval:{k}": v for k, v in evaluation.items()},
         }
         return to_host(device_results)
 
@@ -253,14 +281,13 @@ class UnitWorker:
             for i, s in enumerate(samples)
         ]
         stats = {k.removeprefix("stat:"): v.numpy() for k, v in host.items() if k.startswith("stat:")}
+        keys = [s.key for s in samples]
         writer.write_batch(
-            [s.key for s in samples],
-            host["block_maps"].numpy(),
-            host["daam"].numpy(),
-            host["coefficients"].numpy(),
-            rows,
-            stats,
+            keys, host["block_maps"].numpy(), host["daam"].numpy(), host["coefficients"].numpy(), rows, stats
         )
+        evaluation = {k.removeprefix("eval:"): v.numpy() for k, v in host.items() if k.startswith("eval:")}
+        if evaluation:
+            writer.write_evaluation(keys, _by_method(evaluation))
 
     @staticmethod
     def _flush_failed(writer: UnitWriter, failed: list[DecodedSample]) -> None:
@@ -288,3 +315,12 @@ class UnitWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _by_method(columns: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """evaluate_batch's prefixed columns (``random_deletion_auc``) -> {method: {metric: values}}."""
+    methods: dict[str, dict[str, Any]] = {}
+    for name, values in columns.items():
+        method = next(m for m, prefix in sorted(METHODS.items(), key=lambda i: -len(i[1])) if name.startswith(prefix))
+        methods.setdefault(method, {})[name.removeprefix(METHODS[method])] = values
+    return methods

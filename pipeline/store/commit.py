@@ -36,7 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import ArrayLike
 
 from pipeline.errors import SchemaError, StoreError
-from pipeline.store.tables import blocks_schema, build_table, parquet_bytes, samples_schema
+from pipeline.store.tables import blocks_schema, build_table, evaluation_schema, parquet_bytes, samples_schema
 from pipeline.store.zarr_store import MapLayout, MapStore, StoreOptions
 
 __all__ = [
@@ -54,7 +54,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_ENTRIES = ("maps.zarr", "samples", "blocks", "_done")
+_ENTRIES = ("maps.zarr", "samples", "blocks", "evaluation", "_done")
+_METRICS = ("pointing_hit", "box_energy", "deletion_auc", "insertion_auc")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Output:
             "maps": self.path("maps.zarr", unit),
             "samples": self.path("samples", f"{unit}.parquet"),
             "blocks": self.path("blocks", f"{unit}.parquet"),
+            "evaluation": self.path("evaluation", f"{unit}.parquet"),
             "marker": self.path("_done", f"{unit}.json"),
         }
 
@@ -254,6 +256,7 @@ class UnitWriter:
         self._fixed = {"shard": shard, "unit": unit, "model": layout.model, "job": job}
         self._samples: list[pa.Table] = []
         self._blocks: list[pa.Table] = []
+        self._evaluation: list[pa.Table] = []
         self.failed = 0
 
     @property
@@ -311,6 +314,17 @@ class UnitWriter:
         self._samples.append(samples)
         self._blocks.append(blocks)
 
+    def write_evaluation(self, keys: Sequence[str], methods: Mapping[str, Mapping[str, ArrayLike]]) -> None:
+        """Record evaluation metrics of a batch: ``methods[name][metric]`` is ``(B,)``; absent metrics are NaN."""
+        n = len(keys)
+        for name, metrics in methods.items():
+            unknown = set(metrics) - set(_METRICS)
+            if unknown:
+                raise SchemaError(f"unit {self.unit!r}: unknown evaluation metrics {sorted(unknown)}")
+            columns = {metric: np.asarray(metrics.get(metric, np.full(n, np.nan)), np.float32) for metric in _METRICS}
+            table = {"key": list(keys), "unit": [self.unit] * n, "method": [name] * n, **columns}
+            self._evaluation.append(build_table(table, evaluation_schema()))
+
     def write_failed(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Record samples that failed before they had maps.
 
@@ -346,7 +360,10 @@ class UnitWriter:
         for kind, tables, schema in (
             ("samples", self._samples, samples_schema()),
             ("blocks", self._blocks, blocks_schema()),
+            ("evaluation", self._evaluation, evaluation_schema()),
         ):
+            if kind == "evaluation" and not tables:
+                continue
             table = pa.concat_tables(tables) if tables else schema.empty_table()
             self.output.put_atomic(self._paths[kind], parquet_bytes(table, schema))
         self.output.sync(self._paths["maps"])

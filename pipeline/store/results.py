@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StoreError
 from pipeline.store.commit import Output, OutputLike, as_output, done_units
-from pipeline.store.tables import blocks_schema, samples_schema
+from pipeline.store.tables import blocks_schema, evaluation_schema, samples_schema
 
 __all__ = ["Results", "SampleMaps", "open_results"]
 
@@ -70,6 +70,11 @@ class Results:
         """The blocks table of all committed units."""
         return self._read("blocks", blocks_schema())
 
+    @cached_property
+    def evaluation(self) -> pd.DataFrame:
+        """The evaluation table (one row per sample and method) of the committed units that have one."""
+        return self._read("evaluation", evaluation_schema(), optional=True)
+
     def maps(self, key: str, unit: str | None = None) -> SampleMaps:
         """The stored maps and coefficients of one ok sample, located through the samples table.
 
@@ -90,8 +95,10 @@ class Results:
         unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
         return SampleMaps(key=key, unit=unit, row=row, **self.output.maps(read_only=True).read(unit, row))
 
-    def _read(self, kind: str, schema: pa.Schema) -> pd.DataFrame:
+    def _read(self, kind: str, schema: pa.Schema, *, optional: bool = False) -> pd.DataFrame:
         paths = [self.output.path(kind, f"{unit}.parquet") for unit in self.units]
+        if optional:
+            paths = [p for p in paths if self.output.fs.exists(p)]
         try:
             table = pq.read_table(paths, filesystem=self.output.fs, schema=schema) if paths else schema.empty_table()
         except OSError as e:

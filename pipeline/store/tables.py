@@ -24,6 +24,7 @@ from pipeline.errors import SchemaError
 __all__ = [
     "blocks_schema",
     "build_table",
+    "evaluation_schema",
     "load_json_schema",
     "parquet_bytes",
     "samples_schema",
@@ -56,6 +57,11 @@ def load_json_schema(name: str) -> dict[str, Any]:
 def samples_schema() -> pa.Schema:
     """Arrow schema of the samples table, with each field's description (and enum) as field metadata."""
     return _arrow_schema("samples.schema.json")
+
+
+def evaluation_schema() -> pa.Schema:
+    """Arrow schema of the evaluation table (one row per sample and evaluated method)."""
+    return _arrow_schema("evaluation.schema.json")
 
 
 def blocks_schema() -> pa.Schema:

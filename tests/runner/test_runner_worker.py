@@ -56,3 +56,17 @@ def test_too_many_failed_samples_fail_the_unit(tiny_shards, tmp_path):
     job = parse_job(job_dict(tiny_shards, tmp_path / "out", **{"errors.max_failed_fraction": 0.1}))
     with UnitWorker(job) as worker, pytest.raises(UnitFailedError, match="1 of 6 samples failed"):
         worker.process_unit(tiny_shards[1])
+
+
+def test_evaluation_rows_per_method(tiny_shards, tmp_path):
+    from pipeline.evaluate import summarise
+
+    job = parse_job(job_dict(tiny_shards, tmp_path / "out", evaluate={"steps": 4, "batch_size": 32}))
+    with UnitWorker(job) as worker:
+        worker.process_unit(tiny_shards[0])
+    evaluation = open_results(tmp_path / "out").evaluation
+    assert len(evaluation) == 6 * 3 and set(evaluation.method) == {"daam", "random", "centre"}
+    assert evaluation[["deletion_auc", "insertion_auc"]].notna().all().all()
+    assert evaluation.box_energy.between(0, 1).all()
+    table = summarise(evaluation)
+    assert list(table.index) == ["DAAM", "random", "centre prior"] and (table.samples == 6).all()

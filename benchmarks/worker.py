@@ -1,0 +1,111 @@
+"""The worker loop end to end against the engine alone, and bytes per image on disk.
+
+    python benchmarks/worker.py --model vit_tiny_patch16_224 --images 96 --batch 16
+
+Writes local WebDataset shards of ImageNet-size JPEGs (500x375, textured, ~100 KB), then in one process:
+1. engine alone: DAAM on already decoded, preprocessed batches resident on the device (the same batches);
+2. worker loop: UnitWorker.process_unit over the shards (read, decode, preprocess, copy, DAAM, statistics on the
+   device, one packed copy to the host, Zarr and Parquet writes, commit).
+It prints images/s of both, their ratio, and the bytes per image of the outputs (maps.zarr and the Parquet tables).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import parse_job
+from pipeline.data.shards import ShardSample, write_shards
+from pipeline.worker import UnitWorker
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int = 500, height: int = 375) -> bytes:
+    """A JPEG with smooth structure plus grain, about the size of an ImageNet photo."""
+    coarse = rng.random((height // 25 + 1, width // 25 + 1, 3)) * 255
+    image = Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(image).astype(np.int16) + rng.integers(-40, 40, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_benchmark_shards(folder: Path, images: int, per_shard: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    samples = [
+        ShardSample(f"img_{i:06d}", photo_like_jpeg(rng), "jpg", int(rng.integers(0, 1000)), {"width": 500, "height": 375})
+        for i in range(images)
+    ]
+    write_shards(samples, folder, samples_per_shard=per_shard)
+    return sorted(str(p) for p in folder.glob("*.tar"))
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@click.command()
+@click.option("--model", default="vit_tiny_patch16_224", show_default=True)
+@click.option("--images", default=96, show_default=True)
+@click.option("--per-shard", default=48, show_default=True)
+@click.option("--batch", default=16, show_default=True)
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--decode-threads", default=max(1, (os.cpu_count() or 2) - 1), show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def main(model, images, per_shard, batch, dtype, device, decode_threads, workdir) -> None:
+    """Print worker-loop and engine-alone throughput, their ratio, and output bytes per image."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="daam-worker-bench-"))
+    shards = write_benchmark_shards(workdir / "shards", images, per_shard)
+    job = parse_job(
+        dict(
+            name="bench",
+            model=dict(name=model, num_classes=1000),
+            data=dict(shards=shards, decode_threads=decode_threads, preprocess="crop"),
+            batch_size=batch,
+            dtype=dtype,
+            device=device,
+            output=dict(path=str(workdir / "out")),
+        )
+    )
+    with UnitWorker(job, device) as worker:
+        # the same batches, decoded up front and resident on the device, for the engine alone
+        resident = [
+            worker.preprocess.normalize(pixels.to(worker.device)) for url in shards for pixels, _ in worker._batches(url, [])
+        ]
+        worker.daam(resident[0])  # warm-up
+        sync = torch.cuda.synchronize if worker.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for batch_images in resident:
+            worker.daam(batch_images)
+        sync()
+        engine_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        markers = [worker.process_unit(url) for url in shards]
+        sync()
+        loop_s = time.perf_counter() - start
+    n = sum(m["ok"] for m in markers)
+    out = workdir / "out"
+    maps_bytes = folder_bytes(out / "maps.zarr")
+    table_bytes = folder_bytes(out / "samples") + folder_bytes(out / "blocks")
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    print(f"{'model':24} {'dtype':9} {'batch':>5} {'engine img/s':>13} {'worker img/s':>13} {'ratio':>6}")
+    print(f"{model:24} {dtype:9} {batch:>5} {n / engine_s:>13.1f} {n / loop_s:>13.1f} {engine_s / loop_s:>6.3f}")
+    print(
+        f"bytes per image: maps.zarr {maps_bytes / n / 1024:.1f} KB, Parquet {table_bytes / n / 1024:.1f} KB, "
+        f"total {(maps_bytes + table_bytes) / n / 1024:.1f} KB ({n} images, default float16 + zstd)"
+    )
+    print(f"device: {device_name}; decode threads {decode_threads}; outputs in {out}")
+
+
+if __name__ == "__main__":
+    main()

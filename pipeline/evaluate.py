@@ -1,0 +1,455 @@
+"""Evaluation of DAAM maps: localisation against boxes and faithfulness to the model, batched on the device.
+
+- Localisation: the pointing game and the energy inside the boxes, the formulas of :mod:`pipeline.stats`
+  (:func:`~pipeline.stats.pointing_hit`, :func:`~pipeline.stats.box_energy`) on the patch grid.
+- Faithfulness: deletion and insertion AUC (Petsiuk et al., "RISE", BMVC 2018) on the patch grid.
+- Reference maps for comparison rows: a seeded uniform random map and a centre prior.
+
+Undefined values are NaN, as in :mod:`pipeline.stats`: box metrics of a sample without boxes, and every metric of
+an all-zero map (it ranks no patch above another).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms.functional import gaussian_blur
+
+from pipeline.errors import ConfigError, InputError, SchemaError, TargetError
+from pipeline.stats import box_energy, pointing_hit
+
+__all__ = [
+    "BASELINES",
+    "METHODS",
+    "METRICS",
+    "EvaluationConfig",
+    "baseline_images",
+    "centre_prior",
+    "deletion_insertion",
+    "evaluate_batch",
+    "localisation",
+    "random_map",
+    "summarise",
+    "summarise_blocks",
+]
+
+BASELINES = ("blur", "zero", "mean")
+METRICS = ("localisation", "faithfulness")
+# Explained maps and their column prefixes: the DAAM final map D_L, then the reference maps.
+METHODS = {"daam": "", "random": "random_", "centre": "centre_"}
+_METRIC_COLUMNS = {"localisation": ("pointing_hit", "box_energy"), "faithfulness": ("deletion_auc", "insertion_auc")}
+_SUMMARY_ROWS = {"daam": "DAAM", "random": "random", "centre": "centre prior"}
+_SUMMARY_COLUMNS = {
+    "pointing_accuracy": "pointing_hit",
+    "box_energy": "box_energy",
+    "deletion_auc": "deletion_auc",
+    "insertion_auc": "insertion_auc",
+}
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What :func:`evaluate_batch` computes.
+
+    Args:
+        steps: Deletion/insertion steps; the curves have ``steps + 1`` points.
+        baseline: What removed patches become: ``"blur"``, ``"zero"`` or ``"mean"`` (see :func:`baseline_images`).
+        batch_size: Perturbed images per forward pass.
+        metrics: Any of :data:`METRICS`.
+        references: Reference maps evaluated beside DAAM: any of ``"random"``, ``"centre"``.
+        seed: Seed of the random reference maps when :func:`evaluate_batch` gets no generator.
+    """
+
+    steps: int = 16
+    baseline: str = "blur"
+    batch_size: int = 64
+    metrics: tuple[str, ...] = METRICS
+    references: tuple[str, ...] = ("random", "centre")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", _parse_names("metrics", self.metrics, METRICS))
+        object.__setattr__(self, "references", _parse_names("references", self.references, tuple(METHODS)[1:]))
+        _check_parameters(self.steps, self.baseline, self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"evaluate.seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationConfig:
+        """Build from a mapping such as the ``evaluation`` section of a job file; unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"evaluate must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"evaluate: unknown keys {unknown}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples) that :meth:`from_dict` reads back."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Names of :func:`evaluate_batch`'s values, in order."""
+        methods = [m for m in METHODS if m == "daam" or m in self.references]
+        return tuple(METHODS[m] + c for m in methods for k in METRICS if k in self.metrics for c in _METRIC_COLUMNS[k])
+
+
+def _parse_names(field: str, value: Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"evaluate.{field} must be a list of names from {list(allowed)}, got {value!r}")
+    bad = [v for v in value if v not in allowed]
+    if bad:
+        raise ConfigError(f"evaluate.{field}: unknown {bad}, expected names from {list(allowed)}")
+    return tuple(v for v in allowed if v in value)  # canonical order, no repeats
+
+
+def _check_parameters(steps: Any, baseline: Any, batch_size: Any) -> None:
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"evaluate.{name} must be a positive integer, got {value!r}")
+    _check_baseline(baseline)
+
+
+def _check_baseline(baseline: Any) -> None:
+    if baseline not in BASELINES:
+        raise ConfigError(f"evaluate.baseline must be one of {list(BASELINES)}, got {baseline!r}")
+
+
+# -- reference maps -----------------------------------------------------------------------------------------------
+def random_map(shape: Sequence[int], generator: torch.Generator) -> Tensor:
+    """Uniform random maps in [0, 1) of ``shape`` on the generator's device (ties have probability zero).
+
+    The values depend on the generator's device type as well as its seed (CPU and CUDA streams differ).
+    """
+    return torch.rand(tuple(shape), generator=generator, device=generator.device)
+
+
+def centre_prior(h: int, w: int, device: str | torch.device | None = None) -> Tensor:
+    """An isotropic Gaussian centred on the ``h x w`` grid, peak 1 at the centre.
+
+    ``exp(-d^2 / (2 sigma^2))`` with ``d`` the distance in patches from the grid centre ``((h - 1) / 2, (w - 1) /
+    2)`` and ``sigma = min(h, w) / 4``. Its ranking (by distance from the centre) and its peak do not depend on
+    ``sigma``; only its box energy does.
+
+    Returns:
+        ``(h, w)`` float32.
+    """
+    sigma = min(h, w) / 4
+    rows = torch.arange(h, device=device, dtype=torch.float32) - (h - 1) / 2
+    cols = torch.arange(w, device=device, dtype=torch.float32) - (w - 1) / 2
+    return torch.exp(-(rows[:, None] ** 2 + cols[None, :] ** 2) / (2 * sigma**2))
+
+
+# -- localisation -------------------------------------------------------------------------------------------------
+def localisation(maps: Tensor, box_mask: Tensor | None) -> dict[str, Tensor]:
+    """Pointing-game hit and box energy of each map, e.g. per block of ``(B, L, h, w)`` DAAM.
+
+    Args:
+        maps: ``(B, ..., h, w)`` non-negative maps.
+        box_mask: ``(B, h, w)`` from :func:`pipeline.stats.boxes_to_grid_mask`, or None.
+
+    Returns:
+        ``pointing_hit`` and ``box_energy``, each ``(B, ...)`` float32; NaN without boxes or for all-zero maps.
+    """
+    if box_mask is None:
+        nan = torch.full(maps.shape[:-2], math.nan, device=maps.device)
+        return {"pointing_hit": nan, "box_energy": nan.clone()}
+    return {"pointing_hit": pointing_hit(maps, box_mask), "box_energy": box_energy(maps, box_mask)}
+
+
+# -- faithfulness -------------------------------------------------------------------------------------------------
+def baseline_images(images: Tensor, baseline: str) -> Tensor:
+    """What deletion puts in place of removed patches and insertion starts from.
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images.
+        baseline: ``"blur"``: a Gaussian blur with an odd kernel of about a quarter of the image size per side
+            (``(H // 4) | 1`` by ``(W // 4) | 1``, 57 x 57 for 224 x 224) and torchvision's default sigma for
+            that kernel (``0.3 * ((k - 1) / 2 - 1) + 0.8``, 8.9 for 57); ``"zero"``: zeros in normalised space,
+            i.e. the dataset mean colour; ``"mean"``: each image's per-channel mean.
+
+    Returns:
+        ``(B, 3, H, W)`` like ``images``.
+    """
+    _check_baseline(baseline)
+    if baseline == "zero":
+        return torch.zeros_like(images)
+    if baseline == "mean":
+        return images.mean(dim=(-2, -1), keepdim=True).expand_as(images).contiguous()
+    height, width = images.shape[-2:]
+    return gaussian_blur(images, kernel_size=[(width // 4) | 1, (height // 4) | 1])
+
+
+@torch.no_grad()
+def deletion_insertion(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor,
+    *,
+    steps: int = 16,
+    baseline: str = "blur",
+    batch_size: int = 64,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """Deletion and insertion AUC of maps on the patch grid (RISE), batched on the device.
+
+    Patches are ranked by the map, highest first, ties by patch index (row-major). At step ``s`` of ``steps`` the
+    top ``k_s = floor(s * n / steps)`` of the ``n`` patches are removed (deletion: replaced by the baseline) or
+    revealed (insertion: the original on the baseline); the grid is upsampled to pixels with nearest
+    interpolation, so whole patches move. The curve is the softmax probability of ``target`` at the ``steps + 1``
+    points, the AUC its trapezoid integral over the removed fraction ``k_s / n`` in [0, 1]. Lower deletion and
+    higher insertion AUC mean a more faithful map.
+
+    The unperturbed image and the baseline are shared by every curve of a sample, so a sample costs
+    ``2 + 2 * M * (steps - 1)`` forward passes for ``M`` maps, run in chunks of ``batch_size`` images.
+
+    Args:
+        model: The classifier, in eval mode, on the images' device; ``model(images)`` gives ``(B, K)`` logits.
+        images: ``(B, 3, H, W)`` normalised images.
+        maps: ``(B, h, w)`` or ``(B, M, h, w)`` maps on the model's patch grid (any ``h x w`` dividing the image
+            into whole patches).
+        target: ``(B,)`` class whose probability is followed.
+        steps: Number of steps.
+        baseline: See :func:`baseline_images`.
+        batch_size: Images per forward pass; does not change the result.
+        autocast_dtype: Run the model under ``torch.autocast`` with this dtype; probabilities are float32.
+
+    Returns:
+        ``deletion`` and ``insertion``: ``(B,)`` or ``(B, M)`` AUCs; ``deletion_curve`` and ``insertion_curve``:
+        the curves, ``(B, [M,] steps + 1)``; all float32, NaN for all-zero maps.
+
+    Raises:
+        InputError: shapes that do not fit together.
+        TargetError: a model without a classifier, or target classes outside its logits.
+        ConfigError: invalid ``steps``, ``baseline`` or ``batch_size``.
+    """
+    _check_parameters(steps, baseline, batch_size)
+    single = maps.dim() == 3
+    maps = (maps[:, None] if single else maps).to(images.device)
+    if images.dim() != 4 or maps.dim() != 4 or maps.shape[0] != images.shape[0]:
+        raise InputError(
+            f"need images (B, 3, H, W) and maps (B, [M,] h, w), got {tuple(images.shape)} and {tuple(maps.shape)}"
+        )
+    target = torch.as_tensor(target, device=images.device).long()
+    if target.shape != images.shape[:1]:
+        raise TargetError(f"target must hold one class per image ({images.shape[0]},), got {tuple(target.shape)}")
+    if getattr(model, "num_classes", None) == 0:
+        raise TargetError(f"{type(model).__name__} has no classifier: deletion/insertion need class probabilities")
+
+    batch, num_maps, h, w = maps.shape
+    n = h * w
+    keep = _keep_masks(maps.flatten(-2), steps)  # (B, Q, n)
+    probs = _target_probabilities(
+        model, images, baseline_images(images, baseline), keep, (h, w), target, batch_size, autocast_dtype
+    )
+
+    # Q = [original, baseline, deletion steps 1..steps-1 per map, insertion steps 1..steps-1 per map]
+    original, base = probs[:, 0, None, None].expand(-1, num_maps, 1), probs[:, 1, None, None].expand(-1, num_maps, 1)
+    inner = probs[:, 2:].view(batch, 2, num_maps, steps - 1)
+    curves = {
+        "deletion": torch.cat([original, inner[:, 0], base], dim=-1),
+        "insertion": torch.cat([base, inner[:, 1], original], dim=-1),
+    }
+    fractions = _removed_counts(n, steps, maps.device).float() / n
+    undefined = (maps.flatten(-2) == 0).all(-1)  # (B, M)
+    result = {}
+    for name, curve in curves.items():
+        curve = curve.masked_fill(undefined[..., None], math.nan)
+        result[name] = torch.trapezoid(curve, fractions, dim=-1)
+        result[f"{name}_curve"] = curve
+    return {k: v[:, 0] for k, v in result.items()} if single else result
+
+
+def _removed_counts(n: int, steps: int, device: torch.device) -> Tensor:
+    """``floor(s * n / steps)`` for ``s = 0 ... steps``: 0 first, ``n`` last."""
+    return torch.arange(steps + 1, device=device) * n // steps
+
+
+def _keep_masks(maps: Tensor, steps: int) -> Tensor:
+    """Which patches keep the original image in each perturbed image.
+
+    Args:
+        maps: ``(B, M, n)`` flat maps.
+
+    Returns:
+        ``(B, Q, n)`` bool with ``Q = 2 + 2 * M * (steps - 1)``: all patches (the original), none (the baseline),
+        then per map the deletion steps 1 ... steps-1 (all but the top k), then the insertion steps (the top k).
+    """
+    batch, _, n = maps.shape
+    order = maps.argsort(dim=-1, descending=True, stable=True)  # stable: equal values keep patch order
+    positions = torch.arange(n, device=maps.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # rank[b, m, j]: position of patch j
+    counts = _removed_counts(n, steps, maps.device)[1:-1]
+    top = rank[:, :, None, :] < counts[:, None]  # (B, M, steps - 1, n)
+    ends = torch.ones(batch, 2, n, dtype=torch.bool, device=maps.device)
+    ends[:, 1] = False
+    return torch.cat([ends, (~top).flatten(1, 2), top.flatten(1, 2)], dim=1)
+
+
+def _target_probabilities(
+    model: nn.Module,
+    images: Tensor,
+    baseline: Tensor,
+    keep: Tensor,
+    grid: tuple[int, int],
+    target: Tensor,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None,
+) -> Tensor:
+    """Softmax probability of ``target`` for every perturbed image of ``keep`` ``(B, Q, n)``; ``(B, Q)`` float32."""
+    batch, queries, _ = keep.shape
+    height, width = images.shape[-2:]
+    if height % grid[0] or width % grid[1]:
+        raise InputError(f"a {grid[0]}x{grid[1]} patch grid does not divide {height}x{width} images into patches")
+    flat_keep = keep.flatten(0, 1)
+    sample = torch.arange(batch, device=images.device).repeat_interleave(queries)
+    probs = torch.empty(batch * queries, device=images.device)
+    autocast = (
+        torch.autocast(images.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    for start in range(0, batch * queries, batch_size):
+        rows = sample[start : start + batch_size]
+        chunk_keep = flat_keep[start : start + batch_size].view(-1, 1, *grid).to(images.dtype)
+        pixels = F.interpolate(chunk_keep, size=(height, width), mode="nearest").bool()
+        with autocast:
+            logits = model(torch.where(pixels, images[rows], baseline[rows]))
+        if start == 0:
+            _check_target(target, logits)
+        probs[start : start + batch_size] = logits.float().softmax(-1).gather(1, target[rows, None]).squeeze(1)
+    return probs.view(batch, queries)
+
+
+def _check_target(target: Tensor, logits: Tensor) -> None:
+    if logits.dim() != 2:
+        raise TargetError(f"model output of shape {tuple(logits.shape)} is not (B, K) logits")
+    bad = (target < 0) | (target >= logits.shape[1])
+    if bad.any():
+        raise TargetError(f"target classes {target[bad].tolist()} outside [0, {logits.shape[1]})")
+
+
+# -- per batch ----------------------------------------------------------------------------------------------------
+def evaluate_batch(
+    model: nn.Module,
+    images: Tensor,
+    daam: Tensor,
+    target: Tensor | None,
+    box_mask: Tensor | None = None,
+    config: EvaluationConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """Every configured metric of a batch's final DAAM map and the reference maps, on the device.
+
+    Args:
+        model: The explained classifier, in eval mode (a model inside an open :class:`~pipeline.engine.DAAM`
+            works: its hooks capture nothing outside a DAAM call).
+        images: ``(B, 3, H, W)`` normalised images.
+        daam: ``(B, L, h, w)`` accumulated maps; the final map ``daam[:, -1]`` is evaluated.
+        target: ``(B,)`` explained classes; required for faithfulness.
+        box_mask: ``(B, h, w)`` from :func:`pipeline.stats.boxes_to_grid_mask`, or None (box metrics are NaN).
+        config: What to compute; default :class:`EvaluationConfig()`.
+        generator: Draws the random reference maps, on the images' device. Default: a new generator seeded with
+            ``config.seed``, so every call draws the same maps; pass one generator per unit of work for
+            independent maps per batch.
+        autocast_dtype: Passed to :func:`deletion_insertion`.
+
+    Returns:
+        The columns :attr:`EvaluationConfig.columns`, in that order, each ``(B,)`` float32 on the images' device:
+        ``pointing_hit``, ``box_energy``, ``deletion_auc``, ``insertion_auc`` for DAAM, the same prefixed with
+        ``random_`` and ``centre_`` for the reference maps.
+
+    Raises:
+        TargetError: faithfulness is configured but ``target`` is None (self-supervised mode).
+    """
+    config = config or EvaluationConfig()
+    if daam.dim() != 4 or daam.shape[0] != images.shape[0]:
+        raise InputError(f"daam must be (B, L, h, w) for {images.shape[0]} images, got {tuple(daam.shape)}")
+    batch, _, h, w = daam.shape
+    maps = {"daam": daam[:, -1].float()}
+    if "random" in config.references:
+        generator = generator or torch.Generator(device=images.device).manual_seed(config.seed)
+        maps["random"] = random_map((batch, h, w), generator)
+    if "centre" in config.references:
+        maps["centre"] = centre_prior(h, w, device=images.device).expand(batch, h, w)
+    stacked = torch.stack(list(maps.values()), dim=1)  # (B, M, h, w)
+
+    values: dict[str, Tensor] = {}
+    if "localisation" in config.metrics:
+        values |= _per_method(localisation(stacked, box_mask), maps)
+    if "faithfulness" in config.metrics:
+        if target is None:
+            raise TargetError("faithfulness needs the explained classes; disable it in self-supervised mode")
+        curves = deletion_insertion(
+            model,
+            images,
+            stacked,
+            target,
+            steps=config.steps,
+            baseline=config.baseline,
+            batch_size=config.batch_size,
+            autocast_dtype=autocast_dtype,
+        )
+        values |= _per_method({"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}, maps)
+    return {name: values[name] for name in config.columns}
+
+
+def _per_method(metrics: Mapping[str, Tensor], maps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``(B, M)`` metrics -> one ``(B,)`` column per method, named with its prefix."""
+    return {METHODS[m] + name: value[:, i] for name, value in metrics.items() for i, m in enumerate(maps)}
+
+
+# -- tables -------------------------------------------------------------------------------------------------------
+def summarise(evaluation: pd.DataFrame) -> pd.DataFrame:
+    """Per-method means of the evaluation table (NaN skipped): the headline table.
+
+    Args:
+        evaluation: The evaluation table, one row per sample and ``method`` (``open_results(OUT).evaluation``).
+
+    Returns:
+        One row per method (DAAM first, then the references, then any other explainer), columns
+        ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc``, ``samples``.
+
+    Raises:
+        SchemaError: the table lacks the ``method`` column or every metric column.
+    """
+    present = [c for c in _SUMMARY_COLUMNS.values() if c in evaluation]
+    if "method" not in evaluation or not present:
+        raise SchemaError(f"not an evaluation table: columns {list(evaluation.columns)}")
+    grouped = evaluation.groupby("method", sort=False)
+    table = grouped[present].mean().rename(columns={v: k for k, v in _SUMMARY_COLUMNS.items()})
+    table["samples"] = grouped.size()
+    order = [m for m in METHODS if m in table.index] + sorted(m for m in table.index if m not in METHODS)
+    return table.loc[order].rename(index=_SUMMARY_ROWS).rename_axis("method")
+
+
+def summarise_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
+    """Localisation per block from the blocks table: mean pointing accuracy and box energy (NaN skipped).
+
+    Returns:
+        One row per ``block``; columns ``map_pointing_accuracy``, ``map_box_energy`` (block maps M_l) and
+        ``daam_pointing_accuracy``, ``daam_box_energy`` (accumulated maps D_l).
+    """
+    columns = {
+        "map_point_hit": "map_pointing_accuracy",
+        "map_box_energy": "map_box_energy",
+        "daam_point_hit": "daam_pointing_accuracy",
+        "daam_box_energy": "daam_box_energy",
+    }
+    missing = [c for c in ("block", *columns) if c not in blocks]
+    if missing:
+        raise SchemaError(f"blocks table lacks columns {missing}")
+    return blocks.groupby("block")[list(columns)].mean().rename(columns=columns)
