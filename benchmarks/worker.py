@@ -40,7 +40,9 @@ def photo_like_jpeg(rng: np.random.Generator, width: int = 500, height: int = 37
 def write_benchmark_shards(folder: Path, images: int, per_shard: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     samples = [
-        ShardSample(f"img_{i:06d}", photo_like_jpeg(rng), "jpg", int(rng.integers(0, 1000)), {"width": 500, "height": 375})
+        ShardSample(
+            f"img_{i:06d}", photo_like_jpeg(rng), "jpg", int(rng.integers(0, 1000)), {"width": 500, "height": 375}
+        )
         for i in range(images)
     ]
     write_shards(samples, folder, samples_per_shard=per_shard)
@@ -78,7 +80,9 @@ def main(model, images, per_shard, batch, dtype, device, decode_threads, workdir
     with UnitWorker(job, device) as worker:
         # the same batches, decoded up front and resident on the device, for the engine alone
         resident = [
-            worker.preprocess.normalize(pixels.to(worker.device)) for url in shards for pixels, _ in worker._batches(url, [])
+            worker.preprocess.normalize(pixels.to(worker.device))
+            for url in shards
+            for pixels, _ in worker._batches(url, [])
         ]
         worker.daam(resident[0])  # warm-up
         sync = torch.cuda.synchronize if worker.device.type == "cuda" else (lambda: None)
