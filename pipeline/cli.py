@@ -83,7 +83,23 @@ def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, sets
     if dry_run:
         return
     click.echo(summary.render())
+    if summary.done + summary.skipped:
+        click.echo(_headline(job.output.path))
     sys.exit(summary.exit_code)
+
+
+def _headline(out: str) -> str:
+    from pipeline.evaluate import headline_tables
+
+    return headline_tables(out)
+
+
+@main.command()
+@click.argument("out")
+@_user_errors
+def summary(out) -> None:
+    """Print the headline tables of a job's outputs at OUT: per-block localisation and the method comparison."""
+    click.echo(_headline(out))
 
 
 @main.command()

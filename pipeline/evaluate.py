@@ -36,6 +36,7 @@ __all__ = [
     "centre_prior",
     "deletion_insertion",
     "evaluate_batch",
+    "headline_tables",
     "localisation",
     "random_map",
     "summarise",
@@ -453,3 +454,29 @@ def summarise_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise SchemaError(f"blocks table lacks columns {missing}")
     return blocks.groupby("block")[list(columns)].mean().rename(columns=columns)
+
+
+def headline_tables(out: str) -> str:
+    """The tables a finished job prints: per-block localisation of M_l and D_l where boxes exist, and the
+    per-method evaluation (DAAM against the reference maps) when the job evaluated.
+    """
+    from pipeline.store.results import open_results
+
+    results = open_results(out)
+    samples = results.samples
+    ok = samples[samples.status == "ok"]
+    parts = [f"{len(ok)} of {len(samples)} samples explained in {out}"]
+    if len(ok) and ok.label.notna().any() and ok.predicted.notna().any():
+        labelled = ok[ok.label.notna()]
+        parts.append(f"accuracy of `predicted` against `label`: {(labelled.predicted == labelled.label).mean():.4f}")
+    blocks = results.blocks
+    if len(blocks) and blocks.daam_box_energy.notna().any():
+        per_block = summarise_blocks(blocks)
+        per_block.index = per_block.index + 1  # blocks are numbered from 1 in the paper's figures
+        parts.append("localisation per block (boxes), accumulated maps D_l and block maps M_l:")
+        parts.append(per_block.to_string(float_format=lambda v: f"{v:.3f}"))
+    evaluation = results.evaluation
+    if len(evaluation):
+        parts.append("final map against reference maps:")
+        parts.append(summarise(evaluation).to_string(float_format=lambda v: f"{v:.3f}"))
+    return "\n".join(parts)

@@ -243,7 +243,8 @@ class Preprocess:
                 canvas = Image.new("RGB", (out_w, out_h), fill)
                 canvas.paste(img, (-geo.left, -geo.top))
                 img = canvas
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        # numpy's copy: a torch copy would start intra-op threads inside every decoder thread
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
 
     def map_boxes(self, boxes: Sequence[Sequence[float]] | torch.Tensor, orig_size: tuple[int, int]) -> torch.Tensor:
         """Boxes in model-input pixel coordinates.
