@@ -7,14 +7,19 @@ frozen parameters. A DAAM map needs exactly that much work, so DAAM / floor is t
 
 Rounds of floor and DAAM alternate so that both see the same machine state; the median per round is reported.
 Peak memory: CUDA allocator peaks on a GPU; on the CPU, the peak resident size of a fresh process per variant.
+
+    python benchmarks/engine.py --explainers daam,rollout,attention,gradcam
+
+adds one row per configuration: DAAM with the comparison explainers attached to its pass (pipeline.engine.baselines),
+timed in the same alternating rounds, and a line with its cost relative to DAAM alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +29,7 @@ import timm
 import torch
 
 from pipeline import DAAM
+from pipeline.engine.baselines import BASELINES, Baselines
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +59,14 @@ def daam_step(daam: DAAM, images: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def baselines_step(daam: DAAM, extra: Baselines, images: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        daam(images)
+        extra.maps()
+
+    return step
+
+
 def timed(step: Callable[[], None], device: str, repeats: int) -> float:
     """Median seconds per call."""
     times = []
@@ -67,17 +81,37 @@ def timed(step: Callable[[], None], device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _peak_cpu_memory(variant: str, model_name: str, batch: int, dtype: str, queue: mp.Queue) -> None:
-    """Child process: peak RSS growth of one variant after the model and batch exist."""
-    torch.set_num_threads(torch.get_num_threads())
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _reset_peak_rss() -> int:
+    """Reset this process's peak resident size to its current size (Linux), and return that size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def _peak_cpu_memory(
+    variant: str, model_name: str, batch: int, dtype: str, queue: mp.Queue, baselines: tuple[str, ...] = ()
+) -> None:
+    """Child process: peak RSS growth of one variant after the model and batch exist.
+
+    ru_maxrss is inherited across fork and exec, so the peak is read from /proc (VmHWM) after resetting it.
+    """
     model, images = build(model_name, "cpu", batch)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _reset_peak_rss()
     step = floor_step(model, images, DTYPES[dtype]) if variant == "floor" else None
     if variant == "daam":
         daam = DAAM(model, autocast_dtype=DTYPES[dtype]).open()
         step = daam_step(daam, images)
+    if variant == "baselines":
+        daam = DAAM(model, autocast_dtype=DTYPES[dtype]).open()
+        step = baselines_step(daam, Baselines(daam, baselines), images)
     step()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+    queue.put(_proc_status_bytes("VmHWM") - base)
 
 
 def peak_memory(variant: str, model: torch.nn.Module, images: torch.Tensor, args: dict) -> int:
@@ -88,32 +122,57 @@ def peak_memory(variant: str, model: torch.nn.Module, images: torch.Tensor, args
         if variant == "floor":
             floor_step(model, images, DTYPES[args["dtype"]])()
         else:
-            with DAAM(model, autocast_dtype=DTYPES[args["dtype"]]) as daam:
+            with DAAM(model, autocast_dtype=DTYPES[args["dtype"]]) as daam, contextlib.ExitStack() as stack:
+                if variant == "baselines":
+                    stack.enter_context(Baselines(daam, args["baselines"]))
                 daam(images)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_cpu_memory, args=(variant, args["model"], args["batch"], args["dtype"], queue))
+    proc = ctx.Process(
+        target=_peak_cpu_memory,
+        args=(variant, args["model"], args["batch"], args["dtype"], queue, args.get("baselines", ())),
+    )
     proc.start()
     peak = queue.get(timeout=600)
     proc.join()
     return peak
 
 
-def run_benchmark(model_name: str, batch: int, dtype: str, device: str, rounds: int, repeats: int) -> dict:
+def run_benchmark(
+    model_name: str, batch: int, dtype: str, device: str, rounds: int, repeats: int, baselines: tuple[str, ...] = ()
+) -> dict:
     model, images = build(model_name, device, batch)
     floor = floor_step(copy.deepcopy(model), images, DTYPES[dtype])  # the floor's model carries no hooks
-    floor_times, daam_times = [], []
-    with DAAM(model, autocast_dtype=DTYPES[dtype]) as daam:
+    extra_model = copy.deepcopy(model) if baselines else None  # DAAM with the baselines attached, on its own copy
+    floor_times, daam_times, extra_times = [], [], []
+    with DAAM(model, autocast_dtype=DTYPES[dtype]) as daam, contextlib.ExitStack() as stack:
         step = daam_step(daam, images)
         floor(), step()  # warm-up
+        if baselines:
+            extra_daam = stack.enter_context(DAAM(extra_model, autocast_dtype=DTYPES[dtype]))
+            extra_step = baselines_step(extra_daam, stack.enter_context(Baselines(extra_daam, baselines)), images)
+            extra_step()
         for _ in range(rounds):
             floor_times.append(timed(floor, device, repeats))
             daam_times.append(timed(step, device, repeats))
-    args = dict(model=model_name, batch=batch, dtype=dtype)
+            if baselines:
+                extra_times.append(timed(extra_step, device, repeats))
+    args = dict(model=model_name, batch=batch, dtype=dtype, baselines=baselines)
     floor_s, daam_s = statistics.median(floor_times), statistics.median(daam_times)
     floor_mem, daam_mem = peak_memory("floor", model, images, args), peak_memory("daam", model, images, args)
+    if baselines:
+        extra_s, extra_mem = statistics.median(extra_times), peak_memory("baselines", model, images, args)
+        extra_row = dict(
+            explainers=",".join(baselines),
+            images_per_s=batch / extra_s,
+            ratio=floor_s / extra_s,
+            peak_mib=extra_mem / 2**20,
+            memory_ratio=extra_mem / max(floor_mem, 1),
+            time_vs_daam=extra_s / daam_s,
+            memory_vs_daam=extra_mem / max(daam_mem, 1),
+        )
     return dict(
         model=model_name,
         batch=batch,
@@ -127,6 +186,7 @@ def run_benchmark(model_name: str, batch: int, dtype: str, device: str, rounds: 
         memory_ratio=daam_mem / max(floor_mem, 1),
         torch=torch.__version__,
         timm=timm.__version__,
+        **({"baselines": extra_row} if baselines else {}),
     )
 
 
@@ -140,8 +200,31 @@ def print_table(rows: list[dict]) -> None:
             f"{r['daam_images_per_s']:>11.1f} {r['ratio']:>6.3f} {r['floor_peak_mib']:>10.0f} "
             f"{r['daam_peak_mib']:>9.0f} {r['memory_ratio']:>9.2f}"
         )
+        if "baselines" in r:
+            b = r["baselines"]
+            print(
+                f"{'+' + b['explainers']:28} {r['dtype']:9} {r['batch']:>5} {r['floor_images_per_s']:>12.1f} "
+                f"{b['images_per_s']:>11.1f} {b['ratio']:>6.3f} {r['floor_peak_mib']:>10.0f} "
+                f"{b['peak_mib']:>9.0f} {b['memory_ratio']:>9.2f}"
+            )
     if rows:
         print(f"device: {rows[0]['device']}; torch {rows[0]['torch']}, timm {rows[0]['timm']}")
+    for r in rows:
+        if "baselines" in r:
+            b = r["baselines"]
+            print(
+                f"+{b['explainers']} (DAAM with them attached, same pass) vs DAAM alone, {r['model']} {r['dtype']}: "
+                f"time x{b['time_vs_daam']:.3f}, peak memory x{b['memory_vs_daam']:.2f}"
+            )
+
+
+def parse_explainers(value: str) -> tuple[str, ...]:
+    """The baselines named in ``value`` ("daam" is always run)."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ("daam", *BASELINES)]
+    if unknown:
+        raise click.BadParameter(f"unknown explainers {unknown}; valid: daam, {', '.join(BASELINES)}")
+    return tuple(dict.fromkeys(n for n in names if n != "daam"))
 
 
 @click.command()
@@ -151,12 +234,19 @@ def print_table(rows: list[dict]) -> None:
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--rounds", default=5, show_default=True, help="Alternating floor/DAAM rounds.")
 @click.option("--repeats", default=3, show_default=True, help="Timed calls per round.")
+@click.option(
+    "--explainers",
+    default="daam",
+    show_default=True,
+    callback=lambda ctx, param, value: parse_explainers(value),
+    help=f"Comma-separated, among daam,{','.join(BASELINES)}: any baseline adds a row of DAAM with them attached.",
+)
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
-def main(models, batch, dtypes, device, rounds, repeats, json_out) -> None:
+def main(models, batch, dtypes, device, rounds, repeats, explainers, json_out) -> None:
     """Print DAAM throughput, the forward+backward floor, their ratio and peak memory of each."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides
-    rows = [run_benchmark(m, batch, d, device, rounds, repeats) for m in models for d in dtypes]
+    rows = [run_benchmark(m, batch, d, device, rounds, repeats, explainers) for m in models for d in dtypes]
     print_table(rows)
     if json_out:
         with open(json_out, "w") as f:

@@ -78,6 +78,11 @@ class DAAM:
         self._saved_state: tuple[bool, list[bool]] | None = None
         self._batch: dict[str, Any] = {}
 
+    @property
+    def capture(self) -> BlockCapture | None:
+        """The hooks and their per-block captures while the engine is open (comparison explainers read them)."""
+        return self._capture
+
     # -- context -------------------------------------------------------------------------------------------
     def open(self) -> DAAM:
         """Install the hooks and freeze the model (what ``with DAAM(model)`` does)."""

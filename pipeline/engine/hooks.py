@@ -118,9 +118,11 @@ class BlockCapture:
             if not self.active:
                 return None
             state = self.blocks[i]
-            q0 = state._q[:, :, 0].float()  # (B, H, d)
-            scores = torch.einsum("bhd,bhnd->bhn", q0, state._k.float()) * attn.scale
-            state.attention = scores.softmax(dim=-1)
+            # float32 even under the model's autocast, and no graph: a_l is data, not part of Y
+            with torch.no_grad(), torch.autocast(state._k.device.type, enabled=False):
+                q0 = state._q[:, :, 0].float()  # (B, H, d)
+                scores = torch.einsum("bhd,bhnd->bhn", q0, state._k.float()) * attn.scale
+                state.attention = scores.softmax(dim=-1)
             state._q = state._k = None
             (t,) = args
             if not torch.is_grad_enabled():

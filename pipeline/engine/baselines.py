@@ -1,0 +1,207 @@
+"""Comparison explainers computed in DAAM's own forward and backward pass: attention rollout, raw attention, Grad-CAM.
+
+``Baselines(daam, names)`` adds hooks next to DAAM's; one ``daam(images, ...)`` call then also yields the
+requested maps, read with :meth:`Baselines.maps`. Per block l, P prefix tokens, patch tokens j >= P:
+
+- ``rollout`` (Abnar & Zuidema 2020): A_l = the head-averaged full attention (N x N), recomputed in float32 from
+  the block's q and k (the model's own fused attention stays on); Â_l = 0.5 A_l + 0.5 I, rows normalised;
+  R_l = Â_l @ R_{l-1} with R_1 = Â_1, so R_L = Â_L @ ... @ Â_1. Map l = R_l[0, j]. Only the running (B, N, N)
+  product is kept, one block at a time.
+- ``attention``: map l = the [class] row a_l averaged over heads, a_l[j] (the row DAAM's capture computes).
+- ``gradcam``: pytorch-grad-cam's ViT Grad-CAM on X, the tokens the last block's attention reads (the output of
+  its ``norm1`` in timm's pre-norm blocks): map[j] = ReLU(sum_c mean_i(dY/dX[i, c]) X[j, c]), means over patch
+  tokens i, with Y DAAM's explained score. Not ``model.norm``'s output: with token pooling only the prefix tokens
+  reach the head from there, so dY/dX is zero on every patch token (pytorch-grad-cam's ViT tutorial takes
+  ``blocks[-1].norm1`` for this reason).
+
+Rollout and attention have one map per block, (B, L, h, w), the last being the method's map; Grad-CAM has one,
+(B, 1, h, w). Maps are raw float32 values on the images' device, not normalised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from timm.layers import Attention
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from pipeline.engine.daam import DAAM
+from pipeline.engine.hooks import BlockCapture
+from pipeline.errors import ConfigError, PipelineError, UnsupportedModelError
+
+__all__ = ["BASELINES", "Baselines"]
+
+BASELINES = ("rollout", "attention", "gradcam")
+
+
+@contextlib.contextmanager
+def _exact(device: torch.device) -> Iterator[None]:
+    """Float32 arithmetic outside autograd, whatever autocast the model runs under."""
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        yield
+
+
+class Baselines:
+    """Attention rollout, raw attention and Grad-CAM alongside DAAM; a context manager owning its hooks.
+
+    Hooks act only while DAAM's capture is active, i.e. during a ``daam(...)`` call::
+
+        with DAAM(model) as daam, Baselines(daam, ["rollout", "attention", "gradcam"]) as extra:
+            result = daam(images)
+            maps = extra.maps()  # {"rollout": (B, L, h, w), "attention": (B, L, h, w), "gradcam": (B, 1, h, w)}
+
+    Args:
+        daam: The DAAM engine whose passes compute the maps (opened now or later).
+        names: Explainers among :data:`BASELINES`.
+
+    Raises:
+        ConfigError: an unknown or empty list of names.
+        UnsupportedModelError: Grad-CAM on a one-block model (its layer lies below T_1, where DAAM's backward stops).
+    """
+
+    def __init__(self, daam: DAAM, names: Sequence[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in BASELINES]
+        if unknown or not names:
+            raise ConfigError(f"unknown explainers {unknown or names}; valid names: {', '.join(BASELINES)}")
+        self.names = tuple(dict.fromkeys(names))
+        self.daam = daam
+        model = daam.model
+        self.model = model
+        self.num_blocks = len(model.blocks)
+        self.num_prefix_tokens = int(model.num_prefix_tokens)
+        if "gradcam" in self.names and self.num_blocks < 2:
+            raise UnsupportedModelError(
+                f"Grad-CAM needs at least 2 blocks: {type(model).__name__} has {self.num_blocks}, and the first "
+                "block's attention input lies below T_1, where DAAM's backward pass stops"
+            )
+        self._handles: list[RemovableHandle] = [model.patch_embed.register_forward_pre_hook(self._start_hook)]
+        for i, block in enumerate(model.blocks):
+            attn: Attention = block.attn
+            if "rollout" in self.names:
+                self._handles += [
+                    attn.q_norm.register_forward_hook(self._query_hook),
+                    attn.k_norm.register_forward_hook(self._rollout_hook(i, attn)),
+                ]
+            if "attention" in self.names:
+                self._handles.append(attn.proj.register_forward_hook(self._attention_hook(i)))
+        if "gradcam" in self.names:
+            self._handles.append(model.blocks[-1].attn.register_forward_pre_hook(self._gradcam_forward_hook))
+        self._reset()
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _capture(self) -> BlockCapture | None:
+        """DAAM's current capture (a DAAM makes a new one each time it is opened); None while it is closed."""
+        return self.daam.capture
+
+    def _active(self) -> bool:
+        capture = self._capture()
+        return capture is not None and capture.active
+
+    def _reset(self) -> None:
+        self._grid: tuple[int, int] | None = None
+        self._maps: dict[str, torch.Tensor] = {}
+        self._pending: set[str] = set()
+        self._query: torch.Tensor | None = None
+        self._product: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        """The maps of the latest explanation, then forgotten.
+
+        Returns:
+            {name: float32 maps on the images' device}: (B, L, h, w) for rollout and attention (block l's map at
+            index l - 1), (B, 1, h, w) for Grad-CAM; in the order the names were given.
+
+        Raises:
+            PipelineError: no explanation ran since the last read, or it failed before computing every map.
+        """
+        if self._grid is None or self._pending:
+            missing = sorted(self._pending) if self._grid is not None else list(self.names)
+            raise PipelineError(f"no maps for {missing}: read them once after each completed daam(...) call")
+        h, w = self._grid
+        maps = {name: self._maps[name].unflatten(-1, (h, w)) for name in self.names}
+        self._reset()
+        return maps
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def _start_hook(self, module: nn.Module, args: tuple) -> None:
+        """Start of a forward pass: fresh buffers for this batch."""
+        if not self._active():
+            return
+        self._reset()
+        images = args[0]
+        self._grid = tuple(int(s) for s in module.dynamic_feat_size(tuple(images.shape[-2:])))
+        patches = self._grid[0] * self._grid[1]
+        kw = dict(device=images.device, dtype=torch.float32)
+        for name in self.names:
+            self._maps[name] = torch.zeros(images.shape[0], 1 if name == "gradcam" else self.num_blocks, patches, **kw)
+        self._pending = set(self.names)
+
+    def _query_hook(self, module: nn.Module, args: tuple, q: torch.Tensor) -> None:
+        if self._active():
+            self._query = q
+
+    def _rollout_hook(self, i: int, attn: Attention):
+        def hook(module: nn.Module, args: tuple, k: torch.Tensor) -> None:
+            if not self._active():
+                return
+            q, self._query = self._query, None
+            with _exact(k.device):
+                scores = (q.detach().float() * attn.scale) @ k.detach().float().transpose(-2, -1)  # (B, H, N, N)
+                mixed = scores.softmax(dim=-1).mean(dim=1)  # A_l, (B, N, N)
+                del scores
+                mixed.mul_(0.5).diagonal(dim1=1, dim2=2).add_(0.5)
+                mixed.div_(mixed.sum(dim=-1, keepdim=True))
+                self._product = mixed if self._product is None else torch.bmm(mixed, self._product)
+                self._maps["rollout"][:, i] = self._product[:, 0, self.num_prefix_tokens :]
+            if i == self.num_blocks - 1:
+                self._product = None
+                self._pending.discard("rollout")
+
+        return hook
+
+    def _attention_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if not self._active():
+                return
+            attention = self._capture().blocks[i].attention  # (B, H, N) float32, set by the capture's pre-hook
+            with _exact(attention.device):
+                self._maps["attention"][:, i] = attention.detach().mean(dim=1)[:, self.num_prefix_tokens :]
+            if i == self.num_blocks - 1:
+                self._pending.discard("attention")
+
+        return hook
+
+    def _gradcam_forward_hook(self, module: nn.Module, args: tuple) -> None:
+        tokens = args[0]
+        if not self._active() or not tokens.requires_grad:
+            return
+        self._tokens = tokens.detach()
+        tokens.register_hook(self._gradcam_gradient_hook)
+
+    def _gradcam_gradient_hook(self, grad: torch.Tensor) -> None:
+        prefix = self.num_prefix_tokens
+        with _exact(grad.device):
+            weights = grad[:, prefix:].float().mean(dim=1)  # (B, C)
+            cam = torch.einsum("bnc,bc->bn", self._tokens[:, prefix:].float(), weights)
+            self._maps["gradcam"][:, 0] = cam.clamp_min(0)
+        self._tokens = None
+        self._pending.discard("gradcam")
+
+    # -- context -------------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove the hooks and drop all captured state."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._reset()
+
+    def __enter__(self) -> Baselines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

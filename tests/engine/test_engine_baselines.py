@@ -1,0 +1,252 @@
+"""Rollout, raw attention and Grad-CAM in DAAM's pass, against a naive per-image float64 reference."""
+
+from __future__ import annotations
+
+import copy
+import gc
+from dataclasses import dataclass
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from pipeline import DAAM
+from pipeline.engine.baselines import BASELINES, Baselines
+from pipeline.errors import ConfigError, PipelineError, UnsupportedModelError
+
+TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
+
+# (timm name, kwargs, input size (H, W))
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", dict(TINY, num_classes=7), (32, 32)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, num_classes=7), (32, 32)),
+    "dinov2_registers": (
+        "vit_small_patch14_reg4_dinov2",
+        dict(TINY, patch_size=7, img_size=28, num_classes=7, dynamic_img_size=False),
+        (28, 28),
+    ),
+    "qk_norm": ("vit_tiny_patch16_224", dict(TINY, num_classes=7, qk_norm=True), (32, 32)),
+    "non_square": ("vit_tiny_patch16_224", dict(TINY, img_size=(24, 40), num_classes=7), (24, 40)),
+}
+
+
+def make(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def images(batch: int, size: tuple[int, int], seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class NaiveMaps:
+    rollout: torch.Tensor  # (L, h, w)
+    attention: torch.Tensor  # (L, h, w)
+    gradcam: torch.Tensor  # (1, h, w)
+    final_norm_patch_gradient: torch.Tensor  # dY/d(model.norm output) on the patch tokens
+
+
+def naive_baselines(model: nn.Module, image: torch.Tensor, target: int | None, weights: torch.Tensor | None = None):
+    """The three maps of one image (3, H, W) in float64, with every block's full N x N attention materialised."""
+    model = copy.deepcopy(model).double().eval().requires_grad_(False)
+    for module in model.modules():  # a copy made inside `with DAAM(model)` carries the engine's hooks
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    full, last_input, last_block = [], {}, len(model.blocks) - 1
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+
+        def naive_forward(x, attn_mask=None, is_causal=False, attn=attn, last=i == last_block):
+            if last:  # x is the last block's norm1 output, Grad-CAM's layer
+                x = last_input["x"] = x.detach().requires_grad_(True)
+            batch, tokens, _ = x.shape
+            qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            attention = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)  # (1, H, N, N)
+            full.append(attention[0].detach())
+            return attn.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, -1))
+
+        attn.forward = naive_forward
+
+    features = model.forward_features(image[None].double())
+    if weights is None:
+        score = model.forward_head(features)[0, target]
+    else:
+        score = (model.forward_head(features, pre_logits=True)[0] * weights.double()).sum()
+    grad_x, grad_features = torch.autograd.grad(score, [last_input["x"], features])
+
+    prefix, tokens = model.num_prefix_tokens, full[0].shape[-1]
+    h, w = model.patch_embed.dynamic_feat_size(image.shape[-2:])
+    product, rollout, attention = torch.eye(tokens, dtype=torch.float64), [], []
+    for a in full:
+        mixed = 0.5 * a.mean(dim=0) + 0.5 * torch.eye(tokens, dtype=torch.float64)
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        product = mixed @ product  # R_l = Â_l ... Â_1
+        rollout.append(product[0, prefix:])
+        attention.append(a[:, 0, prefix:].mean(dim=0))
+    channel_weights = grad_x[0, prefix:].mean(dim=0)
+    gradcam = (last_input["x"][0, prefix:].detach() @ channel_weights).clamp_min(0)
+    return NaiveMaps(
+        torch.stack(rollout).reshape(-1, h, w),
+        torch.stack(attention).reshape(-1, h, w),
+        gradcam.reshape(1, h, w),
+        grad_features[0, prefix:],
+    )
+
+
+def assert_maps_match(maps: dict[str, torch.Tensor], index: int, reference: NaiveMaps, rtol=1e-4, atol=1e-6):
+    for name in BASELINES:
+        torch.testing.assert_close(maps[name][index].double(), getattr(reference, name), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_supervised_maps_equal_naive(key):
+    name, kwargs, size = MODELS[key]
+    model = make(name, **kwargs)
+    x = images(3, size)
+    with DAAM(model) as daam, Baselines(daam, BASELINES) as extra:
+        result = daam(x)
+        maps = extra.maps()
+    h, w = daam.grid_size(size)
+    blocks = kwargs["depth"]
+    assert list(maps) == list(BASELINES)
+    assert {k: tuple(v.shape) for k, v in maps.items()} == dict(
+        rollout=(3, blocks, h, w), attention=(3, blocks, h, w), gradcam=(3, 1, h, w)
+    )
+    assert all(v.dtype == torch.float32 for v in maps.values())
+    assert maps["gradcam"].sum() > 0 and (maps["gradcam"] >= 0).all()
+    for i in range(3):
+        reference = naive_baselines(model, x[i], int(result.target[i]))
+        assert_maps_match(maps, i, reference)
+        # why Grad-CAM's layer is the last attention's input: at model.norm's output patch tokens get no gradient
+        assert torch.count_nonzero(reference.final_norm_patch_gradient) == 0
+
+
+def test_self_supervised_gradcam_explains_the_feature_score():
+    model = make("vit_small_patch16_224", **dict(TINY, num_classes=0))
+    x = images(2, (32, 32))
+    weights = torch.rand(2, 48, generator=torch.Generator().manual_seed(3))
+    with DAAM(model) as daam, Baselines(daam, ["gradcam", "rollout"]) as extra:
+        daam(x, weights=weights)
+        maps = extra.maps()
+    assert list(maps) == ["gradcam", "rollout"]
+    for i in range(2):
+        reference = naive_baselines(model, x[i], None, weights=weights[i])
+        torch.testing.assert_close(maps["gradcam"][i].double(), reference.gradcam, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(maps["rollout"][i].double(), reference.rollout, rtol=1e-4, atol=1e-6)
+
+
+def test_dynamic_image_size_several_grids():
+    model = make("vit_tiny_patch16_224", **dict(TINY, num_classes=7, dynamic_img_size=True))
+    with DAAM(model) as daam, Baselines(daam, BASELINES) as extra:
+        for size in [(32, 32), (48, 16)]:
+            x = images(2, size)
+            result = daam(x)
+            maps = extra.maps()
+            assert maps["rollout"].shape == (2, 3, size[0] // 8, size[1] // 8)
+            assert_maps_match(maps, 1, naive_baselines(model, x[1], int(result.target[1])))
+
+
+def test_maps_do_not_depend_on_the_rest_of_the_batch():
+    name, kwargs, size = MODELS["dinov2_registers"]
+    model = make(name, **kwargs)
+    x = images(5, size)
+    with DAAM(model) as daam, Baselines(daam, BASELINES) as extra:
+        daam(x)
+        together = extra.maps()
+        daam(x[3:4])
+        alone = extra.maps()
+        daam(x[[4, 3, 0]])
+        shuffled = extra.maps()
+    for name in BASELINES:
+        torch.testing.assert_close(together[name][3:4], alone[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(together[name][[4, 3, 0]], shuffled[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_daam_results_unchanged_when_baselines_attach(autocast):
+    model = make("deit_tiny_distilled_patch16_224", **MODELS["deit_distilled"][1])
+    x = images(4, (32, 32))
+    with DAAM(model, autocast_dtype=autocast) as daam:
+        alone = daam(x)
+        with Baselines(daam, BASELINES) as extra:
+            attached = daam(x)
+            maps = extra.maps()
+    for name in ("block_maps", "daam", "coefficients", "output", "target"):
+        assert torch.equal(getattr(alone, name), getattr(attached, name)), name
+    assert all(v.dtype == torch.float32 for v in maps.values())
+    if autocast is not None:  # the baselines' own arithmetic stays float32 from the bfloat16 activations
+        with DAAM(model) as daam, Baselines(daam, BASELINES) as extra:
+            daam(x, target=alone.target)
+            exact = extra.maps()
+        for name in BASELINES:
+            cosine = nn.functional.cosine_similarity(maps[name].flatten(1), exact[name].flatten(1))
+            assert (cosine > 0.98).all(), (name, cosine)
+
+
+def test_hooks_removed_and_memory_flat():
+    model = make("vit_tiny_patch16_224", **MODELS["vit"][1])
+    x = images(2, (32, 32))
+
+    def hook_count():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    with DAAM(model) as daam:
+        with Baselines(daam, BASELINES) as extra:
+            # patch_embed; q_norm, k_norm and proj of each of the 3 blocks; the last attn
+            assert hook_count() == 4 * 3 + 1 + 3 * 3 + 1
+            daam(x)
+            extra.maps()
+            before = live_tensors()
+            for _ in range(20):
+                daam(x)
+                maps = extra.maps()
+            del maps
+            assert live_tensors() <= before
+        assert hook_count() == 4 * 3
+        daam(x)
+    assert hook_count() == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_hooks_silent_outside_explanations_and_maps_read_once():
+    model = make("vit_tiny_patch16_224", **MODELS["vit"][1])
+    x, y = images(2, (32, 32)), images(3, (32, 32), seed=2)
+    expected = model(x)
+    daam = DAAM(model)
+    with Baselines(daam, BASELINES) as extra:  # attached before DAAM opens: follows the capture DAAM makes
+        with pytest.raises(PipelineError, match="no maps for"):
+            extra.maps()
+        with daam:
+            torch.testing.assert_close(model(x), expected)
+            daam(x)
+            model(y)  # a plain forward pass between the call and the read changes nothing
+            maps = extra.maps()
+            with pytest.raises(PipelineError, match="no maps for"):
+                extra.maps()
+            daam(x)
+            torch.testing.assert_close(extra.maps()["rollout"], maps["rollout"])
+    assert maps["rollout"].shape[0] == 2
+
+
+def test_configuration_errors():
+    model = make("vit_tiny_patch16_224", **MODELS["vit"][1])
+    with DAAM(model) as daam:
+        with pytest.raises(ConfigError, match=r"\['lrp'\]; valid names: rollout, attention, gradcam"):
+            Baselines(daam, ["rollout", "lrp"])
+        with pytest.raises(ConfigError, match="valid names"):
+            Baselines(daam, [])
+        assert Baselines(daam, "gradcam").names == ("gradcam",)
+    with DAAM(make("vit_tiny_patch16_224", **dict(TINY, depth=1, num_classes=7))) as daam:
+        with pytest.raises(UnsupportedModelError, match="at least 2 blocks"):
+            Baselines(daam, ["gradcam"])
+        with Baselines(daam, ["rollout"]) as extra:
+            daam(images(1, (32, 32)))
+            assert extra.maps()["rollout"].shape == (1, 1, 4, 4)
