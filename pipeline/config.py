@@ -71,6 +71,11 @@ class DataConfig(_Section):
     )
     preprocess: Literal["resize", "crop"] = Field("resize", description="resize: the paper; crop: timm eval")
     decode_threads: int = Field(2, ge=1, description="decoder threads per worker")
+    decoder: Literal["pil", "torchvision"] = Field(
+        "pil",
+        description="pil: PIL in decode_threads threads; torchvision: JPEGs decoded in batches on the worker's "
+        "device (nvjpeg on a GPU), other files through PIL",
+    )
     max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused as bombs")
 
 
@@ -146,7 +151,10 @@ class JobConfig(_Section):
     evaluate: EvaluationSection = Field(
         None, description="localisation and deletion/insertion (pipeline.evaluate.EvaluationConfig fields)"
     )
-    explainers: list[Literal["daam"]] = Field(default_factory=lambda: ["daam"])
+    explainers: list[Literal["daam", "rollout", "attention", "gradcam"]] = Field(
+        default_factory=lambda: ["daam"],
+        description="daam, plus comparison explainers computed in the same pass: rollout, attention, gradcam",
+    )
     seed: int = 0
 
     @field_validator("explainers")
@@ -154,6 +162,8 @@ class JobConfig(_Section):
     def _daam_first(cls, value: list[str]) -> list[str]:
         if "daam" not in value:
             raise ValueError("must include 'daam'")
+        if len(set(value)) != len(value):
+            raise ValueError(f"names an explainer twice: {value}")
         return value
 
     @model_validator(mode="after")

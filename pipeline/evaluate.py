@@ -352,8 +352,9 @@ def evaluate_batch(
     *,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    explainer_maps: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Every configured metric of a batch's final DAAM map and the reference maps, on the device.
+    """Every configured metric of a batch's final DAAM map, the reference maps and other explainers' maps.
 
     Args:
         model: The explained classifier, in eval mode (a model inside an open :class:`~pipeline.engine.DAAM`
@@ -367,6 +368,8 @@ def evaluate_batch(
             ``config.seed``, so every call draws the same maps; pass one generator per unit of work for
             independent maps per batch.
         autocast_dtype: Passed to :func:`deletion_insertion`.
+        explainer_maps: Final maps ``(B, h, w)`` of comparison explainers by name, evaluated like DAAM's; their
+            columns are prefixed with ``<name>_``, after the configured ones.
 
     Returns:
         The columns :attr:`EvaluationConfig.columns`, in that order, each ``(B,)`` float32 on the images' device:
@@ -386,11 +389,14 @@ def evaluate_batch(
         maps["random"] = random_map((batch, h, w), generator)
     if "centre" in config.references:
         maps["centre"] = centre_prior(h, w, device=images.device).expand(batch, h, w)
+    prefixes = dict(METHODS)
+    for name, values in (explainer_maps or {}).items():
+        maps[name], prefixes[name] = values.float(), f"{name}_"
     stacked = torch.stack(list(maps.values()), dim=1)  # (B, M, h, w)
 
     values: dict[str, Tensor] = {}
     if "localisation" in config.metrics:
-        values |= _per_method(localisation(stacked, box_mask), maps)
+        values |= _per_method(localisation(stacked, box_mask), maps, prefixes)
     if "faithfulness" in config.metrics:
         if target is None:
             raise TargetError("faithfulness needs the explained classes; disable it in self-supervised mode")
@@ -404,13 +410,18 @@ def evaluate_batch(
             batch_size=config.batch_size,
             autocast_dtype=autocast_dtype,
         )
-        values |= _per_method({"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}, maps)
-    return {name: values[name] for name in config.columns}
+        values |= _per_method(
+            {"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}, maps, prefixes
+        )
+    extra = [name for name in values if name not in config.columns]
+    return {name: values[name] for name in (*config.columns, *extra)}
 
 
-def _per_method(metrics: Mapping[str, Tensor], maps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _per_method(
+    metrics: Mapping[str, Tensor], maps: Mapping[str, Tensor], prefixes: Mapping[str, str]
+) -> dict[str, Tensor]:
     """``(B, M)`` metrics -> one ``(B,)`` column per method, named with its prefix."""
-    return {METHODS[m] + name: value[:, i] for name, value in metrics.items() for i, m in enumerate(maps)}
+    return {prefixes[m] + name: value[:, i] for name, value in metrics.items() for i, m in enumerate(maps)}
 
 
 # -- tables -------------------------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ from torch.nn.utils.rnn import pad_sequence
 from pipeline.errors import TargetError
 
 __all__ = [
+    "EXPLAINER_STATISTICS",
     "STATISTICS",
     "block_statistics",
     "box_energy",
     "boxes_to_grid_mask",
+    "explainer_statistics",
     "pointing_hit",
 ]
 
@@ -149,6 +151,28 @@ def block_statistics(
     }
     assert tuple(stats) == STATISTICS
     return stats
+
+
+EXPLAINER_STATISTICS: tuple[str, ...] = (*_MAP_STATISTICS, "cos_final", "iou_final", "change")
+"""Names of :func:`explainer_statistics`' values: the columns of the explainer_blocks table after its keys."""
+
+
+@torch.no_grad()
+def explainer_statistics(maps: Tensor, box_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """The blocks-table statistics of a comparison explainer's per-block maps (rollout, raw attention).
+
+    The same formulas as D_l's in :func:`block_statistics`, with the explainer's last map as the final one.
+
+    Args:
+        maps: ``(B, L, h, w)`` per-block maps of the explainer.
+        box_mask: ``(B, h, w)`` or None.
+
+    Returns:
+        The values named in :data:`EXPLAINER_STATISTICS`, each ``(B, L)``.
+    """
+    stats = _map_statistics(maps, box_mask, "")
+    stats |= {name.removeprefix("daam_"): value for name, value in _accumulation_statistics(maps).items()}
+    return {name: stats[name] for name in EXPLAINER_STATISTICS}
 
 
 def _map_statistics(maps: Tensor, box_mask: Tensor | None, prefix: str) -> dict[str, Tensor]:

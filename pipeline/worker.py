@@ -22,12 +22,13 @@ import torch
 from pipeline.config import JobConfig
 from pipeline.data.decode import DecodedSample, Preprocess, batches, decode_stream
 from pipeline.data.stream import iter_shard
+from pipeline.engine.baselines import Baselines
 from pipeline.engine.daam import DAAM
 from pipeline.engine.transfer import to_host
 from pipeline.errors import ConfigError, ShardError, UnitFailedError
 from pipeline.evaluate import METHODS, evaluate_batch
 from pipeline.models import create_model, model_data_config
-from pipeline.stats import block_statistics, boxes_to_grid_mask
+from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
 from pipeline.store.commit import UnitWriter
 from pipeline.store.zarr_store import MapLayout, StoreOptions
 
@@ -90,6 +91,8 @@ class UnitWorker:
             model_kwargs=spec.kwargs,
         ).to(self.device)
         self.daam = DAAM(self.model, autocast_dtype=_AUTOCAST[job.dtype]).open()
+        self.explainers = tuple(name for name in job.explainers if name != "daam")
+        self.baselines = Baselines(self.daam, self.explainers) if self.explainers else None
         self.preprocess = Preprocess.from_data_config(model_data_config(self.model), job.data.preprocess)
         self.input_size = tuple(self.preprocess.size)
         self.layout = MapLayout(
@@ -101,7 +104,10 @@ class UnitWorker:
         )
         out = job.output
         self.store_options = StoreOptions(
-            dtype=out.dtype, compressor=out.compressor, compression_level=out.compression_level, arrays=out.arrays
+            dtype=out.dtype,
+            compressor=out.compressor,
+            compression_level=out.compression_level,
+            arrays=(*out.arrays, *self.explainers),
         )
         self.num_classes = getattr(self.model, "num_classes", 0)
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
@@ -188,10 +194,21 @@ class UnitWorker:
         return writer.commit(summary)
 
     def _batches(self, url: str, failed: list[DecodedSample]) -> Iterator[tuple[torch.Tensor, list[DecodedSample]]]:
-        decoded = decode_stream(
-            iter_shard(url), self.preprocess, threads=self.job.data.decode_threads, max_pixels=self.job.data.max_pixels
-        )
+        decoded = self._decode(url)
         yield from batches(self._check_targets(decoded, failed), self.job.batch_size, on_error=failed.append)
+
+    def _decode(self, url: str) -> Iterator[DecodedSample]:
+        """The unit's samples through the job's decoder: PIL in threads (host pixels), or torchvision in batches
+        on the device (device pixels)."""
+        data = self.job.data
+        if data.decoder == "torchvision":
+            from pipeline.data.gpu_decode import BatchDecoder, decode_batched
+
+            decoder = BatchDecoder(
+                self.preprocess, self.device, max_pixels=data.max_pixels, fallback_threads=data.decode_threads
+            )
+            return decode_batched(iter_shard(url), decoder, chunk=self.job.batch_size)
+        return decode_stream(iter_shard(url), self.preprocess, threads=data.decode_threads, max_pixels=data.max_pixels)
 
     def _check_targets(self, decoded: Iterator[DecodedSample], failed: list[DecodedSample]) -> Iterator[DecodedSample]:
         """With target policy 'label', a sample without a usable label fails here, naming its key."""
@@ -209,7 +226,7 @@ class UnitWorker:
 
     def _explain(self, pixels: torch.Tensor, samples: list[DecodedSample]) -> dict[str, torch.Tensor]:
         """DAAM and statistics of one batch on the device; one packed copy back to the host."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type == "cpu":  # data.decoder torchvision: already there
             pixels = pixels.pin_memory()
         images = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
         if self.job.mode == "self-supervised":
@@ -242,6 +259,13 @@ class UnitWorker:
             boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
             box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
         stats = block_statistics(result.block_maps, result.daam, result.coefficients, box_mask)
+        explainer_maps = self.baselines.maps() if self.baselines else {}
+        explainer_stats = {
+            f"xstat:{name}:{stat}": value
+            for name, maps in explainer_maps.items()
+            if maps.shape[1] > 1  # per-block maps (rollout, attention)
+            for stat, value in explainer_statistics(maps, box_mask).items()
+        }
         evaluation = {}
         if self.job.evaluate is not None:
             evaluation = evaluate_batch(
@@ -253,6 +277,7 @@ class UnitWorker:
                 self.job.evaluate,
                 generator=self._generator,
                 autocast_dtype=self.daam.autocast_dtype,
+                explainer_maps={name: maps[:, -1] for name, maps in explainer_maps.items()},
             )
         device_results = {
             "block_maps": result.block_maps,
@@ -263,6 +288,8 @@ class UnitWorker:
             **({"target": result.target} if result.target is not None else {}),
             **{f"stat:{k}": v for k, v in stats.items()},
             **{f"eval:{k}": v for k, v in evaluation.items()},
+            **{f"explainer:{name}": maps if maps.shape[1] > 1 else maps[:, 0] for name, maps in explainer_maps.items()},
+            **explainer_stats,
         }
         return to_host(device_results)
 
@@ -282,12 +309,28 @@ class UnitWorker:
         ]
         stats = {k.removeprefix("stat:"): v.numpy() for k, v in host.items() if k.startswith("stat:")}
         keys = [s.key for s in samples]
+        explainer_maps = {
+            k.removeprefix("explainer:"): v.numpy() for k, v in host.items() if k.startswith("explainer:")
+        }
         writer.write_batch(
-            keys, host["block_maps"].numpy(), host["daam"].numpy(), host["coefficients"].numpy(), rows, stats
+            keys,
+            host["block_maps"].numpy(),
+            host["daam"].numpy(),
+            host["coefficients"].numpy(),
+            rows,
+            stats,
+            explainer_maps,
         )
+        explainer_stats: dict[str, dict[str, Any]] = {}
+        for name, values in host.items():
+            if name.startswith("xstat:"):
+                _, explainer, stat = name.split(":")
+                explainer_stats.setdefault(explainer, {})[stat] = values.numpy()
+        if explainer_stats:
+            writer.write_explainer_blocks(keys, explainer_stats)
         evaluation = {k.removeprefix("eval:"): v.numpy() for k, v in host.items() if k.startswith("eval:")}
         if evaluation:
-            writer.write_evaluation(keys, _by_method(evaluation))
+            writer.write_evaluation(keys, _by_method(evaluation, self.explainers))
 
     @staticmethod
     def _flush_failed(writer: UnitWriter, failed: list[DecodedSample]) -> None:
@@ -308,6 +351,8 @@ class UnitWorker:
 
     def close(self) -> None:
         self._writer_thread.shutdown(wait=True)
+        if self.baselines is not None:
+            self.baselines.remove()
         self.daam.close()
 
     def __enter__(self) -> UnitWorker:
@@ -317,10 +362,11 @@ class UnitWorker:
         self.close()
 
 
-def _by_method(columns: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _by_method(columns: dict[str, Any], explainers: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """evaluate_batch's prefixed columns (``random_deletion_auc``) -> {method: {metric: values}}."""
+    prefixes = {**METHODS, **{name: f"{name}_" for name in explainers}}
     methods: dict[str, dict[str, Any]] = {}
     for name, values in columns.items():
-        method = next(m for m, prefix in sorted(METHODS.items(), key=lambda i: -len(i[1])) if name.startswith(prefix))
-        methods.setdefault(method, {})[name.removeprefix(METHODS[method])] = values
+        method = next(m for m, prefix in sorted(prefixes.items(), key=lambda i: -len(i[1])) if name.startswith(prefix))
+        methods.setdefault(method, {})[name.removeprefix(prefixes[method])] = values
     return methods

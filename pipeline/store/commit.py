@@ -36,7 +36,14 @@ from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import ArrayLike
 
 from pipeline.errors import SchemaError, StoreError
-from pipeline.store.tables import blocks_schema, build_table, evaluation_schema, parquet_bytes, samples_schema
+from pipeline.store.tables import (
+    blocks_schema,
+    build_table,
+    evaluation_schema,
+    explainer_blocks_schema,
+    parquet_bytes,
+    samples_schema,
+)
 from pipeline.store.zarr_store import MapLayout, MapStore, StoreOptions
 
 __all__ = [
@@ -54,7 +61,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_ENTRIES = ("maps.zarr", "samples", "blocks", "evaluation", "_done")
+_ENTRIES = ("maps.zarr", "samples", "blocks", "evaluation", "explainer_blocks", "_done")
+_OPTIONAL_TABLES = ("evaluation", "explainer_blocks")  # written only by jobs that evaluate / compare
 _METRICS = ("pointing_hit", "box_energy", "deletion_auc", "insertion_auc")
 
 
@@ -105,6 +113,7 @@ class Output:
             "samples": self.path("samples", f"{unit}.parquet"),
             "blocks": self.path("blocks", f"{unit}.parquet"),
             "evaluation": self.path("evaluation", f"{unit}.parquet"),
+            "explainer_blocks": self.path("explainer_blocks", f"{unit}.parquet"),
             "marker": self.path("_done", f"{unit}.json"),
         }
 
@@ -257,6 +266,7 @@ class UnitWriter:
         self._samples: list[pa.Table] = []
         self._blocks: list[pa.Table] = []
         self._evaluation: list[pa.Table] = []
+        self._explainer_blocks: list[pa.Table] = []
         self.failed = 0
 
     @property
@@ -272,6 +282,7 @@ class UnitWriter:
         coefficients: ArrayLike | None,
         sample_rows: Sequence[Mapping[str, Any]],
         block_stats: Mapping[str, ArrayLike],
+        explainer_maps: Mapping[str, ArrayLike] | None = None,
     ) -> None:
         """Write a batch of ok samples.
 
@@ -283,6 +294,7 @@ class UnitWriter:
             sample_rows: ``B`` dicts with exactly the samples columns ``label, predicted, score, target, width,
                 height, n_boxes`` (None where null); the writer fills the others.
             block_stats: :func:`pipeline.stats.block_statistics` on the host, each ``(B, L)``.
+            explainer_maps: Comparison explainers' maps by name (``rollout`` ...), stored when the options list them.
 
         Raises:
             SchemaError: rows, statistics or arrays that do not match the schemas or the layout.
@@ -310,9 +322,25 @@ class UnitWriter:
             },
             blocks_schema(),
         )
-        self._maps.append(keys, {"block_maps": block_maps, "daam": daam, "coefficients": coefficients})
+        arrays = {"block_maps": block_maps, "daam": daam, "coefficients": coefficients, **(explainer_maps or {})}
+        self._maps.append(keys, arrays)
         self._samples.append(samples)
         self._blocks.append(blocks)
+
+    def write_explainer_blocks(self, keys: Sequence[str], stats: Mapping[str, Mapping[str, ArrayLike]]) -> None:
+        """Record per-block statistics of comparison explainers: ``stats[explainer][name]`` is ``(B, L)``."""
+        n = len(keys)
+        for explainer, values in stats.items():
+            columns = {name: np.asarray(v) for name, v in values.items()}
+            blocks = next(iter(columns.values())).shape[1]
+            table = {
+                "key": np.repeat(list(keys), blocks),
+                "unit": [self.unit] * (n * blocks),
+                "explainer": [explainer] * (n * blocks),
+                "block": np.tile(np.arange(blocks), n),
+                **{name: v.reshape(-1) for name, v in columns.items()},
+            }
+            self._explainer_blocks.append(build_table(table, explainer_blocks_schema()))
 
     def write_evaluation(self, keys: Sequence[str], methods: Mapping[str, Mapping[str, ArrayLike]]) -> None:
         """Record evaluation metrics of a batch: ``methods[name][metric]`` is ``(B,)``; absent metrics are NaN."""
@@ -361,8 +389,9 @@ class UnitWriter:
             ("samples", self._samples, samples_schema()),
             ("blocks", self._blocks, blocks_schema()),
             ("evaluation", self._evaluation, evaluation_schema()),
+            ("explainer_blocks", self._explainer_blocks, explainer_blocks_schema()),
         ):
-            if kind == "evaluation" and not tables:
+            if kind in _OPTIONAL_TABLES and not tables:
                 continue
             table = pa.concat_tables(tables) if tables else schema.empty_table()
             self.output.put_atomic(self._paths[kind], parquet_bytes(table, schema))

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StoreError
 from pipeline.store.commit import Output, OutputLike, as_output, done_units
-from pipeline.store.tables import blocks_schema, evaluation_schema, samples_schema
+from pipeline.store.tables import blocks_schema, evaluation_schema, explainer_blocks_schema, samples_schema
 
 __all__ = ["Results", "SampleMaps", "open_results"]
 
@@ -35,6 +35,9 @@ class SampleMaps:
     block_maps: np.ndarray | None  # (L, h, w)
     daam: np.ndarray | None  # (L, h, w)
     coefficients: np.ndarray | None  # (L, C)
+    rollout: np.ndarray | None = None  # (L, h, w), when the job ran the rollout explainer
+    attention: np.ndarray | None = None  # (L, h, w), raw [class] attention per block
+    gradcam: np.ndarray | None = None  # (h, w)
 
 
 class Results:
@@ -74,6 +77,11 @@ class Results:
     def evaluation(self) -> pd.DataFrame:
         """The evaluation table (one row per sample and method) of the committed units that have one."""
         return self._read("evaluation", evaluation_schema(), optional=True)
+
+    @cached_property
+    def explainer_blocks(self) -> pd.DataFrame:
+        """Per-block statistics of the comparison explainers (rollout, attention), where the job ran them."""
+        return self._read("explainer_blocks", explainer_blocks_schema(), optional=True)
 
     def maps(self, key: str, unit: str | None = None) -> SampleMaps:
         """The stored maps and coefficients of one ok sample, located through the samples table.

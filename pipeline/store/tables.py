@@ -25,6 +25,7 @@ __all__ = [
     "blocks_schema",
     "build_table",
     "evaluation_schema",
+    "explainer_blocks_schema",
     "load_json_schema",
     "parquet_bytes",
     "samples_schema",
@@ -62,6 +63,11 @@ def samples_schema() -> pa.Schema:
 def evaluation_schema() -> pa.Schema:
     """Arrow schema of the evaluation table (one row per sample and evaluated method)."""
     return _arrow_schema("evaluation.schema.json")
+
+
+def explainer_blocks_schema() -> pa.Schema:
+    """Arrow schema of the comparison explainers' per-block statistics."""
+    return _arrow_schema("explainer_blocks.schema.json")
 
 
 def blocks_schema() -> pa.Schema:

@@ -34,6 +34,7 @@ PRECISION_TOLERANCE = 1e-3
 """Largest error of a stored value relative to its map's maximum before the writer warns."""
 
 MAP_ARRAYS = ("block_maps", "daam", "coefficients")
+EXPLAINER_ARRAYS = ("rollout", "attention", "gradcam")  # comparison explainers' maps, stored under their names
 _COMPRESSORS = ("zstd", "blosc", "none")
 _DTYPES = ("float16", "float32")
 
@@ -100,9 +101,11 @@ class StoreOptions:
             raise ConfigError(f"store.compressor: {self.compressor!r} is not one of {_COMPRESSORS}")
         if self.chunk_rows < 1:
             raise ConfigError(f"store.chunk_rows: {self.chunk_rows} must be >= 1")
-        unknown = [a for a in self.arrays if a not in MAP_ARRAYS]
+        unknown = [a for a in self.arrays if a not in MAP_ARRAYS + EXPLAINER_ARRAYS]
         if unknown or len(set(self.arrays)) != len(self.arrays):
-            raise ConfigError(f"store.arrays: {list(self.arrays)} must be distinct names from {MAP_ARRAYS}")
+            raise ConfigError(
+                f"store.arrays: {list(self.arrays)} must be distinct names from {MAP_ARRAYS + EXPLAINER_ARRAYS}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "arrays": list(self.arrays)}
@@ -210,7 +213,8 @@ class MapStore:
             group = zarr.open_group(self.store, path=unit, mode="r")
             present = set(group.array_keys())
             return {
-                name: np.asarray(group[name][row], dtype=np.float32) if name in present else None for name in MAP_ARRAYS
+                name: np.asarray(group[name][row], dtype=np.float32) if name in present else None
+                for name in MAP_ARRAYS + EXPLAINER_ARRAYS
             }
         except (FileNotFoundError, IndexError) as e:
             raise StoreError(f"no row {row} of unit {unit!r} in {self.store}: {e}") from e
@@ -253,8 +257,8 @@ class UnitMapWriter:
 
         Args:
             keys: ``B`` sample keys.
-            arrays: ``block_maps``, ``daam``, ``coefficients`` as float32 arrays ``(B, ...)``; those the options do
-                not store may be missing or None.
+            arrays: ``block_maps``, ``daam``, ``coefficients`` (and explainer maps) as float32 arrays ``(B, ...)``;
+                those the options do not store may be missing or None.
 
         Returns:
             The row of the batch's first sample.

@@ -70,3 +70,23 @@ def test_evaluation_rows_per_method(tiny_shards, tmp_path):
     assert evaluation.box_energy.between(0, 1).all()
     table = summarise(evaluation)
     assert list(table.index) == ["DAAM", "random", "centre prior"] and (table.samples == 6).all()
+
+
+def test_comparison_explainers_are_stored_scored_and_summarised(tiny_shards, tmp_path):
+    from pipeline.evaluate import summarise
+
+    explainers = ["daam", "rollout", "attention", "gradcam"]
+    job = parse_job(job_dict(tiny_shards, tmp_path / "out", explainers=explainers, evaluate={"steps": 4}))
+    with UnitWorker(job) as worker:
+        worker.process_unit(tiny_shards[0])
+    results = open_results(tmp_path / "out")
+    maps = results.maps("s0_0000")
+    assert maps.rollout.shape == maps.attention.shape == (2, 4, 4) and maps.gradcam.shape == (4, 4)
+    assert np.isfinite(maps.rollout).all() and (maps.rollout > 0).all()  # rollout mixes every token
+    assert np.isfinite(maps.attention).all() and (maps.attention >= 0).all()
+    blocks = results.explainer_blocks
+    assert len(blocks) == 6 * 2 * 2 and set(blocks.explainer) == {"rollout", "attention"}
+    assert blocks.entropy.between(0, 1).all()
+    table = summarise(results.evaluation)
+    assert list(table.index) == ["DAAM", "random", "centre prior", "attention", "gradcam", "rollout"]
+    assert (table.samples == 6).all()

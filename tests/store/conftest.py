@@ -32,6 +32,11 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
         "coefficients": rng.standard_normal((n, n_blocks, c)).astype(np.float32),
         "sample_rows": rows,
         "block_stats": stats,
+        "explainer_maps": {
+            "rollout": block_maps / 2,
+            "attention": block_maps / 3,
+            "gradcam": block_maps[:, -1],
+        },
     }
 
 
