@@ -139,6 +139,68 @@ def shard(src, out, kind, samples_per_shard, prefix, labels, boxes) -> None:
     click.echo(f"wrote {total} samples in {len(index)} shard(s) to {out} (index: {out / 'index.json'})")
 
 
+@main.command()
+@click.argument("out")
+@click.option("--key", "keys", multiple=True, help="Sample key to draw (repeatable).")
+@click.option(
+    "--query",
+    type=click.Choice(["most-converged", "least-converged", "wrong", "random"]),
+    default=None,
+    help="Pick samples instead of --key.",
+)
+@click.option("--count", default=8, show_default=True, help="Samples a query draws.")
+@click.option("--block-maps", is_flag=True, help="Add a row of the per-block maps M_l.")
+@click.option("--no-animation", is_flag=True, help="PNG grids only.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "gif", "mp4"]), help="Default: all.")
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: OUT/renders.")
+@click.option("--size", default=224, show_default=True, help="Panel size in pixels.")
+@click.option("--class-names", type=click.Path(dir_okay=False), default=None, help="Text (one per line) or JSON list.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random query.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def render(out, keys, query, count, block_maps, no_animation, formats, dest, size, class_names, seed, quiet) -> None:
+    """Draw the attention flow of samples of OUT: a grid of D_l over the image per block, and an animation."""
+    from pipeline.viz import render as render_samples
+
+    if not keys and not query:
+        raise click.UsageError("give --key KEY (repeatable) or --query")
+    paths = render_samples(
+        out,
+        list(keys) or None,
+        query=query,
+        count=count,
+        block_maps=block_maps,
+        animation=not no_animation,
+        formats=formats or ("png", "gif", "mp4"),
+        dest=dest,
+        size=size,
+        class_names=class_names,
+        seed=seed,
+        progress=not quiet,
+    )
+    for path in paths:
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("out")
+@click.option("--dest", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Default: OUT/report.html.")
+@click.option("--gallery", default=6, show_default=True, help="Samples in the gallery.")
+@click.option("--top-classes", default=4, show_default=True, help="Classes with their own curves.")
+@click.option("--size", default=128, show_default=True, help="Gallery panel size in pixels.")
+@click.option("--class-names", type=click.Path(dir_okay=False), default=None, help="Text (one per line) or JSON list.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def report(out, dest, gallery, top_classes, size, class_names, quiet) -> None:
+    """Write one self-contained HTML report of OUT: per-block curves, convergence, evaluation, gallery."""
+    from pipeline.viz import report as write_report
+
+    path = write_report(
+        out, dest, gallery=gallery, top_classes=top_classes, size=size, class_names=class_names, progress=not quiet
+    )
+    click.echo(str(path))
+
+
 @main.command("demo-assets")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: the package's.")
 @_user_errors

@@ -14,6 +14,7 @@ __all__ = [
     "DecodeError",
     "InputError",
     "PipelineError",
+    "SampleNotFoundError",
     "SchemaError",
     "ShardError",
     "ShardNotFoundError",
@@ -79,3 +80,7 @@ class BankError(PipelineError, ValueError):
 
 class UnitFailedError(PipelineError, RuntimeError):
     """A unit of work (one input shard) that failed after all retries."""
+
+
+class SampleNotFoundError(PipelineError, LookupError):
+    """Sample keys or a query that select no stored sample of an output."""

@@ -301,8 +301,8 @@ class UnitWorker:
                 predicted=int(host["predicted"][i]) if host["predicted"][i] >= 0 else None,
                 score=float(host["score"][i]) if not host["score"][i].isnan() else None,
                 target=int(target[i]) if target is not None else None,
-                width=s.meta.get("width"),
-                height=s.meta.get("height"),
+                width=s.size[0] if s.size else None,
+                height=s.size[1] if s.size else None,
                 n_boxes=len(s.boxes) if s.boxes is not None else 0,
             )
             for i, s in enumerate(samples)
@@ -341,8 +341,8 @@ class UnitWorker:
                 key=s.key,
                 error=s.error,
                 label=s.label,
-                width=s.meta.get("width") if isinstance(s.meta, dict) else None,
-                height=s.meta.get("height") if isinstance(s.meta, dict) else None,
+                width=s.size[0] if s.size else None,
+                height=s.size[1] if s.size else None,
             )
             for s in failed
         ]

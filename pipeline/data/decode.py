@@ -292,6 +292,7 @@ class DecodedSample:
         pixels: uint8 (3, H, W) model-input pixels, None when the sample failed.
         boxes: float32 (k, 4) boxes in model-input pixels, None when the sample has none (or failed).
         error: Why the sample failed ("shard X key Y: reason"), None when it did not.
+        size: (width, height) of the decoded, upright original image; None when it was not decoded.
     """
 
     key: str
@@ -301,6 +302,7 @@ class DecodedSample:
     pixels: torch.Tensor | None
     boxes: torch.Tensor | None
     error: str | None
+    size: tuple[int, int] | None = None
 
 
 def _decode_one(raw: RawSample, preprocess: Preprocess, max_pixels: int) -> DecodedSample:
@@ -310,6 +312,7 @@ def _decode_one(raw: RawSample, preprocess: Preprocess, max_pixels: int) -> Deco
     assert raw.image is not None  # RawSample invariant: no error means an image member
     try:
         img = decode_image(raw.image, shard=raw.url, key=raw.key, max_pixels=max_pixels)
+        out.size = img.size
         out.pixels = preprocess.to_uint8(img)
     except DecodeError as e:
         out.error = str(e)

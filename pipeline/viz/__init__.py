@@ -1,0 +1,11 @@
+"""Pictures of the attention flow: per-image grids and animations, the HTML dataset report.
+
+``render`` and ``report`` are imported here (not lazily) so that these names are the functions, not their modules.
+"""
+
+from pipeline.viz.display import overlay
+from pipeline.viz.render import render
+from pipeline.viz.report import report
+from pipeline.viz.select import convergence_blocks, select_samples
+
+__all__ = ["convergence_blocks", "overlay", "render", "report", "select_samples"]

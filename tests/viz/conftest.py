@@ -1,0 +1,66 @@
+"""Real small outputs for the viz tests: non-square images (64x40) through a 4-block tiny ViT, run in-process."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from builders import TINY_MODEL, job_dict
+from PIL import Image
+
+from pipeline.config import parse_job
+from pipeline.data.shards import ShardSample, write_shards
+from pipeline.runner import run_job
+
+WIDTH, HEIGHT = 64, 40
+BLOCKS = 4  # L of the tiny model (4x4 patch grid on its 32x32 input)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def _samples(shard: int, count: int, corrupt: tuple[int, ...] = ()) -> list[ShardSample]:
+    rng = np.random.default_rng(100 + shard)
+    samples = []
+    for i in range(count):
+        image = rng.integers(90, 160, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+        label = int(rng.integers(len(COLOURS)))
+        x, y = int(rng.integers(0, WIDTH - 16)), int(rng.integers(0, HEIGHT - 16))
+        image[y : y + 16, x : x + 16] = list(COLOURS.values())[label]
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, "PNG")
+        data = b"broken" if i in corrupt else buf.getvalue()
+        meta = {"boxes": [[x, y, x + 16, y + 16]], "label_name": list(COLOURS)[label]}
+        samples.append(ShardSample(f"img{shard}_{i:02d}", data, "png", label, meta))
+    return samples
+
+
+def _run(folder: Path, shards: list[str], **overrides) -> Path:
+    out = folder / "out"
+    model = {**TINY_MODEL, "kwargs": {**TINY_MODEL["kwargs"], "depth": BLOCKS}}
+    job = job_dict(shards, out, model=model, **overrides)
+    job["name"] = "viz"
+    summary = run_job(parse_job(job), use_ray=False, progress=False)
+    assert summary.samples_ok > 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def viz_shards(tmp_path_factory) -> list[str]:
+    """Two shards of five 64x40 images with a coloured square (its colour is the label); one is corrupt."""
+    folder = tmp_path_factory.mktemp("viz_shards")
+    for s in range(2):
+        write_shards(_samples(s, 5, corrupt=(3,) if s == 1 else ()), folder, prefix=f"part{s}")
+    return sorted(str(p) for p in folder.glob("*.tar"))
+
+
+@pytest.fixture(scope="session")
+def crop_output(viz_shards, tmp_path_factory) -> Path:
+    """A supervised output with 'crop' preprocessing and an evaluation table."""
+    return _run(tmp_path_factory.mktemp("viz_crop"), viz_shards, **{"data.preprocess": "crop"}, evaluate={"steps": 4})
+
+
+@pytest.fixture(scope="session")
+def resize_output(viz_shards, tmp_path_factory) -> Path:
+    """A supervised output with 'resize' preprocessing (the paper's), no evaluation."""
+    return _run(tmp_path_factory.mktemp("viz_resize"), viz_shards)

@@ -1,0 +1,210 @@
+"""The HTML report of real outputs: self-contained, the expected sections, and it loads in a real headless browser
+with no console errors, no network request, every image decoded and every chart drawn."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import select
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from builders import job_dict, make_shards
+from PIL import Image
+
+from pipeline.config import parse_job
+from pipeline.runner import run_job
+from pipeline.viz.render import render
+from pipeline.viz.report import CURVES, report, typical_samples
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+]
+ERROR_EVENTS = ("Runtime.exceptionThrown", "Runtime.consoleAPICalled", "Log.entryAdded")
+PAGE_FACTS = """JSON.stringify({
+  title: document.title,
+  images: [...document.images].map(i => i.complete && i.naturalWidth > 0),
+  charts: [...document.querySelectorAll('svg')].map(s => {
+    const box = s.getBoundingClientRect();
+    return box.width > 0 && box.height > 0 && s.querySelectorAll('polyline, polygon, rect, circle').length > 0;
+  }),
+  headings: [...document.querySelectorAll('h2')].map(h => h.textContent),
+})"""
+
+
+class Chromium:
+    """Headless chromium driven through the DevTools protocol over ``--remote-debugging-pipe`` (fds 3 and 4:
+    NUL-separated JSON messages; no port, no websocket)."""
+
+    def __init__(self, profile: Path) -> None:
+        to_child, self._write = os.pipe()
+        self._read, from_child = os.pipe()
+
+        def child_fds() -> None:  # move the pipe ends to 3 and 4 without clobbering either
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_child, from_child)]
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
+        command = [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"]
+        self.process = subprocess.Popen(
+            command, close_fds=False, preexec_fn=child_fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        os.close(to_child)
+        os.close(from_child)
+        self._buffer = b""
+        self._id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict[str, Any]:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._write, json.dumps(message).encode() + b"\0")
+        while True:
+            answer = self._receive()
+            if answer.get("id") == self._id:
+                assert "error" not in answer, f"{method}: {answer['error']}"
+                return answer["result"]
+            self.events.append(answer)
+
+    def _receive(self, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._read], [], [], left)[0]:
+                raise TimeoutError("chromium did not answer")
+            chunk = os.read(self._read, 1 << 20)
+            if not chunk:
+                raise EOFError("chromium closed its DevTools pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def load(self, url: str) -> tuple[dict[str, Any], list[dict], list[str]]:
+        """Open ``url`` in a new page: its facts (PAGE_FACTS), its error events and every URL it requested."""
+        self.events.clear()
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Runtime", "Log", "Page", "Network"):
+            self.send(f"{domain}.enable", session=session)
+        self.send("Page.navigate", {"url": url}, session=session)
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            self.events.append(self._receive())
+        facts = self.send("Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True}, session=session)
+        self.send("Target.closeTarget", {"targetId": target})
+        errors = [
+            e["params"]
+            for e in self.events
+            if e.get("method") in ERROR_EVENTS
+            and (e["method"] != "Runtime.consoleAPICalled" or e["params"]["type"] in ("error", "assert"))
+            and (e["method"] != "Log.entryAdded" or e["params"]["entry"]["level"] == "error")
+        ]
+        sent = [e for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+        requests = [e["params"]["request"]["url"] for e in sent]
+        return json.loads(facts["result"]["value"]), errors, requests
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+            self.process.wait(timeout=10)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            os.close(self._write)
+            os.close(self._read)
+
+
+@pytest.fixture(scope="module")
+def crop_report(crop_output, tmp_path_factory) -> Path:
+    return report(crop_output, tmp_path_factory.mktemp("report") / "report.html", gallery=4, progress=False)
+
+
+def test_report_is_self_contained_with_every_section(crop_report):
+    html = crop_report.read_text()
+    assert "<script" not in html and "<link" not in html and not re.search(r"(src|href)=\"(?!data:)", html)
+    assert "http://" not in html and "https://" not in html
+    assert re.findall(r"<h2>(.*?)</h2>", html) == [
+        "Dataset",
+        "Per-block statistics of the accumulated maps D_l",
+        "Convergence block",
+        "Localisation and faithfulness",
+        "Gallery",
+    ]
+    assert "10: 9 ok, 1 failed" in html and "not a recognised image" in html
+    # six statistics x (all/correct/wrong, classes) + the convergence histogram + two localisation charts
+    assert html.count("<svg") == 2 * len(CURVES) + 1 + 2
+    assert html.count('src="data:image/png;base64,') == 4
+    assert all(f"<dt>{c}</dt>" in html for c in CURVES)
+    for method in ("DAAM", "random", "centre prior"):
+        assert f"<td>{method}</td>" in html
+
+
+def test_report_without_evaluation_leaves_the_method_table_out(resize_output, tmp_path):
+    html = report(resize_output, tmp_path / "r.html", gallery=0, progress=False).read_text()
+    assert "DAAM</td>" not in html  # no evaluation table: no method rows
+    assert "Per block (block maps M_l and accumulated maps D_l)" in html  # the blocks table has box statistics
+    assert "Gallery" not in html
+
+
+def test_label_free_self_supervised_and_all_failed_outputs(tmp_path):
+    bank = make_shards(tmp_path / "bank", shards=1, per_shard=8)
+    val = make_shards(tmp_path / "val", shards=1, per_shard=4)
+    job = job_dict(val, tmp_path / "ssl", mode="self-supervised", bank={"shards": bank, "k": 3, "label_free": True})
+    job["model"]["num_classes"] = 0
+    run_job(parse_job(job), use_ray=False, progress=False)  # no predicted class, no score, no target
+    html = report(tmp_path / "ssl", gallery=2, progress=False).read_text()
+    assert "4: 4 ok, 0 failed" in html and "k-NN accuracy" not in html and html.count("data:image/png") == 2
+    (png,) = render(tmp_path / "ssl", ["s0_0000"], formats=["png"], dest=tmp_path, progress=False)
+    assert Image.open(png).width > 3 * 224
+
+    broken = make_shards(tmp_path / "broken", shards=1, per_shard=2, corrupt={0: (0, 1)})
+    run_job(parse_job(job_dict(broken, tmp_path / "failed")), use_ray=False, progress=False)
+    html = report(tmp_path / "failed", progress=False).read_text()
+    assert "2: 0 ok, 2 failed" in html and html.count("No ok samples") == 2 and "<svg" not in html
+
+
+def test_typical_samples_rank_by_distance_to_the_mean_curve():
+    curves = {"a": [0.5, 1.0], "b": [0.6, 1.0], "c": [0.9, 1.0], "d": [np.nan, np.nan]}
+    blocks = pd.DataFrame(
+        [{"unit": "u", "key": k, "block": b, "daam_cos_final": v} for k, c in curves.items() for b, v in enumerate(c)]
+    )
+    distance = typical_samples(blocks)  # mean curve (2/3, 1): distances sqrt(d0^2 / 2)
+    assert list(distance.index.get_level_values("key")) == ["b", "a", "c"]
+    assert distance.loc[("u", "c")] == pytest.approx(np.sqrt((0.9 - 2 / 3) ** 2 / 2))
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is not installed (apt-get install chromium)")
+def test_report_loads_in_headless_chromium_without_errors(crop_report, tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text('<img src="data:image/png;base64,AAAA"><script>console.error("boom")</script>')
+    browser = Chromium(tmp_path / "profile")
+    try:
+        facts, errors, requests = browser.load(crop_report.as_uri())
+        broken_facts, broken_errors, _ = browser.load(bad.as_uri())
+    finally:
+        browser.close()
+    assert errors == []
+    assert requests[0] == crop_report.as_uri() and all(r.startswith("data:") for r in requests[1:])  # no network
+    assert facts["title"] == "DAAM report: viz"
+    assert len(facts["images"]) == 4 and all(facts["images"])
+    assert len(facts["charts"]) == 2 * len(CURVES) + 3 and all(facts["charts"])
+    assert facts["headings"][0] == "Dataset"
+    # the same checks see a broken page
+    assert broken_facts["images"] == [False] and [e["args"][0]["value"] for e in broken_errors] == ["boom"]
