@@ -26,7 +26,17 @@ from zarr.storage import FsspecStore, LocalStore
 from pipeline.errors import ConfigError, SchemaError, StoreError
 from pipeline.store.tables import load_json_schema
 
-__all__ = ["PRECISION_TOLERANCE", "MapLayout", "MapStore", "StoreOptions", "UnitMapWriter", "storage_error"]
+__all__ = [
+    "PRECISION_TOLERANCE",
+    "MapLayout",
+    "MapStore",
+    "StoreOptions",
+    "UnitMapWriter",
+    "exponent_name",
+    "from_storage",
+    "map_axes",
+    "to_storage",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -123,25 +133,47 @@ class StoreOptions:
         return []
 
 
-def storage_error(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Cast ``values`` to the storage dtype and measure what the cast loses.
+_MAP_DIMS = ("row", "col", "channel")  # the dimensions of one map or coefficient vector
+_FLOAT16_TOP = 15  # float16 maps are scaled by a power of two so that their maximum lies in [2^14, 2^15)
 
-    Args:
-        values: ``(B, L, ...)`` float32; each ``values[b, l]`` is one map or coefficient vector.
-        dtype: Storage dtype.
+
+def map_axes(dims: Sequence[str]) -> tuple[int, ...]:
+    """Axes of an array (named ``dims``) that span one map or one coefficient vector."""
+    return tuple(i for i, d in enumerate(dims) if d in _MAP_DIMS)
+
+
+def to_storage(
+    values: np.ndarray, dtype: str, axes: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Cast float32 ``values`` to the storage dtype, measuring what the cast loses.
+
+    float16 storage first scales each map (the values along ``axes``) by a power of two, 2^exponent, that puts its
+    maximum magnitude in [2^14, 2^15): exact in both directions, so every stored value keeps 11 significant bits
+    relative to its map's maximum whatever the map's scale (no overflow above 65504, no subnormals below 6e-5).
 
     Returns:
-        The cast array and ``(B, L)`` errors: max |stored - value| / max |value| per map (0 for an all-zero map,
-        inf where the cast overflows).
+        The stored array, the int16 exponents (one per map; None for float32) and the error of each map:
+        max |restored - value| / max |value| (0 for an all-zero map, inf for a map with non-finite values).
     """
-    if np.dtype(dtype) == values.dtype:
-        return values, np.zeros(values.shape[:2], dtype=np.float32)
-    axes = tuple(range(2, values.ndim))
+    if np.dtype(dtype) == np.float32:
+        return values, None, np.zeros([n for i, n in enumerate(values.shape) if i not in axes], np.float32)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        stored = values.astype(dtype)
-        error = np.abs(stored.astype(np.float32) - values).max(axis=axes)
-        peak = np.abs(values).max(axis=axes)
-        return stored, np.where(peak > 0, error / peak, 0.0).astype(np.float32)
+        peak = np.abs(values).max(axis=axes, keepdims=True)
+        usable = (peak > 0) & np.isfinite(peak)
+        exponent = np.where(usable, _FLOAT16_TOP - np.frexp(np.where(usable, peak, 1))[1], 0).astype(np.int16)
+        stored = np.ldexp(values, exponent).astype(dtype)
+        restored = np.ldexp(stored.astype(np.float32), -exponent)
+        lost = np.abs(restored - values).max(axis=axes, keepdims=True) / peak
+        error = np.where(usable, lost, np.where(np.isfinite(peak), 0.0, np.inf))  # non-finite maps are flagged
+    return stored, np.squeeze(exponent, axis=axes), np.squeeze(error, axis=axes).astype(np.float32)
+
+
+def from_storage(stored: np.ndarray, exponent: np.ndarray | None, axes: tuple[int, ...]) -> np.ndarray:
+    """The float32 values of a stored array: ``stored * 2**-exponent`` per map."""
+    values = np.asarray(stored, dtype=np.float32)
+    if exponent is None:
+        return values
+    return np.ldexp(values, -np.expand_dims(np.asarray(exponent, dtype=np.int32), axis=axes))
 
 
 class MapStore:
@@ -209,15 +241,27 @@ class MapStore:
         Raises:
             StoreError: the unit's group or the row does not exist.
         """
+        spec = load_json_schema("zarr_layout.json")["arrays"]
         try:
             group = zarr.open_group(self.store, path=unit, mode="r")
             present = set(group.array_keys())
-            return {
-                name: np.asarray(group[name][row], dtype=np.float32) if name in present else None
-                for name in MAP_ARRAYS + EXPLAINER_ARRAYS
-            }
+            result = {}
+            for name in MAP_ARRAYS + EXPLAINER_ARRAYS:
+                if name not in present:
+                    result[name] = None
+                    continue
+                exponent = group[exponent_name(name)][row] if exponent_name(name) in present else None
+                result[name] = from_storage(
+                    group[name][row], exponent, tuple(a - 1 for a in map_axes(spec[name]["dims"]))
+                )
+            return result
         except (FileNotFoundError, IndexError) as e:
             raise StoreError(f"no row {row} of unit {unit!r} in {self.store}: {e}") from e
+
+
+def exponent_name(name: str) -> str:
+    """The array of float16 scaling exponents of array ``name``."""
+    return f"{name}_exponent"
 
 
 class UnitMapWriter:
@@ -239,15 +283,19 @@ class UnitMapWriter:
         self._pending: list[dict[str, np.ndarray]] = []
         spec = load_json_schema("zarr_layout.json")["arrays"]
         dims = layout.dims()
-        self._shapes = {name: tuple(dims[d] for d in spec[name]["dims"][1:]) for name in ("keys", *options.arrays)}
+        names = ["keys", *options.arrays]
+        if options.dtype == "float16":
+            names += [exponent_name(name) for name in options.arrays]
+        self._dims = {name: spec[name]["dims"] for name in names}
+        self._shapes = {name: tuple(dims[d] for d in self._dims[name][1:]) for name in names}
         self._arrays = {
             name: group.create_array(
                 name,
                 shape=(0, *shape),
                 chunks=(options.chunk_rows, *shape),
-                dtype="str" if spec[name]["dtype"] == "string" else options.dtype,
+                dtype={"string": "str", "int16": "int16"}.get(spec[name]["dtype"], options.dtype),
                 compressors=options.codecs(),
-                dimension_names=spec[name]["dims"],
+                dimension_names=self._dims[name],
             )
             for name, shape in self._shapes.items()
         }
@@ -275,8 +323,10 @@ class UnitMapWriter:
             expected = (len(batch["keys"]), *self._shapes[name])
             if values.shape != expected:
                 raise SchemaError(f"unit {self.unit!r}: array {name!r} has shape {values.shape}, expected {expected}")
-            batch[name], error = storage_error(values, self.options.dtype)
-            errors.append(error.max(axis=1))
+            batch[name], exponent, error = to_storage(values, self.options.dtype, map_axes(self._dims[name]))
+            if exponent is not None:
+                batch[exponent_name(name)] = exponent
+            errors.append(error.reshape(len(values), -1).max(axis=1))
         if errors:
             self._check_precision(batch["keys"], np.max(errors, axis=0))
         first = self.rows

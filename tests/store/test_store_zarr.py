@@ -58,16 +58,27 @@ def test_float16_default_precision_and_size(tmp_path, make_batch, caplog):
             assert (np.abs(getattr(stored, name) - original[i]) <= PRECISION_TOLERANCE * peak).all(), name
 
 
-def test_precision_loss_is_logged_with_keys(tmp_path, layout, make_batch, caplog):
+def test_float16_keeps_tiny_and_huge_maps_within_tolerance(tmp_path, layout, make_batch, caplog):
     outputs = {k: v.copy() for k, v in make_batch(["a", "b", "c"], seed=0).items() if k in ("block_maps", "daam")}
-    outputs["block_maps"][1] *= 1e-7  # below float16's normal range
-    outputs["daam"][2, 0, 0, 0] = 1e6  # overflows float16
+    outputs["block_maps"][1] *= 1e-9  # far below float16's normal range
+    outputs["daam"][2] *= 1e9  # far above float16's largest value
     batch = {**make_batch(["a", "b", "c"], seed=0), **outputs}
     writer = UnitWriter(tmp_path, "u", layout, shard="u.tar", job="j")
+    writer.write_batch(**batch)
+    assert writer.commit()["precision_flagged"] == 0
+    results = open_results(tmp_path)
+    for key, i in (("b", 1), ("c", 2)):
+        for name in ("block_maps", "daam"):
+            stored, exact = getattr(results.maps(key), name), outputs[name][i]
+            peak = np.abs(exact).max(axis=(-2, -1), keepdims=True)
+            assert (np.abs(stored - exact) <= 2.5e-4 * peak).all()
+
+    outputs["daam"][0, 0, 0, 0] = np.inf  # only non-finite values can break the tolerance
+    flagged = UnitWriter(tmp_path / "inf", "u", layout, shard="u.tar", job="j")
     with caplog.at_level(logging.WARNING, logger="pipeline.store.zarr_store"):
-        writer.write_batch(**batch)
-    assert writer.commit()["precision_flagged"] == 2
-    assert "['b', 'c']" in caplog.text and "unit u" in caplog.text
+        flagged.write_batch(**{**batch, **outputs})
+    assert flagged.commit()["precision_flagged"] == 1
+    assert "['a']" in caplog.text and "unit u" in caplog.text
 
     exact = UnitWriter(tmp_path / "f32", "u", layout, shard="u.tar", job="j", store_options=StoreOptions("float32"))
     exact.write_batch(**batch)
@@ -77,7 +88,8 @@ def test_precision_loss_is_logged_with_keys(tmp_path, layout, make_batch, caplog
 
 def test_store_matches_layout_file(tmp_path, layout, make_batch):
     spec = load_json_schema("zarr_layout.json")
-    options = StoreOptions(chunk_rows=4, arrays=[name for name in spec["arrays"] if name != "keys"])
+    stored = [name for name in spec["arrays"] if name != "keys" and not name.endswith("_exponent")]
+    options = StoreOptions(chunk_rows=4, arrays=stored)
     write_unit(tmp_path, layout, make_batch, options=options)
     root = zarr.open_group(tmp_path / spec["path"], mode="r")
     assert set(root.attrs) == set(spec["root_attributes"])
@@ -91,6 +103,7 @@ def test_store_matches_layout_file(tmp_path, layout, make_batch):
         assert array.shape == tuple(dims[d] for d in array_spec["dims"])
         assert array.chunks == (4, *array.shape[1:])
         assert (array.dtype == np.float16) == (array_spec["dtype"] == "storage")
+        assert (array.dtype == np.int16) == (array_spec["dtype"] == "int16")
 
 
 def test_appends_write_whole_chunks(tmp_path, layout, make_batch):
