@@ -118,10 +118,10 @@ class UnitWorker:
 
     def _check_evaluation(self) -> None:
         config = self.job.evaluate
-        if config is not None and "faithfulness" in config.metrics and not self.num_classes:
+        if config is not None and "faithfulness" in config.metrics and self.job.mode == "self-supervised":
             raise ConfigError(
-                "evaluate.metrics: deletion/insertion ('faithfulness') needs a classifier, and the model has none; "
-                "use metrics: [localisation]"
+                "evaluate.metrics: deletion/insertion ('faithfulness') follows the probability of an explained class, "
+                "and a self-supervised job explains <f, w>; use metrics: [localisation]"
             )
 
     def bank(self):
