@@ -137,7 +137,7 @@ def train_demo_model(
     weight_decay: float = 0.05,
     warmup_steps: int = 20,
     empty_fraction: float = 0.2,
-    class_token_std: float = 0.5,
+    class_token_std: float | None = None,
     n_val: int = 512,
     threads: int | None = 2,
     model_kwargs: Mapping[str, Any] | None = None,
@@ -156,7 +156,8 @@ def train_demo_model(
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps.
         empty_fraction: Share of training scenes without the object, trained towards the uniform distribution.
-        class_token_std: Standard deviation of the initial [class] token (timm's is 1e-6); see the module notes.
+        class_token_std: Standard deviation of the initial [class] token; None keeps timm's (1e-6), as the shipped
+            model was trained.
         n_val: Validation scenes (the first ``n_val`` of the ``val`` stream, as in the shipped shards).
         threads: torch intra-op threads during training (None leaves the setting alone).
         model_kwargs: ``timm.create_model`` arguments; default :func:`demo_model_kwargs`.
@@ -173,8 +174,9 @@ def train_demo_model(
     with _torch_threads(threads):
         torch.manual_seed(seed)
         model = build_demo_model(model_kwargs)
-        with torch.no_grad():
-            model.cls_token.normal_(std=class_token_std)
+        if class_token_std is not None:
+            with torch.no_grad():
+                model.cls_token.normal_(std=class_token_std)
         data_config = timm.data.resolve_model_data_config(model)
         mean, std = torch.tensor(data_config["mean"]), torch.tensor(data_config["std"])
 
