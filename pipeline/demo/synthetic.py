@@ -41,15 +41,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 64
-CLASS_NAMES = ("red", "orange", "yellow", "green")
-# Hue in degrees, in the order of CLASS_NAMES. All four lie within half of the hue circle: then one linear
-# direction of a patch embedding separates every object colour from grey, and an attention head can find the
-# object of any class. With hues spread round the circle (red, green, blue, yellow) each head found only some
-# colours, and for the others the [class] token looked at the background.
-CLASS_HUES = (0.0, 30.0, 60.0, 120.0)
+CLASS_NAMES = ("red", "green", "blue", "yellow")
+CLASS_HUES = (0.0, 120.0, 240.0, 60.0)  # degrees, in the order of CLASS_NAMES
 SHAPES = ("disc", "square", "diamond")
 
-_HUE_JITTER = 8.0  # degrees; keeps classes 30 degrees apart separable
+_HUE_JITTER = 12.0  # degrees; keeps red and yellow (60 degrees apart) separable
 _OBJECT_SIZE = (10, 16)  # inclusive range of the object's diameter / side, pixels
 _TEXTURE_GRID = 5  # the smooth background texture is a bilinear upsampling of this grid
 _GRAIN = 2  # the grey noise comes in GRAIN x GRAIN pixel cells (keeps the PNGs small)
