@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import parse_job
+from pipeline.config import JobConfig, parse_job
 from pipeline.data.shards import ShardSample, write_shards
 from pipeline.worker import UnitWorker
 
@@ -53,43 +53,37 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@click.command()
-@click.option("--model", default="vit_tiny_patch16_224", show_default=True)
-@click.option("--images", default=96, show_default=True)
-@click.option("--per-shard", default=48, show_default=True)
-@click.option("--batch", default=16, show_default=True)
-@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@click.option("--decode-threads", default=max(1, (os.cpu_count() or 2) - 1), show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def main(model, images, per_shard, batch, dtype, device, decode_threads, workdir) -> None:
-    """Print worker-loop and engine-alone throughput, their ratio, and output bytes per image."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="daam-worker-bench-"))
-    shards = write_benchmark_shards(workdir / "shards", images, per_shard)
-    job = parse_job(
+def make_job(model: str, shards: list[str], decoder: str, threads: int, batch: int, dtype: str, out: Path) -> JobConfig:
+    return parse_job(
         dict(
-            name="bench",
+            name=f"bench-{decoder}",
             model=dict(name=model, num_classes=1000),
-            data=dict(shards=shards, decode_threads=decode_threads, preprocess="crop"),
+            data=dict(shards=shards, decoder=decoder, decode_threads=threads, preprocess="crop"),
             batch_size=batch,
             dtype=dtype,
-            device=device,
-            output=dict(path=str(workdir / "out")),
+            output=dict(path=str(out)),
         )
     )
+
+
+def measure(job: JobConfig, shards: list[str], device: str) -> dict:
     with UnitWorker(job, device) as worker:
-        # the same batches, decoded up front and resident on the device, for the engine alone
-        resident = [
-            worker.preprocess.normalize(pixels.to(worker.device))
-            for url in shards
-            for pixels, _ in worker._batches(url, [])
-        ]
-        worker.daam(resident[0])  # warm-up
         sync = torch.cuda.synchronize if worker.device.type == "cuda" else (lambda: None)
+        next(worker._batches(shards[0], []))  # warm-up: decoder start (nvjpeg), threads
+
+        start = time.perf_counter()
+        resident = [
+            pixels.to(worker.device, non_blocking=True) for url in shards for pixels, _ in worker._batches(url, [])
+        ]
+        sync()
+        decode_s = time.perf_counter() - start
+        images = [worker.preprocess.normalize(pixels) for pixels in resident]
+
+        worker.daam(images[0])  # warm-up
         sync()
         start = time.perf_counter()
-        for batch_images in resident:
-            worker.daam(batch_images)
+        for batch in images:
+            worker.daam(batch)
         sync()
         engine_s = time.perf_counter() - start
 
@@ -97,18 +91,62 @@ def main(model, images, per_shard, batch, dtype, device, decode_threads, workdir
         markers = [worker.process_unit(url) for url in shards]
         sync()
         loop_s = time.perf_counter() - start
-    n = sum(m["ok"] for m in markers)
+    n = sum(len(p) for p in resident)
+    assert n == sum(m["ok"] for m in markers), "every benchmark image decodes"
+    return dict(
+        decoder=job.data.decoder,
+        threads=job.data.decode_threads,
+        images=n,
+        decode_images_per_s=n / decode_s,
+        engine_images_per_s=n / engine_s,
+        worker_images_per_s=n / loop_s,
+        ratio=engine_s / loop_s,
+        first_batch=resident[0].cpu(),
+    )
+
+
+def benchmark_options(command):
+    """The options every worker-loop benchmark takes."""
+    options = [
+        click.option("--model", default="vit_tiny_patch16_224", show_default=True),
+        click.option("--images", default=96, show_default=True),
+        click.option("--per-shard", default=48, show_default=True),
+        click.option("--batch", default=16, show_default=True),
+        click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True),
+        click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True),
+        click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+
+
+@click.command()
+@benchmark_options
+@click.option("--decode-threads", default=max(1, (os.cpu_count() or 2) - 1), show_default=True)
+def main(model, images, per_shard, batch, dtype, device, workdir, decode_threads) -> None:
+    """Print worker-loop and engine-alone throughput, their ratio, and output bytes per image."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="daam-worker-bench-"))
+    shards = write_benchmark_shards(workdir / "shards", images, per_shard)
     out = workdir / "out"
+    r = measure(make_job(model, shards, "pil", decode_threads, batch, dtype, out), shards, device)
+    n = r["images"]
     maps_bytes = folder_bytes(out / "maps.zarr")
     table_bytes = folder_bytes(out / "samples") + folder_bytes(out / "blocks")
-    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
     print(f"{'model':24} {'dtype':9} {'batch':>5} {'engine img/s':>13} {'worker img/s':>13} {'ratio':>6}")
-    print(f"{model:24} {dtype:9} {batch:>5} {n / engine_s:>13.1f} {n / loop_s:>13.1f} {engine_s / loop_s:>6.3f}")
+    print(
+        f"{model:24} {dtype:9} {batch:>5} {r['engine_images_per_s']:>13.1f} {r['worker_images_per_s']:>13.1f} "
+        f"{r['ratio']:>6.3f}"
+    )
     print(
         f"bytes per image: maps.zarr {maps_bytes / n / 1024:.1f} KB, Parquet {table_bytes / n / 1024:.1f} KB, "
         f"total {(maps_bytes + table_bytes) / n / 1024:.1f} KB ({n} images, default float16 + zstd)"
     )
-    print(f"device: {device_name}; decode threads {decode_threads}; outputs in {out}")
+    print(f"device: {device_name(device)}; decode threads {decode_threads}; outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def decode_image(
 
 
 @dataclass(frozen=True)
-class _Geometry:
+class Geometry:
     """Where the original image lands: resized to (width, height), then the output window starts at (left,
     top) in the resized image (negative: padding)."""
 
@@ -203,11 +203,11 @@ class Preprocess:
             crop_mode=data_config.get("crop_mode") or "center",
         )
 
-    def _geometry(self, width: int, height: int) -> _Geometry:
+    def geometry(self, width: int, height: int) -> Geometry:
         """timm.data.transforms_factory.transforms_imagenet_eval's geometry, for an image of this size."""
         out_h, out_w = self.size
         if self.mode == "resize":
-            return _Geometry(out_w, out_h, 0, 0)
+            return Geometry(out_w, out_h, 0, 0)
         scale_h, scale_w = math.floor(out_h / self.crop_pct), math.floor(out_w / self.crop_pct)
         if self.crop_mode == "squash":
             new_h, new_w = scale_h, scale_w
@@ -219,7 +219,7 @@ class Preprocess:
             ratios = (height / scale_h, width / scale_w)
             ratio = max(ratios) if self.crop_mode == "border" else min(ratios)
             new_h, new_w = round(height / ratio), round(width / ratio)
-        return _Geometry(new_w, new_h, _center_offset(new_w, out_w), _center_offset(new_h, out_h))
+        return Geometry(new_w, new_h, _center_offset(new_w, out_w), _center_offset(new_h, out_h))
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         """The model-input pixels of an RGB image.
@@ -231,7 +231,7 @@ class Preprocess:
             uint8 tensor (3, H, W).
         """
         out_h, out_w = self.size
-        geo = self._geometry(*img.size)
+        geo = self.geometry(*img.size)
         if (geo.width, geo.height) != img.size:
             img = img.resize((geo.width, geo.height), _INTERPOLATIONS[self.interpolation])
         window = (geo.left, geo.top, geo.left + out_w, geo.top + out_h)
@@ -257,7 +257,7 @@ class Preprocess:
             float32 (k', 4): scaled, shifted by the crop, clipped to the input; boxes left with no area dropped.
         """
         out_h, out_w = self.size
-        geo = self._geometry(*orig_size)
+        geo = self.geometry(*orig_size)
         b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         scale = torch.tensor([geo.width / orig_size[0], geo.height / orig_size[1]] * 2)
         shift = torch.tensor([geo.left, geo.top] * 2, dtype=torch.float32)

@@ -187,7 +187,7 @@ class BatchDecoder:
     def _fit_group(self, batch: torch.Tensor, width: int, height: int) -> torch.Tensor:
         pre = self.preprocess
         out_h, out_w = pre.size
-        geo = pre._geometry(width, height)
+        geo = pre.geometry(width, height)
         if (geo.width, geo.height) != (width, height):
             mode = _RESAMPLE[pre.interpolation]
             resized = F.interpolate(

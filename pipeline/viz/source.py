@@ -91,7 +91,7 @@ def input_window(preprocess: Preprocess | None, size: tuple[int, int]) -> Window
     width, height = size
     if preprocess is None or preprocess.mode == "resize":
         return (0.0, 0.0, float(width), float(height))
-    geometry = preprocess._geometry(width, height)
+    geometry = preprocess.geometry(width, height)
     out_h, out_w = preprocess.size
     sx, sy = geometry.width / width, geometry.height / height
     return (geometry.left / sx, geometry.top / sy, (geometry.left + out_w) / sx, (geometry.top + out_h) / sy)
