@@ -5,10 +5,15 @@ decoded by one ``torchvision.io.decode_jpeg`` call on the worker's device, then 
 :class:`~pipeline.data.decode.Preprocess`'s geometry, giving the same uint8 model-input pixels and boxes.
 
 Only JPEGs that decode the same way on both paths take the fast one: a header PIL reads, RGB (YCbCr) or grayscale,
-ending with the EOI marker, at most ``max_pixels``. Everything else (other formats, CMYK, truncated or unreadable
-files, bombs, invalid boxes), and any file the batched decode rejects, goes through the PIL path, so every sample
+ending with the EOI marker, at most ``max_pixels``, shrunk at most 24 times along each axis (CUDA's antialiased
+resize refuses large factors). Everything else (other formats, CMYK, truncated or unreadable files, bombs, invalid
+boxes, extreme downscales), and any file the batched decode rejects, goes through the PIL path, so every sample
 ends decoded or failed exactly as there, a failure with the same reason naming shard and key. EXIF orientation is
 read from the header and applied on the device (nvjpeg ignores it).
+
+On a GPU the worker runs this in its prefetch thread on a stream of its own (see
+:meth:`pipeline.worker.UnitWorker.prefetch_batches`): nvjpeg's hardware decoder does not follow stream order, so
+decoded memory must never come from blocks the model's stream has freed but may still be using.
 
 Pixels are close to the PIL path's, not equal: torch resamples in float and rounds once where PIL rounds after each
 pass, and nvjpeg's inverse DCT and chroma upsampling differ slightly from libjpeg's (tests: mean difference below
@@ -19,8 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import queue
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,6 +58,10 @@ _ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
 _RESAMPLE = {"nearest": "nearest-exact", "bilinear": "bilinear", "bicubic": "bicubic"}  # PIL name -> torch mode
 _FAST_MODES = frozenset({"RGB", "L"})
 _RESIZE_PIXELS = 2**26  # most source pixels per resize call (its float32 copy: 768 MiB)
+# CUDA's antialiased resize holds its filter weights in shared memory and refuses large downscales (about 45x
+# for bicubic); beyond this factor along either axis an image takes the PIL path
+_MAX_DOWNSCALE = 24
+_TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,9 @@ class BatchDecoder:
         self.fallback_threads = fallback_threads
         self.fast = 0
         self.fallback = 0
+        # torchvision >= 0.29 points to TorchCodec on every call (a process-wide filter: catch_warnings in the
+        # decoding threads would race)
+        warnings.filterwarnings("ignore", _TORCHVISION_DEPRECATION, DeprecationWarning)
 
     def __call__(self, raws: Sequence[RawSample]) -> list[DecodedSample]:
         """Decode and preprocess ``raws``; one result per input, in order, pixels on :attr:`device`."""
@@ -147,6 +157,9 @@ class BatchDecoder:
             return None
         if orientation in (5, 6, 7, 8):
             size = size[::-1]
+        geo = self.preprocess.geometry(*size)
+        if size[0] > _MAX_DOWNSCALE * geo.width or size[1] > _MAX_DOWNSCALE * geo.height:
+            return None
         boxes = None
         if raw.meta.get("boxes") is not None:
             try:
@@ -160,9 +173,7 @@ class BatchDecoder:
         if not encoded:
             return []
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec
-                return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError as e:
             if len(encoded) == 1:
                 logger.debug("torchvision rejected a JPEG, the PIL path decides: %s", e)
@@ -208,74 +219,38 @@ class BatchDecoder:
         return canvas
 
 
-def decode_batched(
-    samples: Iterable[RawSample], decoder: BatchDecoder, *, chunk: int = 64, prefetch: int = 2
-) -> Iterator[DecodedSample]:
-    """Decode samples in chunks with ``decoder`` in a background thread, in input order.
+def decode_batched(samples: Iterable[RawSample], decoder: BatchDecoder, *, chunk: int = 64) -> Iterator[DecodedSample]:
+    """Decode samples in chunks of ``chunk`` with ``decoder``, in input order.
 
     The same contract as :func:`pipeline.data.decode.decode_stream`: every input sample comes out exactly once,
     decoded or with ``error`` set; when ``samples`` itself raises (a truncated shard), the samples it delivered
-    come out first, then the error is re-raised. The thread reads and decodes ahead of the consumer, up to
-    ``prefetch`` decoded chunks; on a GPU its work (nvjpeg waits for its own stream) overlaps the model's.
+    come out decoded first, then the error is re-raised. The worker runs this ahead of the model in its batch
+    prefetcher (:class:`pipeline.data.prefetch.Prefetcher`).
 
     Args:
         samples: Raw samples, e.g. :func:`pipeline.data.stream.iter_shard`.
         decoder: The batch decoder.
         chunk: Samples per decoder call (the worker uses its batch size).
-        prefetch: Decoded chunks held ready.
 
     Yields:
         One DecodedSample per input sample, pixels on the decoder's device.
     """
-    if chunk < 1 or prefetch < 1:
-        raise ValueError(f"need chunk >= 1 and prefetch >= 1, got chunk={chunk}, prefetch={prefetch}")
-    ready: queue.Queue[list[DecodedSample] | BaseException | None] = queue.Queue(prefetch)
-    stop = threading.Event()
-
-    def put(item: list[DecodedSample] | BaseException | None) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
+    if chunk < 1:
+        raise ValueError(f"need chunk >= 1, got chunk={chunk}")
+    group: list[RawSample] = []
+    upstream = iter(samples)
+    while True:
         try:
-            group: list[RawSample] = []
-            failure: Exception | None = None
-            upstream = iter(samples)
-            while True:
-                try:
-                    raw = next(upstream)
-                except StopIteration:
-                    break
-                except Exception as e:  # the source broke: decode what it delivered, then hand the error on
-                    failure = e
-                    break
-                group.append(raw)
-                if len(group) == chunk:
-                    if not put(decoder(group)):
-                        return
-                    group = []
-            if group and not put(decoder(group)):
-                return
-            put(failure)  # None: the end
-        except BaseException as e:  # the decoder itself failed: the consumer raises it
-            put(e)
-
-    thread = threading.Thread(target=produce, name="batch-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if isinstance(item, list):
-                yield from item
-            elif item is None:
-                return
-            else:
-                raise item
-    finally:
-        stop.set()
-        thread.join()
+            raw = next(upstream)
+        except StopIteration:
+            break
+        except Exception:  # the source broke: decode what it delivered, then hand the error on
+            if group:
+                yield from decoder(group)
+            raise
+        group.append(raw)
+        if len(group) == chunk:
+            yield from decoder(group)
+            group = []
+    if group:
+        yield from decoder(group)

@@ -106,6 +106,15 @@ def test_exif_orientation_is_applied(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_extreme_downscales_take_the_pil_path(device):
+    """CUDA's antialiased resize refuses large factors: beyond 24x along an axis the PIL path decodes."""
+    rng = np.random.default_rng(3)
+    raws = [raw("wide", jpeg(photo(rng, 200, 40))), raw("within", jpeg(photo(rng, 160, 40)))]  # 25x and 20x
+    decoder = assert_like_pil(raws, Preprocess((8, 8), MEAN, STD), device)
+    assert (decoder.fast, decoder.fallback) == (1, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_everything_else_falls_back_to_pil_inside_the_batch(device, build):
     odd = build.bad_and_odd()
     raws = [raw(key, data, ext) for key, (ext, data) in odd.items()]
@@ -165,9 +174,8 @@ def test_stream_keeps_order_and_hands_on_shard_errors():
             delivered.append(sample.key)
     assert delivered == [f"k{i}" for i in range(6)]
 
-    stream = decode_batched(itertools.cycle(raws), decoder, chunk=2, prefetch=1)  # endless: the consumer stops
+    stream = decode_batched(itertools.cycle(raws), decoder, chunk=2)  # endless: decodes only what is asked
     assert [s.key for s in itertools.islice(stream, 3)] == ["k0", "k1", "k2"]
-    stream.close()  # joins the decoding thread
 
     def broken(_raws):
         raise RuntimeError("decoder bug")
