@@ -12,6 +12,7 @@ stage loads (``bank.path``, default ``OUT/bank.zarr``): L2-normalised features, 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,16 +52,17 @@ def encode_unit(worker: UnitWorker, url: str, *, attempt: int = 0) -> dict[str, 
     group_path = output.path("features.zarr", unit)
     output.remove(paths["marker"])
     output.remove(group_path)
-    failed: list = []
+    failed: deque = deque()
     features, labels, keys = [], [], []
     autocast = worker.daam.autocast_dtype
-    for pixels, samples in worker._batches(url, failed):
-        images = worker.preprocess.normalize(pixels.to(worker.device, non_blocking=True))
-        with torch.no_grad(), torch.autocast(worker.device.type, dtype=autocast, enabled=autocast is not None):
-            pooled = pooled_features(worker.model, images).float()
-        features.append(to_host({"f": pooled})["f"].numpy())
-        labels += [s.label if s.label is not None else -1 for s in samples]
-        keys += [s.key for s in samples]
+    with worker.prefetch_batches(url, failed) as ready:
+        for pixels, samples in ready:
+            images = worker.model_input(pixels)
+            with torch.no_grad(), torch.autocast(worker.device.type, dtype=autocast, enabled=autocast is not None):
+                pooled = pooled_features(worker.model, images).float()
+            features.append(to_host({"f": pooled})["f"].numpy())
+            labels += [s.label if s.label is not None else -1 for s in samples]
+            keys += [s.key for s in samples]
     dim = worker.layout.channels if not features else features[0].shape[1]
     group = zarr.open_group(output.fs.unstrip_protocol(group_path) if not output.is_local else group_path, mode="w")
     group.create_array("features", data=np.concatenate(features) if features else np.zeros((0, dim), np.float32))

@@ -1,7 +1,8 @@
 """The Ray driver: one actor per GPU (CPU actors where there is none), units handed out dynamically, retries.
 
-Each unit of work is one input shard. The driver keeps every actor busy with one unit at a time; when an actor
-dies its unit goes back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies
+Each unit of work is one input shard. The driver keeps UNITS_IN_FLIGHT units on every actor: they take turns on
+its device, so one unit's commit and the next one's reading and decoding overlap the computation. When an actor
+dies its units go back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies
 or it raises) after ``workers.max_retries`` extra attempts is recorded under ``OUT/_failed/`` and the rest of the
 job completes. Units already committed are skipped (resume), unless the job is run with ``overwrite``.
 """
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.store.commit import as_output, clear, done_units
-from pipeline.worker import UnitWorker, unit_name
+from pipeline.worker import UNITS_IN_FLIGHT, UnitWorker, unit_name
 
 __all__ = ["ActorPlan", "JobSummary", "plan_actors", "run_job"]
 
@@ -284,11 +285,8 @@ def _run_stage(
         yield from _run_ray(stage, job, plan, todo, fault, summary)
         return
     with UnitWorker(job, fault=fault) as worker:
-        for url in todo:
-            try:
-                yield unit_name(url), worker.run(stage, url), None
-            except PipelineError as e:
-                yield unit_name(url), None, str(e)
+        for url, marker, error in worker.run_units(stage, todo):
+            yield unit_name(url), marker, error
 
 
 def _ensure_ray(address: str | None, job: JobConfig) -> None:
@@ -308,9 +306,10 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
 def _unit_actor_class():
     import ray
 
-    @ray.remote(max_restarts=0, max_task_retries=0)
+    @ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=UNITS_IN_FLIGHT)
     class UnitActor:
-        """A Ray actor holding one :class:`UnitWorker` (the model loaded once)."""
+        """A Ray actor holding one :class:`UnitWorker` (the model loaded once); it takes UNITS_IN_FLIGHT units at
+        once, which share the device in turns (UnitWorker.run)."""
 
         def __init__(self, job: dict[str, Any], device: str, fault: str | None, threads: int) -> None:
             import torch
@@ -355,41 +354,79 @@ def _run_ray(
         except RayActorError as e:
             raise PipelineError(f"an actor failed to start: {e}") from e
 
-    idle = [start_actor() for _ in range(plan.count)]
-    wait_ready(idle)
-    queue = deque((url, 0) for url in todo)
-    running: dict[Any, tuple[Any, str, int]] = {}
+    actors = [start_actor() for _ in range(plan.count)]
+    wait_ready(actors)
+    load = dict.fromkeys(actors, 0)  # units in flight per live actor
+    isolating: set = set()  # actors running a unit alone (see below)
+    died_with: dict[Any, int] = {}  # dead actor -> units it held when it died
+    queue = deque(_Pending(url) for url in todo)
+    running: dict[Any, tuple[Any, _Pending]] = {}
+
+    def dispatch() -> None:
+        while queue:
+            unit = queue[0]
+            open_actors = [a for a in actors if (load[a] == 0 if unit.alone else load[a] < UNITS_IN_FLIGHT)]
+            open_actors = [a for a in open_actors if a not in isolating]
+            if not open_actors:
+                return
+            actor = min(open_actors, key=load.__getitem__)
+            queue.popleft()
+            load[actor] += 1
+            if unit.alone:
+                isolating.add(actor)
+            running[actor.process.remote(stage, unit.url, unit.attempt)] = (actor, unit)
+
     try:
         while queue or running:
-            while idle and queue:
-                actor = idle.pop()
-                url, attempt = queue.popleft()
-                running[actor.process.remote(stage, url, attempt)] = (actor, url, attempt)
+            dispatch()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
-                actor, url, attempt = running.pop(ref)
+                actor, unit = running.pop(ref)
                 try:
                     marker = ray.get(ref)
                 except RayActorError as e:
-                    _log.warning("actor died while explaining %s (attempt %d): replacing it", url, attempt)
-                    summary.actor_restarts += 1
-                    ray.kill(actor, no_restart=True)
-                    replacement = start_actor()
-                    wait_ready([replacement])
-                    idle.append(replacement)
+                    if actor not in died_with:  # the first of its units to report: replace the actor once
+                        _log.warning(
+                            "actor died while explaining %s (attempt %d): replacing it", unit.url, unit.attempt
+                        )
+                        summary.actor_restarts += 1
+                        died_with[actor] = load.pop(actor)
+                        isolating.discard(actor)
+                        actors.remove(actor)
+                        ray.kill(actor, no_restart=True)
+                        replacement = start_actor()
+                        wait_ready([replacement])
+                        actors.append(replacement)
+                        load[replacement] = 0
+                    if died_with[actor] > 1:  # which of its units killed it is unknown: each retries alone, free
+                        queue.appendleft(_Pending(unit.url, unit.attempt, alone=True))
+                        continue
                     error = f"worker died: {type(e).__name__}: {str(e).splitlines()[0]}"
                 except RayTaskError as e:
-                    idle.append(actor)
                     cause = e.cause if getattr(e, "cause", None) is not None else e
                     error = f"{type(cause).__name__}: {cause}"
                 else:
-                    idle.append(actor)
-                    yield unit_name(url), marker, None
-                    continue
-                if attempt < job.workers.max_retries:
-                    queue.append((url, attempt + 1))
+                    error = None
+                if actor in load:
+                    load[actor] -= 1
+                    if unit.alone:
+                        isolating.discard(actor)
+                if error is None:
+                    yield unit_name(unit.url), marker, None
+                elif unit.attempt < job.workers.max_retries:
+                    queue.append(_Pending(unit.url, unit.attempt + 1))
                 else:
-                    yield unit_name(url), None, f"{error} (after {attempt + 1} attempts)"
+                    yield unit_name(unit.url), None, f"{error} (after {unit.attempt + 1} attempts)"
     finally:
-        for actor in idle + [a for a, _, _ in running.values()]:
+        for actor in actors:
             ray.kill(actor, no_restart=True)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A unit waiting for an actor: ``attempt`` counts its failures so far; ``alone`` asks for an actor running
+    nothing else (after an actor died holding several units, each is retried alone to find the one that kills it)."""
+
+    url: str
+    attempt: int = 0
+    alone: bool = False

@@ -1,17 +1,22 @@
 """One unit of work: stream a shard -> decode -> explain -> statistics -> write -> commit.
 
-A :class:`UnitWorker` loads the model once and then processes units one after another; a Ray actor wraps one, and
-the single-process path of the runner uses one directly. Per batch the whole computation stays on the device and
-one packed result moves to the host; decoding runs ahead in threads and writes run behind in a writer thread.
+A :class:`UnitWorker` loads the model once and then processes units; a Ray actor wraps one, and the single-process
+path of the runner uses one directly. Per batch the whole computation stays on the device and one packed result
+moves to the host; reading and decoding run ahead in a prefetch thread and writes run behind in a writer thread.
+Units may be processed from two threads at once: the device is held by one unit at a time, so the next unit's
+reading and decoding and the previous unit's commit (Parquet, fsyncs, marker) overlap the computation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -21,20 +26,24 @@ import torch
 
 from pipeline.config import JobConfig
 from pipeline.data.decode import DecodedSample, Preprocess, batches, decode_stream
+from pipeline.data.prefetch import Prefetcher
 from pipeline.data.stream import iter_shard
 from pipeline.engine.baselines import Baselines
 from pipeline.engine.daam import DAAM
 from pipeline.engine.transfer import to_host
-from pipeline.errors import ConfigError, ShardError, UnitFailedError
+from pipeline.errors import ConfigError, PipelineError, ShardError, UnitFailedError
 from pipeline.evaluate import METHODS, evaluate_batch
 from pipeline.models import create_model, model_data_config
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
 from pipeline.store.commit import UnitWriter
 from pipeline.store.zarr_store import MapLayout, StoreOptions
 
-__all__ = ["UnitWorker", "resolve_device", "unit_name"]
+__all__ = ["UNITS_IN_FLIGHT", "UnitWorker", "resolve_device", "unit_name"]
 
 _log = logging.getLogger(__name__)
+
+UNITS_IN_FLIGHT = 2
+"""Units a worker holds at once: one on the device, one committing or prefetching."""
 
 _AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,6 +124,8 @@ class UnitWorker:
         self._check_evaluation()
         self._generator: torch.Generator | None = None  # random reference maps, reseeded per unit
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer")
+        self._device_lock = threading.Lock()  # one unit computes at a time; commits and prefetching overlap it
+        self._prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _check_evaluation(self) -> None:
         config = self.job.evaluate
@@ -133,37 +144,88 @@ class UnitWorker:
         return self._bank
 
     def run(self, stage: str, url: str, *, attempt: int = 0) -> dict[str, Any]:
-        """Process one unit of a stage: ``explain`` (maps and statistics) or ``bank`` (memory bank features)."""
+        """Process one unit of a stage: ``explain`` (maps and statistics) or ``bank`` (memory bank features).
+
+        Safe to call from two threads at once (the Ray actor and the single-process runner do): the units take
+        turns on the device while one's commit and the other's prefetching overlap.
+        """
         if stage == "bank":
             from pipeline.bank_stage import encode_unit
 
-            return encode_unit(self, url, attempt=attempt)
+            with self._device_lock:
+                return encode_unit(self, url, attempt=attempt)
         return self.process_unit(url, attempt=attempt)
+
+    def run_units(self, stage: str, urls: Sequence[str]) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+        """Process units in order, ``units_in_flight`` at a time as a Ray actor does (see :meth:`run`).
+
+        Yields:
+            (url, commit marker, None), or (url, None, error message) for a unit that raised a PipelineError.
+        """
+        with ThreadPoolExecutor(UNITS_IN_FLIGHT, thread_name_prefix="unit") as pool:
+            futures = deque((url, pool.submit(self.run, stage, url)) for url in urls)
+            try:
+                while futures:
+                    url, future = futures.popleft()
+                    try:
+                        yield url, future.result(), None
+                    except PipelineError as e:
+                        yield url, None, str(e)
+            finally:
+                for _, future in futures:
+                    future.cancel()
 
     def process_unit(self, url: str, *, attempt: int = 0) -> dict[str, Any]:
         """Explain every sample of the shard at ``url`` and commit the unit.
 
+        Reading and decoding start at once; the computation waits until the device is free; the commit (durable
+        tables and maps, then the marker) runs after the device is released.
+
         Returns:
-            The commit marker: counts of samples, ok and failed, timings, and ``shard_error`` when the shard
-            itself was truncated or corrupt after some samples (those are kept).
+            The commit marker: counts of samples, ok and failed, timings (``seconds``: holding the device;
+            ``wait_seconds``: waiting for it), and ``shard_error`` when the shard itself was truncated or corrupt
+            after some samples (those are kept).
 
         Raises:
             UnitFailedError: more samples failed than the job's error policy allows.
         """
         unit = unit_name(url)
-        start = time.perf_counter()
+        arrived = time.perf_counter()
+        failed: deque[DecodedSample] = deque()
+        with self.prefetch_batches(url, failed) as ready:
+            writer = UnitWriter(
+                self.job.output.path, unit, self.layout, shard=url, job=self.job.name, store_options=self.store_options
+            )
+            with self._device_lock:
+                start = time.perf_counter()
+                summary = self._explain_unit(unit, url, ready, failed, writer, attempt)
+                seconds = time.perf_counter() - start
+        total = writer.failed + writer.ok
+        if total and writer.failed / total > self.job.errors.max_failed_fraction:
+            raise UnitFailedError(
+                f"unit {unit}: {writer.failed} of {total} samples failed, more than errors.max_failed_fraction="
+                f"{self.job.errors.max_failed_fraction}"
+            )
+        return writer.commit({**summary, "seconds": seconds, "wait_seconds": start - arrived})
+
+    def _explain_unit(
+        self,
+        unit: str,
+        url: str,
+        ready: Iterator[tuple[torch.Tensor, list[DecodedSample]]],
+        failed: deque[DecodedSample],
+        writer: UnitWriter,
+        attempt: int,
+    ) -> dict[str, Any]:
+        """The unit's batches through the engine, their results handed to the writer thread; holds the device."""
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit
             seed = self.job.evaluate.seed + zlib.crc32(unit.encode())
             self._generator = torch.Generator(self.device).manual_seed(seed)
-        writer = UnitWriter(
-            self.job.output.path, unit, self.layout, shard=url, job=self.job.name, store_options=self.store_options
-        )
-        failed: list[DecodedSample] = []
         shard_error = None
         pending: Future | None = None
         compute_s = 0.0
         try:
-            for index, (pixels, samples) in enumerate(self._batches(url, failed)):
+            for index, (pixels, samples) in enumerate(ready):
                 tick = time.perf_counter()
                 host = self._explain(pixels, samples)
                 compute_s += time.perf_counter() - tick
@@ -181,21 +243,40 @@ class UnitWorker:
         if pending is not None:
             pending.result()
         self._flush_failed(writer, failed)
-        total = writer.failed + writer.ok
-        if total and writer.failed / total > self.job.errors.max_failed_fraction:
-            raise UnitFailedError(
-                f"unit {unit}: {writer.failed} of {total} samples failed, more than errors.max_failed_fraction="
-                f"{self.job.errors.max_failed_fraction}"
-            )
-        seconds = time.perf_counter() - start
-        summary = dict(url=url, attempt=attempt, seconds=seconds, compute_seconds=compute_s, device=str(self.device))
+        summary = dict(url=url, attempt=attempt, compute_seconds=compute_s, device=str(self.device))
         if shard_error:
             summary["shard_error"] = shard_error
-        return writer.commit(summary)
+        return summary
 
-    def _batches(self, url: str, failed: list[DecodedSample]) -> Iterator[tuple[torch.Tensor, list[DecodedSample]]]:
-        decoded = self._decode(url)
-        yield from batches(self._check_targets(decoded, failed), self.job.batch_size, on_error=failed.append)
+    def prefetch_batches(
+        self, url: str, failed: deque[DecodedSample], *, depth: int = 2
+    ) -> Prefetcher[tuple[torch.Tensor, list[DecodedSample]]]:
+        """The unit's batches of good samples, read, decoded and collated up to ``depth`` batches ahead in a
+        background thread (started now); on a GPU, host pixels are pinned for the copy and device pixels (the
+        torchvision decoder) are made on a stream of their own. Hand each batch to :meth:`model_input`.
+
+        Failed samples are appended to ``failed`` before the batch that follows them; a :class:`ShardError`
+        (truncated shard) comes after the batches of the samples read before it. Close the prefetcher (``with``)
+        when leaving early.
+        """
+        stream = self._prefetch_stream
+
+        def produce() -> Iterator[tuple[torch.Tensor, list[DecodedSample]]]:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for pixels, samples in batches(self._decode(url), self.job.batch_size, on_error=failed.append):
+                    if pixels.device.type == "cpu":
+                        pixels = pixels.pin_memory() if stream is not None else pixels
+                    elif stream is not None:
+                        stream.synchronize()  # decoded and collated before the model's stream reads it
+                    yield pixels, samples
+
+        return Prefetcher(produce(), depth, name=f"prefetch-{unit_name(url)}")
+
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A prefetched batch's pixels as the model's normalised input on the device."""
+        if pixels.device.type == "cuda":  # made on the prefetch stream: keep its memory until this stream is done
+            pixels.record_stream(torch.cuda.current_stream(pixels.device))
+        return self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
 
     def _decode(self, url: str) -> Iterator[DecodedSample]:
         """The unit's samples through the job's decoder: PIL in threads (host pixels), or torchvision in batches
@@ -207,10 +288,18 @@ class UnitWorker:
             decoder = BatchDecoder(
                 self.preprocess, self.device, max_pixels=data.max_pixels, fallback_threads=data.decode_threads
             )
-            return decode_batched(iter_shard(url), decoder, chunk=self.job.batch_size)
-        return decode_stream(iter_shard(url), self.preprocess, threads=data.decode_threads, max_pixels=data.max_pixels)
+            decoded = decode_batched(iter_shard(url), decoder, chunk=self.job.batch_size)
+        else:
+            decoded = decode_stream(
+                iter_shard(url),
+                self.preprocess,
+                threads=data.decode_threads,
+                prefetch=max(self.job.batch_size, 4 * data.decode_threads),
+                max_pixels=data.max_pixels,
+            )
+        return self._check_targets(decoded)
 
-    def _check_targets(self, decoded: Iterator[DecodedSample], failed: list[DecodedSample]) -> Iterator[DecodedSample]:
+    def _check_targets(self, decoded: Iterator[DecodedSample]) -> Iterator[DecodedSample]:
         """With target policy 'label', a sample without a usable label fails here, naming its key."""
         if self.job.target != "label":
             yield from decoded
@@ -226,9 +315,7 @@ class UnitWorker:
 
     def _explain(self, pixels: torch.Tensor, samples: list[DecodedSample]) -> dict[str, torch.Tensor]:
         """DAAM and statistics of one batch on the device; one packed copy back to the host."""
-        if self.device.type == "cuda" and pixels.device.type == "cpu":  # data.decoder torchvision: already there
-            pixels = pixels.pin_memory()
-        images = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
+        images = self.model_input(pixels)
         if self.job.mode == "self-supervised":
             bank, rows = self.bank()
             exclude = None
@@ -333,8 +420,10 @@ class UnitWorker:
             writer.write_evaluation(keys, _by_method(evaluation, self.explainers))
 
     @staticmethod
-    def _flush_failed(writer: UnitWriter, failed: list[DecodedSample]) -> None:
-        if not failed:
+    def _flush_failed(writer: UnitWriter, failed: deque[DecodedSample]) -> None:
+        """Record the failed samples the prefetch thread has queued so far."""
+        drained = [failed.popleft() for _ in range(len(failed))]
+        if not drained:
             return
         rows = [
             dict(
@@ -344,9 +433,8 @@ class UnitWorker:
                 width=s.size[0] if s.size else None,
                 height=s.size[1] if s.size else None,
             )
-            for s in failed
+            for s in drained
         ]
-        failed.clear()
         writer.write_failed(rows)
 
     def close(self) -> None:

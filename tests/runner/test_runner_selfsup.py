@@ -39,7 +39,8 @@ def test_bank_stage_then_explain_with_the_bank(tmp_path):
 
     # the stored maps are DAAM with the bank's weights for that image, Y = <f, w>
     with UnitWorker(job) as worker:
-        pixels, batch = next(worker._batches(job.shard_urls()[1], []))
+        with worker.prefetch_batches(job.shard_urls()[1], []) as ready:
+            pixels, batch = next(ready)
         images = worker.preprocess.normalize(pixels)
         with DAAM(worker.model) as daam:
             query = {}

@@ -31,7 +31,8 @@ def test_unit_is_explained_stored_and_accounted_for(tiny_shards, tmp_path):
     maps = results.maps("s1_0000")
     assert maps.daam.shape == (2, 4, 4) and maps.coefficients.shape == (2, 48)
     with UnitWorker(job) as worker:
-        pixels, samples_ = next(worker._batches(tiny_shards[1], []))
+        with worker.prefetch_batches(tiny_shards[1], []) as ready:
+            pixels, samples_ = next(ready)
         with DAAM(worker.model) as daam:
             direct = daam(worker.preprocess.normalize(pixels))
     index = [s.key for s in samples_].index("s1_0000")
