@@ -190,23 +190,30 @@ def run_benchmark(
     )
 
 
-def print_table(rows: list[dict]) -> None:
+def print_header() -> None:
     header = f"{'model':28} {'dtype':9} {'batch':>5} {'floor img/s':>12} {'DAAM img/s':>11} {'ratio':>6} "
-    header += f"{'floor MiB':>10} {'DAAM MiB':>9} {'mem ratio':>9}"
-    print(header)
-    for r in rows:
+    print(header + f"{'floor MiB':>10} {'DAAM MiB':>9} {'mem ratio':>9}", flush=True)
+
+
+def print_row(r: dict) -> None:
+    """One configuration's line (and one with the comparison explainers attached), printed as soon as measured."""
+    print(
+        f"{r['model']:28} {r['dtype']:9} {r['batch']:>5} {r['floor_images_per_s']:>12.1f} "
+        f"{r['daam_images_per_s']:>11.1f} {r['ratio']:>6.3f} {r['floor_peak_mib']:>10.0f} "
+        f"{r['daam_peak_mib']:>9.0f} {r['memory_ratio']:>9.2f}",
+        flush=True,
+    )
+    if "baselines" in r:
+        b = r["baselines"]
         print(
-            f"{r['model']:28} {r['dtype']:9} {r['batch']:>5} {r['floor_images_per_s']:>12.1f} "
-            f"{r['daam_images_per_s']:>11.1f} {r['ratio']:>6.3f} {r['floor_peak_mib']:>10.0f} "
-            f"{r['daam_peak_mib']:>9.0f} {r['memory_ratio']:>9.2f}"
+            f"{'+' + b['explainers']:28} {r['dtype']:9} {r['batch']:>5} {r['floor_images_per_s']:>12.1f} "
+            f"{b['images_per_s']:>11.1f} {b['ratio']:>6.3f} {r['floor_peak_mib']:>10.0f} "
+            f"{b['peak_mib']:>9.0f} {b['memory_ratio']:>9.2f}",
+            flush=True,
         )
-        if "baselines" in r:
-            b = r["baselines"]
-            print(
-                f"{'+' + b['explainers']:28} {r['dtype']:9} {r['batch']:>5} {r['floor_images_per_s']:>12.1f} "
-                f"{b['images_per_s']:>11.1f} {b['ratio']:>6.3f} {r['floor_peak_mib']:>10.0f} "
-                f"{b['peak_mib']:>9.0f} {b['memory_ratio']:>9.2f}"
-            )
+
+
+def print_footer(rows: list[dict]) -> None:
     if rows:
         print(f"device: {rows[0]['device']}; torch {rows[0]['torch']}, timm {rows[0]['timm']}")
     for r in rows:
@@ -246,11 +253,16 @@ def main(models, batch, dtypes, device, rounds, repeats, explainers, json_out) -
     """Print DAAM throughput, the forward+backward floor, their ratio and peak memory of each."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 on both sides
-    rows = [run_benchmark(m, batch, d, device, rounds, repeats, explainers) for m in models for d in dtypes]
-    print_table(rows)
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(rows, f, indent=2)
+    print_header()
+    rows = []
+    for model in models:
+        for dtype in dtypes:
+            rows.append(run_benchmark(model, batch, dtype, device, rounds, repeats, explainers))
+            print_row(rows[-1])
+            if json_out:  # rewritten after each row: a run stopped by its time budget keeps what it measured
+                with open(json_out, "w") as f:
+                    json.dump(rows, f, indent=2)
+    print_footer(rows)
 
 
 if __name__ == "__main__":

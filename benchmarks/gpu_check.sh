@@ -12,7 +12,8 @@
 # under $OUT (a new temporary folder when OUT is unset). Ray is neither installed nor imported.
 #
 # Environment: PYTHON (python3), WHEELS (.whl; without wheels the installed packages are used), and for a quick
-# rehearsal on a small machine MODELS, MODEL, BATCH, IMAGES, PER_SHARD, THREADS (defaults: the GPU figures).
+# rehearsal on a small machine MODELS, MODEL, BATCH, IMAGES, PER_SHARD, THREADS, DTYPES (the engine's), DTYPE (the
+# worker loop's) (defaults: the GPU figures).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -24,6 +25,8 @@ BATCH=${BATCH:-128}
 IMAGES=${IMAGES:-2048}
 PER_SHARD=${PER_SHARD:-1024}
 THREADS=${THREADS:-16}
+DTYPES=${DTYPES:-bfloat16 float32}
+DTYPE=${DTYPE:-bfloat16}
 OUT=${OUT:-$(mktemp -d /tmp/daam-gpu-check-XXXXXX)}
 WORK=$(mktemp -d /tmp/daam-gpu-work-XXXXXX)
 mkdir -p "$OUT"
@@ -71,13 +74,14 @@ nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
 step "environment" 60 "$PY" "$WORK/environment.py"
 step "decoder tests on this device (nvjpeg vs PIL)" 90 "$PY" -m pytest -q tests/data/test_data_gpu_decode.py
 for model in $MODELS; do
-  step "engine vs floor: $model" 80 "$PY" benchmarks/engine.py --model "$model" --dtype bfloat16 --dtype float32 \
+  # shellcheck disable=SC2046  # one --dtype per word of DTYPES
+  step "engine vs floor: $model" 80 "$PY" benchmarks/engine.py --model "$model" $(printf -- '--dtype %s ' $DTYPES) \
     --batch "$BATCH" --json-out "$OUT/engine-$model.json"
 done
-step "worker loop vs engine: $MODEL bf16, $THREADS PIL threads" 120 "$PY" benchmarks/worker.py --model "$MODEL" \
-  --dtype bfloat16 --batch "$BATCH" --images "$IMAGES" --per-shard "$PER_SHARD" --decode-threads "$THREADS" \
+step "worker loop vs engine: $MODEL $DTYPE, $THREADS PIL threads" 120 "$PY" benchmarks/worker.py --model "$MODEL" \
+  --dtype "$DTYPE" --batch "$BATCH" --images "$IMAGES" --per-shard "$PER_SHARD" --decode-threads "$THREADS" \
   --workdir "$WORK"
-step "decoders: PIL x$THREADS vs torchvision" 150 "$PY" benchmarks/decoders.py --model "$MODEL" --dtype bfloat16 \
+step "decoders: PIL x$THREADS vs torchvision" 150 "$PY" benchmarks/decoders.py --model "$MODEL" --dtype "$DTYPE" \
   --batch "$BATCH" --images "$IMAGES" --per-shard "$PER_SHARD" --pil-threads "$THREADS" --workdir "$WORK"
 
 echo

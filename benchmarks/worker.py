@@ -4,8 +4,9 @@
 
 Writes local WebDataset shards of ImageNet-size JPEGs (500x375, textured, ~100 KB), then in one process:
 1. engine alone: DAAM on already decoded, preprocessed batches resident on the device (the same batches);
-2. worker loop: UnitWorker.process_unit over the shards (read, decode, preprocess, copy, DAAM, statistics on the
-   device, one packed copy to the host, Zarr and Parquet writes, commit).
+2. worker loop: UnitWorker.run_units over the shards, as the runner drives a worker (read, decode, preprocess,
+   copy, DAAM, statistics on the device, one packed copy to the host, Zarr and Parquet writes, commit; the next
+   unit's decoding and the last one's commit overlap the computation).
 It prints images/s of both, their ratio, and the bytes per image of the outputs (maps.zarr and the Parquet tables).
 """
 
@@ -69,15 +70,17 @@ def make_job(model: str, shards: list[str], decoder: str, threads: int, batch: i
 def measure(job: JobConfig, shards: list[str], device: str) -> dict:
     with UnitWorker(job, device) as worker:
         sync = torch.cuda.synchronize if worker.device.type == "cuda" else (lambda: None)
-        next(worker._batches(shards[0], []))  # warm-up: decoder start (nvjpeg), threads
+        with worker.prefetch_batches(shards[0], []) as ready:  # warm-up: decoder start (nvjpeg), threads
+            next(ready)
 
         start = time.perf_counter()
-        resident = [
-            pixels.to(worker.device, non_blocking=True) for url in shards for pixels, _ in worker._batches(url, [])
-        ]
+        resident = []
+        for url in shards:
+            with worker.prefetch_batches(url, []) as ready:
+                resident += [pixels.to(worker.device, non_blocking=True) for pixels, _ in ready]
         sync()
         decode_s = time.perf_counter() - start
-        images = [worker.preprocess.normalize(pixels) for pixels in resident]
+        images = [worker.model_input(pixels) for pixels in resident]
 
         worker.daam(images[0])  # warm-up
         sync()
@@ -88,7 +91,7 @@ def measure(job: JobConfig, shards: list[str], device: str) -> dict:
         engine_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        markers = [worker.process_unit(url) for url in shards]
+        markers = [marker for _, marker, _ in worker.run_units("explain", shards)]
         sync()
         loop_s = time.perf_counter() - start
     n = sum(len(p) for p in resident)
