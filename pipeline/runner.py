@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
-from pipeline.store.commit import as_output, clear, done_units
+from pipeline.store.commit import as_output, clear, done_units, sweep_temporaries
 from pipeline.worker import UNITS_IN_FLIGHT, UnitWorker, unit_name
 
 __all__ = ["ActorPlan", "JobSummary", "plan_actors", "run_job"]
@@ -169,7 +169,7 @@ def run_job(
         job: The validated job.
         address: Ray cluster to join (``auto`` or ``ray://host:port``); default: the running one, or a new local one.
         overwrite: Remove earlier outputs first; default is to resume, skipping committed units.
-        use_ray: False runs every unit in this process, one after another (same outputs, no cluster).
+        use_ray: False runs every unit in this process (same outputs, no cluster).
         dry_run: Print the plan and return without computing.
         fault: ``UNIT:BATCHES`` test hook: the worker running UNIT's first attempt dies after BATCHES batches.
         progress: Show a progress bar.
@@ -192,6 +192,9 @@ def run_job(
         print(describe_plan(job, plan, todo, done, bank_todo, bank_done))
         return summary
     _write_job(job)
+    sweep_temporaries(job.output.path)  # of writes interrupted in an earlier run; no worker is writing yet
+    if job.mode == "self-supervised":
+        sweep_temporaries(job.output.path.rstrip("/") + "/bank")
     start = time.perf_counter()
     summary.actors = plan.count
     if job.mode == "self-supervised" and job.bank.shards is not None:

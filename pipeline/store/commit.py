@@ -7,11 +7,12 @@ The output location ``OUT`` (a local path or an fsspec URL: ``file://``, ``s3://
     blocks/<unit>.parquet    the unit's blocks table
     _done/<unit>.json        the commit marker, written last
 
-Protocol: :func:`begin_unit` removes the marker first, then every part of an earlier attempt; the unit's data is
-written; :func:`commit_unit` writes the marker once that data is durable. A unit is done exactly when its marker
-exists, so an interrupted unit is redone from scratch and readers (:mod:`pipeline.store.results`) never see its
-rows twice. Parquet files and markers are written under a temporary name and renamed, so a partial file never
-carries a final name. On local file systems files and directories are fsynced before the marker is written.
+Protocol: :func:`begin_unit` removes the marker first, then every part of an earlier attempt (temporary files of
+interrupted writes are swept once per job, :func:`sweep_temporaries`); the unit's data is written;
+:func:`commit_unit` writes the marker once that data is durable. A unit is done exactly when its marker exists, so
+an interrupted unit is redone from scratch and readers (:mod:`pipeline.store.results`) never see its rows twice.
+Parquet files and markers are written under a temporary name and renamed, so a partial file never carries a final
+name. On local file systems files and directories are fsynced before the marker is written.
 Two live writers of the same unit are not guarded against: the driver hands each unit to one worker at a time.
 """
 
@@ -56,6 +57,7 @@ __all__ = [
     "commit_unit",
     "done_units",
     "is_done",
+    "sweep_temporaries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,14 +182,30 @@ def done_units(out: OutputLike) -> list[str]:
 
 
 def begin_unit(out: OutputLike, unit: str) -> None:
-    """Remove the unit's marker, then all its data and temporary files from an earlier attempt."""
+    """Remove the unit's marker, then all its data from an earlier attempt.
+
+    Temporary files of an interrupted write are never read; :func:`sweep_temporaries` removes them once per job
+    (a search here would list folders holding every unit's files, for every unit).
+    """
     output = as_output(out)
     paths = output.unit_paths(unit)
     output.remove(paths["marker"])
     for path in paths.values():
         output.remove(path)
-        for temporary in output.fs.glob(f"{path}.tmp-*"):
-            output.remove(temporary)
+
+
+def sweep_temporaries(out: OutputLike) -> int:
+    """Remove the temporary files of interrupted writes (``*.tmp-*``) under ``OUT``; call it before workers start.
+
+    Returns:
+        How many were removed.
+    """
+    output = as_output(out)
+    folders = [output.root, *(output.path(entry) for entry in (*_ENTRIES[1:], "_failed"))]
+    temporaries = [path for folder in folders for path in output.fs.glob(f"{folder}/*.tmp-*")]
+    for path in temporaries:
+        output.remove(path)
+    return len(temporaries)
 
 
 def commit_unit(out: OutputLike, unit: str, summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pipeline.store.commit import (
     commit_unit,
     done_units,
     is_done,
+    sweep_temporaries,
 )
 from pipeline.store.results import open_results
 from pipeline.store.zarr_store import StoreOptions
@@ -115,13 +116,16 @@ def test_interrupted_commit_leaves_no_marker_and_is_ignored(tmp_path, layout, ma
 def test_begin_unit_removes_every_part(tmp_path, layout, make_batch):
     write_unit(tmp_path, "shard-000000", layout, make_batch, 1, "u0")
     write_unit(tmp_path, "shard-000001", layout, make_batch, 1, "u1")
-    leftover = tmp_path / "samples" / "shard-000000.parquet.tmp-0123abcd"
-    leftover.write_bytes(b"partial")
+    leftovers = [tmp_path / "samples" / "shard-000000.parquet.tmp-0123abcd", tmp_path / "_done" / "u.json.tmp-42"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"partial")
     begin_unit(tmp_path, "shard-000000")
     assert not is_done(tmp_path, "shard-000000")
-    for path in ("maps.zarr/shard-000000", "samples/shard-000000.parquet", "blocks/shard-000000.parquet", leftover):
+    for path in ("maps.zarr/shard-000000", "samples/shard-000000.parquet", "blocks/shard-000000.parquet"):
         assert not (tmp_path / path).exists(), path
-    assert done_units(tmp_path) == ["shard-000001"] and len(open_results(tmp_path).samples) == 5
+    assert done_units(tmp_path) == ["shard-000001"] and len(open_results(tmp_path).samples) == 5  # temporaries unread
+    assert sweep_temporaries(tmp_path) == 2 and not any(leftover.exists() for leftover in leftovers)
+    assert done_units(tmp_path) == ["shard-000001"]
 
 
 def test_memory_url_round_trip_and_clear(layout, make_batch):
