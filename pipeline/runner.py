@@ -1,7 +1,8 @@
 """The Ray driver: one actor per GPU (CPU actors where there is none), units handed out dynamically, retries.
 
-Each unit of work is one input shard. The driver keeps UNITS_IN_FLIGHT units on every actor: they take turns on
-its device, so one unit's commit and the next one's reading and decoding overlap the computation. When an actor
+Each unit of work is one input shard. The driver keeps ``workers.units_in_flight`` units on every actor (two on a
+GPU, one on the CPU): they take turns on its device, so one unit's commit and the next one's reading and decoding
+overlap the computation. When an actor
 dies its units go back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies
 or it raises) after ``workers.max_retries`` extra attempts is recorded under ``OUT/_failed/`` and the rest of the
 job completes. Units already committed are skipped (resume), unless the job is run with ``overwrite``.
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.store.commit import as_output, clear, done_units, sweep_temporaries
-from pipeline.worker import UNITS_IN_FLIGHT, UnitWorker, unit_name
+from pipeline.worker import UnitWorker, unit_name, units_in_flight
 
 __all__ = ["ActorPlan", "JobSummary", "plan_actors", "run_job"]
 
@@ -309,10 +310,10 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
 def _unit_actor_class():
     import ray
 
-    @ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=UNITS_IN_FLIGHT)
+    @ray.remote(max_restarts=0, max_task_retries=0)
     class UnitActor:
-        """A Ray actor holding one :class:`UnitWorker` (the model loaded once); it takes UNITS_IN_FLIGHT units at
-        once, which share the device in turns (UnitWorker.run)."""
+        """A Ray actor holding one :class:`UnitWorker` (the model loaded once); started with max_concurrency set to
+        the units it holds at once, which share its device in turns (UnitWorker.run)."""
 
         def __init__(self, job: dict[str, Any], device: str, fault: str | None, threads: int) -> None:
             import torch
@@ -341,8 +342,10 @@ def _run_ray(
     job_dict = job.model_dump(mode="json")
     threads = max(1, int(plan.num_cpus))
 
+    per_actor = units_in_flight(job, device)
+
     def start_actor():
-        return actor_class.options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus).remote(
+        return actor_class.options(num_gpus=plan.num_gpus, num_cpus=plan.num_cpus, max_concurrency=per_actor).remote(
             job_dict, device, fault, threads
         )
 
@@ -368,7 +371,7 @@ def _run_ray(
     def dispatch() -> None:
         while queue:
             unit = queue[0]
-            open_actors = [a for a in actors if (load[a] == 0 if unit.alone else load[a] < UNITS_IN_FLIGHT)]
+            open_actors = [a for a in actors if (load[a] == 0 if unit.alone else load[a] < per_actor)]
             open_actors = [a for a in open_actors if a not in isolating]
             if not open_actors:
                 return

@@ -3,8 +3,8 @@
 A :class:`UnitWorker` loads the model once and then processes units; a Ray actor wraps one, and the single-process
 path of the runner uses one directly. Per batch the whole computation stays on the device and one packed result
 moves to the host; reading and decoding run ahead in a prefetch thread and writes run behind in a writer thread.
-Units may be processed from two threads at once: the device is held by one unit at a time, so the next unit's
-reading and decoding and the previous unit's commit (Parquet, fsyncs, marker) overlap the computation.
+On a GPU two units may be processed from two threads at once: the device is held by one unit at a time, so the
+next unit's reading and decoding and the previous unit's commit (Parquet, fsyncs, marker) overlap the computation.
 """
 
 from __future__ import annotations
@@ -38,12 +38,20 @@ from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_stati
 from pipeline.store.commit import UnitWriter
 from pipeline.store.zarr_store import MapLayout, StoreOptions
 
-__all__ = ["UNITS_IN_FLIGHT", "UnitWorker", "resolve_device", "unit_name"]
+__all__ = ["UnitWorker", "resolve_device", "unit_name", "units_in_flight"]
 
 _log = logging.getLogger(__name__)
 
-UNITS_IN_FLIGHT = 2
-"""Units a worker holds at once: one on the device, one committing or prefetching."""
+
+def units_in_flight(job: JobConfig, device: torch.device | str) -> int:
+    """Units a worker holds at once (``workers.units_in_flight``). ``auto``: on a GPU two, one on the device while
+    the other commits or prefetches; on the CPU one, since there the computation uses the cores that the
+    overlapped work would need."""
+    value = job.workers.units_in_flight
+    if value != "auto":
+        return value
+    return 2 if torch.device(device).type == "cuda" else 1
+
 
 _AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -157,12 +165,12 @@ class UnitWorker:
         return self.process_unit(url, attempt=attempt)
 
     def run_units(self, stage: str, urls: Sequence[str]) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-        """Process units in order, ``units_in_flight`` at a time as a Ray actor does (see :meth:`run`).
+        """Process units in order, :func:`units_in_flight` at a time as a Ray actor does (see :meth:`run`).
 
         Yields:
             (url, commit marker, None), or (url, None, error message) for a unit that raised a PipelineError.
         """
-        with ThreadPoolExecutor(UNITS_IN_FLIGHT, thread_name_prefix="unit") as pool:
+        with ThreadPoolExecutor(units_in_flight(self.job, self.device), thread_name_prefix="unit") as pool:
             futures = deque((url, pool.submit(self.run, stage, url)) for url in urls)
             try:
                 while futures:
@@ -249,11 +257,14 @@ class UnitWorker:
         return summary
 
     def prefetch_batches(
-        self, url: str, failed: deque[DecodedSample], *, depth: int = 2
+        self, url: str, failed: deque[DecodedSample]
     ) -> Prefetcher[tuple[torch.Tensor, list[DecodedSample]]]:
-        """The unit's batches of good samples, read, decoded and collated up to ``depth`` batches ahead in a
-        background thread (started now); on a GPU, host pixels are pinned for the copy and device pixels (the
-        torchvision decoder) are made on a stream of their own. Hand each batch to :meth:`model_input`.
+        """The unit's batches of good samples, read, decoded and collated.
+
+        ``data.prefetch_batches`` batches ahead in a background thread started now (``auto``: two on a GPU; none
+        on the CPU, where decoding and the model share the cores). On a GPU, host pixels are pinned for the copy
+        and device pixels (the torchvision decoder) are made on a stream of their own. Hand each batch to
+        :meth:`model_input`.
 
         Failed samples are appended to ``failed`` before the batch that follows them; a :class:`ShardError`
         (truncated shard) comes after the batches of the samples read before it. Close the prefetcher (``with``)
@@ -270,6 +281,9 @@ class UnitWorker:
                         stream.synchronize()  # decoded and collated before the model's stream reads it
                     yield pixels, samples
 
+        depth = self.job.data.prefetch_batches
+        if depth == "auto":
+            depth = 2 if stream is not None else 0
         return Prefetcher(produce(), depth, name=f"prefetch-{unit_name(url)}")
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:

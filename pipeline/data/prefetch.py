@@ -35,16 +35,21 @@ class Prefetcher(Generic[T]):
 
     Args:
         source: Any iterable; it is iterated only in the background thread.
-        depth: Items held ready (>= 1).
+        depth: Items held ready; 0 runs nothing ahead: ``source`` is iterated by the consumer, with the same
+            interface (where producer and consumer compete for the same cores, as on a CPU-only worker).
         name: The thread's name.
     """
 
     def __init__(self, source: Iterable[T], depth: int, *, name: str = "prefetch") -> None:
-        if depth < 1:
-            raise ValueError(f"need depth >= 1, got {depth}")
+        if depth < 0:
+            raise ValueError(f"need depth >= 0, got {depth}")
+        self._finished = False
+        self._thread: threading.Thread | None = None
+        if depth == 0:
+            self._inline = iter(source)
+            return
         self._ready: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
-        self._finished = False
         self._thread = threading.Thread(target=self._produce, args=(source,), name=name, daemon=True)
         self._thread.start()
 
@@ -77,6 +82,12 @@ class Prefetcher(Generic[T]):
     def __next__(self) -> T:
         if self._finished:
             raise StopIteration
+        if self._thread is None:
+            try:
+                return next(self._inline)
+            except BaseException:
+                self.close()
+                raise
         item = self._ready.get()
         if item is _END or isinstance(item, _Raised):
             self._finished = True
@@ -87,8 +98,13 @@ class Prefetcher(Generic[T]):
         return item
 
     def close(self) -> None:
-        """Stop the background thread and wait for it; the items it had ready are dropped."""
+        """Stop the background thread and wait for it (the items it had ready are dropped); close ``source``."""
         self._finished = True
+        if self._thread is None:
+            close = getattr(self._inline, "close", None)
+            if close is not None:
+                close()
+            return
         self._stop.set()
         self._thread.join()
 

@@ -61,6 +61,38 @@ def test_closing_early_stops_the_thread_and_closes_the_source():
     assert closed.is_set() and not _threads()
 
 
-def test_depth_must_be_positive():
-    with pytest.raises(ValueError, match="depth >= 1"):
-        Prefetcher(iter(()), 0)
+def test_depth_zero_iterates_in_the_consumer_with_the_same_contract():
+    produced = []
+
+    def source():
+        for i in range(3):
+            produced.append(threading.current_thread().name)
+            yield i
+        raise ValueError("shard broke")
+
+    ready = Prefetcher(source(), 0, name="test-prefetch")
+    assert produced == [] and not _threads()  # nothing runs ahead
+    got = []
+    with pytest.raises(ValueError, match="shard broke"), ready:
+        for item in ready:
+            got.append(item)
+    assert got == [0, 1, 2] and set(produced) == {threading.current_thread().name}
+    assert next(ready, "done") == "done"
+
+    closed = []
+
+    def endless():
+        try:
+            while True:
+                yield 1
+        finally:
+            closed.append(True)
+
+    with Prefetcher(endless(), 0) as ready:
+        next(ready)
+    assert closed == [True]
+
+
+def test_depth_must_not_be_negative():
+    with pytest.raises(ValueError, match="depth >= 0"):
+        Prefetcher(iter(()), -1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,22 +56,46 @@ def assert_same_results(out: Path, reference) -> None:
         np.testing.assert_allclose(results.maps(key).daam, reference.maps(key).daam, rtol=1e-3, atol=1e-6)
 
 
+# as on a GPU: two units per worker take turns on its device while the other commits or prefetches
+OVERLAP = {"workers.units_in_flight": 2, "data.prefetch_batches": 2}
+
+
 def test_two_actors_equal_one_process(cluster, shards, reference, tmp_path):
     summary = run_job(parse_job(job_dict(shards, tmp_path / "out")), progress=False)
     assert (summary.actors, summary.done, summary.failed_units, summary.exit_code) == (2, 4, {}, 3)
     assert_same_results(tmp_path / "out", reference)
 
 
+def test_overlapped_units_equal_one_at_a_time(cluster, shards, reference, tmp_path):
+    for use_ray, out in ((False, tmp_path / "single"), (True, tmp_path / "ray")):
+        summary = run_job(parse_job(job_dict(shards, out, **OVERLAP)), use_ray=use_ray, progress=False)
+        assert (summary.done, summary.failed_units) == (4, {})
+        assert_same_results(out, reference)
+        markers = [json.loads(path.read_text()) for path in (out / "_done").glob("*.json")]
+        assert len(markers) == 4 and all(m["wait_seconds"] >= 0 and m["seconds"] > 0 for m in markers)
+
+
 def test_killed_actor_is_replaced_and_every_sample_lands_once(cluster, shards, reference, tmp_path):
-    job = parse_job(job_dict(shards, tmp_path / "out"))
+    job = parse_job(job_dict(shards, tmp_path / "out", **OVERLAP))
     summary = run_job(job, fault="part2-000000:1", progress=False)
     # a second death when part2 was retried alone after dying beside another unit (which one killed it is unknown)
     assert summary.actor_restarts in (1, 2) and summary.done == 4 and not summary.failed_units
     assert_same_results(tmp_path / "out", reference)
 
 
+def test_after_a_death_beside_another_unit_each_retries_alone_and_only_the_culprit_is_charged(
+    cluster, shards, reference, tmp_path
+):
+    # one actor holding part0 (on the device, dies after a batch) and part1 (waiting for the device)
+    overrides = {"workers.cpu_actors": 1, "workers.max_retries": 0, **OVERLAP}
+    job = parse_job(job_dict(shards, tmp_path / "out", **overrides))
+    summary = run_job(job, fault="part0-000000:1", progress=False)
+    # part0 dies again alone, which charges it; part1, retried alone, is not charged although no retries are allowed
+    assert summary.actor_restarts == 2 and list(summary.failed_units) == ["part0-000000"] and summary.done == 3
+
+
 def test_unit_that_keeps_failing_is_recorded_then_resume_completes(cluster, shards, reference, tmp_path):
-    job = parse_job(job_dict(shards, tmp_path / "out", **{"workers.max_retries": 0}))
+    job = parse_job(job_dict(shards, tmp_path / "out", **{"workers.max_retries": 0, **OVERLAP}))
     summary = run_job(job, fault="part3-000000:1", progress=False)
     # with no retries allowed, the unit that shared the dying actor is still not charged: only part3 fails
     assert list(summary.failed_units) == ["part3-000000"] and summary.done == 3 and summary.exit_code == 1
