@@ -22,8 +22,8 @@ WHEELS=${WHEELS:-.whl}
 MODELS=${MODELS:-vit_small_patch16_224 vit_base_patch16_224 vit_small_patch8_224}
 MODEL=${MODEL:-vit_base_patch16_224}
 BATCH=${BATCH:-128}
-IMAGES=${IMAGES:-2048}
-PER_SHARD=${PER_SHARD:-1024}
+IMAGES=${IMAGES:-3072}
+PER_SHARD=${PER_SHARD:-512}
 THREADS=${THREADS:-16}
 DTYPES=${DTYPES:-bfloat16 float32}
 DTYPE=${DTYPE:-bfloat16}
@@ -80,7 +80,7 @@ for model in $MODELS; do
 done
 step "worker loop vs engine: $MODEL $DTYPE, $THREADS PIL threads" 120 "$PY" benchmarks/worker.py --model "$MODEL" \
   --dtype "$DTYPE" --batch "$BATCH" --images "$IMAGES" --per-shard "$PER_SHARD" --decode-threads "$THREADS" \
-  --workdir "$WORK"
+  --overlap auto --overlap sequential --workdir "$WORK"
 step "decoders: PIL x$THREADS vs torchvision" 150 "$PY" benchmarks/decoders.py --model "$MODEL" --dtype "$DTYPE" \
   --batch "$BATCH" --images "$IMAGES" --per-shard "$PER_SHARD" --pil-threads "$THREADS" --workdir "$WORK"
 

@@ -13,9 +13,12 @@ It prints images/s of both, their ratio, and the bytes per image of the outputs 
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -39,14 +42,22 @@ def photo_like_jpeg(rng: np.random.Generator, width: int = 500, height: int = 37
 
 
 def write_benchmark_shards(folder: Path, images: int, per_shard: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    samples = [
-        ShardSample(
-            f"img_{i:06d}", photo_like_jpeg(rng), "jpg", int(rng.integers(0, 1000)), {"width": 500, "height": 375}
-        )
-        for i in range(images)
-    ]
-    write_shards(samples, folder, samples_per_shard=per_shard)
+    """Shards of photo-like JPEGs (made in threads, each from its own seed); a folder written earlier with the same
+    arguments is reused, so the benchmarks of one run share their shards."""
+    recipe = {"images": images, "per_shard": per_shard, "seed": seed}
+    stamp = folder / "benchmark.json"
+    if not (stamp.exists() and json.loads(stamp.read_text()) == recipe):
+
+        def sample(i: int) -> ShardSample:
+            rng = np.random.default_rng((seed, i))
+            label = int(rng.integers(0, 1000))
+            return ShardSample(f"img_{i:06d}", photo_like_jpeg(rng), "jpg", label, {"width": 500, "height": 375})
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            samples = list(pool.map(sample, range(images)))
+        shutil.rmtree(folder, ignore_errors=True)
+        write_shards(samples, folder, samples_per_shard=per_shard)
+        stamp.write_text(json.dumps(recipe))
     return sorted(str(p) for p in folder.glob("*.tar"))
 
 
@@ -54,15 +65,36 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def make_job(model: str, shards: list[str], decoder: str, threads: int, batch: int, dtype: str, out: Path) -> JobConfig:
+OVERLAP = {
+    "auto": {},  # the job's defaults: on a GPU two units in flight and two batches prefetched, on the CPU neither
+    "sequential": {"units_in_flight": 1, "prefetch_batches": 0},  # one unit at a time, decoding as the model asks
+}
+
+
+def make_job(
+    model: str,
+    shards: list[str],
+    decoder: str,
+    threads: int,
+    batch: int,
+    dtype: str,
+    out: Path,
+    overlap: str = "auto",
+) -> JobConfig:
+    settings = OVERLAP[overlap]
+    data = dict(shards=shards, decoder=decoder, decode_threads=threads, preprocess="crop")
+    if "prefetch_batches" in settings:
+        data["prefetch_batches"] = settings["prefetch_batches"]
+    workers = {"units_in_flight": settings["units_in_flight"]} if "units_in_flight" in settings else {}
     return parse_job(
         dict(
             name=f"bench-{decoder}",
             model=dict(name=model, num_classes=1000),
-            data=dict(shards=shards, decoder=decoder, decode_threads=threads, preprocess="crop"),
+            data=data,
             batch_size=batch,
             dtype=dtype,
             output=dict(path=str(out)),
+            workers=workers,
         )
     )
 
@@ -131,25 +163,41 @@ def device_name(device: str) -> str:
 @click.command()
 @benchmark_options
 @click.option("--decode-threads", default=max(1, (os.cpu_count() or 2) - 1), show_default=True)
-def main(model, images, per_shard, batch, dtype, device, workdir, decode_threads) -> None:
+@click.option(
+    "--overlap",
+    "modes",
+    multiple=True,
+    type=click.Choice(sorted(OVERLAP)),
+    default=["auto"],
+    show_default=True,
+    help="auto: the job defaults (overlapped units and prefetching on a GPU); sequential: one unit at a time, "
+    "decoding as the model asks. Repeat to compare.",
+)
+def main(model, images, per_shard, batch, dtype, device, workdir, decode_threads, modes) -> None:
     """Print worker-loop and engine-alone throughput, their ratio, and output bytes per image."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="daam-worker-bench-"))
     shards = write_benchmark_shards(workdir / "shards", images, per_shard)
-    out = workdir / "out"
-    r = measure(make_job(model, shards, "pil", decode_threads, batch, dtype, out), shards, device)
+    print(
+        f"{'model':24} {'dtype':9} {'batch':>5} {'overlap':>10} {'engine img/s':>13} {'worker img/s':>13} {'ratio':>6}",
+        flush=True,
+    )
+    for mode in modes:
+        out = workdir / f"out-{mode}"
+        r = measure(make_job(model, shards, "pil", decode_threads, batch, dtype, out, mode), shards, device)
+        print(
+            f"{model:24} {dtype:9} {batch:>5} {mode:>10} {r['engine_images_per_s']:>13.1f} "
+            f"{r['worker_images_per_s']:>13.1f} {r['ratio']:>6.3f}",
+            flush=True,
+        )
     n = r["images"]
     maps_bytes = folder_bytes(out / "maps.zarr")
     table_bytes = folder_bytes(out / "samples") + folder_bytes(out / "blocks")
-    print(f"{'model':24} {'dtype':9} {'batch':>5} {'engine img/s':>13} {'worker img/s':>13} {'ratio':>6}")
-    print(
-        f"{model:24} {dtype:9} {batch:>5} {r['engine_images_per_s']:>13.1f} {r['worker_images_per_s']:>13.1f} "
-        f"{r['ratio']:>6.3f}"
-    )
     print(
         f"bytes per image: maps.zarr {maps_bytes / n / 1024:.1f} KB, Parquet {table_bytes / n / 1024:.1f} KB, "
-        f"total {(maps_bytes + table_bytes) / n / 1024:.1f} KB ({n} images, default float16 + zstd)"
+        f"total {(maps_bytes + table_bytes) / n / 1024:.1f} KB ({n} images in {len(shards)} shards, default float16 "
+        "+ zstd)"
     )
-    print(f"device: {device_name(device)}; decode threads {decode_threads}; outputs in {out}")
+    print(f"device: {device_name(device)}; decode threads {decode_threads}; outputs in {workdir}")
 
 
 if __name__ == "__main__":

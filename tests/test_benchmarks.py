@@ -1,0 +1,47 @@
+"""The benchmark scripts run as they stand (the GPU check runs them on a machine nobody can debug on): each with
+a tiny configuration on the CPU, printing its table. Figures are not asserted here: benchmarks/README.md holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def run(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=500
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_engine_benchmark(tmp_path):
+    rows = tmp_path / "rows.json"
+    out = run(
+        "engine.py", "--model", "vit_tiny_patch16_224", "--batch", "2", "--rounds", "1", "--repeats", "1",
+        "--json-out", str(rows),
+    )  # fmt: skip
+    assert "vit_tiny_patch16_224" in out and "device: cpu" in out
+    (row,) = json.loads(rows.read_text())
+    assert row["ratio"] > 0 and row["floor_peak_mib"] > 0 and row["daam_peak_mib"] > 0
+
+
+def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
+    tiny = ["--model", "vit_tiny_patch16_224", "--images", "8", "--per-shard", "4", "--batch", "4"]
+    out = run("worker.py", *tiny, "--overlap", "auto", "--overlap", "sequential", "--workdir", str(tmp_path))
+    assert " auto " in out and " sequential " in out and "bytes per image" in out
+    stamp = (tmp_path / "shards" / "benchmark.json").stat().st_mtime_ns
+    out = run("decoders.py", *tiny, "--pil-threads", "1", "--workdir", str(tmp_path))
+    assert "pil" in out and "torchvision" in out
+    assert (tmp_path / "shards" / "benchmark.json").stat().st_mtime_ns == stamp  # reused, not rewritten
