@@ -65,9 +65,9 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-OVERLAP = {
-    "auto": {},  # the job's defaults: on a GPU two units in flight and two batches prefetched, on the CPU neither
-    "sequential": {"units_in_flight": 1, "prefetch_batches": 0},  # one unit at a time, decoding as the model asks
+OVERLAP = {  # (workers.units_in_flight, data.prefetch_batches)
+    "auto": ("auto", "auto"),  # the job defaults: on a GPU two units in flight, two batches ahead; on the CPU neither
+    "sequential": (1, 0),  # one unit at a time, decoding as the model asks
 }
 
 
@@ -81,20 +81,18 @@ def make_job(
     out: Path,
     overlap: str = "auto",
 ) -> JobConfig:
-    settings = OVERLAP[overlap]
-    data = dict(shards=shards, decoder=decoder, decode_threads=threads, preprocess="crop")
-    if "prefetch_batches" in settings:
-        data["prefetch_batches"] = settings["prefetch_batches"]
-    workers = {"units_in_flight": settings["units_in_flight"]} if "units_in_flight" in settings else {}
+    units, prefetch = OVERLAP[overlap]
     return parse_job(
         dict(
             name=f"bench-{decoder}",
             model=dict(name=model, num_classes=1000),
-            data=data,
+            data=dict(
+                shards=shards, decoder=decoder, decode_threads=threads, preprocess="crop", prefetch_batches=prefetch
+            ),
             batch_size=batch,
             dtype=dtype,
             output=dict(path=str(out)),
-            workers=workers,
+            workers=dict(units_in_flight=units),
         )
     )
 

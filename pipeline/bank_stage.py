@@ -23,7 +23,7 @@ from pipeline.config import JobConfig
 from pipeline.engine.bank import MemoryBank
 from pipeline.errors import BankError
 from pipeline.models import pooled_features
-from pipeline.store.commit import as_output, commit_unit, done_units
+from pipeline.store.commit import Output, as_output, commit_unit, done_units
 
 if TYPE_CHECKING:
     from pipeline.worker import UnitWorker
@@ -33,12 +33,13 @@ __all__ = ["assemble_bank", "bank_is_built", "encode_unit", "load_bank"]
 _log = logging.getLogger(__name__)
 
 
-def _bank_output(job: JobConfig):
+def bank_output(job: JobConfig) -> Output:
+    """Where the bank stage writes its units: ``OUT/bank``."""
     return as_output(job.output.path.rstrip("/") + "/bank")
 
 
 def bank_units_done(job: JobConfig) -> list[str]:
-    return done_units(_bank_output(job))
+    return done_units(bank_output(job))
 
 
 def encode_unit(worker: UnitWorker, url: str, *, attempt: int = 0) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def encode_unit(worker: UnitWorker, url: str, *, attempt: int = 0) -> dict[str, 
     from pipeline.engine.transfer import to_host
     from pipeline.worker import unit_name
 
-    output = _bank_output(worker.job)
+    output = bank_output(worker.job)
     unit = unit_name(url)
     paths = output.unit_paths(unit)
     group_path = output.path("features.zarr", unit)
@@ -89,7 +90,7 @@ def assemble_bank(job: JobConfig) -> MemoryBank:
     from pipeline.config import expand_shards
     from pipeline.worker import unit_name
 
-    output = _bank_output(job)
+    output = bank_output(job)
     units = [unit_name(u) for u in expand_shards(job.bank.shards, "bank.shards")]
     missing = sorted(set(units) - set(bank_units_done(job)))
     if missing:

@@ -77,18 +77,11 @@ class DataConfig(_Section):
         "device (nvjpeg on a GPU), other files through PIL",
     )
     max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused as bombs")
-    prefetch_batches: int | Literal["auto"] = Field(
+    prefetch_batches: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
         description="batches read and decoded ahead in a background thread; auto: 2 on a GPU, 0 on the CPU (where "
         "decoding and the model share the cores)",
     )
-
-    @field_validator("prefetch_batches")
-    @classmethod
-    def _non_negative_prefetch(cls, value: int | str) -> int | str:
-        if value != "auto" and value < 0:
-            raise ValueError("must be 'auto' or >= 0")
-        return value
 
 
 class BankConfig(_Section):
@@ -120,18 +113,11 @@ class WorkersConfig(_Section):
     cpus_per_actor: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0, description="extra attempts for a unit whose actor died or that failed")
     actor_start_timeout_s: float = Field(300, gt=0, description="give up on an actor that does not start")
-    units_in_flight: int | Literal["auto"] = Field(
+    units_in_flight: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="units a worker holds at once, taking turns on its device while the others commit or prefetch; "
         "auto: 2 on a GPU, 1 on the CPU",
     )
-
-    @field_validator("units_in_flight")
-    @classmethod
-    def _positive_units(cls, value: int | str) -> int | str:
-        if value != "auto" and value < 1:
-            raise ValueError("must be 'auto' or >= 1")
-        return value
 
 
 class ErrorPolicy(_Section):

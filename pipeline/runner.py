@@ -2,10 +2,10 @@
 
 Each unit of work is one input shard. The driver keeps ``workers.units_in_flight`` units on every actor (two on a
 GPU, one on the CPU): they take turns on its device, so one unit's commit and the next one's reading and decoding
-overlap the computation. When an actor
-dies its units go back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies
-or it raises) after ``workers.max_retries`` extra attempts is recorded under ``OUT/_failed/`` and the rest of the
-job completes. Units already committed are skipped (resume), unless the job is run with ``overwrite``.
+overlap the computation. When an actor dies its units go back to the queue and a new actor takes its place; a unit
+that keeps failing (its actor dies or it raises) after ``workers.max_retries`` extra attempts is recorded under
+``OUT/_failed/`` and the rest of the job completes. Units already committed are skipped (resume), unless the job
+is run with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -195,7 +195,9 @@ def run_job(
     _write_job(job)
     sweep_temporaries(job.output.path)  # of writes interrupted in an earlier run; no worker is writing yet
     if job.mode == "self-supervised":
-        sweep_temporaries(job.output.path.rstrip("/") + "/bank")
+        from pipeline.bank_stage import bank_output
+
+        sweep_temporaries(bank_output(job))
     start = time.perf_counter()
     summary.actors = plan.count
     if job.mode == "self-supervised" and job.bank.shards is not None:
@@ -363,7 +365,6 @@ def _run_ray(
     actors = [start_actor() for _ in range(plan.count)]
     wait_ready(actors)
     load = dict.fromkeys(actors, 0)  # units in flight per live actor
-    isolating: set = set()  # actors running a unit alone (see below)
     died_with: dict[Any, int] = {}  # dead actor -> units it held when it died
     queue = deque(_Pending(url) for url in todo)
     running: dict[Any, tuple[Any, _Pending]] = {}
@@ -371,15 +372,14 @@ def _run_ray(
     def dispatch() -> None:
         while queue:
             unit = queue[0]
-            open_actors = [a for a in actors if (load[a] == 0 if unit.alone else load[a] < per_actor)]
-            open_actors = [a for a in open_actors if a not in isolating]
+            isolating = {a for a, u in running.values() if u.alone}  # actors running a unit alone take no other
+            room = 1 if unit.alone else per_actor
+            open_actors = [a for a in actors if load[a] + 1 <= room and a not in isolating]
             if not open_actors:
                 return
             actor = min(open_actors, key=load.__getitem__)
             queue.popleft()
             load[actor] += 1
-            if unit.alone:
-                isolating.add(actor)
             running[actor.process.remote(stage, unit.url, unit.attempt)] = (actor, unit)
 
     try:
@@ -397,7 +397,6 @@ def _run_ray(
                         )
                         summary.actor_restarts += 1
                         died_with[actor] = load.pop(actor)
-                        isolating.discard(actor)
                         actors.remove(actor)
                         ray.kill(actor, no_restart=True)
                         replacement = start_actor()
@@ -415,8 +414,6 @@ def _run_ray(
                     error = None
                 if actor in load:
                     load[actor] -= 1
-                    if unit.alone:
-                        isolating.discard(actor)
                 if error is None:
                     yield unit_name(unit.url), marker, None
                 elif unit.attempt < job.workers.max_retries:

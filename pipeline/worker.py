@@ -47,10 +47,14 @@ def units_in_flight(job: JobConfig, device: torch.device | str) -> int:
     """Units a worker holds at once (``workers.units_in_flight``). ``auto``: on a GPU two, one on the device while
     the other commits or prefetches; on the CPU one, since there the computation uses the cores that the
     overlapped work would need."""
-    value = job.workers.units_in_flight
+    return _on_device(job.workers.units_in_flight, device, gpu=2, cpu=1)
+
+
+def _on_device(value: int | str, device: torch.device | str, *, gpu: int, cpu: int) -> int:
+    """A job's ``auto``-or-number setting: the number, or its ``auto`` value on this device."""
     if value != "auto":
-        return value
-    return 2 if torch.device(device).type == "cuda" else 1
+        return int(value)
+    return gpu if torch.device(device).type == "cuda" else cpu
 
 
 _AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -275,15 +279,13 @@ class UnitWorker:
         def produce() -> Iterator[tuple[torch.Tensor, list[DecodedSample]]]:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 for pixels, samples in batches(self._decode(url), self.job.batch_size, on_error=failed.append):
-                    if pixels.device.type == "cpu":
-                        pixels = pixels.pin_memory() if stream is not None else pixels
+                    if stream is not None and pixels.device.type == "cpu":
+                        pixels = pixels.pin_memory()
                     elif stream is not None:
                         stream.synchronize()  # decoded and collated before the model's stream reads it
                     yield pixels, samples
 
-        depth = self.job.data.prefetch_batches
-        if depth == "auto":
-            depth = 2 if stream is not None else 0
+        depth = _on_device(self.job.data.prefetch_batches, self.device, gpu=2, cpu=0)
         return Prefetcher(produce(), depth, name=f"prefetch-{unit_name(url)}")
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -72,9 +72,7 @@ class Prefetcher(Generic[T]):
         except BaseException as e:  # handed to the consumer, raised there
             self._put(_Raised(e))
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            _close(iterator)
 
     def __iter__(self) -> Prefetcher[T]:
         return self
@@ -90,7 +88,6 @@ class Prefetcher(Generic[T]):
                 raise
         item = self._ready.get()
         if item is _END or isinstance(item, _Raised):
-            self._finished = True
             self.close()
             if item is _END:
                 raise StopIteration
@@ -101,9 +98,7 @@ class Prefetcher(Generic[T]):
         """Stop the background thread and wait for it (the items it had ready are dropped); close ``source``."""
         self._finished = True
         if self._thread is None:
-            close = getattr(self._inline, "close", None)
-            if close is not None:
-                close()
+            _close(self._inline)
             return
         self._stop.set()
         self._thread.join()
@@ -113,3 +108,10 @@ class Prefetcher(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close(iterator: object) -> None:
+    """Close a generator (or any iterator with ``close``), running its ``finally`` blocks."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()

@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 _UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ENTRIES = ("maps.zarr", "samples", "blocks", "evaluation", "explainer_blocks", "_done")
+_ATOMIC_FOLDERS = ("samples", "blocks", "evaluation", "explainer_blocks", "_done", "_failed")  # put_atomic's
 _OPTIONAL_TABLES = ("evaluation", "explainer_blocks")  # written only by jobs that evaluate / compare
 _METRICS = ("pointing_hit", "box_energy", "deletion_auc", "insertion_auc")
 
@@ -201,7 +202,7 @@ def sweep_temporaries(out: OutputLike) -> int:
         How many were removed.
     """
     output = as_output(out)
-    folders = [output.root, *(output.path(entry) for entry in (*_ENTRIES[1:], "_failed"))]
+    folders = [output.root, *(output.path(name) for name in _ATOMIC_FOLDERS)]
     temporaries = [path for folder in folders for path in output.fs.glob(f"{folder}/*.tmp-*")]
     for path in temporaries:
         output.remove(path)
