@@ -36,7 +36,7 @@ from PIL import Image
 from pipeline.config import parse_job
 from pipeline.data.shards import ShardSample, write_shards
 from pipeline.runner import run_job
-from pipeline.store.commit import as_output
+from pipeline.store.output import as_output
 
 TINY_MODEL = {
     "name": "vit_tiny_patch16_224",

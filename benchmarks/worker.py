@@ -112,11 +112,12 @@ def measure(job: JobConfig, shards: list[str], device: str) -> dict:
         decode_s = time.perf_counter() - start
         images = [worker.model_input(pixels) for pixels in resident]
 
-        worker.daam(images[0])  # warm-up
+        engine = worker.stages["explain"].daam
+        engine(images[0])  # warm-up
         sync()
         start = time.perf_counter()
         for batch in images:
-            worker.daam(batch)
+            engine(batch)
         sync()
         engine_s = time.perf_counter() - start
 

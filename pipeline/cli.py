@@ -89,7 +89,7 @@ def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, sets
 
 
 def _headline(out: str) -> str:
-    from pipeline.evaluate import headline_tables
+    from pipeline.summaries import headline_tables
 
     return headline_tables(out)
 
@@ -107,14 +107,14 @@ def summary(out) -> None:
 @_set_option
 @_user_errors
 def validate(job_file, sets) -> None:
-    """Check JOB_FILE (keys, types, shards, checkpoint) without running it."""
+    """Check JOB_FILE (keys, types, shards, model, checkpoint, labels, bank) without running it: the checks `run`
+    makes before any worker starts."""
     from pipeline.config import load_job
+    from pipeline.runner.preflight import preflight
 
     job = load_job(job_file, _overrides(sets))
-    urls = job.shard_urls()
-    if job.model.checkpoint and "://" not in job.model.checkpoint and not Path(job.model.checkpoint).is_file():
-        raise PipelineError(f"model.checkpoint: {job.model.checkpoint} does not exist")
-    click.echo(f"job {job.name} is valid: {len(urls)} shard(s), model {job.model.name}, mode {job.mode}")
+    checked = preflight(job)
+    click.echo(f"job {job.name} is valid: {len(checked.urls)} shard(s), model {job.model.name}, mode {job.mode}")
 
 
 @main.command()

@@ -1,7 +1,9 @@
-"""The job file as validated, frozen models.
+"""The job file as validated, frozen models: every rule of a job lives here.
 
 A job is YAML. Unknown keys are errors, and every error names its field path (``data.batch_size: ...``) and the
-file. Relative paths in a job are resolved against the job file's folder, so jobs can ship beside their data.
+file. Relative paths in a job are resolved against the job file's folder, so jobs can ship beside their data. The
+store and the evaluation read their options from these models (:class:`StoreOptions`, :class:`EvaluationConfig`),
+so each name and each rule exists once. Importing this module imports neither torch nor pandas.
 """
 
 from __future__ import annotations
@@ -9,64 +11,106 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.names import (
+    COMPARISON_EXPLAINERS,
+    COMPRESSORS,
+    COMPUTE_DTYPES,
+    ENGINE_ARRAYS,
+    EXPLAINERS,
+    MAP_ARRAYS,
+    METRIC_GROUPS,
+    PERTURBATION_BASELINES,
+    REFERENCE_MAPS,
+    STORE_DTYPES,
+)
 
 __all__ = [
     "BankConfig",
     "DataConfig",
     "ErrorPolicy",
+    "EvaluationConfig",
     "JobConfig",
     "ModelConfig",
     "OutputConfig",
+    "StoreOptions",
     "WorkersConfig",
+    "expand_shards",
+    "is_url",
     "load_job",
+    "parse_job",
 ]
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
+def is_url(path: str) -> bool:
+    """Whether a shard or output location is a URL (fsspec's ``proto://`` or WebDataset's ``pipe:``)."""
+    return "://" in path or path.startswith("pipe:")
 
 
 def _resolve(path: str, base: Path | None) -> str:
     """A local path relative to the job file becomes absolute; URLs stay as they are."""
-    if _is_url(path) or base is None:
+    if is_url(path) or base is None:
         return path
     expanded = Path(os.path.expandvars(os.path.expanduser(path)))
     return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
 
 
 class _Section(BaseModel):
+    """A frozen part of the job. Built on its own (``EvaluationConfig(steps=0)``) it raises ConfigError, naming
+    the field under the section's place in a job file (``evaluate.steps``)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    section: ClassVar[str] = ""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, self.section or type(self).__name__, prefix=self.section)) from None
 
 
 class ModelConfig(_Section):
     """Which timm model to explain and where its weights come from."""
 
-    name: str = Field(description="timm model name, optionally with a pretrained tag (vit_small_patch16_224.dino)")
+    section: ClassVar[str] = "model"
+    name: str = Field(
+        min_length=1, description="timm model name, optionally with a pretrained tag (vit_small_patch16_224.dino)"
+    )
     checkpoint: str | None = Field(None, description="local path or fsspec URL of .safetensors / torch weights")
     pretrained: bool = Field(False, description="download hub weights (machines with network access only)")
     num_classes: int | None = Field(None, ge=0, description="classifier size; 0 removes the head")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="more timm.create_model keyword arguments")
 
 
+def _check_braces(pattern: str) -> str:
+    import braceexpand
+
+    try:
+        braceexpand.braceexpand(pattern)  # parses the whole pattern at once, expands lazily
+    except braceexpand.UnbalancedBracesError as e:
+        raise ValueError(f"malformed brace pattern {pattern!r}: {e}") from None
+    return pattern
+
+
+def _distinct(value: Any) -> Any:
+    if len(set(value)) != len(value):
+        raise ValueError(f"names an array twice: {list(value)}")
+    return value
+
+
+ShardSpec = Annotated[str, Field(min_length=1)]
+
+
 class DataConfig(_Section):
     """The input shards: units of work, one shard each."""
 
-    shards: str | list[str] = Field(
+    section: ClassVar[str] = "data"
+    shards: ShardSpec | list[ShardSpec] = Field(
         description="brace pattern (shard-{000000..000099}.tar), glob, list file (.txt, one URL per line) or list"
     )
     preprocess: Literal["resize", "crop"] = Field("resize", description="resize: the paper; crop: timm eval")
@@ -83,12 +127,24 @@ class DataConfig(_Section):
         "decoding and the model share the cores)",
     )
 
+    @field_validator("shards")
+    @classmethod
+    def _braces_balance(cls, value: str | list[str]) -> str | list[str]:
+        for item in [value] if isinstance(value, str) else value:
+            _check_braces(item)
+        return value
+
 
 class BankConfig(_Section):
-    """The k-NN memory bank of self-supervised DAAM (METHOD.md, dimension-wise importance weights)."""
+    """The k-NN memory bank of self-supervised DAAM (docs/method.md, dimension-wise importance weights)."""
 
-    shards: str | list[str] | None = Field(None, description="reference shards the bank stage encodes")
-    path: str | None = Field(None, description="bank location; default OUTPUT/bank.zarr")
+    section: ClassVar[str] = "bank"
+    shards: ShardSpec | list[ShardSpec] | None = Field(None, description="reference shards the bank stage encodes")
+    path: str | None = Field(
+        None,
+        description="bank location: written by the bank stage (default OUTPUT/bank.zarr), or an existing bank "
+        "(MemoryBank.to_zarr, `daam-pipeline bank import`) when bank.shards is not given",
+    )
     k: int = Field(20, ge=1)
     temperature: float = Field(0.07, gt=0)
     label_free: bool = Field(False, description="ignore labels: keep all k neighbours, no vote")
@@ -96,18 +152,46 @@ class BankConfig(_Section):
     chunk_size: int = Field(65536, ge=1, description="bank rows per device chunk")
     storage_dtype: Literal["float32", "float16"] = "float32"
 
+    @field_validator("shards")
+    @classmethod
+    def _braces_balance(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for item in [] if value is None else [value] if isinstance(value, str) else value:
+            _check_braces(item)
+        return value
 
-class OutputConfig(_Section):
-    path: str = Field(description="output location: a local folder or an fsspec URL")
-    arrays: list[Literal["block_maps", "daam", "coefficients"]] = Field(
-        default_factory=lambda: ["block_maps", "daam", "coefficients"], description="Zarr arrays to store"
+
+class _Storage(_Section):
+    dtype: Literal[STORE_DTYPES] = Field(
+        "float16", description="storage dtype of the maps (float16: scaled per map, within 2.4e-4 of its peak)"
     )
-    dtype: Literal["float16", "float32", "bfloat16"] = "float16"
-    compressor: Literal["zstd", "blosc", "none"] = "zstd"
+    compressor: Literal[COMPRESSORS] = "zstd"
     compression_level: int = Field(3, ge=0, le=22)
+    chunk_rows: int = Field(128, ge=1, description="samples per Zarr chunk")
+
+
+class StoreOptions(_Storage):
+    """How a unit's maps are stored: the job's ``output`` storage fields and every array it stores."""
+
+    section: ClassVar[str] = "output"
+    arrays: tuple[Literal[MAP_ARRAYS], ...] = Field(ENGINE_ARRAYS, description="arrays stored per sample")
+
+    _distinct_arrays = field_validator("arrays")(_distinct)
+
+
+class OutputConfig(_Storage):
+    """Where and how the results are written."""
+
+    section: ClassVar[str] = "output"
+    path: str = Field(description="output location: a local folder or an fsspec URL")
+    arrays: list[Literal[ENGINE_ARRAYS]] = Field(
+        default_factory=lambda: list(ENGINE_ARRAYS), description="DAAM arrays to store (explainers' maps always are)"
+    )
+
+    _distinct_arrays = field_validator("arrays")(_distinct)
 
 
 class WorkersConfig(_Section):
+    section: ClassVar[str] = "workers"
     num_gpus: int | Literal["auto"] = Field("auto", description="GPU actors (one per GPU); 0 runs on CPU actors")
     cpu_actors: int = Field(2, ge=1, description="actors when no GPU is available or num_gpus is 0")
     cpus_per_actor: float = Field(1, gt=0)
@@ -121,49 +205,66 @@ class WorkersConfig(_Section):
 
 
 class ErrorPolicy(_Section):
+    section: ClassVar[str] = "errors"
     max_failed_fraction: float = Field(
         1.0, ge=0, le=1, description="a unit whose failed-sample fraction exceeds this fails as a whole"
     )
 
 
-def _evaluation(value: Any) -> Any:
-    """The ``evaluate:`` section becomes pipeline.evaluate's EvaluationConfig (its own validation, one definition)."""
-    from pipeline.evaluate import EvaluationConfig
+class EvaluationConfig(_Section):
+    """What the evaluation computes per batch (:func:`pipeline.evaluate.evaluate_batch`)."""
 
-    if value is None or isinstance(value, EvaluationConfig):
-        return value
-    try:
-        return EvaluationConfig.from_dict(value)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+    section: ClassVar[str] = "evaluate"
+    steps: int = Field(16, ge=1, strict=True, description="deletion/insertion steps; the curves have steps + 1 points")
+    baseline: Literal[PERTURBATION_BASELINES] = Field(
+        "blur", description="what removed patches become (pipeline.evaluate.baseline_images)"
+    )
+    batch_size: int = Field(64, ge=1, strict=True, description="perturbed images per forward pass")
+    metrics: tuple[Literal[tuple(METRIC_GROUPS)], ...] = Field(
+        tuple(METRIC_GROUPS), description="localisation (pointing game, box energy), faithfulness (deletion/insertion)"
+    )
+    references: tuple[Literal[REFERENCE_MAPS], ...] = Field(
+        REFERENCE_MAPS, description="reference maps evaluated beside the explainers"
+    )
+    seed: int = Field(0, strict=True, description="seed of the random reference maps (one stream per unit)")
 
+    @field_validator("metrics", "references")
+    @classmethod
+    def _canonical(cls, value: tuple[str, ...], info: Any) -> tuple[str, ...]:
+        order = tuple(METRIC_GROUPS) if info.field_name == "metrics" else REFERENCE_MAPS
+        return tuple(name for name in order if name in value)  # canonical order, no repeats
 
-EvaluationSection = Annotated[
-    Any, BeforeValidator(_evaluation), PlainSerializer(lambda v: v.to_dict() if v is not None else None)
-]
+    @property
+    def faithfulness(self) -> bool:
+        return "faithfulness" in self.metrics
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The metric columns filled for every evaluated method."""
+        return tuple(column for group in self.metrics for column in METRIC_GROUPS[group])
 
 
 class JobConfig(_Section):
     """A whole job; ``load_job`` builds it from YAML."""
 
-    name: str = Field(description="job name, written to every output row")
+    name: str = Field(min_length=1, description="job name, written to every output row")
     model: ModelConfig
     mode: Literal["supervised", "self-supervised"] = "supervised"
     target: Literal["predicted", "label"] = Field("predicted", description="supervised: class to explain")
     data: DataConfig
     bank: BankConfig | None = None
     batch_size: int = Field(64, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="autocast dtype of the model")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal[COMPUTE_DTYPES] = Field("float32", description="autocast dtype of the model")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: a GPU where the worker sees one, else the CPU; cuda: a GPU or an error"
+    )
     output: OutputConfig
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     errors: ErrorPolicy = Field(default_factory=ErrorPolicy)
-    evaluate: EvaluationSection = Field(
-        None, description="localisation and deletion/insertion (pipeline.evaluate.EvaluationConfig fields)"
-    )
-    explainers: list[Literal["daam", "rollout", "attention", "gradcam"]] = Field(
+    evaluate: EvaluationConfig | None = Field(None, description="localisation and deletion/insertion scores")
+    explainers: list[Literal[EXPLAINERS]] = Field(
         default_factory=lambda: ["daam"],
-        description="daam, plus comparison explainers computed in the same pass: rollout, attention, gradcam",
+        description="daam, plus comparison explainers computed in the same pass: " + ", ".join(COMPARISON_EXPLAINERS),
     )
     seed: int = 0
 
@@ -182,10 +283,26 @@ class JobConfig(_Section):
             if self.bank is None:
                 raise ValueError("mode 'self-supervised' needs a `bank:` section")
             if self.target == "label":
-                raise ValueError("target 'label' is for supervised mode; self-supervised explains <f, w>")
+                raise ValueError("target: 'label' is for supervised mode; self-supervised explains <f, w>")
+            if self.evaluate is not None and self.evaluate.faithfulness:
+                raise ValueError(
+                    "evaluate.metrics: deletion/insertion ('faithfulness') follow the probability of an explained "
+                    "class, and a self-supervised job explains <f, w>; use metrics: [localisation]"
+                )
         elif self.bank is not None:
-            raise ValueError("a `bank:` section is only used in mode 'self-supervised'")
+            raise ValueError("bank: a `bank:` section is only used in mode 'self-supervised'")
         return self
+
+    @property
+    def comparison_explainers(self) -> tuple[str, ...]:
+        """The explainers beside DAAM, in the job's order."""
+        return tuple(name for name in self.explainers if name != "daam")
+
+    @property
+    def store_options(self) -> StoreOptions:
+        """How the maps are stored: the output's storage fields, DAAM's arrays and every comparison explainer's."""
+        storage = self.output.model_dump(exclude={"path", "arrays"})
+        return StoreOptions(**storage, arrays=(*self.output.arrays, *self.comparison_explainers))
 
     def shard_urls(self) -> list[str]:
         """The input shards in order; each one is a unit of work."""
@@ -196,22 +313,32 @@ class JobConfig(_Section):
 
 
 def expand_shards(spec: str | list[str], field: str) -> list[str]:
-    """Expand a brace pattern, glob, list file or list into shard URLs (sorted where globbed)."""
+    """Expand a brace pattern, glob, list file or list into shard URLs (sorted where globbed).
+
+    Raises:
+        ConfigError: a malformed pattern, an unreadable list file, no match, or a shard listed twice.
+    """
     import braceexpand
 
     items = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for item in items:
-        if item.endswith(".txt") and not _is_url(item):
+        if item.endswith(".txt") and not is_url(item):
             try:
                 lines = Path(item).read_text().splitlines()
             except OSError as e:
-                raise ConfigError(f"{field}: cannot read list file {item}: {e}") from e
+                raise ConfigError(f"{field}: cannot read list file {item}: {e.strerror}") from None
             base = Path(item).parent
             urls += [_resolve(line.strip(), base) for line in lines if line.strip() and not line.startswith("#")]
             continue
-        for pattern in braceexpand.braceexpand(item):
-            if _is_url(pattern):
+        try:
+            patterns = list(braceexpand.braceexpand(item))
+        except braceexpand.UnbalancedBracesError as e:
+            raise ConfigError(f"{field}: malformed brace pattern {item!r}: {e}") from None
+        for pattern in patterns:
+            if pattern.startswith("pipe:"):
+                urls.append(pattern)
+            elif is_url(pattern):
                 import fsspec
 
                 fs, _, paths = fsspec.get_fs_token_paths(pattern)
@@ -248,20 +375,24 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid job {source}:"]
+def _format_errors(error: ValidationError, source: str, *, prefix: str = "") -> str:
+    lines = [f"invalid job {source}:" if not prefix else f"invalid {source}:"]
     for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "") or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
-        if message.startswith(f"{path}.") or message.startswith(f"{path}:"):  # the message names a deeper field
-            path, _, message = message.partition(" ")
-            path = path.rstrip(":")
+        head, _, rest = message.partition(": ")
+        if rest and " " not in head and (path == "(top level)" or head.startswith(path)):
+            path, message = head, rest  # the message names the field itself
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         elif item["type"] == "missing":
             message = "required key is missing"
         value = item.get("input")
-        shown = f" (got {value!r})" if item["type"] not in ("missing", "extra_forbidden") and value is not None else ""
+        shown = (
+            f" (got {value!r})"
+            if item["type"] not in ("missing", "extra_forbidden") and value is not None and not isinstance(value, dict)
+            else ""
+        )
         lines.append(f"  {path}: {message}{shown}")
     return "\n".join(lines)
 
@@ -299,6 +430,8 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
         node[leaf] = value
     return parse_job(raw, source=str(path), base=path.parent.resolve())

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DecodeError",
+    "DeviceError",
     "InputError",
     "PipelineError",
     "SampleNotFoundError",
@@ -76,6 +77,10 @@ class StoreError(PipelineError, OSError):
 
 class BankError(PipelineError, ValueError):
     """A memory bank that does not fit the query (too small, other feature size, missing)."""
+
+
+class DeviceError(PipelineError, RuntimeError):
+    """A device a worker cannot use (no GPU where the job asks for one, a GPU its process cannot open)."""
 
 
 class UnitFailedError(PipelineError, RuntimeError):

@@ -12,118 +12,26 @@ an all-zero map (it ranks no patch above another).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-from pipeline.errors import ConfigError, InputError, SchemaError, TargetError
+from pipeline.config import EvaluationConfig
+from pipeline.errors import InputError, TargetError
 from pipeline.stats import box_energy, pointing_hit
 
 __all__ = [
-    "BASELINES",
-    "METHODS",
-    "METRICS",
-    "EvaluationConfig",
     "baseline_images",
     "centre_prior",
     "deletion_insertion",
     "evaluate_batch",
-    "headline_tables",
     "localisation",
     "random_map",
-    "summarise",
-    "summarise_blocks",
 ]
-
-BASELINES = ("blur", "zero", "mean")
-METRICS = ("localisation", "faithfulness")
-# Explained maps and their column prefixes: the DAAM final map D_L, then the reference maps.
-METHODS = {"daam": "", "random": "random_", "centre": "centre_"}
-_METRIC_COLUMNS = {"localisation": ("pointing_hit", "box_energy"), "faithfulness": ("deletion_auc", "insertion_auc")}
-_SUMMARY_ROWS = {"daam": "DAAM", "random": "random", "centre": "centre prior"}
-_SUMMARY_COLUMNS = {
-    "pointing_accuracy": "pointing_hit",
-    "box_energy": "box_energy",
-    "deletion_auc": "deletion_auc",
-    "insertion_auc": "insertion_auc",
-}
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """What :func:`evaluate_batch` computes.
-
-    Args:
-        steps: Deletion/insertion steps; the curves have ``steps + 1`` points.
-        baseline: What removed patches become: ``"blur"``, ``"zero"`` or ``"mean"`` (see :func:`baseline_images`).
-        batch_size: Perturbed images per forward pass.
-        metrics: Any of :data:`METRICS`.
-        references: Reference maps evaluated beside DAAM: any of ``"random"``, ``"centre"``.
-        seed: Seed of the random reference maps when :func:`evaluate_batch` gets no generator.
-    """
-
-    steps: int = 16
-    baseline: str = "blur"
-    batch_size: int = 64
-    metrics: tuple[str, ...] = METRICS
-    references: tuple[str, ...] = ("random", "centre")
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "metrics", _parse_names("metrics", self.metrics, METRICS))
-        object.__setattr__(self, "references", _parse_names("references", self.references, tuple(METHODS)[1:]))
-        _check_parameters(self.steps, self.baseline, self.batch_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"evaluate.seed must be an integer, got {self.seed!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationConfig:
-        """Build from a mapping such as the ``evaluation`` section of a job file; unknown keys are errors."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"evaluate must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"evaluate: unknown keys {unknown}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (lists for tuples) that :meth:`from_dict` reads back."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """Names of :func:`evaluate_batch`'s values, in order."""
-        methods = [m for m in METHODS if m == "daam" or m in self.references]
-        return tuple(METHODS[m] + c for m in methods for k in METRICS if k in self.metrics for c in _METRIC_COLUMNS[k])
-
-
-def _parse_names(field: str, value: Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"evaluate.{field} must be a list of names from {list(allowed)}, got {value!r}")
-    bad = [v for v in value if v not in allowed]
-    if bad:
-        raise ConfigError(f"evaluate.{field}: unknown {bad}, expected names from {list(allowed)}")
-    return tuple(v for v in allowed if v in value)  # canonical order, no repeats
-
-
-def _check_parameters(steps: Any, baseline: Any, batch_size: Any) -> None:
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"evaluate.{name} must be a positive integer, got {value!r}")
-    _check_baseline(baseline)
-
-
-def _check_baseline(baseline: Any) -> None:
-    if baseline not in BASELINES:
-        raise ConfigError(f"evaluate.baseline must be one of {list(BASELINES)}, got {baseline!r}")
 
 
 # -- reference maps -----------------------------------------------------------------------------------------------
@@ -182,7 +90,7 @@ def baseline_images(images: Tensor, baseline: str) -> Tensor:
     Returns:
         ``(B, 3, H, W)`` like ``images``.
     """
-    _check_baseline(baseline)
+    EvaluationConfig(baseline=baseline)  # the job's rule for baselines, raising ConfigError
     if baseline == "zero":
         return torch.zeros_like(images)
     if baseline == "mean":
@@ -235,7 +143,7 @@ def deletion_insertion(
         TargetError: a model without a classifier, or target classes outside its logits.
         ConfigError: invalid ``steps``, ``baseline`` or ``batch_size``.
     """
-    _check_parameters(steps, baseline, batch_size)
+    EvaluationConfig(steps=steps, baseline=baseline, batch_size=batch_size)  # the job's rules, raising ConfigError
     single = maps.dim() == 3
     maps = (maps[:, None] if single else maps).to(images.device)
     if images.dim() != 4 or maps.dim() != 4 or maps.shape[0] != images.shape[0]:
@@ -353,7 +261,7 @@ def evaluate_batch(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     explainer_maps: Mapping[str, Tensor] | None = None,
-) -> dict[str, Tensor]:
+) -> dict[str, dict[str, Tensor]]:
     """Every configured metric of a batch's final DAAM map, the reference maps and other explainers' maps.
 
     Args:
@@ -363,18 +271,16 @@ def evaluate_batch(
         daam: ``(B, L, h, w)`` accumulated maps; the final map ``daam[:, -1]`` is evaluated.
         target: ``(B,)`` explained classes; required for faithfulness.
         box_mask: ``(B, h, w)`` from :func:`pipeline.stats.boxes_to_grid_mask`, or None (box metrics are NaN).
-        config: What to compute; default :class:`EvaluationConfig()`.
+        config: What to compute; default ``EvaluationConfig()``.
         generator: Draws the random reference maps, on the images' device. Default: a new generator seeded with
             ``config.seed``, so every call draws the same maps; pass one generator per unit of work for
             independent maps per batch.
         autocast_dtype: Passed to :func:`deletion_insertion`.
-        explainer_maps: Final maps ``(B, h, w)`` of comparison explainers by name, evaluated like DAAM's; their
-            columns are prefixed with ``<name>_``, after the configured ones.
+        explainer_maps: Final maps ``(B, h, w)`` of comparison explainers by name, evaluated like DAAM's.
 
     Returns:
-        The columns :attr:`EvaluationConfig.columns`, in that order, each ``(B,)`` float32 on the images' device:
-        ``pointing_hit``, ``box_energy``, ``deletion_auc``, ``insertion_auc`` for DAAM, the same prefixed with
-        ``random_`` and ``centre_`` for the reference maps.
+        ``{method: {metric: (B,) float32}}`` on the images' device: methods ``daam``, then the configured
+        references (``random``, ``centre``), then the explainers; metrics :attr:`EvaluationConfig.columns`.
 
     Raises:
         TargetError: faithfulness is configured but ``target`` is None (self-supervised mode).
@@ -389,15 +295,13 @@ def evaluate_batch(
         maps["random"] = random_map((batch, h, w), generator)
     if "centre" in config.references:
         maps["centre"] = centre_prior(h, w, device=images.device).expand(batch, h, w)
-    prefixes = dict(METHODS)
-    for name, values in (explainer_maps or {}).items():
-        maps[name], prefixes[name] = values.float(), f"{name}_"
+    maps |= {name: values.float() for name, values in (explainer_maps or {}).items()}
     stacked = torch.stack(list(maps.values()), dim=1)  # (B, M, h, w)
 
-    values: dict[str, Tensor] = {}
+    values: dict[str, Tensor] = {}  # metric -> (B, M)
     if "localisation" in config.metrics:
-        values |= _per_method(localisation(stacked, box_mask), maps, prefixes)
-    if "faithfulness" in config.metrics:
+        values |= localisation(stacked, box_mask)
+    if config.faithfulness:
         if target is None:
             raise TargetError("faithfulness needs the explained classes; disable it in self-supervised mode")
         curves = deletion_insertion(
@@ -410,84 +314,6 @@ def evaluate_batch(
             batch_size=config.batch_size,
             autocast_dtype=autocast_dtype,
         )
-        values |= _per_method(
-            {"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}, maps, prefixes
-        )
-    extra = [name for name in values if name not in config.columns]
-    return {name: values[name] for name in (*config.columns, *extra)}
-
-
-def _per_method(
-    metrics: Mapping[str, Tensor], maps: Mapping[str, Tensor], prefixes: Mapping[str, str]
-) -> dict[str, Tensor]:
-    """``(B, M)`` metrics -> one ``(B,)`` column per method, named with its prefix."""
-    return {prefixes[m] + name: value[:, i] for name, value in metrics.items() for i, m in enumerate(maps)}
-
-
-# -- tables -------------------------------------------------------------------------------------------------------
-def summarise(evaluation: pd.DataFrame) -> pd.DataFrame:
-    """Per-method means of the evaluation table (NaN skipped): the headline table.
-
-    Args:
-        evaluation: The evaluation table, one row per sample and ``method`` (``open_results(OUT).evaluation``).
-
-    Returns:
-        One row per method (DAAM first, then the references, then any other explainer), columns
-        ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc``, ``samples``.
-
-    Raises:
-        SchemaError: the table lacks the ``method`` column or every metric column.
-    """
-    present = [c for c in _SUMMARY_COLUMNS.values() if c in evaluation]
-    if "method" not in evaluation or not present:
-        raise SchemaError(f"not an evaluation table: columns {list(evaluation.columns)}")
-    grouped = evaluation.groupby("method", sort=False)
-    table = grouped[present].mean().rename(columns={v: k for k, v in _SUMMARY_COLUMNS.items()})
-    table["samples"] = grouped.size()
-    order = [m for m in METHODS if m in table.index] + sorted(m for m in table.index if m not in METHODS)
-    return table.loc[order].rename(index=_SUMMARY_ROWS).rename_axis("method")
-
-
-def summarise_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
-    """Localisation per block from the blocks table: mean pointing accuracy and box energy (NaN skipped).
-
-    Returns:
-        One row per ``block``; columns ``map_pointing_accuracy``, ``map_box_energy`` (block maps M_l) and
-        ``daam_pointing_accuracy``, ``daam_box_energy`` (accumulated maps D_l).
-    """
-    columns = {
-        "map_point_hit": "map_pointing_accuracy",
-        "map_box_energy": "map_box_energy",
-        "daam_point_hit": "daam_pointing_accuracy",
-        "daam_box_energy": "daam_box_energy",
-    }
-    missing = [c for c in ("block", *columns) if c not in blocks]
-    if missing:
-        raise SchemaError(f"blocks table lacks columns {missing}")
-    return blocks.groupby("block")[list(columns)].mean().rename(columns=columns)
-
-
-def headline_tables(out: str) -> str:
-    """The tables a finished job prints: per-block localisation of M_l and D_l where boxes exist, and the
-    per-method evaluation (DAAM against the reference maps) when the job evaluated.
-    """
-    from pipeline.store.results import open_results
-
-    results = open_results(out)
-    samples = results.samples
-    ok = samples[samples.status == "ok"]
-    parts = [f"{len(ok)} of {len(samples)} samples explained in {out}"]
-    if len(ok) and ok.label.notna().any() and ok.predicted.notna().any():
-        labelled = ok[ok.label.notna()]
-        parts.append(f"accuracy of `predicted` against `label`: {(labelled.predicted == labelled.label).mean():.4f}")
-    blocks = results.blocks
-    if len(blocks) and blocks.daam_box_energy.notna().any():
-        per_block = summarise_blocks(blocks)
-        per_block.index = per_block.index + 1  # blocks are numbered from 1 in the paper's figures
-        parts.append("localisation per block (boxes), accumulated maps D_l and block maps M_l:")
-        parts.append(per_block.to_string(float_format=lambda v: f"{v:.3f}"))
-    evaluation = results.evaluation
-    if len(evaluation):
-        parts.append("final map against reference maps:")
-        parts.append(summarise(evaluation).to_string(float_format=lambda v: f"{v:.3f}"))
-    return "\n".join(parts)
+        values |= {"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}
+    assert tuple(values) == config.columns
+    return {method: {metric: value[:, i] for metric, value in values.items()} for i, method in enumerate(maps)}

@@ -14,12 +14,16 @@ from torch import nn
 
 from pipeline.errors import CheckpointError
 
-__all__ = ["create_model", "load_checkpoint", "model_data_config", "pooled_features"]
+__all__ = ["check_model_source", "create_model", "load_checkpoint", "model_data_config", "pooled_features"]
 
 _log = logging.getLogger(__name__)
 
 # Wrappers that training scripts put around a state dict.
 _STATE_DICT_KEYS = ("state_dict", "model", "model_ema", "module", "teacher")
+
+
+def check_model_source(name: str, *, pretrained: bool = False, checkpoint: str | None = None) -> None:
+    """Placeholder until the models helper lands: unknown names fail in create_model."""
 
 
 def create_model(

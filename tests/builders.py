@@ -69,3 +69,8 @@ def job_dict(shards: list[str] | str, output: Path, **overrides: Any) -> dict[st
 def write_job(path: Path, job: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def with_arrays(batch: dict[str, Any], **arrays: Any) -> dict[str, Any]:
+    """``UnitWriter.write_batch`` arguments with some of their arrays replaced."""
+    return {**batch, "arrays": {**batch["arrays"], **arrays}}

@@ -12,19 +12,18 @@ import torch
 from torch import nn
 
 from pipeline import DAAM
+from pipeline.config import EvaluationConfig
 from pipeline.errors import ConfigError, InputError, SchemaError, TargetError
 from pipeline.evaluate import (
-    EvaluationConfig,
     baseline_images,
     centre_prior,
     deletion_insertion,
     evaluate_batch,
     localisation,
     random_map,
-    summarise,
-    summarise_blocks,
 )
 from pipeline.stats import boxes_to_grid_mask
+from pipeline.summaries import summarise, summarise_blocks
 
 NAN = math.nan
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=4)
@@ -294,29 +293,19 @@ def test_evaluate_batch_localisation_only():
     mask[0, :2, :2] = True  # sample 0: top-left box; sample 1: a centre box
     mask[1, 1:3, 1:3] = True
     out = evaluate_batch(Forbidden(), torch.zeros(2, 3, 32, 32), daam, None, mask, config)
-    assert (
-        tuple(out)
-        == config.columns
-        == (
-            "pointing_hit",
-            "box_energy",
-            "random_pointing_hit",
-            "random_box_energy",
-            "centre_pointing_hit",
-            "centre_box_energy",
-        )
-    )
-    torch.testing.assert_close(out["pointing_hit"], torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(out["box_energy"], torch.tensor([1.0, 0.0]))
+    assert list(out) == ["daam", "random", "centre"]
+    assert all(tuple(metrics) == config.columns == ("pointing_hit", "box_energy") for metrics in out.values())
+    torch.testing.assert_close(out["daam"]["pointing_hit"], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(out["daam"]["box_energy"], torch.tensor([1.0, 0.0]))
     prior = centre_prior(4, 4)
     torch.testing.assert_close(
-        out["centre_box_energy"], torch.stack([prior[:2, :2].sum(), prior[1:3, 1:3].sum()]) / prior.sum()
+        out["centre"]["box_energy"], torch.stack([prior[:2, :2].sum(), prior[1:3, 1:3].sum()]) / prior.sum()
     )
-    torch.testing.assert_close(out["centre_pointing_hit"], torch.tensor([1.0, 1.0]))  # first maximum: (1, 1)
+    torch.testing.assert_close(out["centre"]["pointing_hit"], torch.tensor([1.0, 1.0]))  # first maximum: (1, 1)
     expected = localisation(random_map((2, 4, 4), torch.Generator().manual_seed(0)), mask)
-    torch.testing.assert_close(out["random_box_energy"], expected["box_energy"])
+    torch.testing.assert_close(out["random"]["box_energy"], expected["box_energy"])
     no_boxes = evaluate_batch(Forbidden(), torch.zeros(2, 3, 32, 32), daam, None, None, config)
-    assert all(torch.isnan(v).all() for v in no_boxes.values())
+    assert all(torch.isnan(v).all() for metrics in no_boxes.values() for v in metrics.values())
 
 
 def test_evaluate_batch_with_the_engine():
@@ -326,8 +315,8 @@ def test_evaluate_batch_with_the_engine():
     with DAAM(model) as explainer:
         result = explainer(images)
         out = evaluate_batch(model, images, result.daam, result.target, mask, config)  # hooks stay quiet
-    assert tuple(out) == config.columns and len(out) == 12
-    assert all(v.shape == (4,) and v.dtype == torch.float32 for v in out.values())
+    assert list(out) == ["daam", "random", "centre"] and all(tuple(m) == config.columns for m in out.values())
+    assert all(v.shape == (4,) and v.dtype == torch.float32 for m in out.values() for v in m.values())
     maps = torch.stack(
         [
             result.daam[:, -1],
@@ -337,11 +326,11 @@ def test_evaluate_batch_with_the_engine():
         dim=1,
     )
     expected = deletion_insertion(model, images, maps, result.target, steps=4, baseline="mean")
-    for i, prefix in enumerate(("", "random_", "centre_")):
-        torch.testing.assert_close(out[prefix + "deletion_auc"], expected["deletion"][:, i])
-        torch.testing.assert_close(out[prefix + "insertion_auc"], expected["insertion"][:, i])
+    for i, method in enumerate(("daam", "random", "centre")):
+        torch.testing.assert_close(out[method]["deletion_auc"], expected["deletion"][:, i])
+        torch.testing.assert_close(out[method]["insertion_auc"], expected["insertion"][:, i])
         assert (
-            torch.isnan(out[prefix + "pointing_hit"][2:]).all() and torch.isfinite(out[prefix + "box_energy"][:2]).all()
+            torch.isnan(out[method]["pointing_hit"][2:]).all() and torch.isfinite(out[method]["box_energy"][:2]).all()
         )
     with pytest.raises(TargetError, match="self-supervised"):
         evaluate_batch(model, images, result.daam, None, mask, config)
@@ -351,16 +340,19 @@ def test_config_round_trip_and_errors():
     config = EvaluationConfig(
         steps=8, baseline="zero", batch_size=32, metrics=["faithfulness"], references=["centre"], seed=4
     )
-    data = config.to_dict()
+    data = config.model_dump()
     assert data == dict(
-        steps=8, baseline="zero", batch_size=32, metrics=["faithfulness"], references=["centre"], seed=4
+        steps=8, baseline="zero", batch_size=32, metrics=("faithfulness",), references=("centre",), seed=4
     )
-    assert EvaluationConfig.from_dict(data) == config
-    assert EvaluationConfig.from_dict({}) == EvaluationConfig()
-    assert config.columns == ("deletion_auc", "insertion_auc", "centre_deletion_auc", "centre_insertion_auc")
-    assert EvaluationConfig(references=[]).columns == ("pointing_hit", "box_energy", "deletion_auc", "insertion_auc")
+    assert EvaluationConfig.model_validate(data) == config
+    assert EvaluationConfig.model_validate({}) == EvaluationConfig()
+    assert config.columns == ("deletion_auc", "insertion_auc")
+    assert EvaluationConfig(metrics=["faithfulness", "localisation", "localisation"]).metrics == (
+        "localisation",
+        "faithfulness",
+    )
     for bad, match in [
-        ({"step": 3}, "unknown keys"),
+        ({"step": 3}, "evaluate.step: unknown key"),
         ({"steps": 0}, "evaluate.steps"),
         ({"batch_size": 2.5}, "evaluate.batch_size"),
         ({"baseline": "black"}, "evaluate.baseline"),
@@ -369,7 +361,7 @@ def test_config_round_trip_and_errors():
         ({"seed": "x"}, "evaluate.seed"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            EvaluationConfig.from_dict(bad)
+            EvaluationConfig(**bad)
 
 
 # -- tables -------------------------------------------------------------------------------------------------------

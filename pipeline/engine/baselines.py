@@ -31,10 +31,10 @@ from torch.utils.hooks import RemovableHandle
 from pipeline.engine.daam import DAAM
 from pipeline.engine.hooks import BlockCapture
 from pipeline.errors import ConfigError, PipelineError, UnsupportedModelError
+from pipeline.names import COMPARISON_EXPLAINERS as BASELINES
+from pipeline.names import PER_BLOCK_EXPLAINERS
 
 __all__ = ["BASELINES", "Baselines"]
-
-BASELINES = ("rollout", "attention", "gradcam")
 
 
 @contextlib.contextmanager
@@ -138,7 +138,8 @@ class Baselines:
         patches = self._grid[0] * self._grid[1]
         kw = dict(device=images.device, dtype=torch.float32)
         for name in self.names:
-            self._maps[name] = torch.zeros(images.shape[0], 1 if name == "gradcam" else self.num_blocks, patches, **kw)
+            maps = self.num_blocks if name in PER_BLOCK_EXPLAINERS else 1
+            self._maps[name] = torch.zeros(images.shape[0], maps, patches, **kw)
         self._pending = set(self.names)
 
     def _query_hook(self, module: nn.Module, args: tuple, q: torch.Tensor) -> None:

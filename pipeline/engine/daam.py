@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.engine.hooks import BlockCapture, check_explainable
-from pipeline.engine.transfer import to_host
+from pipeline.engine.transfer import move_tree
 from pipeline.errors import InputError, TargetError
 
 __all__ = ["DAAM", "DAAMResult", "WeightsFn"]
@@ -42,8 +42,7 @@ class DAAMResult:
 
     def to(self, device: str | torch.device) -> DAAMResult:
         """All tensors on ``device``, moved with one copy."""
-        present = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-        return DAAMResult(**to_host(present, device))
+        return move_tree(self, device)
 
     def cpu(self) -> DAAMResult:
         return self.to("cpu")

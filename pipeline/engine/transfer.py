@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["to_host"]
+__all__ = ["move_tree", "to_host"]
+
+T = TypeVar("T")
 
 _ALIGN = 16  # bytes; keeps every tensor's slice of the packed buffer aligned for its dtype
 
@@ -39,3 +43,36 @@ def to_host(tensors: Mapping[str, torch.Tensor], device: str | torch.device = "c
     for name, dtype, shape, start, size in layout:
         result[name] = host[start : start + size].view(dtype).view(shape)
     return {k: result[k] for k in tensors}
+
+
+def move_tree(tree: T, device: str | torch.device = "cpu") -> T:
+    """``tree`` with every tensor moved to ``device`` in one packed copy (:func:`to_host`).
+
+    ``tree`` nests dataclasses and mappings (rebuilt as dicts) around tensors; other leaves (None, numbers,
+    strings) are kept as they are.
+    """
+    tensors: dict[tuple, torch.Tensor] = {}
+    _collect(tree, (), tensors)
+    return _rebuild(tree, (), to_host(tensors, device))
+
+
+def _collect(node: Any, path: tuple, tensors: dict[tuple, torch.Tensor]) -> None:
+    if isinstance(node, torch.Tensor):
+        tensors[path] = node
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            _collect(getattr(node, f.name), (*path, f.name), tensors)
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            _collect(value, (*path, key), tensors)
+
+
+def _rebuild(node: Any, path: tuple, moved: Mapping[tuple, torch.Tensor]) -> Any:
+    if isinstance(node, torch.Tensor):
+        return moved[path]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        changes = {f.name: _rebuild(getattr(node, f.name), (*path, f.name), moved) for f in dataclasses.fields(node)}
+        return dataclasses.replace(node, **changes)
+    if isinstance(node, Mapping):
+        return {key: _rebuild(value, (*path, key), moved) for key, value in node.items()}
+    return node

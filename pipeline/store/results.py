@@ -1,6 +1,8 @@
 """Reading a pipeline output: ``open_results(path)``.
 
-Only committed units are read (those with a marker in ``OUT/_done``); parts of unfinished units are ignored.
+Only committed units are read (complete ones, and incomplete ones whose shard ended early: their rows are real);
+parts of units being written are ignored, and a unit that a running job starts over between the listing and the
+read is skipped, so a reader never fails because a job is running.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import StoreError
-from pipeline.store.commit import Output, OutputLike, as_output, done_units
+from pipeline.store.output import Output, OutputLike, as_output
 from pipeline.store.tables import blocks_schema, evaluation_schema, explainer_blocks_schema, samples_schema
+from pipeline.store.units import EXPLAIN_PARTS, committed_units
+from pipeline.store.zarr_store import MapStore
 
 __all__ = ["Results", "SampleMaps", "open_results"]
 
@@ -52,14 +56,14 @@ class Results:
 
     @cached_property
     def units(self) -> list[str]:
-        """Committed units, sorted."""
-        return done_units(self.output)
+        """Committed units (complete and incomplete), sorted."""
+        return committed_units(self.output)
 
     @cached_property
     def attrs(self) -> dict[str, Any]:
         """Root attributes of ``maps.zarr`` (model, layout, storage); empty before any unit was written."""
         try:
-            return self.output.maps(read_only=True).attrs
+            return self._map_store().attrs
         except StoreError:
             return {}
 
@@ -101,17 +105,38 @@ class Results:
             where = "no ok sample" if found.empty else f"units {sorted(found['unit'])} hold the"
             raise KeyError(f"{where} key {key!r} in {self.output.url}")
         unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
-        return SampleMaps(key=key, unit=unit, row=row, **self.output.maps(read_only=True).read(unit, row))
+        return SampleMaps(key=key, unit=unit, row=row, **self._map_store().read(unit, row))
+
+    def _map_store(self) -> MapStore:
+        path = self.output.url_of(self.output.path("maps.zarr"))
+        return MapStore.open(path, self.output.storage_options, read_only=True)
 
     def _read(self, kind: str, schema: pa.Schema, *, optional: bool = False) -> pd.DataFrame:
-        paths = [self.output.path(kind, f"{unit}.parquet") for unit in self.units]
-        if optional:
-            paths = [p for p in paths if self.output.fs.exists(p)]
+        paths = {unit: EXPLAIN_PARTS.path(self.output, kind, unit) for unit in self.units}
+        table = None
         try:
-            table = pq.read_table(paths, filesystem=self.output.fs, schema=schema) if paths else schema.empty_table()
+            if paths and not optional:
+                table = pq.read_table(list(paths.values()), filesystem=self.output.fs, schema=schema)
+            elif paths:
+                table = self._read_each(kind, paths, schema, optional)
+        except FileNotFoundError:  # a unit that a running job started over since the listing
+            table = self._read_each(kind, paths, schema, optional)
         except OSError as e:
             raise StoreError(f"cannot read the {kind} tables of {self.output.url}: {e}") from e
-        return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
+        return (schema.empty_table() if table is None else table).to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+    def _read_each(self, kind: str, paths: dict[str, str], schema: pa.Schema, optional: bool) -> pa.Table | None:
+        tables = []
+        for unit, path in paths.items():
+            try:
+                tables.append(pq.read_table(path, filesystem=self.output.fs, schema=schema))
+            except FileNotFoundError:
+                if optional or not self.output.exists(EXPLAIN_PARTS.path(self.output, "samples", unit)):
+                    continue  # a table this unit has not, or a unit started over since the listing
+                raise StoreError(f"committed unit {unit} of {self.output.url} lacks its {kind} table") from None
+            except OSError as e:
+                raise StoreError(f"cannot read the {kind} table of unit {unit} in {self.output.url}: {e}") from e
+        return pa.concat_tables(tables) if tables else None
 
 
 def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = None) -> Results:

@@ -23,15 +23,17 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.errors import ContainsGroupError
 from zarr.storage import FsspecStore, LocalStore
 
-from pipeline.errors import ConfigError, SchemaError, StoreError
+from pipeline.config import StoreOptions
+from pipeline.errors import SchemaError, StoreError
+from pipeline.names import MAP_ARRAYS
 from pipeline.store.tables import load_json_schema
 
 __all__ = [
     "PRECISION_TOLERANCE",
     "MapLayout",
     "MapStore",
-    "StoreOptions",
     "UnitMapWriter",
+    "codecs",
     "exponent_name",
     "from_storage",
     "map_axes",
@@ -42,11 +44,6 @@ logger = logging.getLogger(__name__)
 
 PRECISION_TOLERANCE = 1e-3
 """Largest error of a stored value relative to its map's maximum before the writer warns."""
-
-MAP_ARRAYS = ("block_maps", "daam", "coefficients")
-EXPLAINER_ARRAYS = ("rollout", "attention", "gradcam")  # comparison explainers' maps, stored under their names
-_COMPRESSORS = ("zstd", "blosc", "none")
-_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -85,52 +82,13 @@ class MapLayout:
         return cls(**{k: data[k] for k in ("model", "n_blocks", "grid", "channels", "prefix_tokens")})
 
 
-@dataclass(frozen=True)
-class StoreOptions:
-    """How the maps are stored.
-
-    Args:
-        dtype: ``"float16"`` (default; see the dtype policy in ``schemas/zarr_layout.json``) or ``"float32"``.
-        compressor: ``"zstd"``, ``"blosc"`` (blosc-zstd with byte shuffle) or ``"none"``.
-        compression_level: Compressor level.
-        chunk_rows: Samples per chunk.
-        arrays: Which of ``block_maps``, ``daam``, ``coefficients`` to store (``keys`` always are).
-    """
-
-    dtype: str = "float16"
-    compressor: str = "zstd"
-    compression_level: int = 3
-    chunk_rows: int = 128
-    arrays: tuple[str, ...] = MAP_ARRAYS
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "arrays", tuple(self.arrays))
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"store.dtype: {self.dtype!r} is not one of {_DTYPES}")
-        if self.compressor not in _COMPRESSORS:
-            raise ConfigError(f"store.compressor: {self.compressor!r} is not one of {_COMPRESSORS}")
-        if self.chunk_rows < 1:
-            raise ConfigError(f"store.chunk_rows: {self.chunk_rows} must be >= 1")
-        unknown = [a for a in self.arrays if a not in MAP_ARRAYS + EXPLAINER_ARRAYS]
-        if unknown or len(set(self.arrays)) != len(self.arrays):
-            raise ConfigError(
-                f"store.arrays: {list(self.arrays)} must be distinct names from {MAP_ARRAYS + EXPLAINER_ARRAYS}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "arrays": list(self.arrays)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> StoreOptions:
-        return cls(**data)
-
-    def codecs(self) -> list[Any]:
-        """Zarr compressors for every array."""
-        if self.compressor == "zstd":
-            return [ZstdCodec(level=self.compression_level)]
-        if self.compressor == "blosc":
-            return [BloscCodec(cname="zstd", clevel=self.compression_level, shuffle="shuffle")]
-        return []
+def codecs(options: StoreOptions) -> list[Any]:
+    """Zarr compressors for every array of a store."""
+    if options.compressor == "zstd":
+        return [ZstdCodec(level=options.compression_level)]
+    if options.compressor == "blosc":
+        return [BloscCodec(cname="zstd", clevel=options.compression_level, shuffle="shuffle")]
+    return []
 
 
 _MAP_DIMS = ("row", "col", "channel")  # the dimensions of one map or coefficient vector
@@ -246,7 +204,7 @@ class MapStore:
             group = zarr.open_group(self.store, path=unit, mode="r")
             present = set(group.array_keys())
             result = {}
-            for name in MAP_ARRAYS + EXPLAINER_ARRAYS:
+            for name in MAP_ARRAYS:
                 if name not in present:
                     result[name] = None
                     continue
@@ -294,7 +252,7 @@ class UnitMapWriter:
                 shape=(0, *shape),
                 chunks=(options.chunk_rows, *shape),
                 dtype={"string": "str", "int16": "int16"}.get(spec[name]["dtype"], options.dtype),
-                compressors=options.codecs(),
+                compressors=codecs(options),
                 dimension_names=self._dims[name],
             )
             for name, shape in self._shapes.items()
@@ -365,4 +323,5 @@ class UnitMapWriter:
 
 
 def _root_attrs(layout: MapLayout, options: StoreOptions) -> dict[str, Any]:
-    return {"schema_version": load_json_schema("zarr_layout.json")["version"], **layout.to_dict(), **options.to_dict()}
+    storage = options.model_dump(mode="json")
+    return {"schema_version": load_json_schema("zarr_layout.json")["version"], **layout.to_dict(), **storage}

@@ -26,9 +26,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate import summarise, summarise_blocks
 from pipeline.store.results import Results, open_results
 from pipeline.store.tables import blocks_schema
+from pipeline.summaries import summarise, summarise_blocks
 from pipeline.viz.render import iter_flows
 from pipeline.viz.select import CONVERGENCE_THRESHOLD, convergence_blocks
 from pipeline.viz.source import ClassNames, read_job, resolve_class_names

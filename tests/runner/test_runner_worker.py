@@ -9,7 +9,8 @@ from builders import job_dict
 
 from pipeline import DAAM, open_results
 from pipeline.config import parse_job
-from pipeline.worker import UnitWorker, unit_name
+from pipeline.store.units import unit_name
+from pipeline.worker import UnitWorker
 
 
 def test_unit_is_explained_stored_and_accounted_for(tiny_shards, tmp_path):
@@ -60,7 +61,7 @@ def test_too_many_failed_samples_fail_the_unit(tiny_shards, tmp_path):
 
 
 def test_evaluation_rows_per_method(tiny_shards, tmp_path):
-    from pipeline.evaluate import summarise
+    from pipeline.summaries import summarise
 
     job = parse_job(job_dict(tiny_shards, tmp_path / "out", evaluate={"steps": 4, "batch_size": 32}))
     with UnitWorker(job) as worker:
@@ -74,7 +75,7 @@ def test_evaluation_rows_per_method(tiny_shards, tmp_path):
 
 
 def test_comparison_explainers_are_stored_scored_and_summarised(tiny_shards, tmp_path):
-    from pipeline.evaluate import summarise
+    from pipeline.summaries import summarise
 
     explainers = ["daam", "rollout", "attention", "gradcam"]
     job = parse_job(job_dict(tiny_shards, tmp_path / "out", explainers=explainers, evaluate={"steps": 4}))

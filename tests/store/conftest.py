@@ -12,7 +12,8 @@ LAYOUT = MapLayout(model="test_vit", n_blocks=3, grid=(4, 5), channels=8, prefix
 
 
 def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
-    """``UnitWriter.write_batch`` arguments: ReLU'd block maps, their cumsum, coefficients, rows and statistics."""
+    """``UnitWriter.write_batch`` arguments: ReLU'd block maps, their cumsum, coefficients, explainer maps,
+    sample columns and statistics."""
     rng = np.random.default_rng(seed)
     n, n_blocks, (h, w), c = len(keys), layout.n_blocks, layout.grid, layout.channels
     block_maps = np.maximum(rng.standard_normal((n, n_blocks, h, w)), 0).astype(np.float32)
@@ -21,23 +22,24 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
         for f in blocks_schema()
         if f.name not in ("key", "unit", "block")
     }
-    rows = [
-        {"label": i % 3, "predicted": i % 2, "score": 0.5, "target": i % 2, "width": 64, "height": 48, "n_boxes": 0}
-        for i in range(n)
-    ]
-    return {
-        "keys": keys,
+    columns = {
+        "label": [i % 3 for i in range(n)],
+        "predicted": [i % 2 for i in range(n)],
+        "score": [0.5] * n,
+        "target": [i % 2 for i in range(n)],
+        "width": [64] * n,
+        "height": [48] * n,
+        "n_boxes": [0] * n,
+    }
+    arrays = {
         "block_maps": block_maps,
         "daam": block_maps.cumsum(1),
         "coefficients": rng.standard_normal((n, n_blocks, c)).astype(np.float32),
-        "sample_rows": rows,
-        "block_stats": stats,
-        "explainer_maps": {
-            "rollout": block_maps / 2,
-            "attention": block_maps / 3,
-            "gradcam": block_maps[:, -1],
-        },
+        "rollout": block_maps / 2,
+        "attention": block_maps / 3,
+        "gradcam": block_maps[:, -1],
     }
+    return {"keys": keys, "arrays": arrays, "columns": columns, "block_stats": stats}
 
 
 @pytest.fixture

@@ -14,28 +14,31 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.config import StoreOptions
 from pipeline.errors import StoreError
-from pipeline.store import commit
-from pipeline.store.commit import (
-    Output,
-    UnitWriter,
-    begin_unit,
+from pipeline.store.output import Output
+from pipeline.store.results import open_results
+from pipeline.store.unit_writer import UnitWriter
+from pipeline.store.units import (
+    EXPLAIN_PARTS,
+    UnitTransaction,
     clear,
-    commit_unit,
+    committed_units,
     done_units,
+    failure_records,
+    incomplete_units,
     is_done,
+    record_failure,
     sweep_temporaries,
 )
-from pipeline.store.results import open_results
-from pipeline.store.zarr_store import StoreOptions
 
 CHILD = """
 import runpy
 import time
 from pathlib import Path
 
-from pipeline.store.commit import UnitWriter
-from pipeline.store.zarr_store import StoreOptions
+from pipeline.config import StoreOptions
+from pipeline.store.unit_writer import UnitWriter
 
 helpers = runpy.run_path(CONFTEST)
 writer = UnitWriter(OUT, "shard-000001", helpers["LAYOUT"], shard="shard-000001.tar", job="j",
@@ -81,7 +84,7 @@ def test_killed_unit_is_not_done_and_rerun_writes_rows_once(tmp_path, layout, ma
     assert partial["keys"].shape == (12,)  # the killed unit left whole chunks behind
     results = open_results(tmp_path)
     assert results.samples["unit"].unique().tolist() == ["shard-000000"] and len(results.samples) == 10
-    np.testing.assert_allclose(results.maps("u0-1-4").daam, first[1]["daam"][4], rtol=1e-3)
+    np.testing.assert_allclose(results.maps("u0-1-4").daam, first[1]["arrays"]["daam"][4], rtol=1e-3)
 
     rerun = write_unit(tmp_path, "shard-000001", layout, make_batch, 4, "u1", StoreOptions(chunk_rows=4))
     results = open_results(tmp_path)
@@ -91,7 +94,7 @@ def test_killed_unit_is_not_done_and_rerun_writes_rows_once(tmp_path, layout, ma
     assert redone["row"].tolist() == list(range(20))
     assert len(results.blocks) == (10 + 20) * layout.n_blocks
     assert zarr.open_group(tmp_path / "maps.zarr" / "shard-000001", mode="r")["keys"].shape == (20,)
-    np.testing.assert_allclose(results.maps("u1-3-2").coefficients, rerun[3]["coefficients"][2], rtol=1e-3)
+    np.testing.assert_allclose(results.maps("u1-3-2").coefficients, rerun[3]["arrays"]["coefficients"][2], rtol=1e-3)
 
 
 def test_interrupted_commit_leaves_no_marker_and_is_ignored(tmp_path, layout, make_batch, monkeypatch):
@@ -101,7 +104,7 @@ def test_interrupted_commit_leaves_no_marker_and_is_ignored(tmp_path, layout, ma
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(commit, "commit_unit", crash)
+        patch.setattr(UnitTransaction, "commit", crash)
         with pytest.raises(KeyboardInterrupt):
             write_unit(tmp_path, "shard-000001", layout, make_batch, 1, "stale")
     assert (tmp_path / "samples" / "shard-000001.parquet").exists()  # tables written, marker not
@@ -119,7 +122,7 @@ def test_begin_unit_removes_every_part(tmp_path, layout, make_batch):
     leftovers = [tmp_path / "samples" / "shard-000000.parquet.tmp-0123abcd", tmp_path / "_done" / "u.json.tmp-42"]
     for leftover in leftovers:
         leftover.write_bytes(b"partial")
-    begin_unit(tmp_path, "shard-000000")
+    UnitTransaction(tmp_path, EXPLAIN_PARTS, "shard-000000")
     assert not is_done(tmp_path, "shard-000000")
     for path in ("maps.zarr/shard-000000", "samples/shard-000000.parquet", "blocks/shard-000000.parquet"):
         assert not (tmp_path / path).exists(), path
@@ -138,7 +141,7 @@ def test_memory_url_round_trip_and_clear(layout, make_batch):
     assert b'"ok": 10' in marker and b'"attempt": 1' in marker
     results = open_results(url)
     assert results.attrs["chunk_rows"] == 3
-    np.testing.assert_allclose(results.maps("m-1-0").block_maps, batches[1]["block_maps"][0], rtol=1e-3)
+    np.testing.assert_allclose(results.maps("m-1-0").block_maps, batches[1]["arrays"]["block_maps"][0], rtol=1e-3)
     clear(url)
     assert done_units(url) == [] and open_results(url).samples.empty
     assert out.fs.ls(out.root, detail=False) == [out.path("job.yaml")]  # other files stay
@@ -147,7 +150,36 @@ def test_memory_url_round_trip_and_clear(layout, make_batch):
 def test_invalid_unit_names_and_summaries(tmp_path):
     for unit in ("../escape", "a/b", "", "_done"):
         with pytest.raises(StoreError, match="unit name"):
-            begin_unit(tmp_path, unit)
+            UnitTransaction(tmp_path, EXPLAIN_PARTS, unit)
     with pytest.raises(StoreError, match="not JSON-serialisable"):
-        commit_unit(tmp_path, "u", {"when": object()})
+        UnitTransaction(tmp_path, EXPLAIN_PARTS, "u").commit({"when": object()})
     assert not is_done(tmp_path, "u")
+
+
+def test_incomplete_units_are_read_but_not_done_and_commits_clear_failure_records(tmp_path, layout, make_batch):
+    write_unit(tmp_path, "shard-000000", layout, make_batch, 1, "u0")
+    record_failure(tmp_path, "shard-000001", "ShardError: gone")
+    assert failure_records(tmp_path) == {"shard-000001": "ShardError: gone"}
+    writer = UnitWriter(tmp_path, "shard-000001", layout, shard="shard-000001.tar", job="j")
+    writer.write_batch(**make_batch(["x0", "x1"], seed=3))
+    marker = writer.commit(incomplete="shard shard-000001.tar: truncated at byte 1024")
+    assert marker["complete"] is False and "truncated" in marker["incomplete"]
+    assert done_units(tmp_path) == ["shard-000000"] and incomplete_units(tmp_path) == ["shard-000001"]
+    assert committed_units(tmp_path) == ["shard-000000", "shard-000001"]
+    assert failure_records(tmp_path) == {}  # a commit clears the unit's failure record
+    assert sorted(open_results(tmp_path).samples["key"]) == [
+        "u0-0-0",
+        "u0-0-1",
+        "u0-0-2",
+        "u0-0-3",
+        "u0-0-4",
+        "x0",
+        "x1",
+    ]
+
+    write_unit(tmp_path, "shard-000001", layout, make_batch, 1, "again")  # the rerun: complete, rows once
+    assert done_units(tmp_path) == ["shard-000000", "shard-000001"] and incomplete_units(tmp_path) == []
+    assert len(open_results(tmp_path).samples) == 10
+    record_failure(tmp_path, "shard-000002", "worker died")
+    clear(tmp_path)
+    assert committed_units(tmp_path) == [] and failure_records(tmp_path) == {}

@@ -9,15 +9,15 @@ import torch
 
 from pipeline.errors import StoreError
 from pipeline.stats import block_statistics
-from pipeline.store.commit import UnitWriter
 from pipeline.store.results import open_results
 from pipeline.store.tables import blocks_schema, samples_schema
+from pipeline.store.unit_writer import UnitWriter
 
 
 def write_with_statistics(out, unit, layout, make_batch, keys, seed, failed=()):
     """A committed unit whose blocks table holds the real statistics of its maps."""
     batch = make_batch(keys, seed=seed)
-    stats = block_statistics(*(torch.from_numpy(batch[k]) for k in ("block_maps", "daam", "coefficients")))
+    stats = block_statistics(*(torch.from_numpy(batch["arrays"][k]) for k in ("block_maps", "daam", "coefficients")))
     batch["block_stats"] = {name: value.numpy() for name, value in stats.items()}
     writer = UnitWriter(out, unit, layout, shard=f"s3://b/{unit}.tar", job="demo")
     writer.write_batch(**batch)
@@ -53,7 +53,7 @@ def test_round_trip(tmp_path, layout, make_batch):
     maps = results.maps("b2")
     assert (maps.unit, maps.row) == ("shard-000001", 2)
     for name in ("block_maps", "daam", "coefficients"):
-        original = b[name][2]
+        original = b["arrays"][name][2]
         np.testing.assert_allclose(getattr(maps, name), original, atol=1e-3 * np.abs(original).max())
 
 
@@ -63,7 +63,7 @@ def test_maps_lookup_errors(tmp_path, layout, make_batch):
     results = open_results(tmp_path)
     with pytest.raises(KeyError, match="shard-000000', 'shard-000001'"):
         results.maps("same")
-    np.testing.assert_allclose(results.maps("same", unit="shard-000001").daam, second["daam"][0], rtol=1e-3)
+    np.testing.assert_allclose(results.maps("same", unit="shard-000001").daam, second["arrays"]["daam"][0], rtol=1e-3)
     for key in ("broken", "missing"):
         with pytest.raises(KeyError, match="no ok sample"):
             results.maps(key)

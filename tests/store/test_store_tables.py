@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import SchemaError
-from pipeline.store.commit import UnitWriter
 from pipeline.store.tables import (
     blocks_schema,
     build_table,
@@ -20,6 +19,7 @@ from pipeline.store.tables import (
     schema_dir,
     validate_table,
 )
+from pipeline.store.unit_writer import UnitWriter
 
 
 def schema_file(name: str) -> dict:
@@ -109,12 +109,14 @@ def test_writer_rejects_drifted_rows_and_statistics(tmp_path, layout, make_batch
         edit(batch)
         writer.write_batch(**batch)
 
-    with pytest.raises(SchemaError, match="extra columns \\['colour'\\]"):
-        attempt(lambda b: b["sample_rows"][0].update(colour=1))
-    with pytest.raises(SchemaError, match="lacks columns \\['score'\\]"):
-        attempt(lambda b: b["sample_rows"][1].pop("score"))
+    with pytest.raises(SchemaError, match="extra \\['colour'\\]"):
+        attempt(lambda b: b["columns"].update(colour=[1, 2]))
+    with pytest.raises(SchemaError, match="lack \\['score'\\]"):
+        attempt(lambda b: b["columns"].pop("score"))
+    with pytest.raises(SchemaError, match="1 values of 'label' for 2 keys"):
+        attempt(lambda b: b["columns"].update(label=[1]))
     with pytest.raises(SchemaError, match="predicted"):
-        attempt(lambda b: [r.update(predicted="cat") for r in b["sample_rows"]])
+        attempt(lambda b: b["columns"].update(predicted=["cat", "dog"]))
     with pytest.raises(SchemaError, match="daam_spread"):
         attempt(lambda b: b["block_stats"].pop("daam_spread"))
     with pytest.raises(SchemaError, match="map_novel"):
@@ -122,7 +124,7 @@ def test_writer_rejects_drifted_rows_and_statistics(tmp_path, layout, make_batch
     with pytest.raises(SchemaError, match="'coef_l1' has shape"):
         attempt(lambda b: b["block_stats"].update(coef_l1=np.zeros((2, 4))))
     with pytest.raises(SchemaError, match="'daam' has shape"):
-        attempt(lambda b: b.update(daam=np.zeros((2, 3, 5, 4), np.float32)))
+        attempt(lambda b: b["arrays"].update(daam=np.zeros((2, 3, 5, 4), np.float32)))
     assert writer.commit()["samples"] == 0  # nothing of the rejected batches was kept
 
 

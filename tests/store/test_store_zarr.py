@@ -8,12 +8,14 @@ import os
 import numpy as np
 import pytest
 import zarr
+from builders import with_arrays
 
+from pipeline.config import StoreOptions
 from pipeline.errors import ConfigError, StoreError
-from pipeline.store.commit import UnitWriter
 from pipeline.store.results import open_results
 from pipeline.store.tables import load_json_schema
-from pipeline.store.zarr_store import PRECISION_TOLERANCE, MapLayout, MapStore, StoreOptions
+from pipeline.store.unit_writer import UnitWriter
+from pipeline.store.zarr_store import PRECISION_TOLERANCE, MapLayout, MapStore
 
 VIT_S = MapLayout(model="vit_small_patch16_224", n_blocks=12, grid=(14, 14), channels=384, prefix_tokens=1)
 
@@ -36,7 +38,7 @@ def write_unit(out, layout, make_batch, n=3, outputs=None, options=None):
     """One committed unit ``shard-000000`` of ``n`` samples; ``outputs`` replace the batch's arrays."""
     keys = [f"k{i:03d}" for i in range(n)]
     writer = UnitWriter(out, "shard-000000", layout, shard="shard-000000.tar", job="j", store_options=options)
-    writer.write_batch(**{**make_batch(keys, seed=1, layout=layout), **(outputs or {})})
+    writer.write_batch(**with_arrays(make_batch(keys, seed=1, layout=layout), **(outputs or {})))
     return writer.commit(), keys
 
 
@@ -59,10 +61,12 @@ def test_float16_default_precision_and_size(tmp_path, make_batch, caplog):
 
 
 def test_float16_keeps_tiny_and_huge_maps_within_tolerance(tmp_path, layout, make_batch, caplog):
-    outputs = {k: v.copy() for k, v in make_batch(["a", "b", "c"], seed=0).items() if k in ("block_maps", "daam")}
+    outputs = {
+        k: v.copy() for k, v in make_batch(["a", "b", "c"], seed=0)["arrays"].items() if k in ("block_maps", "daam")
+    }
     outputs["block_maps"][1] *= 1e-9  # far below float16's normal range
     outputs["daam"][2] *= 1e9  # far above float16's largest value
-    batch = {**make_batch(["a", "b", "c"], seed=0), **outputs}
+    batch = with_arrays(make_batch(["a", "b", "c"], seed=0), **outputs)
     writer = UnitWriter(tmp_path, "u", layout, shard="u.tar", job="j")
     writer.write_batch(**batch)
     assert writer.commit()["precision_flagged"] == 0
@@ -76,11 +80,13 @@ def test_float16_keeps_tiny_and_huge_maps_within_tolerance(tmp_path, layout, mak
     outputs["daam"][0, 0, 0, 0] = np.inf  # only non-finite values can break the tolerance
     flagged = UnitWriter(tmp_path / "inf", "u", layout, shard="u.tar", job="j")
     with caplog.at_level(logging.WARNING, logger="pipeline.store.zarr_store"):
-        flagged.write_batch(**{**batch, **outputs})
+        flagged.write_batch(**with_arrays(batch, **outputs))
     assert flagged.commit()["precision_flagged"] == 1
     assert "['a']" in caplog.text and "unit u" in caplog.text
 
-    exact = UnitWriter(tmp_path / "f32", "u", layout, shard="u.tar", job="j", store_options=StoreOptions("float32"))
+    exact = UnitWriter(
+        tmp_path / "f32", "u", layout, shard="u.tar", job="j", store_options=StoreOptions(dtype="float32")
+    )
     exact.write_batch(**batch)
     assert exact.commit()["precision_flagged"] == 0
     np.testing.assert_array_equal(open_results(tmp_path / "f32").maps("b").block_maps, outputs["block_maps"][1])
@@ -121,7 +127,7 @@ def test_appends_write_whole_chunks(tmp_path, layout, make_batch):
     group = zarr.open_group(tmp_path / "maps.zarr" / "u", mode="r")
     assert group["keys"][:].tolist() == [k for b in batches for k in b["keys"]]
     for name in ("block_maps", "daam", "coefficients"):
-        np.testing.assert_array_equal(group[name][:], np.concatenate([b[name] for b in batches]))
+        np.testing.assert_array_equal(group[name][:], np.concatenate([b["arrays"][name] for b in batches]))
     samples = open_results(tmp_path).samples
     assert samples["row"].tolist() == list(range(17))
 
@@ -131,21 +137,22 @@ def test_other_compressors_and_skipped_arrays(tmp_path, layout, make_batch, comp
     options = StoreOptions(compressor=compressor, arrays=("daam",))
     batch = make_batch(["a", "b"], seed=0)
     writer = UnitWriter(tmp_path, "u", layout, shard="u.tar", job="j", store_options=options)
-    writer.write_batch(**{**batch, "block_maps": None, "coefficients": None})
+    writer.write_batch(**with_arrays(batch, block_maps=None, coefficients=None))
     writer.commit()
     maps = open_results(tmp_path).maps("b")
     assert maps.block_maps is None and maps.coefficients is None
-    np.testing.assert_allclose(maps.daam, batch["daam"][1], rtol=1e-3)
+    np.testing.assert_allclose(maps.daam, batch["arrays"]["daam"][1], rtol=1e-3)
 
 
 def test_options_and_layout_validation():
-    assert StoreOptions.from_dict(StoreOptions(chunk_rows=7).to_dict()) == StoreOptions(chunk_rows=7)
+    assert StoreOptions.model_validate(StoreOptions(chunk_rows=7).model_dump()) == StoreOptions(chunk_rows=7)
     assert MapLayout.from_dict(VIT_S.to_dict()) == VIT_S
     for bad, field in (
-        ({"dtype": "float64"}, "store.dtype"),
-        ({"compressor": "lz4"}, "store.compressor"),
-        ({"chunk_rows": 0}, "store.chunk_rows"),
-        ({"arrays": ("maps",)}, "store.arrays"),
+        ({"dtype": "float64"}, "output.dtype"),
+        ({"dtype": "bfloat16"}, "output.dtype"),
+        ({"compressor": "lz4"}, "output.compressor"),
+        ({"chunk_rows": 0}, "output.chunk_rows"),
+        ({"arrays": ("maps",)}, "output.arrays"),
     ):
         with pytest.raises(ConfigError, match=field):
             StoreOptions(**bad)

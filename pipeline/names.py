@@ -1,0 +1,54 @@
+"""The names a job, the engine, the stores and the tables share, each list defined once.
+
+Standard library only: the job model (:mod:`pipeline.config`), the stores and the engine all read these.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "COMPARISON_EXPLAINERS",
+    "COMPRESSORS",
+    "COMPUTE_DTYPES",
+    "ENGINE_ARRAYS",
+    "EXPLAINERS",
+    "MAP_ARRAYS",
+    "METRIC_COLUMNS",
+    "METRIC_GROUPS",
+    "PERTURBATION_BASELINES",
+    "PER_BLOCK_EXPLAINERS",
+    "REFERENCE_MAPS",
+    "STORE_DTYPES",
+]
+
+EXPLAINERS = ("daam", "rollout", "attention", "gradcam")
+"""What a job may compute: DAAM, and the comparison explainers that share its forward and backward pass."""
+
+COMPARISON_EXPLAINERS = EXPLAINERS[1:]
+
+PER_BLOCK_EXPLAINERS = ("rollout", "attention")
+"""Comparison explainers with one map per block (their last map is the method's); Grad-CAM has one map."""
+
+ENGINE_ARRAYS = ("block_maps", "daam", "coefficients")
+"""DAAM's stored arrays: M_l, D_l and c_l."""
+
+MAP_ARRAYS = ENGINE_ARRAYS + COMPARISON_EXPLAINERS
+"""Every array a unit may store in ``maps.zarr``; comparison explainers' maps are stored under their names."""
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+"""Autocast dtypes of the model (the maps are float32 either way)."""
+
+STORE_DTYPES = ("float16", "float32")
+"""Storage dtypes of the maps."""
+
+COMPRESSORS = ("zstd", "blosc", "none")
+
+METRIC_GROUPS = {"localisation": ("pointing_hit", "box_energy"), "faithfulness": ("deletion_auc", "insertion_auc")}
+"""Evaluation metrics a job selects by group (``evaluate.metrics``), and the columns each group fills."""
+
+METRIC_COLUMNS = tuple(column for columns in METRIC_GROUPS.values() for column in columns)
+
+REFERENCE_MAPS = ("random", "centre")
+"""Reference maps evaluated beside the explainers: a seeded uniform random map and a centre prior."""
+
+PERTURBATION_BASELINES = ("blur", "zero", "mean")
+"""What deletion/insertion put in place of removed patches."""

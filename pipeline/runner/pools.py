@@ -1,0 +1,247 @@
+"""The workers a job runs on: one in this process (:class:`LocalPool`) or Ray actors (:class:`RayPool`).
+
+Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish. The Ray
+pool keeps ``workers.units_in_flight`` units on every actor (two on a GPU, one on the CPU): they take turns on its
+device, so one unit's commit and the next one's reading and decoding overlap the computation. When an actor dies
+its units go back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies or it
+raises) is given up after ``workers.max_retries`` extra attempts. An error raised in an actor reaches the
+terminal as one line; its full traceback goes to ``OUT/_logs/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.errors import PipelineError
+from pipeline.runner.plan import ActorPlan
+from pipeline.store.output import as_output
+from pipeline.store.units import unit_name
+from pipeline.worker import UnitWorker, units_in_flight
+
+__all__ = ["LocalPool", "RayPool", "UnitOutcome"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitOutcome:
+    """How one unit ended: its commit marker, or the error it failed with after its retries."""
+
+    url: str
+    marker: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def unit(self) -> str:
+        return unit_name(self.url)
+
+
+class LocalPool:
+    """Every unit in this process, on one worker (the model loaded once, on first use)."""
+
+    actors = 1
+    restarts = 0
+
+    def __init__(self, job: JobConfig, fault: str | None = None) -> None:
+        self.job = job
+        self.fault = fault
+        self._worker: UnitWorker | None = None
+
+    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+        if not urls:
+            return
+        if self._worker is None:
+            self._worker = UnitWorker(self.job, fault=self.fault)
+        for url, marker, error in self._worker.run_units(stage, urls):
+            yield UnitOutcome(url, marker, error)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+    def __enter__(self) -> LocalPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A unit waiting for an actor: ``attempt`` counts its failures so far; ``alone`` asks for an actor running
+    nothing else (after an actor died holding several units, each is retried alone to find the one that kills it)."""
+
+    url: str
+    attempt: int = 0
+    alone: bool = False
+
+
+def _unit_actor_class():
+    import ray
+
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class UnitActor:
+        """A Ray actor holding one :class:`UnitWorker` (the model loaded once); started with max_concurrency set to
+        the units it holds at once, which share its device in turns (UnitWorker.run)."""
+
+        def __init__(self, job: dict[str, Any], device: str, fault: str | None, threads: int) -> None:
+            import torch
+
+            if device == "cpu":
+                torch.set_num_threads(threads)
+            self.worker = UnitWorker(JobConfig.model_validate(job), device, fault=fault)
+
+        def ready(self) -> int:
+            return os.getpid()
+
+        def process(self, stage: str, url: str, attempt: int) -> dict[str, Any]:
+            return self.worker.run(stage, url, attempt=attempt)
+
+    return UnitActor
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error raised in an actor, as one line: the original exception's type and first line."""
+    cause = getattr(error, "cause", None) or error
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    text = str(cause).strip()
+    if type(cause).__name__ in ("RayTaskError", "ActorDiedError", "RayActorError") or "Traceback" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        text = next((line for line in reversed(lines) if ":" in line and not line.startswith("File ")), lines[-1])
+        return text
+    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+class RayPool:
+    """Ray actors on the cluster ``ray.init`` joined: started on entry, killed on exit.
+
+    Args:
+        job: The validated job.
+        plan: How many actors, with which resources.
+        fault: ``UNIT:BATCHES`` test hook passed to every worker.
+    """
+
+    def __init__(self, job: JobConfig, plan: ActorPlan, fault: str | None = None) -> None:
+        import ray
+
+        self.job = job
+        self.plan = plan
+        self.actors = plan.count
+        self.restarts = 0
+        self._ray = ray
+        self._class = _unit_actor_class()
+        self._device = "cuda" if plan.num_gpus else "cpu"
+        self._job_dict = job.model_dump(mode="json", by_alias=True)
+        self._fault = fault
+        self._per_actor = units_in_flight(job, self._device)
+        self._live: list[Any] = []
+        self._logs = as_output(job.output.path)
+
+    def __enter__(self) -> RayPool:
+        self._live = [self._start() for _ in range(self.plan.count)]
+        self._wait_ready(self._live)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in self._live:
+            self._ray.kill(actor, no_restart=True)
+        self._live = []
+
+    def _start(self) -> Any:
+        options = dict(num_gpus=self.plan.num_gpus, num_cpus=self.plan.num_cpus, max_concurrency=self._per_actor)
+        threads = max(1, int(self.plan.num_cpus))
+        return self._class.options(**options).remote(self._job_dict, self._device, self._fault, threads)
+
+    def _wait_ready(self, actors: list) -> None:
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        timeout = self.job.workers.actor_start_timeout_s
+        try:
+            self._ray.get([a.ready.remote() for a in actors], timeout=timeout)
+        except GetTimeoutError:
+            raise PipelineError(
+                f"actors did not start within workers.actor_start_timeout_s={timeout} s (each asks for "
+                f"{self.plan.num_gpus} GPU and {self.plan.num_cpus} CPU; cluster has "
+                f"{self._ray.cluster_resources()})"
+            ) from None
+        except (RayActorError, RayTaskError) as e:
+            raise PipelineError(f"a worker failed to start: {one_line(e)}") from None
+
+    def _record(self, unit: str, attempt: int, error: BaseException) -> None:
+        """The full text of an actor's error, under ``OUT/_logs/``."""
+        path = self._logs.path("_logs", f"{unit}.attempt{attempt}.txt")
+        try:
+            self._logs.put_atomic(path, str(error).encode())
+        except PipelineError:
+            _log.debug("could not write %s", path)
+
+    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+        from ray.exceptions import RayActorError, RayTaskError
+
+        ray = self._ray
+        load = dict.fromkeys(self._live, 0)  # units in flight per live actor
+        died_with: dict[Any, int] = {}  # dead actor -> units it held when it died
+        queue = deque(_Pending(url) for url in urls)
+        running: dict[Any, tuple[Any, _Pending]] = {}
+
+        def dispatch() -> None:
+            while queue:
+                unit = queue[0]
+                isolating = {a for a, u in running.values() if u.alone}  # actors running a unit alone take no other
+                room = 1 if unit.alone else self._per_actor
+                open_actors = [a for a in self._live if load[a] + 1 <= room and a not in isolating]
+                if not open_actors:
+                    return
+                actor = min(open_actors, key=load.__getitem__)
+                queue.popleft()
+                load[actor] += 1
+                running[actor.process.remote(stage, unit.url, unit.attempt)] = (actor, unit)
+
+        while queue or running:
+            dispatch()
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                actor, unit = running.pop(ref)
+                try:
+                    marker = ray.get(ref)
+                except RayActorError as e:
+                    if actor not in died_with:  # the first of its units to report: replace the actor once
+                        _log.warning(
+                            "a worker died while running %s (attempt %d): replacing it", unit.url, unit.attempt
+                        )
+                        self.restarts += 1
+                        died_with[actor] = load.pop(actor)
+                        self._live.remove(actor)
+                        ray.kill(actor, no_restart=True)
+                        replacement = self._start()
+                        self._wait_ready([replacement])
+                        self._live.append(replacement)
+                        load[replacement] = 0
+                    if died_with[actor] > 1:  # which of its units killed it is unknown: each retries alone, free
+                        queue.appendleft(_Pending(unit.url, unit.attempt, alone=True))
+                        continue
+                    error = f"worker died: {one_line(e)}"
+                except RayTaskError as e:
+                    error = one_line(e)
+                    self._record(unit_name(unit.url), unit.attempt, e)
+                    _log.warning("unit %s attempt %d failed: %s", unit_name(unit.url), unit.attempt, error)
+                else:
+                    error = None
+                if actor in load:
+                    load[actor] -= 1
+                if error is None:
+                    yield UnitOutcome(unit.url, marker)
+                elif unit.attempt < self.job.workers.max_retries:
+                    queue.append(_Pending(unit.url, unit.attempt + 1))
+                else:
+                    yield UnitOutcome(unit.url, error=f"{error} (after {unit.attempt + 1} attempts)")

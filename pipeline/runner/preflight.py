@@ -1,0 +1,126 @@
+"""Checks a job passes in the driver before any worker starts: what a user gets wrong every day fails here, in one
+line naming the file or field, instead of after actors started and units failed and were retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+from pipeline.config import JobConfig, expand_shards, is_url
+from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError
+from pipeline.store.output import as_output
+from pipeline.store.units import unit_name
+
+__all__ = ["CheckedJob", "preflight"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    """What the checks found: the units of each stage, in order."""
+
+    urls: list[str]
+    bank_urls: list[str]
+
+
+def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
+    """Check a job before running it: shards, output, model, checkpoint, labels and bank.
+
+    Args:
+        job: The validated job.
+        model: Also build the model on the CPU and load its checkpoint (skipped by ``--dry-run``).
+
+    Raises:
+        PipelineError: the first problem found (ConfigError, ShardNotFoundError, CheckpointError, BankError, ...);
+            the message names the file or field.
+    """
+    as_output(job.output.path)
+    urls = _check_shards(job.shard_urls(), "data.shards")
+    bank_urls = []
+    if job.mode == "self-supervised" and job.bank.shards is not None:
+        bank_urls = _check_shards(expand_shards(job.bank.shards, "bank.shards"), "bank.shards")
+    if model:
+        _check_model(job)
+    if job.target == "label":
+        _check_labels(urls[0])
+    return CheckedJob(urls, bank_urls)
+
+
+def _check_shards(urls: list[str], field: str) -> list[str]:
+    """Unit names that are unique, local shards that exist, and a first remote shard that is reachable."""
+    duplicates = [name for name, count in Counter(unit_name(u) for u in urls).items() if count > 1]
+    if duplicates:
+        raise ConfigError(f"{field}: several shards share the unit name {sorted(duplicates)[0]!r}")
+    local = [u for u in urls if not is_url(u)]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ShardNotFoundError(f"{field}: shard {missing[0]} does not exist{more}")
+    remote = [u for u in urls if "://" in u]
+    if remote:
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(remote[0])
+            found = fs.exists(path)
+        except (OSError, ValueError, ImportError) as e:
+            raise ShardError(f"{field}: cannot reach {remote[0]}: {e}") from None
+        if not found:
+            raise ShardNotFoundError(f"{field}: shard {remote[0]} does not exist")
+    return urls
+
+
+def _check_model(job: JobConfig) -> None:
+    """The model name exists, its checkpoint loads into it, DAAM and the job's explainers can explain it."""
+    import torch
+
+    from pipeline.data.decode import Preprocess
+    from pipeline.models import check_model_source, create_model, model_data_config
+    from pipeline.stages import ExplainStage
+
+    spec = job.model
+    check_model_source(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint)
+    model = create_model(
+        spec.name,
+        checkpoint=spec.checkpoint,
+        pretrained=spec.pretrained,
+        num_classes=spec.num_classes,
+        model_kwargs=spec.kwargs,
+    )
+    size = Preprocess.from_data_config(model_data_config(model), job.data.preprocess).size
+    ExplainStage(job, model, torch.device("cpu"), size).close()  # [class] token, attention, explainers, grid
+    if job.mode == "self-supervised" and job.bank.shards is None:
+        _check_bank(job, model.num_features)
+
+
+def _check_bank(job: JobConfig, dim: int) -> None:
+    from pipeline.errors import BankError
+    from pipeline.stages.bank import bank_is_built, describe_bank
+
+    path = job.bank_path()
+    if not bank_is_built(job):
+        raise BankError(f"bank.path: no memory bank at {path}; give bank.shards so the bank stage builds it")
+    bank_dim, has_keys = describe_bank(path)
+    if bank_dim != dim:
+        raise BankError(f"bank.path: the bank at {path} holds {bank_dim}-d features; {job.model.name} makes {dim}")
+    if job.bank.exclude_self and not has_keys:
+        raise BankError(f"bank.exclude_self: the bank at {path} has no sample keys to exclude")
+
+
+def _check_labels(url: str) -> None:
+    """``target: label`` needs labels: the first sample of the first shard must have one."""
+    from pipeline.data.stream import iter_shard
+
+    try:
+        first = next(iter(iter_shard(url)), None)
+    except PipelineError as e:
+        raise ShardError(f"data.shards: cannot read {url}: {e}") from None
+    if first is not None and first.label is None:
+        raise ConfigError(
+            f"target: 'label' explains each sample's label, and sample {first.key} of {url} has none (no .cls "
+            "member); use target: predicted"
+        )

@@ -1,0 +1,237 @@
+"""Units of work and the commit protocol: the one registry of what a unit writes, and when it counts as done.
+
+A unit is one input shard, named by :func:`unit_name`. Each stage writes its units' parts under its output root
+(``OUT`` for the explain stage, ``OUT/bank`` for the bank stage) and one marker per unit::
+
+    <parts of the unit>         EXPLAIN_PARTS / BANK_PARTS: Zarr groups and Parquet files
+    _done/<unit>.json           written last: the unit is complete; resume skips it
+    _incomplete/<unit>.json     written last instead when its shard ended early (missing, truncated): the rows
+                                read before are kept and readable, and the next run redoes the unit
+    _failed/<unit>.json         the driver's record of a unit that failed after its retries (no data)
+
+Protocol (:class:`UnitTransaction`): remove the markers first, then every part of an earlier attempt; write the
+unit's data, make it durable, then write one marker, which also clears the failure record. A unit without a
+marker is not there for readers and is redone from scratch by the next run, so no row is ever read twice.
+Temporary files of interrupted writes are swept once per job (:func:`sweep_temporaries`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+from pipeline.errors import StoreError
+from pipeline.store.output import Output, OutputLike, as_output
+
+__all__ = [
+    "BANK_PARTS",
+    "DONE",
+    "EXPLAIN_PARTS",
+    "FAILED",
+    "INCOMPLETE",
+    "UnitParts",
+    "UnitTransaction",
+    "clear",
+    "committed_units",
+    "done_units",
+    "failure_records",
+    "incomplete_units",
+    "is_done",
+    "record_failure",
+    "sweep_temporaries",
+    "unit_name",
+]
+
+logger = logging.getLogger(__name__)
+
+DONE, INCOMPLETE, FAILED = "_done", "_incomplete", "_failed"
+_MARKERS = (DONE, INCOMPLETE)
+_UNIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def unit_name(url: str) -> str:
+    """The unit of a shard: its file name without the ``.tar`` extension (``pipe:`` commands: their last word)."""
+    if url.startswith("pipe:"):
+        url = url.split()[-1] if url.split() else url
+    name = PurePosixPath(url.split("://", 1)[-1]).name
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def _check_unit(unit: str) -> str:
+    if not _UNIT.fullmatch(unit):
+        raise StoreError(f"unit name {unit!r} is not a plain file stem (letters, digits, '._-')")
+    return unit
+
+
+@dataclass(frozen=True)
+class UnitParts:
+    """What a stage writes per unit: each part's path under the stage's root, with ``{unit}`` for the unit.
+
+    Args:
+        parts: Part name -> path template, e.g. ``{"samples": "samples/{unit}.parquet"}``.
+        optional: Parts written only by some jobs (evaluation, comparison explainers).
+    """
+
+    parts: Mapping[str, str]
+    optional: frozenset[str] = frozenset()
+
+    def path(self, output: Output, part: str, unit: str) -> str:
+        return output.path(self.parts[part].format(unit=_check_unit(unit)))
+
+    def paths(self, output: Output, unit: str) -> dict[str, str]:
+        return {part: self.path(output, part, unit) for part in self.parts}
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """The top-level entries under the root that hold the parts, then the markers."""
+        return (*dict.fromkeys(template.split("/", 1)[0] for template in self.parts.values()), *_MARKERS, FAILED)
+
+
+EXPLAIN_PARTS = UnitParts(
+    {
+        "maps": "maps.zarr/{unit}",
+        "samples": "samples/{unit}.parquet",
+        "blocks": "blocks/{unit}.parquet",
+        "evaluation": "evaluation/{unit}.parquet",
+        "explainer_blocks": "explainer_blocks/{unit}.parquet",
+    },
+    optional=frozenset({"evaluation", "explainer_blocks"}),
+)
+"""The explain stage's parts, under ``OUT``."""
+
+BANK_PARTS = UnitParts({"features": "features.zarr/{unit}"})
+"""The bank stage's parts, under ``OUT/bank``."""
+
+
+def _marker(output: Output, kind: str, unit: str) -> str:
+    return output.path(kind, f"{_check_unit(unit)}.json")
+
+
+class UnitTransaction:
+    """One attempt at a unit: started afresh when created, finished by :meth:`commit`.
+
+    Args:
+        out: The stage's output root.
+        parts: The stage's parts.
+        unit: Unit name.
+
+    Raises:
+        StoreError: ``unit`` is not a plain file stem, or the output cannot be written.
+    """
+
+    def __init__(self, out: OutputLike, parts: UnitParts, unit: str) -> None:
+        self.output = as_output(out)
+        self.parts = parts
+        self.unit = _check_unit(unit)
+        self.paths = parts.paths(self.output, unit)
+        for kind in _MARKERS:  # markers first: from here on the unit is not done, whatever else survives
+            self.output.remove(_marker(self.output, kind, unit))
+        for path in self.paths.values():
+            self.output.remove(path)
+
+    def put(self, part: str, data: bytes) -> None:
+        """Write one part's bytes atomically."""
+        self.output.put_atomic(self.paths[part], data)
+
+    def sync(self, part: str) -> None:
+        """Make a part written in place (a Zarr group) durable."""
+        self.output.sync(self.paths[part])
+
+    def commit(self, summary: Mapping[str, Any], *, incomplete: str | None = None) -> dict[str, Any]:
+        """Write the unit's marker; call it only once the unit's data is durable.
+
+        Args:
+            summary: JSON-serialisable facts about the unit (counts, timings), stored in the marker.
+            incomplete: Why the unit's shard ended early; the unit is then marked incomplete, not done.
+
+        Returns:
+            The marker's content, with ``complete`` telling which marker was written.
+
+        Raises:
+            StoreError: the summary is not JSON-serialisable or the marker cannot be written.
+        """
+        marker = {
+            "unit": self.unit,
+            "committed_at": datetime.now(UTC).isoformat(),
+            "complete": incomplete is None,
+            **({"incomplete": incomplete} if incomplete else {}),
+            **summary,
+        }
+        try:
+            data = json.dumps(marker, indent=1).encode()
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"summary of unit {self.unit!r} is not JSON-serialisable: {e}") from e
+        self.output.put_atomic(_marker(self.output, INCOMPLETE if incomplete else DONE, self.unit), data)
+        self.output.remove(_marker(self.output, FAILED, self.unit))
+        return marker
+
+
+def _units_with(output: Output, kind: str) -> list[str]:
+    return sorted(n.removesuffix(".json") for n in output.listdir(output.path(kind)) if n.endswith(".json"))
+
+
+def done_units(out: OutputLike) -> list[str]:
+    """The complete units, sorted: what resume skips."""
+    return _units_with(as_output(out), DONE)
+
+
+def incomplete_units(out: OutputLike) -> list[str]:
+    """The units committed with an early end of their shard, sorted: kept for readers, redone by the next run."""
+    return _units_with(as_output(out), INCOMPLETE)
+
+
+def committed_units(out: OutputLike) -> list[str]:
+    """Every unit whose data readers see: complete and incomplete, sorted."""
+    output = as_output(out)
+    return sorted({*done_units(output), *incomplete_units(output)})
+
+
+def is_done(out: OutputLike, unit: str) -> bool:
+    """Whether the unit is complete."""
+    output = as_output(out)
+    return output.exists(_marker(output, DONE, unit))
+
+
+def record_failure(out: OutputLike, unit: str, error: str) -> None:
+    """Record a unit that failed after its retries; its next commit clears the record."""
+    output = as_output(out)
+    output.put_atomic(_marker(output, FAILED, unit), json.dumps({"unit": unit, "error": error}).encode())
+
+
+def failure_records(out: OutputLike) -> dict[str, str]:
+    """The recorded failures: unit -> error."""
+    output = as_output(out)
+    records = {}
+    for unit in _units_with(output, FAILED):
+        try:
+            records[unit] = json.loads(output.fs.cat_file(_marker(output, FAILED, unit)))["error"]
+        except (FileNotFoundError, ValueError, KeyError):
+            continue
+    return records
+
+
+def clear(out: OutputLike, parts: Iterable[UnitParts] = (EXPLAIN_PARTS,)) -> None:
+    """Remove every unit's parts, markers and failure records (for ``--overwrite``); other files stay."""
+    output = as_output(out)
+    for folder in dict.fromkeys(f for p in parts for f in p.folders):
+        output.remove(output.path(folder))
+
+
+def sweep_temporaries(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> int:
+    """Remove the temporary files of interrupted writes (``*.tmp-*``); call it before workers start.
+
+    Returns:
+        How many were removed.
+    """
+    output = as_output(out)
+    folders = [output.root, *(output.path(name) for name in parts.folders)]
+    temporaries = [path for folder in folders for path in output.fs.glob(f"{folder}/*.tmp-*")]
+    for path in temporaries:
+        output.remove(path)
+    return len(temporaries)
