@@ -1,7 +1,7 @@
 """Per-block statistics of DAAM maps, batched on the device.
 
 The one implementation of these formulas (``schemas/blocks.schema.json`` describes each column). Maps are
-non-negative (METHOD.md: M_l is a ReLU, D_l a sum of them). A map's *mass* is its sum; *normalised* means divided
+non-negative (docs/method.md: M_l is a ReLU, D_l a sum of them). A map's *mass* is its sum; *normalised* means divided
 by the mass. Coordinates are in patch units: patch ``(i, j)`` sits at row ``i``, column ``j`` of the ``h x w`` grid.
 
 Undefined values: every float statistic of an all-zero map is NaN, its peak row/column is -1; box statistics are

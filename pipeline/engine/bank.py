@@ -1,6 +1,6 @@
 """Memory bank of reference features: k-NN dimension-wise importance weights for self-supervised DAAM.
 
-METHOD.md, "Dimension-wise importance weights (self-supervised)", as code. The bank holds L2-normalised features
+docs/method.md, "Dimension-wise importance weights (self-supervised)", as code. The bank holds L2-normalised features
 ``z_i`` (optionally labels ``y_i``); :meth:`MemoryBank.query` returns, per image feature ``f``, the weights ``w``
 in [0, 1] that DAAM holds constant in ``Y = <f, w>``.
 
@@ -168,7 +168,7 @@ class MemoryBank:
         )
 
     def query(self, features: Tensor, *, exclude: Tensor | None = None) -> BankQuery:
-        """Dimension-wise importance weights of a batch of features (METHOD.md steps 1-4).
+        """Dimension-wise importance weights of a batch of features (docs/method.md steps 1-4).
 
         Args:
             features: (B, D) pooled features f (not normalised), on the device the work runs on.
@@ -397,7 +397,7 @@ def _merge(best: Tensor, best_idx: Tensor, sims: Tensor, idx: Tensor, k: int) ->
 
 
 def _dimension_weights(f_hat: Tensor, z: Tensor, keep: Tensor) -> Tensor:
-    """METHOD.md steps 3-4: m = mean of f_hat * z_i over kept neighbours, w = m / |sum m|, min-max to [0, 1].
+    """docs/method.md steps 3-4: m = mean of f_hat * z_i over kept neighbours, w = m / |sum m|, min-max to [0, 1].
 
     The elementwise mean is computed as f_hat * (mean of the kept z_i), one batched matmul. Dividing by |sum m| is
     a positive rescaling, so it does not change the min-max result; it is skipped only when sum m == 0, where it

@@ -114,7 +114,7 @@ class Baselines:
 
         Returns:
             {name: float32 maps on the images' device}: (B, L, h, w) for rollout and attention (block l's map at
-            index l - 1), (B, 1, h, w) for Grad-CAM; in the order the names were given.
+            index l, blocks numbered from 0), (B, 1, h, w) for Grad-CAM; in the order the names were given.
 
         Raises:
             PipelineError: no explanation ran since the last read, or it failed before computing every map.
