@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.errors import JobTerminated, PipelineError
 
 __all__ = ["main"]
 
@@ -71,21 +72,36 @@ def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, sets
     from pipeline.runner import run_job
 
     job = load_job(job_file, _overrides(sets))
-    summary = run_job(
-        job,
-        address=address,
-        overwrite=overwrite,
-        use_ray=not no_ray,
-        dry_run=dry_run,
-        fault=inject_fault,
-        progress=not quiet,
-    )
+    try:
+        summary = run_job(
+            job,
+            address=address,
+            overwrite=overwrite,
+            use_ray=not no_ray,
+            dry_run=dry_run,
+            fault=inject_fault,
+            progress=not quiet,
+        )
+    except (KeyboardInterrupt, JobTerminated) as e:
+        stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        click.echo(f"\njob {job.name} {stopped}: units in flight are redone by the next run of the same job", err=True)
+        _exit_now(130 if isinstance(e, KeyboardInterrupt) else 143)
     if dry_run:
         return
     click.echo(summary.render())
     if summary.done + summary.skipped:
         click.echo(_headline(job.output.path))
     sys.exit(summary.exit_code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once: the actors and the lease are released already, and a unit thread blocked in a read that never
+    returns (a hung mount) must not keep the process alive at interpreter exit."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _headline(out: str) -> str:

@@ -73,6 +73,9 @@ class _Section(BaseModel):
         except ValidationError as e:
             raise ConfigError(_format_errors(e, self.section or type(self).__name__, prefix=self.section)) from None
 
+    # Validation (model_validate, nested sections) keeps pydantic's own init and errors: only a direct call wraps.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
 
 class ModelConfig(_Section):
     """Which timm model to explain and where its weights come from."""
@@ -197,6 +200,19 @@ class WorkersConfig(_Section):
     cpus_per_actor: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0, description="extra attempts for a unit whose actor died or that failed")
     actor_start_timeout_s: float = Field(300, gt=0, description="give up on an actor that does not start")
+    unit_timeout_s: float | None = Field(
+        600,
+        gt=0,
+        description="a unit with no progress (no batch read or computed) for this long is cancelled, its actor "
+        "replaced and the unit retried; Ray actors only (null: never)",
+    )
+    connect_timeout_s: float = Field(60, gt=0, description="give up joining a Ray cluster (--address) after this")
+    lease_ttl_s: float = Field(
+        60,
+        gt=0,
+        description="the driver's lease on its output is renewed every ttl/3 s; a killed driver's lease expires "
+        "after this, and a second driver is refused while it is valid",
+    )
     units_in_flight: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="units a worker holds at once, taking turns on its device while the others commit or prefetch; "

@@ -10,10 +10,14 @@ from __future__ import annotations
 __all__ = [
     "BankError",
     "CheckpointError",
+    "ClusterError",
     "ConfigError",
     "DecodeError",
     "DeviceError",
     "InputError",
+    "JobTerminated",
+    "OutputInUseError",
+    "OutputMismatchError",
     "PipelineError",
     "SampleNotFoundError",
     "SchemaError",
@@ -89,3 +93,19 @@ class UnitFailedError(PipelineError, RuntimeError):
 
 class SampleNotFoundError(PipelineError, LookupError):
     """Sample keys or a query that select no stored sample of an output."""
+
+
+class OutputInUseError(PipelineError, RuntimeError):
+    """Another driver holds the output's lease (a second run of the same job, or a resubmitted cluster job)."""
+
+
+class OutputMismatchError(PipelineError, ValueError):
+    """An output written by a job whose content-determining fields differ from the job that would resume it."""
+
+
+class ClusterError(PipelineError, ConnectionError):
+    """The Ray cluster cannot be joined (nothing listening, a timeout, an authentication failure)."""
+
+
+class JobTerminated(BaseException):
+    """SIGTERM reached the driver: the job stops, in-flight units are abandoned to be redone by a rerun."""

@@ -124,6 +124,7 @@ class UnitWorker:
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer")
         self._device_lock = threading.Lock()  # one unit computes at a time; commits and prefetching overlap it
         self._prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._progress: dict[str, float] = {}  # unit holding the device -> monotonic time of its last progress
 
     def run(self, stage: str, url: str, *, attempt: int = 0) -> dict[str, Any]:
         """Run ``stage`` (``explain`` or ``bank``) over every sample of the shard at ``url`` and commit the unit.
@@ -147,7 +148,11 @@ class UnitWorker:
             sink = runner.open_unit(unit, url)
             with self._device_lock:
                 start = time.perf_counter()
-                compute_s, shard_error = self._compute_unit(runner, sink, unit, ready, failed, attempt)
+                self._progress[unit] = time.monotonic()
+                try:
+                    compute_s, shard_error = self._compute_unit(runner, sink, unit, ready, failed, attempt)
+                finally:
+                    self._progress.pop(unit, None)
                 seconds = time.perf_counter() - start
         total = sink.failed + sink.ok
         if total and sink.failed / total > self.job.errors.max_failed_fraction:
@@ -191,6 +196,7 @@ class UnitWorker:
                 tick = time.perf_counter()
                 host = move_tree(stage.compute(self.model_input(pixels), samples, sink))
                 compute_s += time.perf_counter() - tick
+                self._progress[unit] = time.monotonic()
                 if pending is not None:
                     pending.result()  # at most one batch waits to be written
                 pending = self._writer_thread.submit(sink.write, samples, host)
@@ -207,24 +213,33 @@ class UnitWorker:
         sink.write_failed(_drain(failed))
         return compute_s, shard_error
 
+    def stalled_units(self, timeout_s: float) -> list[str]:
+        """Units holding the device that have neither read nor computed a batch for ``timeout_s`` seconds (a hung
+        shard read, a hung device); units waiting for the device are not stalled."""
+        now = time.monotonic()
+        return [unit for unit, last in list(self._progress.items()) if now - last > timeout_s]
+
     def run_units(self, stage: str, urls: Sequence[str]) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
         """Run units in order, :func:`units_in_flight` at a time as a Ray actor does (see :meth:`run`).
 
         Yields:
             (url, commit marker, None), or (url, None, error message) for a unit that raised a PipelineError.
         """
-        with ThreadPoolExecutor(units_in_flight(self.job, self.device), thread_name_prefix="unit") as pool:
-            futures = deque((url, pool.submit(self.run, stage, url)) for url in urls)
-            try:
-                while futures:
-                    url, future = futures.popleft()
-                    try:
-                        yield url, future.result(), None
-                    except PipelineError as e:
-                        yield url, None, str(e)
-            finally:
-                for _, future in futures:
-                    future.cancel()
+        pool = ThreadPoolExecutor(units_in_flight(self.job, self.device), thread_name_prefix="unit")
+        futures = deque((url, pool.submit(self.run, stage, url)) for url in urls)
+        finished = False
+        try:
+            while futures:
+                url, future = futures.popleft()
+                try:
+                    yield url, future.result(), None
+                except PipelineError as e:
+                    yield url, None, str(e)
+            finished = True
+        finally:
+            # Left early (an interrupt): queued units are cancelled; a running one may be blocked in a read that
+            # never returns, so it is not waited for.
+            pool.shutdown(wait=finished, cancel_futures=True)
 
     def prefetch_batches(
         self, url: str, failed: deque[DecodedSample] | list[DecodedSample], stage: Stage | None = None

@@ -124,7 +124,8 @@ def iter_shard(url: str) -> Iterator[RawSample]:
             before the damage were yielded, naming the url, the byte offset and the last good key.
     """
     try:
-        stream = fsspec.open(url, "rb").open()
+        # a local path is opened plainly: a FIFO or device (a pipe from another process) cannot seek
+        stream = open(url, "rb") if "://" not in url else fsspec.open(url, "rb").open()  # noqa: SIM115
     except FileNotFoundError as e:
         raise ShardNotFoundError(f"shard {url} not found") from e
     except OSError as e:

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.config import JobConfig
+from pipeline.errors import ClusterError, JobTerminated
+from pipeline.runner.fingerprint import JOB_FILE, check_resume, checkpoint_digest, fingerprint
 from pipeline.runner.plan import ActorPlan, describe_plan, plan_actors
 from pipeline.runner.pools import LocalPool, RayPool
 from pipeline.runner.preflight import preflight
 from pipeline.runner.summary import JobSummary
 from pipeline.stages.bank import assemble_bank, bank_is_built, bank_output
+from pipeline.store.lease import Lease
 from pipeline.store.output import Output, as_output
 from pipeline.store.units import (
     BANK_PARTS,
     EXPLAIN_PARTS,
     clear,
+    committed_units,
     done_units,
     record_failure,
     sweep_temporaries,
@@ -59,32 +68,62 @@ def run_job(
         progress: Show a progress bar.
 
     Raises:
-        PipelineError: a problem found before any unit ran (the CLI's exit code 2).
+        PipelineError: a problem found before any unit ran (the CLI's exit code 2), among them
+            OutputInUseError (another driver holds the output's lease), OutputMismatchError (the output was
+            written by a job that stores something else) and ClusterError (the cluster cannot be joined).
+        KeyboardInterrupt, JobTerminated: SIGINT or SIGTERM; actors and the lease are released, in-flight units
+            are redone by the next run.
     """
     checked = preflight(job, model=not dry_run)
     output, banks = as_output(job.output.path), bank_output(job)
-    if overwrite and not dry_run:
-        clear(output, [EXPLAIN_PARTS])
-        clear(banks, [BANK_PARTS])
-        if job.mode == "self-supervised" and job.bank.shards is not None:
-            as_output(job.bank_path()).remove(as_output(job.bank_path()).root)
-    todo, done = _pending(output, checked.urls)
-    bank_todo, bank_done = _pending(banks, checked.bank_urls)
-    summary = JobSummary(job=job.name, output=job.output.path, units=len(checked.urls), skipped=len(done))
-    plan = _plan(job, address, max(len(todo), len(bank_todo))) if use_ray else ActorPlan(1, 0, 0, "single process")
+    content = fingerprint(job, checkpoint_digest(job.model.checkpoint))
     if dry_run:
+        if not overwrite and committed_units(output):
+            check_resume(output, content)
+        todo, done = _pending(output, checked.urls)
+        bank_todo, bank_done = _pending(banks, checked.bank_urls)
+        plan = _plan(job, address, max(len(todo), len(bank_todo))) if use_ray else _IN_PROCESS
         print(describe_plan(job, plan, todo, done, bank_todo, bank_done))
-        return summary
-    _write_job(output, job)
+        return JobSummary(job=job.name, output=job.output.path, units=len(checked.urls), skipped=len(done))
+    with Lease(output, job.workers.lease_ttl_s):
+        if overwrite:
+            clear(output, [EXPLAIN_PARTS])
+            clear(banks, [BANK_PARTS])
+            if job.mode == "self-supervised" and job.bank.shards is not None:
+                as_output(job.bank_path()).remove(as_output(job.bank_path()).root)
+        elif committed_units(output) or committed_units(banks):
+            check_resume(output, content)
+        _write_job(output, job, content)
+        return _run(job, checked, output, banks, address, use_ray, fault, progress)
+
+
+_IN_PROCESS = ActorPlan(1, 0, 0, "single process")
+
+
+def _run(
+    job: JobConfig,
+    checked: Any,
+    output: Output,
+    banks: Output,
+    address: str | None,
+    use_ray: bool,
+    fault: str | None,
+    progress: bool,
+) -> JobSummary:
+    """The bank and explain stages over the units not yet done, under the driver's lease."""
+    todo, done = _pending(output, checked.urls)
+    bank_todo, _ = _pending(banks, checked.bank_urls)
+    summary = JobSummary(job=job.name, output=job.output.path, units=len(checked.urls), skipped=len(done))
     sweep_temporaries(output, EXPLAIN_PARTS)  # of writes interrupted in an earlier run; no worker is writing yet
     sweep_temporaries(banks, BANK_PARTS)
     start = time.perf_counter()
     build_bank = job.mode == "self-supervised" and job.bank.shards is not None and (bank_todo or not bank_is_built(job))
     if not todo and not build_bank:
-        return _finish(job, summary, start)
+        return _finish(job, summary, start)  # nothing to do: no cluster started
+    plan = _plan(job, address, max(len(todo), len(bank_todo))) if use_ray else _IN_PROCESS
     pool = RayPool(job, plan, fault) if use_ray else LocalPool(job, fault)
     summary.actors = plan.count
-    with pool:
+    with stop_on_sigterm(pool), pool:
         if build_bank and not _run_bank_stage(job, pool, bank_todo, progress, summary):
             return _finish(job, summary, start)  # without a whole bank nothing can be explained
         bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} explain")
@@ -105,6 +144,28 @@ def run_job(
         bar.close()
         summary.actor_restarts = pool.restarts
     return _finish(job, summary, start)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(pool: LocalPool | RayPool) -> Iterator[None]:
+    """SIGTERM stops the job like SIGINT: :class:`~pipeline.errors.JobTerminated` is raised in the driver, so the
+    pool and the lease are released on the way out. Installed after Ray's own handler. The Ray pool raises it at
+    its next turn (an exception raised inside Ray's compiled wait would be mangled)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        if isinstance(pool, RayPool):
+            pool.stop(f"signal {signum}")
+        else:
+            raise JobTerminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finish(job: JobConfig, summary: JobSummary, start: float) -> JobSummary:
@@ -151,11 +212,19 @@ def _run_bank_stage(job: JobConfig, pool: Any, todo: list[str], progress: bool, 
     return True
 
 
-def _write_job(output: Output, job: JobConfig) -> None:
-    output.put_atomic(output.path("job.json"), json.dumps(job.model_dump(mode="json"), indent=2).encode())
+def _write_job(output: Output, job: JobConfig, content: dict[str, Any]) -> None:
+    """``OUT/job.json``: the job as validated, and the fingerprint of what it stores."""
+    record = {**job.model_dump(mode="json"), "fingerprint": content}
+    output.put_atomic(output.path(JOB_FILE), json.dumps(record, indent=2).encode())
 
 
 def _ensure_ray(address: str | None, job: JobConfig) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local one.
+
+    Raises:
+        ClusterError: nothing answers at the address within ``workers.connect_timeout_s``, or Ray refuses the
+            connection (an authentication token that does not match, another Ray version, ...).
+    """
     import ray
 
     if ray.is_initialized():
@@ -166,4 +235,29 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
     if address is None:
         actors = job.workers.cpu_actors * job.workers.cpus_per_actor
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(actors + 0.999))
-    ray.init(address=address, **kwargs)
+    else:
+        _wait_reachable(address, job.workers.connect_timeout_s)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}") from None
+
+
+def _wait_reachable(address: str, timeout_s: float) -> None:
+    """Wait until a TCP connection to ``host:port`` (or ``ray://host:port``) succeeds; ``auto`` is Ray's to find."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"nothing answers at Ray address {address} within workers.connect_timeout_s={timeout_s:g} s "
+                    f"({e.strerror or e}): is the head node up, and is the address its GCS port (default 6379)?"
+                ) from None
+            time.sleep(0.5)

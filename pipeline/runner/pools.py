@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import JobTerminated, PipelineError
 from pipeline.runner.plan import ActorPlan
 from pipeline.store.output import as_output
 from pipeline.store.units import unit_name
@@ -85,7 +86,7 @@ class _Pending:
 def _unit_actor_class():
     import ray
 
-    @ray.remote(max_restarts=0, max_task_retries=0)
+    @ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"monitor": 1})
     class UnitActor:
         """A Ray actor holding one :class:`UnitWorker` (the model loaded once); started with max_concurrency set to
         the units it holds at once, which share its device in turns (UnitWorker.run)."""
@@ -102,6 +103,10 @@ def _unit_actor_class():
 
         def process(self, stage: str, url: str, attempt: int) -> dict[str, Any]:
             return self.worker.run(stage, url, attempt=attempt)
+
+        @ray.method(concurrency_group="monitor")  # answers while every unit thread is busy (or hung)
+        def stalled_units(self, timeout_s: float) -> list[str]:
+            return self.worker.stalled_units(timeout_s)
 
     return UnitActor
 
@@ -143,6 +148,11 @@ class RayPool:
         self._per_actor = units_in_flight(job, self._device)
         self._live: list[Any] = []
         self._logs = as_output(job.output.path)
+        self._stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask :meth:`run` to raise :class:`~pipeline.errors.JobTerminated` at its next turn (signal-safe)."""
+        self._stop_reason = reason
 
     def __enter__(self) -> RayPool:
         self._live = [self._start() for _ in range(self.plan.count)]
@@ -177,11 +187,11 @@ class RayPool:
         except (RayActorError, RayTaskError) as e:
             raise PipelineError(f"a worker failed to start: {one_line(e)}") from None
 
-    def _record(self, unit: str, attempt: int, error: BaseException) -> None:
-        """The full text of an actor's error, under ``OUT/_logs/``."""
+    def _record(self, unit: str, attempt: int, text: str) -> None:
+        """The full text of an attempt's error (an actor's traceback), under ``OUT/_logs/``."""
         path = self._logs.path("_logs", f"{unit}.attempt{attempt}.txt")
         try:
-            self._logs.put_atomic(path, str(error).encode())
+            self._logs.put_atomic(path, text.encode())
         except PipelineError:
             _log.debug("could not write %s", path)
 
@@ -207,9 +217,20 @@ class RayPool:
                 load[actor] += 1
                 running[actor.process.remote(stage, unit.url, unit.attempt)] = (actor, unit)
 
+        def settle(unit: _Pending, error: str) -> UnitOutcome | None:
+            """Queue a failed unit's next attempt; after its last one, its outcome."""
+            if unit.attempt < self.job.workers.max_retries:
+                queue.append(_Pending(unit.url, unit.attempt + 1))
+                return None
+            return UnitOutcome(unit.url, error=f"{error} (after {unit.attempt + 1} attempts)")
+
+        timeout = self.job.workers.unit_timeout_s
+        checked = time.monotonic()
         while queue or running:
             dispatch()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if self._stop_reason is not None:
+                raise JobTerminated(self._stop_reason)
             for ref in ready:
                 actor, unit = running.pop(ref)
                 try:
@@ -219,21 +240,14 @@ class RayPool:
                         _log.warning(
                             "a worker died while running %s (attempt %d): replacing it", unit.url, unit.attempt
                         )
-                        self.restarts += 1
-                        died_with[actor] = load.pop(actor)
-                        self._live.remove(actor)
-                        ray.kill(actor, no_restart=True)
-                        replacement = self._start()
-                        self._wait_ready([replacement])
-                        self._live.append(replacement)
-                        load[replacement] = 0
+                        died_with[actor] = self._replace(actor, load)
                     if died_with[actor] > 1:  # which of its units killed it is unknown: each retries alone, free
                         queue.appendleft(_Pending(unit.url, unit.attempt, alone=True))
                         continue
                     error = f"worker died: {one_line(e)}"
                 except RayTaskError as e:
                     error = one_line(e)
-                    self._record(unit_name(unit.url), unit.attempt, e)
+                    self._record(unit_name(unit.url), unit.attempt, str(e))
                     _log.warning("unit %s attempt %d failed: %s", unit_name(unit.url), unit.attempt, error)
                 else:
                     error = None
@@ -241,7 +255,54 @@ class RayPool:
                     load[actor] -= 1
                 if error is None:
                     yield UnitOutcome(unit.url, marker)
-                elif unit.attempt < self.job.workers.max_retries:
-                    queue.append(_Pending(unit.url, unit.attempt + 1))
-                else:
-                    yield UnitOutcome(unit.url, error=f"{error} (after {unit.attempt + 1} attempts)")
+                elif (outcome := settle(unit, error)) is not None:
+                    yield outcome
+            if timeout is not None and running and time.monotonic() - checked >= min(timeout / 3, 10.0):
+                checked = time.monotonic()
+                for actor, stalled in self._stalled(running, timeout):
+                    _log.warning("cancelling %s: no progress for %g s; replacing its worker", stalled, timeout)
+                    for ref, (holder, unit) in list(running.items()):
+                        if holder is not actor:
+                            continue
+                        del running[ref]
+                        if unit_name(unit.url) not in stalled:
+                            queue.appendleft(unit)  # cancelled with its actor through no fault of its own
+                            continue
+                        error = f"no progress for {timeout:g} s (workers.unit_timeout_s): cancelled"
+                        self._record(unit_name(unit.url), unit.attempt, error)
+                        if (outcome := settle(unit, error)) is not None:
+                            yield outcome
+                    self._replace(actor, load)
+
+    def _replace(self, actor: Any, load: dict[Any, int]) -> int:
+        """Kill ``actor`` and start another in its place; returns how many units it held."""
+        self.restarts += 1
+        held = load.pop(actor, 0)
+        self._live.remove(actor)
+        self._ray.kill(actor, no_restart=True)
+        replacement = self._start()
+        self._wait_ready([replacement])
+        self._live.append(replacement)
+        load[replacement] = 0
+        return held
+
+    def _stalled(self, running: dict[Any, tuple[Any, _Pending]], timeout: float) -> list[tuple[Any, set[str]]]:
+        """Actors with units that made no progress for ``timeout`` s, and those units (all of an actor's units
+        when it does not answer)."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        holding: dict[Any, set[str]] = {}
+        for actor, unit in running.values():
+            holding.setdefault(actor, set()).add(unit_name(unit.url))
+        queries = {actor: actor.stalled_units.remote(timeout) for actor in holding}
+        result = []
+        for actor, ref in queries.items():
+            try:
+                stalled = set(self._ray.get(ref, timeout=max(timeout, 30.0)))
+            except GetTimeoutError:
+                stalled = holding[actor]
+            except RayActorError:
+                continue  # a dead actor: its units report the death
+            if stalled & holding[actor]:
+                result.append((actor, stalled & holding[actor]))
+        return result

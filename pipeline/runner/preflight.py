@@ -56,7 +56,7 @@ def _check_shards(urls: list[str], field: str) -> list[str]:
     if duplicates:
         raise ConfigError(f"{field}: several shards share the unit name {sorted(duplicates)[0]!r}")
     local = [u for u in urls if not is_url(u)]
-    missing = [u for u in local if not os.path.isfile(u)]
+    missing = [u for u in local if not os.path.exists(u) or os.path.isdir(u)]  # a FIFO or device may be a shard
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ShardNotFoundError(f"{field}: shard {missing[0]} does not exist{more}")

@@ -1,0 +1,97 @@
+"""What determines an output's content: recorded in ``job.json``, compared before a run resumes into the output.
+
+Fields that change what is stored (the model and its weights, mode, target, dtypes, preprocessing, explainers,
+stored arrays, bank, evaluation) must equal those of the job that wrote the output; fields that only change how
+fast it is written (batch size, workers, decode threads, prefetching, retries) may differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import fsspec
+
+from pipeline.config import JobConfig
+from pipeline.errors import CheckpointError, OutputMismatchError
+from pipeline.store.output import Output
+
+__all__ = ["check_resume", "checkpoint_digest", "fingerprint", "read_written_job"]
+
+JOB_FILE = "job.json"
+
+
+def checkpoint_digest(url: str | None) -> str | None:
+    """SHA-256 of a checkpoint's bytes (None without a checkpoint)."""
+    if url is None:
+        return None
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {url} cannot be read: {e}") from e
+    return "sha256:" + digest.hexdigest()
+
+
+def fingerprint(job: JobConfig, checkpoint_sha256: str | None) -> dict[str, Any]:
+    """The content-determining fields of ``job``, by their paths in a job file."""
+    data = job.model_dump(mode="json")
+    bank, evaluation = data["bank"], data["evaluate"]
+    bank_fields = ("shards", "path", "k", "temperature", "label_free", "exclude_self", "storage_dtype")
+    return {
+        "model.name": job.model.name,
+        "model.kwargs": data["model"]["kwargs"],
+        "model.num_classes": job.model.num_classes,
+        "model.pretrained": job.model.pretrained,
+        "model.checkpoint": checkpoint_sha256,
+        "seed": job.seed,  # the weights of a model built without checkpoint or pretrained weights
+        "mode": job.mode,
+        "target": job.target,
+        "dtype": job.dtype,
+        "data.preprocess": job.data.preprocess,
+        "data.decoder": job.data.decoder,
+        "data.max_pixels": job.data.max_pixels,
+        "explainers": data["explainers"],
+        "output.arrays": data["output"]["arrays"],
+        "output.dtype": job.output.dtype,
+        "bank": None if bank is None else {k: bank[k] for k in bank_fields},
+        "evaluate": None if evaluation is None else {k: v for k, v in evaluation.items() if k != "batch_size"},
+    }
+
+
+def read_written_job(output: Output) -> dict[str, Any] | None:
+    """``OUT/job.json`` as written by the runner, or None."""
+    try:
+        with output.fs.open(output.path(JOB_FILE), "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def check_resume(output: Output, current: dict[str, Any]) -> None:
+    """Refuse to resume into an output written by a job with other content-determining fields.
+
+    Raises:
+        OutputMismatchError: naming every field that differs, old and new values.
+    """
+    written = read_written_job(output)
+    previous = None if written is None else written.get("fingerprint")
+    if previous is None:
+        return
+    differing = [
+        f"{name}: {_show(previous.get(name))} -> {_show(current.get(name))}"
+        for name in dict.fromkeys([*previous, *current])
+        if previous.get(name) != current.get(name)
+    ]
+    if differing:
+        raise OutputMismatchError(
+            f"output {output.url} was written by a job that differs in what it stores: {'; '.join(differing)}. "
+            "Use a new output.path, or --overwrite to replace it"
+        )
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)

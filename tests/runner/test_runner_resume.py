@@ -1,0 +1,123 @@
+"""Resume never loses or mixes data: incomplete units are redone, a changed job is refused, failure records clear."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from builders import TINY_MODEL, job_dict, make_shards
+from safetensors.torch import save_file
+
+from pipeline import open_results
+from pipeline.config import parse_job
+from pipeline.errors import OutputMismatchError, ShardNotFoundError
+from pipeline.models import create_model
+from pipeline.runner import run_job
+from pipeline.store.units import done_units, failure_records, incomplete_units
+
+
+def run(shards, out, overwrite=False, **overrides):
+    job = parse_job(job_dict(shards, out, **overrides))
+    return run_job(job, use_ray=False, progress=False, overwrite=overwrite)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return make_shards(tmp_path / "shards", shards=3, per_shard=8)
+
+
+def test_missing_shard_is_refused_before_any_unit_then_runs_once_it_appears(shards, tmp_path):
+    hidden = tmp_path / "hidden.tar"
+    shutil.move(shards[1], hidden)
+    with pytest.raises(ShardNotFoundError, match=f"data.shards: shard {shards[1]} does not exist"):
+        run(shards, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    shutil.move(hidden, shards[1])
+    summary = run(shards, tmp_path / "out")
+    assert (summary.done, summary.samples_ok, summary.exit_code) == (3, 24, 0)
+
+
+def test_truncated_shard_is_incomplete_then_redone_after_repair(shards, tmp_path):
+    whole = Path(shards[2]).read_bytes()
+    with open(shards[2], "wb") as f:
+        f.write(whole[: len(whole) // 2])  # cut mid-way: the samples before the cut are kept
+    first = run(shards, tmp_path / "out")
+    assert first.exit_code == 1 and list(first.incomplete_units) == ["part2-000000"]
+    assert 0 < first.samples_ok < 24 and "INCOMPLETE unit part2-000000" in first.render()
+    assert incomplete_units(tmp_path / "out") == ["part2-000000"]
+    assert done_units(tmp_path / "out") == ["part0-000000", "part1-000000"]
+    partial = open_results(tmp_path / "out").samples
+    assert set(partial.unit) == {"part0-000000", "part1-000000", "part2-000000"}  # readers see what was read
+
+    with open(shards[2], "wb") as f:
+        f.write(whole)
+    second = run(shards, tmp_path / "out")  # resume redoes the incomplete unit from scratch
+    assert (second.skipped, second.done, second.exit_code) == (2, 1, 0)
+    samples = open_results(tmp_path / "out").samples
+    assert len(samples) == 24 and samples.key.is_unique and (samples.status == "ok").all()
+    assert incomplete_units(tmp_path / "out") == []
+
+
+def test_shard_vanishing_after_the_checks_leaves_the_unit_incomplete(shards, tmp_path):
+    from pipeline.worker import UnitWorker
+
+    job = parse_job(job_dict(shards, tmp_path / "out"))
+    with UnitWorker(job) as worker:
+        marker = worker.run("explain", str(tmp_path / "gone.tar"))
+    assert marker["complete"] is False and "gone.tar" in marker["incomplete"]
+    assert done_units(tmp_path / "out") == [] and incomplete_units(tmp_path / "out") == ["gone"]
+
+
+def test_changed_content_is_refused_naming_the_fields_and_speed_settings_are_not(shards, tmp_path):
+    out = tmp_path / "out"
+    assert run(shards, out).exit_code == 0
+    written = json.loads((out / "job.json").read_text())
+    with pytest.raises(OutputMismatchError) as refused:
+        run(shards, out, explainers=["daam", "rollout"], **{"output.dtype": "float32"})
+    message = str(refused.value)
+    assert 'explainers: ["daam"] -> ["daam", "rollout"]' in message
+    assert 'output.dtype: "float16" -> "float32"' in message and "--overwrite" in message
+    assert "batch_size" not in message
+    assert json.loads((out / "job.json").read_text()) == written  # job.json still describes what was written
+
+    faster = run(shards, out, batch_size=8, **{"data.decode_threads": 2, "workers.max_retries": 3})
+    assert (faster.skipped, faster.done, faster.exit_code) == (3, 0, 0)
+    assert json.loads((out / "job.json").read_text())["batch_size"] == 8
+
+    replaced = run(shards, out, explainers=["daam", "rollout"], overwrite=True)
+    assert replaced.done == 3 and open_results(out).maps("s0_0000").rollout.shape == (2, 4, 4)
+
+
+def test_changed_checkpoint_is_refused(shards, tmp_path):
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = create_model(TINY_MODEL["name"], num_classes=4, model_kwargs=TINY_MODEL["kwargs"])
+        paths.append(tmp_path / f"weights{seed}.safetensors")
+        save_file(model.state_dict(), paths[-1])
+    out = tmp_path / "out"
+    assert run(shards, out, **{"model.checkpoint": str(paths[0])}).done == 3
+    with pytest.raises(OutputMismatchError, match=r"model.checkpoint: \"sha256:[0-9a-f]{64}\" -> \"sha256:"):
+        run(shards, out, **{"model.checkpoint": str(paths[1])})
+    fingerprint = json.loads((out / "job.json").read_text())["fingerprint"]
+    assert fingerprint["model.checkpoint"].startswith("sha256:")
+
+
+def test_failure_record_is_cleared_by_a_successful_rerun_and_by_overwrite(tmp_path):
+    shards = make_shards(tmp_path / "shards", shards=2, per_shard=6, corrupt={1: (2,)})
+    strict = {"errors.max_failed_fraction": 0.1}  # one corrupt sample of six fails unit 1
+    out = tmp_path / "out"
+    first = run(shards, out, **strict)
+    assert list(first.failed_units) == ["part1-000000"]
+    assert list(failure_records(out)) == ["part1-000000"]
+
+    lenient = run(shards, out)  # the error policy does not change what is stored: resume is allowed
+    assert (lenient.done, lenient.exit_code) == (1, 3) and failure_records(out) == {}
+
+    run(shards, out, **strict, overwrite=True)
+    assert list(failure_records(out)) == ["part1-000000"]
+    run(shards[:1], out, overwrite=True)
+    assert failure_records(out) == {} and done_units(out) == ["part0-000000"]

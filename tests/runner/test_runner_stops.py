@@ -1,0 +1,118 @@
+"""Stopping and sharing an output: signals, a second driver, a cluster that does not answer (real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from builders import job_dict, make_shards, write_job
+from click.testing import CliRunner
+
+from pipeline import open_results
+from pipeline.cli import main
+from pipeline.errors import OutputInUseError
+from pipeline.store.lease import Lease
+from pipeline.store.output import as_output
+
+pytestmark = pytest.mark.timeout(300)
+
+CLI = str(Path(sys.executable).parent / "daam-pipeline")
+
+
+@pytest.fixture
+def hanging_job(tmp_path):
+    """Two good shards, then a FIFO nobody writes to: the third unit's read never returns (a hung mount)."""
+    shards = make_shards(tmp_path / "shards", shards=3, per_shard=4)
+    good = tmp_path / "part2.tar"
+    os.replace(shards[2], good)
+    os.mkfifo(shards[2])
+    job = job_dict(shards, tmp_path / "out", **{"workers.lease_ttl_s": 2, "workers.cpu_actors": 1})
+    return write_job(tmp_path / "job.yaml", job), Path(shards[2]), good
+
+
+def start(job: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([CLI, "run", str(job), "--quiet", *args], stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def two_units_done(out: Path) -> bool:
+    return len(list((out / "_done").glob("*.json"))) == 2
+
+
+def repair_and_resume(job: Path, fifo: Path, good: Path) -> None:
+    os.replace(good, fifo)
+    result = subprocess.run([CLI, "run", str(job), "--quiet", "--no-ray"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "1 units explained, 2 already done" in result.stdout
+    samples = open_results(job.parent / "out").samples
+    assert len(samples) == 12 and samples.key.is_unique
+
+
+def test_second_driver_is_refused_while_the_first_runs_and_accepted_after_its_lease_expired(hanging_job):
+    job, fifo, good = hanging_job
+    out = job.parent / "out"
+    first = start(job, "--no-ray")
+    wait_for(lambda: two_units_done(out), "the first driver's two good units")
+
+    second = subprocess.run([CLI, "run", str(job), "--quiet", "--no-ray"], capture_output=True, text=True)
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in use by driver" in lines[0] and f":{first.pid}:" in lines[0]
+
+    first.kill()  # SIGKILL: no chance to release the lease
+    first.wait()
+    with pytest.raises(OutputInUseError):  # still valid right after the kill
+        Lease(as_output(out), 2).acquire()
+    time.sleep(2.5)  # past the lease's ttl since its last renewal
+    repair_and_resume(job, fifo, good)
+    assert not (out / "_lease.json").exists()
+
+
+def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
+    job, fifo, good = hanging_job
+    out = job.parent / "out"
+    process = start(job, "--no-ray")
+    wait_for(lambda: two_units_done(out), "two units")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted: units in flight are redone" in stderr and "Traceback" not in stderr
+    assert not (out / "_lease.json").exists()
+    repair_and_resume(job, fifo, good)
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job):
+    job, fifo, good = hanging_job
+    out = job.parent / "out"
+    process = start(job)  # on a local Ray cluster of its own
+    wait_for(lambda: two_units_done(out), "two units", timeout=240)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "terminated: units in flight are redone" in stderr
+    assert "Traceback" not in stderr and "SIGABRT" not in stderr and "*** " not in stderr
+    assert not (out / "_lease.json").exists()
+    repair_and_resume(job, fifo, good)
+
+
+def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(tmp_path):
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out", **{"workers.connect_timeout_s": 2}))
+    start_time = time.monotonic()
+    result = CliRunner().invoke(main, ["run", str(job), "--quiet", "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert time.monotonic() - start_time < 60
+    assert "nothing answers at Ray address 127.0.0.1:1 within workers.connect_timeout_s=2 s" in result.output
+    assert not (tmp_path / "out" / "_lease.json").exists()
