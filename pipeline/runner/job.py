@@ -36,6 +36,7 @@ from pipeline.store.units import (
     unit_name,
 )
 from pipeline.summaries import label_accuracy
+from pipeline.worker import resolve_device
 
 __all__ = ["run_job"]
 
@@ -75,6 +76,8 @@ def run_job(
             are redone by the next run.
     """
     checked = preflight(job, model=not dry_run)
+    if not use_ray and not dry_run:
+        resolve_device(job.device)  # this process is the worker: an unusable device is a user error now
     output, banks = as_output(job.output.path), bank_output(job)
     content = fingerprint(job, checkpoint_digest(job.model.checkpoint))
     if dry_run:
