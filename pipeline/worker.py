@@ -223,7 +223,7 @@ class UnitWorker:
         """Run units in order, :func:`units_in_flight` at a time as a Ray actor does (see :meth:`run`).
 
         Yields:
-            (url, commit marker, None), or (url, None, error message) for a unit that raised a PipelineError.
+            (url, commit marker, None), or (url, None, one-line error message) for a unit that raised.
         """
         pool = ThreadPoolExecutor(units_in_flight(self.job, self.device), thread_name_prefix="unit")
         futures = deque((url, pool.submit(self.run, stage, url)) for url in urls)
@@ -235,6 +235,9 @@ class UnitWorker:
                     yield url, future.result(), None
                 except PipelineError as e:
                     yield url, None, str(e)
+                except Exception as e:  # a full disk, a bug: the unit fails as on a Ray actor, the job goes on
+                    _log.debug("unit %s failed", unit_name(url), exc_info=True)
+                    yield url, None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             finished = True
         finally:
             # Left early (an interrupt): queued units are cancelled; a running one may be blocked in a read that

@@ -121,3 +121,16 @@ def test_failure_record_is_cleared_by_a_successful_rerun_and_by_overwrite(tmp_pa
     assert list(failure_records(out)) == ["part1-000000"]
     run(shards[:1], out, overwrite=True)
     assert failure_records(out) == {} and done_units(out) == ["part0-000000"]
+
+
+def test_a_full_disk_in_one_process_fails_the_unit_in_one_line(shards, tmp_path, monkeypatch):
+    from pipeline.store.unit_writer import UnitWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(UnitWriter, "write_batch", full)
+    summary = run(shards, tmp_path / "out", **{"workers.max_retries": 0})
+    assert summary.exit_code == 1 and len(summary.failed_units) == 3
+    assert set(summary.failed_units.values()) == {"OSError: [Errno 28] No space left on device"}
+    assert list(failure_records(tmp_path / "out")) == ["part0-000000", "part1-000000", "part2-000000"]
