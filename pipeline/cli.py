@@ -217,6 +217,29 @@ def report(out, dest, gallery, top_classes, size, class_names, quiet) -> None:
     click.echo(str(path))
 
 
+@main.group()
+def bank() -> None:
+    """Memory banks of self-supervised jobs."""
+
+
+@bank.command("import")
+@click.argument("features", type=click.Path(exists=True, dir_okay=False))
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out")
+@click.option("--k", default=20, show_default=True, help="Neighbours stored as the bank's default k.")
+@click.option("--temperature", default=0.07, show_default=True, help="Stored default temperature.")
+@click.option("--overwrite", is_flag=True, help="Replace a bank at OUT.")
+@_user_errors
+def bank_import(features, labels, out, k, temperature, overwrite) -> None:
+    """Turn a feature dump into a bank at OUT (a job's bank.path): FEATURES (M, D) and LABELS (M,) as torch files
+    (DINO's eval_knn.py --dump_features: trainfeat.pth, trainlabels.pth) or .npy files."""
+    from pipeline.store.features import import_feature_dump
+
+    built = import_feature_dump(features, labels, out, k=k, temperature=temperature, overwrite=overwrite)
+    labelled = f"{built.num_classes} classes" if built.num_classes else "no labels"
+    click.echo(f"memory bank of {built.size} samples (D={built.dim}, {labelled}) written to {out}")
+
+
 @main.command("demo-assets")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: the package's.")
 @_user_errors

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,59 @@ _STATE_DICT_KEYS = ("state_dict", "model", "model_ema", "module", "teacher")
 
 
 def check_model_source(name: str, *, pretrained: bool = False, checkpoint: str | None = None) -> None:
-    """Placeholder until the models helper lands: unknown names fail in create_model."""
+    """Check, without building anything or touching the network, that a model can be created as the job says.
+
+    Raises:
+        CheckpointError: an unknown timm name (close matches named), hub weights asked for where downloads are
+            off (``HF_HUB_OFFLINE=1``, or an ``hf-hub:`` name without ``DAAM_ALLOW_DOWNLOAD=1``), or a checkpoint
+            that does not exist.
+    """
+    hub = name.startswith(("hf-hub:", "hf_hub:"))
+    architecture = name.split(".", 1)[0]
+    if not hub and not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise CheckpointError(f"model.name: unknown timm model {name!r}{hint}")
+    if checkpoint is not None:
+        if not _exists(checkpoint):
+            raise CheckpointError(f"model.checkpoint: {checkpoint} does not exist")
+        return
+    if (pretrained or hub) and not _hub_weights_available(name):
+        raise CheckpointError(
+            f"model: {name} needs weights from the Hugging Face hub, which this machine cannot reach (and they are "
+            "not in its cache); give model.checkpoint (a local .safetensors or torch file)"
+        )
+
+
+def _hub_weights_available(name: str) -> bool:
+    """Whether hub weights can be had: in the local hub cache, or the hub answers within 3 s (unless offline)."""
+    if os.environ.get("DAAM_ALLOW_DOWNLOAD") == "1":
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = name.split(":", 1)[1] if ":" in name else timm.models.get_pretrained_cfg(name).hf_hub_id
+        if repo and any(
+            isinstance(try_to_load_from_cache(repo, file), str) for file in ("model.safetensors", "pytorch_model.bin")
+        ):
+            return True
+    except Exception:  # no pretrained config, no hub library: decided by reachability alone
+        _log.debug("no hub cache entry found for %s", name, exc_info=True)
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+def _exists(url: str) -> bool:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    except (OSError, ValueError, ImportError):
+        return False
 
 
 def create_model(
@@ -60,29 +115,24 @@ def create_model(
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, through timm's reader (safetensors, or torch files with ``weights_only=True``); an
+    fsspec URL is copied to a local cache first; wrappers of training scripts (``teacher``, ...) are unwrapped."""
     path = str(path)
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        local = path if "://" not in path else fsspec.open_local(f"simplecache::{path}")
+        obj = timm.models.load_state_dict(local, use_ema=False, weights_only=True)
     except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint {path} not found") from e
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        return load_safetensors(data)
-    import io
-
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors carry many types
-        raise CheckpointError(f"checkpoint {path} cannot be loaded with weights_only=True: {e}") from e
+        raise CheckpointError(f"model.checkpoint: {path} not found") from e
+    except Exception as e:  # unpickling refusals and damaged files come in many types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"model.checkpoint: {path} cannot be loaded safely (safetensors, or torch with weights_only=True): {reason}"
+        ) from None
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _STATE_DICT_KEYS if k in obj), None)
         if inner is None:
-            raise CheckpointError(f"checkpoint {path} holds no state dict (keys: {sorted(obj)[:10]})")
+            raise CheckpointError(f"model.checkpoint: {path} holds no state dict (keys: {sorted(obj)[:10]})")
         obj = inner
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -90,7 +140,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load weights strictly, through timm's own checkpoint filter (so original DINO/DeiT files load too).
 
     Raises:
-        CheckpointError: the file is missing, unsafe to unpickle, or does not match the model.
+        CheckpointError: the file is missing or unsafe to unpickle, or does not fit the model: the first tensor of
+            another shape is named with both shapes, then missing and unexpected keys.
     """
     state_dict = _read_state_dict(path)
     filter_fn = getattr(model, "pretrained_cfg", {}).get("checkpoint_filter_fn") or _model_filter_fn(model)
@@ -99,13 +150,21 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             state_dict = filter_fn(state_dict, model)
         except Exception as e:  # timm filters raise assorted errors on foreign layouts
             _log.debug("checkpoint filter of %s failed (%s); loading the raw state dict", type(model).__name__, e)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    own = model.state_dict()
+    for key, tensor in own.items():
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"model.checkpoint: {path} does not fit {type(model).__name__}: {key}: checkpoint "
+                f"{tuple(state_dict[key].shape)} vs model {tuple(tensor.shape)}"
+            )
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path} does not match {type(model).__name__}: "
-            f"missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
+            f"model.checkpoint: {path} does not fit {type(model).__name__}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
+    model.load_state_dict(state_dict, strict=True)
 
 
 def _model_filter_fn(model: nn.Module):
@@ -117,12 +176,11 @@ def model_data_config(model: nn.Module) -> dict[str, Any]:
     """timm's data config of the model, with the input size the model was built for.
 
     ``resolve_model_data_config`` reports the pretrained config's size, which is wrong for a model built with
-    another ``img_size``; a fixed-size model can only take its own size, so that wins.
+    another ``img_size`` (``kwargs: {img_size: [160, 256]}``): the size it was built with wins, dynamic or not.
     """
     config = timm.data.resolve_model_data_config(model)
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None and not getattr(model, "dynamic_img_size", False):
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # the size the model was built for (a dynamic model's natural size too)
         config["input_size"] = (3, *tuple(img_size))
     return config
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,12 +282,14 @@ class MemoryBank:
             self._label_cache[device] = self._labels.to(device)
         return self._label_cache[device]
 
-    def to_zarr(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Write the bank as a Zarr v3 group: ``features`` (M, D), ``labels`` (M,) when labelled, and attrs.
+    def to_zarr(self, path: str | Path, *, overwrite: bool = False, keys: Sequence[str] | None = None) -> None:
+        """Write the bank as a Zarr v3 group: ``features`` (M, D), ``labels`` (M,) when labelled, ``keys`` (M,)
+        when given, and attrs. Any such group works as a job's ``bank.path``.
 
         Args:
             path: Local directory (or URL that zarr can open) of the new group.
             overwrite: Replace an existing group at ``path``.
+            keys: The samples' keys, row by row (needed by ``bank.exclude_self``).
 
         Raises:
             BankError: The group cannot be written (for example it exists and not ``overwrite``).
@@ -312,6 +315,12 @@ class MemoryBank:
                 array[start : start + rows] = feats[start : start + rows].cpu().numpy()
             if self._labels is not None:
                 group.create_array("labels", data=self._labels.cpu().numpy(), chunks=(_ZARR_CHUNK_BYTES // 8,))
+            if keys is not None:
+                if len(keys) != self.size:
+                    raise BankError(f"{len(keys)} keys for a bank of {self.size} rows")
+                stored = group.create_array("keys", shape=(self.size,), dtype="str")  # Zarr v3 variable-length
+                if self.size:
+                    stored[:] = np.asarray(keys, dtype=object)
         except (OSError, ValueError, TypeError) as e:  # zarr's ContainsGroupError is a ValueError
             raise BankError(f"cannot write memory bank to {path}: {e}") from e
 

@@ -114,6 +114,14 @@ class DAAM:
         """The (h, w) patch grid of an input of ``image_size`` (H, W), as the model computes it."""
         patch_embed = self.model.patch_embed
         if getattr(self.model, "dynamic_img_size", False):
+            patch = tuple(patch_embed.patch_size)
+            if not getattr(patch_embed, "dynamic_img_pad", False) and any(
+                s % p for s, p in zip(image_size, patch, strict=True)
+            ):
+                raise InputError(
+                    f"images of size {tuple(image_size)} are not divisible by the patch size {patch} of "
+                    f"{type(self.model).__name__}; resize them or build the model with dynamic_img_pad=True"
+                )
             return tuple(patch_embed.dynamic_feat_size(tuple(image_size)))
         expected = tuple(patch_embed.img_size)
         if tuple(image_size) != expected and getattr(patch_embed, "strict_img_size", True):

@@ -23,7 +23,7 @@ from pipeline.engine.bank import MemoryBank
 from pipeline.errors import BankError
 from pipeline.models import pooled_features
 from pipeline.stages.base import compute_dtype, failed_rows
-from pipeline.store.features import FeatureWriter, read_unit_features, write_strings
+from pipeline.store.features import FeatureWriter, read_unit_features
 from pipeline.store.output import Output, as_output
 from pipeline.store.units import BANK_PARTS, done_units, unit_name
 
@@ -143,10 +143,8 @@ def assemble_bank(job: JobConfig) -> MemoryBank:
         dtype=torch.float16 if job.bank.storage_dtype == "float16" else torch.float32,
     )
     path = job.bank_path()
-    bank.to_zarr(path, overwrite=True)
-    group = zarr.open_group(path, mode="r+")
-    write_strings(group, "keys", np.concatenate(keys))
-    group.attrs["units"] = units
+    bank.to_zarr(path, overwrite=True, keys=np.concatenate(keys))
+    zarr.open_group(path, mode="r+").attrs["units"] = units  # last: marks the bank whole
     _log.info("memory bank of %d samples (D=%d) written to %s", bank.size, bank.dim, path)
     return bank
 

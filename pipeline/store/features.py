@@ -1,4 +1,5 @@
-"""The bank stage's writer of one unit: pooled features of a reference shard, then the commit.
+"""Feature files of memory banks: the bank stage's writer of one unit (pooled features of a reference shard, then
+the commit), and the import of a feature dump as a bank.
 
 Layout under ``OUT/bank`` (:data:`~pipeline.store.units.BANK_PARTS`)::
 
@@ -8,17 +9,20 @@ Layout under ``OUT/bank`` (:data:`~pipeline.store.units.BANK_PARTS`)::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from numpy.typing import ArrayLike
 
-from pipeline.errors import StoreError
+from pipeline.engine.bank import MemoryBank
+from pipeline.errors import BankError, StoreError
 from pipeline.store.output import OutputLike, as_output
 from pipeline.store.units import BANK_PARTS, UnitTransaction
 
-__all__ = ["FeatureWriter", "read_unit_features", "write_strings"]
+__all__ = ["FeatureWriter", "import_feature_dump", "read_unit_features", "write_strings"]
 
 
 def write_strings(group: zarr.Group, name: str, values: Sequence[str]) -> None:
@@ -91,3 +95,49 @@ def read_unit_features(out: OutputLike, unit: str) -> tuple[np.ndarray, np.ndarr
 
 def _options(output: Any) -> dict[str, Any] | None:
     return None if output.is_local else dict(output.storage_options)
+
+
+def import_feature_dump(
+    features: str | Path,
+    labels: str | Path | None,
+    out: str | Path,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    overwrite: bool = False,
+) -> MemoryBank:
+    """Turn a feature dump into a memory bank at ``out`` (a job's ``bank.path``).
+
+    The dump is what DINO's k-NN evaluation (``eval_knn.py --dump_features``) writes, ``trainfeat.pth`` (M, D)
+    and ``trainlabels.pth`` (M,), or the same as ``.npy`` files. Features are L2-normalised by the bank.
+
+    Raises:
+        BankError: a file that cannot be read safely (torch files load with ``weights_only=True``), shapes that
+            do not agree, or an existing bank at ``out`` without ``overwrite``.
+    """
+    feats = _read_tensor(features, "features")
+    labs = None if labels is None else _read_tensor(labels, "labels")
+    if feats.ndim != 2:
+        raise BankError(f"features {features}: expected (M, D), got shape {tuple(feats.shape)}")
+    if labs is not None and (labs.ndim != 1 or len(labs) != len(feats)):
+        raise BankError(f"labels {labels}: expected ({len(feats)},), got shape {tuple(labs.shape)}")
+    bank = MemoryBank(feats.float(), None if labs is None else labs.long(), k=k, temperature=temperature)
+    bank.to_zarr(out, overwrite=overwrite)
+    return bank
+
+
+def _read_tensor(path: str | Path, what: str) -> torch.Tensor:
+    path = str(path)
+    try:
+        if path.endswith(".npy"):
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise BankError(f"{what} file {path} not found") from e
+    except Exception as e:  # unpickling refusals and damaged files come in many types
+        raise BankError(f"{what} file {path} cannot be read safely: {str(e).strip().splitlines()[0]}") from None
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise BankError(f"{what} file {path} holds a {type(value).__name__}, not a tensor")
+    return value

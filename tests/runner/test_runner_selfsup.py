@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from builders import job_dict, make_shards
 
@@ -59,3 +60,76 @@ def test_rerun_resumes_and_exclude_self_on_the_bank_set(tmp_path):
     assert (first.done, again.done, again.skipped) == (2, 0, 2)
     samples = open_results(job.output.path).samples
     assert samples.predicted.isna().all() and samples.score.isna().all()  # label-free: no vote
+
+
+def bank_free_job(tmp_path, bank_path, **bank):
+    """A self-supervised job over an existing bank (no bank stage)."""
+    shards = make_shards(tmp_path / "val", shards=1, per_shard=5)
+    job = job_dict(shards, tmp_path / "out", mode="self-supervised", bank={"path": str(bank_path), "k": 3, **bank})
+    job["model"]["num_classes"] = 0
+    return parse_job(job)
+
+
+def test_a_bank_saved_with_to_zarr_drives_a_job(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    bank = MemoryBank(torch.randn(12, 48, generator=generator), torch.arange(12) % 3, k=3)
+    bank.to_zarr(tmp_path / "bank.zarr")
+    summary = run_job(bank_free_job(tmp_path, tmp_path / "bank.zarr"), use_ray=False, progress=False)
+    assert (summary.done, summary.samples_ok, summary.exit_code) == (1, 5, 0)
+    assert open_results(tmp_path / "out").samples.predicted.between(0, 2).all()
+
+
+def test_a_feature_dump_imported_on_the_command_line_drives_a_job(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    generator = torch.Generator().manual_seed(1)
+    torch.save(torch.randn(10, 48, generator=generator), tmp_path / "trainfeat.pth")  # as DINO's eval_knn.py
+    torch.save(torch.tensor([0, 1] * 5), tmp_path / "trainlabels.pth")
+    bank_path = tmp_path / "imported.zarr"
+    result = CliRunner().invoke(
+        main,
+        [
+            "bank",
+            "import",
+            str(tmp_path / "trainfeat.pth"),
+            str(tmp_path / "trainlabels.pth"),
+            str(bank_path),
+            "--k",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"memory bank of 10 samples (D=48, 2 classes) written to {bank_path}" in result.output
+    assert MemoryBank.from_zarr(bank_path).size == 10
+    summary = run_job(bank_free_job(tmp_path, bank_path), use_ray=False, progress=False)
+    assert (summary.done, summary.samples_ok) == (1, 5)
+
+    labels = str(tmp_path / "trainlabels.pth")
+    again = CliRunner().invoke(
+        main, ["bank", "import", str(tmp_path / "trainfeat.pth"), labels, str(bank_path), "--k", "3"]
+    )
+    assert again.exit_code == 2 and "cannot write memory bank" in again.output  # exists: --overwrite replaces it
+    (tmp_path / "bad.pth").write_bytes(b"not a tensor file")
+    bad = CliRunner().invoke(main, ["bank", "import", str(tmp_path / "bad.pth"), labels, str(tmp_path / "x.zarr")])
+    assert bad.exit_code == 2 and "bad.pth cannot be read safely" in bad.output
+
+
+def test_a_bank_without_keys_cannot_exclude_self_and_says_why(tmp_path):
+    MemoryBank(torch.randn(8, 48), None, k=3).to_zarr(tmp_path / "bank.zarr")
+    job = bank_free_job(tmp_path, tmp_path / "bank.zarr", exclude_self=True, label_free=True)
+    from pipeline.errors import BankError
+    from pipeline.runner.preflight import preflight
+
+    with pytest.raises(BankError, match=r"bank.exclude_self: the bank at .* has no sample keys"):
+        preflight(job)
+
+
+def test_a_dynamic_models_img_size_sets_the_jobs_input_size(tmp_path):
+    shards = make_shards(tmp_path / "val", shards=1, per_shard=3)
+    job = job_dict(shards, tmp_path / "out")
+    job["model"]["kwargs"] = {**job["model"]["kwargs"], "img_size": [16, 32], "dynamic_img_size": True}
+    summary = run_job(parse_job(job), use_ray=False, progress=False)
+    assert summary.samples_ok == 3
+    assert open_results(tmp_path / "out").maps("s0_0000").daam.shape == (2, 2, 4)  # 16x32 input, patch 8
