@@ -210,8 +210,12 @@ def test_preprocess_crop_and_boxes():
     ],
 )
 def test_crop_matches_timm_eval_transform(input_size, crop_pct, crop_mode, image_size, interpolation):
+    import timm
     from timm.data.transforms_factory import transforms_imagenet_eval
 
+    old_timm = tuple(int(p) for p in timm.__version__.split(".")[:3]) < (1, 0, 31)
+    if old_timm and (crop_mode == "border" or (interpolation != "bilinear" and crop_mode == "center")):
+        pytest.skip("timm < 1.0.31's eval transform resizes bilinearly whatever the interpolation (its bug)")
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 255, (image_size[1], image_size[0], 3), dtype=np.uint8))
     timm_tf = transforms_imagenet_eval(
