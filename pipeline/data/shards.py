@@ -2,9 +2,9 @@
 
 A shard is a plain tar whose members are grouped by key, the members of one sample adjacent:
 ``<key>.<ext>`` (the original image bytes, unchanged), ``<key>.cls`` (the label as an ASCII integer, absent
-when unknown) and ``<key>.json`` (the sample's metadata). Writing is byte-deterministic: the same samples give
-the same bytes (fixed mtime, owner and mode, members in input order). ``index.json`` beside the shards lists
-each shard's sample count.
+when unknown) and ``<key>.json`` (the sample's metadata). Writing is webdataset's ``TarWriter`` and
+byte-deterministic: the same samples give the same bytes (fixed mtime, owner and mode; samples in input order, a
+sample's members in name order). ``index.json`` beside the shards lists each shard's sample count.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -100,24 +99,19 @@ class _ShardFile:
         self.tmp = path.with_name(f".{path.name}.tmp")
         self.count = 0
         # both closed in commit/abort
-        self._file = open(self.tmp, "wb")  # noqa: SIM115
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        import webdataset
 
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = _MEMBER_MODE
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        self._file = open(self.tmp, "wb")  # noqa: SIM115
+        # fixed time, owner and mode: the same samples give the same bytes
+        self._tar = webdataset.TarWriter(
+            self._file, user="", group="", mode=_MEMBER_MODE, mtime=0, encoder=False, format="PAX_FORMAT"
+        )
 
     def add(self, sample: ShardSample) -> None:
-        meta = _meta_bytes(sample)
-        self._add(f"{sample.key}.{sample.ext}", sample.image)
+        members = {"__key__": sample.key, sample.ext: sample.image, "json": _meta_bytes(sample)}
         if sample.label is not None:
-            self._add(f"{sample.key}.cls", str(sample.label).encode("ascii"))
-        self._add(f"{sample.key}.json", meta)
+            members["cls"] = str(sample.label).encode("ascii")
+        self._tar.write(members)  # members in name order: .cls, .json, then the image
         self.count += 1
 
     def commit(self) -> dict[str, Any]:

@@ -124,47 +124,80 @@ def iter_shard(url: str) -> Iterator[RawSample]:
             before the damage were yielded, naming the url, the byte offset and the last good key.
     """
     try:
-        # a local path is opened plainly: a FIFO or device (a pipe from another process) cannot seek
-        stream = open(url, "rb") if "://" not in url else fsspec.open(url, "rb").open()  # noqa: SIM115
+        stream = _open(url)
     except FileNotFoundError as e:
         raise ShardNotFoundError(f"shard {url} not found") from e
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ShardError(f"cannot open shard {url}: {e}") from e
-    with stream:
+    try:
+        yield from _samples(url, stream)
+    finally:
         try:
-            # reads from stream, which the with block closes
-            tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndTrackingTarInfo)  # noqa: SIM115
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise ShardError(f"shard {url} is not a readable tar: {e}") from e
-        key: str | None = None
-        members: list[tuple[str, bytes]] = []
-        last_key = None
-        try:
-            while True:
-                offset = tf.offset
-                info = tf.next()
-                if info is None:
-                    problem = _end_problem(tf)
-                    break
-                if not info.isfile():
-                    continue
-                offset = info.offset
-                member_key, ext = _split_name(info.name)
-                if member_key != key:
-                    if key is not None:
-                        yield _make_sample(url, key, members)
-                        last_key = key
-                    key, members = member_key, []
-                members.append((ext, tf.extractfile(info).read()))
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            problem = str(e) or type(e).__name__
-        if problem is not None:
-            raise ShardError(
-                f"shard {url}: corrupt or truncated tar at byte offset {offset}: {problem} "
-                f"(last complete sample: {last_key})"
-            )
-        if key is not None:
-            yield _make_sample(url, key, members)
+            stream.close()  # a pipe: URL's command is checked here: a non-zero exit is an error
+        except OSError as e:
+            status = getattr(stream, "status", None)
+            reason = f"its command exited with status {status}" if status is not None else str(e) or type(e).__name__
+            raise ShardError(f"shard {url}: {reason}") from None
+
+
+def _open(url: str) -> Any:
+    """A readable stream of the shard: WebDataset's ``pipe:`` (a shell command's output), a local path opened
+    plainly (a FIFO or device cannot seek), or an fsspec URL."""
+    if url.startswith("pipe:"):
+        import webdataset
+
+        return webdataset.gopen(url, "rb")
+    if "://" not in url:
+        return open(url, "rb")
+    return fsspec.open(url, "rb").open()
+
+
+def _samples(url: str, stream: Any) -> Iterator[RawSample]:
+    """The samples of an open shard stream (see :func:`iter_shard`); a key seen before fails its later sample."""
+    seen: set[str] = set()
+
+    def sample(key: str, members: list[tuple[str, bytes]]) -> RawSample:
+        made = _make_sample(url, key, members)
+        if key in seen:
+            made.error = f"shard {url} key {key}: duplicate key {key} in {url} (an earlier sample has it)"
+            made.image = None
+        seen.add(key)
+        return made
+
+    try:
+        # reads from stream, which iter_shard closes
+        tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndTrackingTarInfo)  # noqa: SIM115
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise ShardError(f"shard {url} is not a readable tar: {e}") from e
+    key: str | None = None
+    members: list[tuple[str, bytes]] = []
+    last_key = None
+    try:
+        while True:
+            offset = tf.offset
+            info = tf.next()
+            if info is None:
+                problem = _end_problem(tf)
+                break
+            if not info.isfile():
+                continue
+            offset = info.offset
+            member_key, ext = _split_name(info.name)
+            if member_key != key:
+                if key is not None:
+                    yield sample(key, members)
+                    last_key = key
+                key, members = member_key, []
+            members.append((ext, tf.extractfile(info).read()))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        problem = str(e) or type(e).__name__
+    if problem is not None:
+        raise ShardError(
+            f"shard {url}: corrupt or truncated tar at byte offset {offset}: {problem} "
+            f"(last complete sample: {last_key})"
+        )
+    if key is not None:
+        yield sample(key, members)
 
 
 def count_samples(url: str) -> int:

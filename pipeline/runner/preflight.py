@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 
@@ -60,7 +61,11 @@ def _check_shards(urls: list[str], field: str) -> list[str]:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ShardNotFoundError(f"{field}: shard {missing[0]} does not exist{more}")
-    remote = [u for u in urls if "://" in u]
+    commands = {u.removeprefix("pipe:").split()[0] for u in urls if u.startswith("pipe:") and u[5:].split()}
+    unknown = sorted(c for c in commands if shutil.which(c) is None)
+    if unknown:
+        raise ConfigError(f"{field}: the pipe: command {unknown[0]!r} is not found on this machine's PATH")
+    remote = [u for u in urls if "://" in u and not u.startswith("pipe:")]
     if remote:
         import fsspec
 

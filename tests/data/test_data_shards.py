@@ -50,7 +50,7 @@ def test_write_round_trip(tmp_path, build):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.json", *(w["name"] for w in written)]
 
     names = [m.name for m in _members(tmp_path / "out" / "val-000001.tar")]
-    assert names == ["k2.jpg", "k2.cls", "k2.json", "k3.png", "k3.json"]  # adjacent; no .cls for label None
+    assert names == ["k2.cls", "k2.jpg", "k2.json", "k3.json", "k3.png"]  # adjacent, by name; no .cls for None
     for m in _members(tmp_path / "out" / "val-000000.tar"):
         assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
 

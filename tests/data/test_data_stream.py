@@ -95,18 +95,23 @@ def test_missing_and_non_tar_shards(tmp_path):
 
 
 def _offsets(path) -> dict[str, tuple[int, int]]:
-    """Member name -> (header offset, end of data)."""
+    """Sample key -> (header offset of its first member, end of its last member's data)."""
     with tarfile.open(path) as tf:
-        return {m.name: (m.offset, m.offset_data + m.size) for m in tf.getmembers()}
+        spans: dict[str, tuple[int, int]] = {}
+        for m in tf.getmembers():
+            key = m.name.split(".", 1)[0]
+            start, _ = spans.get(key, (m.offset, 0))
+            spans[key] = (start, m.offset_data + m.size)
+        return spans
 
 
 @pytest.mark.parametrize(
     ("cut", "readable", "reason"),
     [
         # s1 is complete once s2's header is read; before that it may still miss members
-        (lambda o: o["s2.png"][1] - 1000, ["s0", "s1"], "unexpected end of data"),  # inside s2's image data
-        (lambda o: o["s2.png"][0] + 100, ["s0"], "truncated header"),  # inside s2's image header
-        (lambda o: o["s2.png"][0], ["s0"], "end-of-archive"),  # at a member boundary
+        (lambda o: o["s2"][1] - 1000, ["s0", "s1"], "unexpected end of data"),  # inside s2's image data (last)
+        (lambda o: o["s2"][0] + 100, ["s0"], "truncated header"),  # inside s2's first header
+        (lambda o: o["s2"][0], ["s0"], "end-of-archive"),  # at a member boundary
     ],
     ids=["in-data", "in-header", "at-boundary"],
 )
@@ -127,10 +132,29 @@ def test_truncated_shard_yields_readable_then_raises(tmp_path, build, cut, reada
 def test_corrupt_header_mid_shard(tmp_path, build):
     path, _ = _shard(tmp_path, build)
     data = bytearray(Path(path).read_bytes())
-    start = _offsets(path)["s3.png"][0]
+    start = _offsets(path)["s3"][0]
     data[start : start + 512] = b"\x01" * 512
     (tmp_path / "bad.tar").write_bytes(bytes(data))
     got = []
     with pytest.raises(ShardError, match=f"byte offset {start}: invalid header"):
         got.extend(s.key for s in iter_shard(str(tmp_path / "bad.tar")))
     assert got == ["s0", "s1"]
+
+
+def test_a_key_seen_twice_fails_the_later_sample(tmp_path, build):
+    url = str(tmp_path / "merged.tar")
+    png = build.encode(Image.new("RGB", (4, 4)), "PNG")
+    # a second "a" after "b", as a careless merge of two shards writes it
+    build.write_tar(url, [("a.png", png), ("a.cls", b"1"), ("b.png", png), ("a.png", png), ("a.cls", b"3")])
+    samples = list(iter_shard(url))
+    assert [(s.key, s.label) for s in samples] == [("a", 1), ("b", None), ("a", 3)]
+    assert samples[0].error is None and samples[1].error is None and samples[2].image is None
+    assert samples[2].error == f"shard {url} key a: duplicate key a in {url} (an earlier sample has it)"
+
+
+def test_pipe_urls_read_a_commands_output(tmp_path, build):
+    path, _ = _shard(tmp_path, build)
+    plain = [(s.key, s.image) for s in iter_shard(path)]
+    assert [(s.key, s.image) for s in iter_shard(f"pipe:cat {path}")] == plain
+    with pytest.raises(ShardError, match="shard pipe:false: its command exited with status 1"):
+        list(iter_shard("pipe:false"))

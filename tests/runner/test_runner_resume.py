@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -134,3 +135,33 @@ def test_a_full_disk_in_one_process_fails_the_unit_in_one_line(shards, tmp_path,
     assert summary.exit_code == 1 and len(summary.failed_units) == 3
     assert set(summary.failed_units.values()) == {"OSError: [Errno 28] No space left on device"}
     assert list(failure_records(tmp_path / "out")) == ["part0-000000", "part1-000000", "part2-000000"]
+
+
+def test_pipe_urls_give_the_same_samples_as_paths(shards, tmp_path):
+    from pipeline.errors import ConfigError
+
+    run(shards, tmp_path / "plain")
+    piped = run([f"pipe:cat {url}" for url in shards], tmp_path / "piped")
+    assert (piped.done, piped.samples_ok, piped.exit_code) == (3, 24, 0)
+    plain, through_pipe = (open_results(tmp_path / name).samples.set_index("key") for name in ("plain", "piped"))
+    assert set(through_pipe.unit) == {"part0-000000", "part1-000000", "part2-000000"}
+    columns = ["unit", "status", "predicted", "score"]
+    assert through_pipe[columns].sort_index().equals(plain[columns].sort_index())
+    with pytest.raises(ConfigError, match="the pipe: command 'no-such-tool' is not found"):
+        run([f"pipe:no-such-tool {shards[0]}"], tmp_path / "refused")
+
+
+def test_a_duplicate_key_is_one_ok_row_and_one_failed_row(tmp_path):
+    import tarfile
+
+    path = make_shards(tmp_path / "shards", shards=1, per_shard=3)[0]
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w") as tf:  # the first sample again at the end
+        for member, data in [*members, *members[:3]]:
+            tf.addfile(member, io.BytesIO(data))
+    summary = run([path], tmp_path / "out")
+    assert (summary.samples_ok, summary.samples_failed, summary.exit_code) == (3, 1, 3)
+    samples = open_results(tmp_path / "out").samples
+    failed = samples[samples.status == "failed"]
+    assert list(failed.key) == ["s0_0000"] and "duplicate key s0_0000" in failed.error.iloc[0]
