@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,29 +70,82 @@ _set_option = click.option(
 def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, sets) -> None:
     """Explain every sample of JOB_FILE's shards and write maps (Zarr) and statistics (Parquet)."""
     from pipeline.config import load_job
+
+    _run_and_report(
+        load_job(job_file, _overrides(sets)),
+        address=address,
+        overwrite=overwrite,
+        use_ray=not no_ray,
+        dry_run=dry_run,
+        fault=inject_fault,
+        progress=not quiet,
+    )
+
+
+def _run_and_report(job: Any, **options: Any) -> None:
+    """Run a job, print its summary and headline tables, and exit with its code (130/143 when stopped)."""
     from pipeline.runner import run_job
 
-    job = load_job(job_file, _overrides(sets))
     try:
-        summary = run_job(
-            job,
-            address=address,
-            overwrite=overwrite,
-            use_ray=not no_ray,
-            dry_run=dry_run,
-            fault=inject_fault,
-            progress=not quiet,
-        )
+        summary = run_job(job, **options)
     except (KeyboardInterrupt, JobTerminated) as e:
         stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
         click.echo(f"\njob {job.name} {stopped}: units in flight are redone by the next run of the same job", err=True)
         _exit_now(130 if isinstance(e, KeyboardInterrupt) else 143)
-    if dry_run:
+    if options.get("dry_run"):
         return
     click.echo(summary.render())
     if summary.done + summary.skipped:
         click.echo(_headline(job.output.path))
     sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.option("--ssl", is_flag=True, help="The self-supervised demo (a k-NN memory bank from the demo train split).")
+@click.option("--out", default=None, help="Output folder; default out/demo or out/demo-ssl under this folder.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
+@click.option("--no-ray", is_flag=True, help="Run every unit in this process, without a Ray cluster.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def demo(ssl, out, overwrite, no_ray, quiet) -> None:
+    """Run the built-in demo (shipped model and shards of synthetic scenes) from any folder: the shipped job
+    demo.yaml (or demo-ssl.yaml), as `daam-pipeline jobs show demo` prints it."""
+    from pipeline.config import load_job
+
+    name = "demo-ssl" if ssl else "demo"
+    overrides = {"output.path": out} if out else {}
+    job = load_job(_shipped_job(name), overrides)
+    _run_and_report(job, overwrite=overwrite, use_ray=not no_ray, progress=not quiet)
+
+
+def _shipped_job(name: str) -> Path:
+    from pipeline.config import package_path
+
+    path = Path(package_path(f"jobs/{name.removesuffix('.yaml')}.yaml"))
+    if not path.is_file():
+        raise PipelineError(f"no shipped job {name!r}; `daam-pipeline jobs` lists them")
+    return path
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def jobs(ctx) -> None:
+    """List the example jobs shipped with the package (`jobs show NAME` prints one, to copy and edit)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pipeline.config import package_path
+
+    for path in sorted(Path(package_path("jobs")).glob("*.yaml"), key=lambda p: p.stem):
+        first = next((line.removeprefix("#").strip() for line in path.read_text().splitlines() if line.strip()), "")
+        click.echo(f"{path.stem:10s} {textwrap.shorten(first, 100, placeholder=' ...')}")
+
+
+@jobs.command("show")
+@click.argument("name")
+@_user_errors
+def jobs_show(name) -> None:
+    """Print the shipped job NAME (e.g. `daam-pipeline jobs show dino > my-job.yaml`)."""
+    click.echo(_shipped_job(name).read_text(), nl=False)
 
 
 def _exit_now(code: int) -> None:
@@ -120,15 +174,21 @@ def summary(out) -> None:
 
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--no-inputs", is_flag=True, help="Check the job file alone: no shards, model, checkpoint or bank.")
 @_set_option
 @_user_errors
-def validate(job_file, sets) -> None:
+def validate(job_file, no_inputs, sets) -> None:
     """Check JOB_FILE (keys, types, shards, model, checkpoint, labels, bank) without running it: the checks `run`
     makes before any worker starts."""
     from pipeline.config import load_job
     from pipeline.runner.preflight import preflight
 
     job = load_job(job_file, _overrides(sets))
+    if no_inputs:
+        click.echo(
+            f"job {job.name} is valid as a job file (inputs not checked): model {job.model.name}, mode {job.mode}"
+        )
+        return
     checked = preflight(job)
     click.echo(f"job {job.name} is valid: {len(checked.urls)} shard(s), model {job.model.name}, mode {job.mode}")
 

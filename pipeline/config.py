@@ -43,6 +43,7 @@ __all__ = [
     "expand_shards",
     "is_url",
     "load_job",
+    "package_path",
     "parse_job",
 ]
 
@@ -52,8 +53,22 @@ def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
+PACKAGE_PREFIX = "package:"
+"""Input paths of shipped jobs start with it: ``package:demo/assets/...`` is a file of the installed package."""
+
+
+def package_path(relative: str) -> str:
+    """A file of the installed ``pipeline`` package (a wheel or a source checkout alike)."""
+    from importlib.resources import files
+
+    return str(files("pipeline").joinpath(relative))
+
+
 def _resolve(path: str, base: Path | None) -> str:
-    """A local path relative to the job file becomes absolute; URLs stay as they are."""
+    """``package:`` paths become files of the package; a local path relative to the job file becomes absolute;
+    URLs stay as they are."""
+    if path.startswith(PACKAGE_PREFIX):
+        return package_path(path.removeprefix(PACKAGE_PREFIX))
     if is_url(path) or base is None:
         return path
     expanded = Path(os.path.expandvars(os.path.expanduser(path)))
@@ -373,10 +388,11 @@ def expand_shards(spec: str | list[str], field: str) -> list[str]:
     return urls
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Resolve local input paths against the job file's folder, output paths against the working directory."""
+def _resolve_paths(raw: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """Resolve ``package:`` paths, local input paths against the job file's folder (``base``; None: left
+    relative) and output paths against the working directory."""
 
-    def fix(section: str, key: str, base: Path) -> None:
+    def fix(section: str, key: str, base: Path | None) -> None:
         value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         if isinstance(value, str):
             raw[section][key] = _resolve(value, base)
@@ -386,8 +402,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     for section, key in [("model", "checkpoint"), ("data", "shards"), ("bank", "shards")]:
         fix(section, key, base)
     # outputs are relative to where the job is started, like any command's output
-    fix("output", "path", Path.cwd())
-    fix("bank", "path", Path.cwd())
+    fix("output", "path", None if base is None else Path.cwd())
+    fix("bank", "path", None if base is None else Path.cwd())
     return raw
 
 
@@ -417,8 +433,7 @@ def parse_job(raw: dict[str, Any], *, source: str = "<job>", base: Path | None =
     """Validate a job given as a dict; paths are resolved against ``base`` when given."""
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid job {source}: the top level must be a mapping, got {type(raw).__name__}")
-    if base is not None:
-        raw = _resolve_paths({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}, base)
+    raw = _resolve_paths({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}, base)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
@@ -450,4 +465,4 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
                 node[key] = {}
             node = node[key]
         node[leaf] = value
-    return parse_job(raw, source=str(path), base=path.parent.resolve())
+    return parse_job(raw, source=str(path), base=Path(os.path.abspath(path.parent)))  # symlinks kept: ../ as typed

@@ -234,7 +234,13 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
         return
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+    # Quiet by default (Ray's start-up notices, actors' logs of events the summary reports); -v shows them.
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+    )
     if address is None:
         actors = job.workers.cpu_actors * job.workers.cpus_per_actor
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(actors + 0.999))

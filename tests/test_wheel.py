@@ -1,0 +1,88 @@
+"""The installed package is self-sufficient: build the wheel and sdist, install the wheel into a fresh venv outside
+the checkout, and run both demos and validate every shipped job from an unrelated folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh venv holding only the wheel; its dependencies come from this venv's site-packages (a path line,
+    so this venv's editable install of the checkout is not seen)."""
+    base = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(base / "dist"), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    (wheel,) = (base / "dist").glob("*.whl")
+    assert len(list((base / "dist").glob("*.tar.gz"))) == 1
+    env = base / "venv"
+    venv.create(env, with_pip=False)
+    python = env / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    ).stdout.strip()
+    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    return env
+
+
+def job_name(text: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("name:"))
+
+
+def cli(env: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([env / "bin" / "daam-pipeline", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_the_package_comes_from_the_wheel(installed, tmp_path):
+    where = subprocess.run(
+        [installed / "bin" / "python", "-c", "import pipeline; print(pipeline.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.strip().startswith(str(installed)), where.stdout + where.stderr
+
+
+def test_every_shipped_job_is_listed_shown_and_valid(installed, tmp_path):
+    listed = cli(installed, tmp_path, "jobs")
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert listed.returncode == 0 and names == sorted(p.stem for p in (ROOT / "jobs").glob("*.yaml"))
+    for name in names:
+        shown = cli(installed, tmp_path, "jobs", "show", name)
+        assert shown.returncode == 0 and shown.stdout == (ROOT / "jobs" / f"{name}.yaml").read_text()
+        (tmp_path / f"{name}.yaml").write_text(shown.stdout)  # a copy to edit, in an unrelated folder
+        # the demos' inputs ship with the package; the ImageNet jobs' inputs are the user's to provide
+        inputs = [] if name.startswith("demo") else ["--no-inputs"]
+        valid = cli(installed, tmp_path, "validate", f"{name}.yaml", *inputs)
+        assert valid.returncode == 0, valid.stderr
+        assert valid.stdout.startswith(f"job {job_name(shown.stdout)} is valid")
+
+
+@pytest.mark.parametrize("ssl", [False, True], ids=["demo", "demo-ssl"])
+def test_both_demos_run_from_an_unrelated_folder(installed, tmp_path, ssl):
+    result = cli(installed, tmp_path, "demo", "--no-ray", "--quiet", *(["--ssl"] if ssl else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "512 ok, 0 failed" in result.stdout
+    assert (tmp_path / "out" / ("demo-ssl" if ssl else "demo") / "job.json").is_file()
+    if ssl:
+        assert "memory bank: 256 samples" in result.stdout
