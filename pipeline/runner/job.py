@@ -8,10 +8,12 @@ import logging
 import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
@@ -244,13 +246,52 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
     if address is None:
         actors = job.workers.cpu_actors * job.workers.cpus_per_actor
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(actors + 0.999))
-    else:
-        _wait_reachable(address, job.workers.connect_timeout_s)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            raise ClusterError(f"cannot start a local Ray cluster: {_first_line(e)}") from None
+        return
+    _wait_reachable(address, job.workers.connect_timeout_s)
+    # Ray's client logs each refused attempt to file descriptor 2 from C++: kept out of the terminal, read for the
+    # reason of a failure, shown with -v.
+    with tempfile.TemporaryFile() as log:
+        try:
+            with _fd2_to(log):
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            log.seek(0)
+            raise ClusterError(_join_failure(address, e, log.read().decode(errors="replace"))) from None
+        if verbose:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+
+
+def _join_failure(address: str, error: Exception, ray_log: str) -> str:
+    """One line saying why ``ray.init`` could not join ``address``, from its exception and its client's log."""
+    if "InvalidAuthToken" in ray_log or "InvalidAuthToken" in str(error):
+        return (
+            f"cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+        )
+    return f"cannot join the Ray cluster at {address}: {_first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+@contextlib.contextmanager
+def _fd2_to(sink: IO[bytes]) -> Iterator[None]:
+    """Point this process's file descriptor 2 at ``sink`` meanwhile (what C++ code writes to stderr goes there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
     try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}") from None
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _wait_reachable(address: str, timeout_s: float) -> None:
