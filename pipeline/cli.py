@@ -173,6 +173,25 @@ def summary(out) -> None:
 
 
 @main.command()
+@click.argument("out")
+@click.option("--lease-ttl", default=60.0, show_default=True, help="Seconds the lease on OUT stays valid unrenewed.")
+@_user_errors
+def compact(out, lease_ttl) -> None:
+    """Merge the per-unit Parquet tables of OUT into a few large files (a run does this at its end)."""
+    from pipeline.store.compact import compact as compact_tables
+    from pipeline.store.lease import Lease
+    from pipeline.store.output import as_output
+
+    output = as_output(out)
+    with Lease(output, lease_ttl):
+        done = compact_tables(output)
+    click.echo(
+        f"compacted the tables of {done.units} units of {out} into {done.files} files (generation "
+        f"{done.generation}); {done.merged_files} per-unit files merged and removed"
+    )
+
+
+@main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--no-inputs", is_flag=True, help="Check the job file alone: no shards, model, checkpoint or bank.")
 @_set_option

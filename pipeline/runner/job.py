@@ -18,13 +18,14 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from pipeline.config import JobConfig
-from pipeline.errors import ClusterError, JobTerminated
+from pipeline.errors import ClusterError, JobTerminated, StoreError
 from pipeline.runner.fingerprint import JOB_FILE, check_resume, checkpoint_digest, fingerprint
 from pipeline.runner.plan import ActorPlan, describe_plan, plan_actors
 from pipeline.runner.pools import LocalPool, RayPool
 from pipeline.runner.preflight import preflight
 from pipeline.runner.summary import JobSummary
 from pipeline.stages.bank import assemble_bank, bank_is_built, bank_output
+from pipeline.store.compact import TABLES_DIR, compact
 from pipeline.store.lease import Lease
 from pipeline.store.output import Output, as_output
 from pipeline.store.units import (
@@ -93,6 +94,7 @@ def run_job(
     with Lease(output, job.workers.lease_ttl_s):
         if overwrite:
             clear(output, [EXPLAIN_PARTS])
+            output.remove(output.path(TABLES_DIR))
             clear(banks, [BANK_PARTS])
             if job.mode == "self-supervised" and job.bank.shards is not None:
                 as_output(job.bank_path()).remove(as_output(job.bank_path()).root)
@@ -148,7 +150,20 @@ def _run(
             bar.set_postfix(samples_s=f"{summary.samples_ok / elapsed:.1f}", failed_units=len(summary.failed_units))
         bar.close()
         summary.actor_restarts = pool.restarts
+    if summary.done and job.output.compact:
+        _compact(output)
     return _finish(job, summary, start)
+
+
+def _compact(output: Output) -> None:
+    """Merge the tables; the output stays complete and readable if this fails, so a failure only warns."""
+    try:
+        done = compact(output)
+        _log.info("compacted the tables of %d units into %d files", done.units, done.files)
+    except StoreError as e:
+        _log.warning(
+            "the tables were not compacted (%s); the output is complete: run 'daam-pipeline compact %s'", e, output.url
+        )
 
 
 @contextlib.contextmanager
@@ -247,7 +262,7 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
         actors = job.workers.cpu_actors * job.workers.cpus_per_actor
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(actors + 0.999))
         try:
-            ray.init(**kwargs)
+            ray.init(address="local", **kwargs)  # a new cluster, even beside one that `ray start` left running
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
             raise ClusterError(f"cannot start a local Ray cluster: {_first_line(e)}") from None
         return

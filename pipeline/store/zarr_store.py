@@ -199,22 +199,29 @@ class MapStore:
         Raises:
             StoreError: the unit's group or the row does not exist.
         """
+        return {name: None if values is None else values[0] for name, values in self.read_rows(unit, [row]).items()}
+
+    def read_rows(self, unit: str, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray | None]:
+        """The stored arrays of some samples of one unit, stacked in the order of ``rows``, as float32.
+
+        Raises:
+            StoreError: the unit's group or a row does not exist.
+        """
         spec = load_json_schema("zarr_layout.json")["arrays"]
+        rows = np.asarray(rows, dtype=np.int64)
         try:
             group = zarr.open_group(self.store, path=unit, mode="r")
             present = set(group.array_keys())
-            result = {}
+            result: dict[str, np.ndarray | None] = {}
             for name in MAP_ARRAYS:
                 if name not in present:
                     result[name] = None
                     continue
-                exponent = group[exponent_name(name)][row] if exponent_name(name) in present else None
-                result[name] = from_storage(
-                    group[name][row], exponent, tuple(a - 1 for a in map_axes(spec[name]["dims"]))
-                )
+                exponent = group[exponent_name(name)].oindex[rows] if exponent_name(name) in present else None
+                result[name] = from_storage(group[name].oindex[rows], exponent, map_axes(spec[name]["dims"]))
             return result
         except (FileNotFoundError, IndexError) as e:
-            raise StoreError(f"no row {row} of unit {unit!r} in {self.store}: {e}") from e
+            raise StoreError(f"no rows {rows.tolist()[:5]} of unit {unit!r} in {self.store}: {e}") from e
 
 
 def exponent_name(name: str) -> str:

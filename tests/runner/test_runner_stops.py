@@ -152,6 +152,10 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
         right = subprocess.run(command, env=head_env, capture_output=True, text=True)
         assert right.returncode == 0, right.stderr
         assert "2 of 2 samples explained" in right.stdout
+        # Without --address a job starts a cluster of its own, though `ray start` left one running.
+        own = [CLI, "run", str(job), "--quiet", "--overwrite", "--set", f"output.path={tmp_path / 'own'}"]
+        local = subprocess.run(own, capture_output=True, text=True)
+        assert local.returncode == 0, local.stderr
     finally:
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)

@@ -5,25 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from builders import write_with_statistics
 
 from pipeline.errors import StoreError
-from pipeline.stats import block_statistics
 from pipeline.store.results import open_results
 from pipeline.store.tables import blocks_schema, samples_schema
-from pipeline.store.unit_writer import UnitWriter
-
-
-def write_with_statistics(out, unit, layout, make_batch, keys, seed, failed=()):
-    """A committed unit whose blocks table holds the real statistics of its maps."""
-    batch = make_batch(keys, seed=seed)
-    stats = block_statistics(*(torch.from_numpy(batch["arrays"][k]) for k in ("block_maps", "daam", "coefficients")))
-    batch["block_stats"] = {name: value.numpy() for name, value in stats.items()}
-    writer = UnitWriter(out, unit, layout, shard=f"s3://b/{unit}.tar", job="demo")
-    writer.write_batch(**batch)
-    writer.write_failed([{"key": k, "error": "DecodeError: truncated", "width": 7} for k in failed])
-    writer.commit()
-    return batch
 
 
 def test_round_trip(tmp_path, layout, make_batch):
