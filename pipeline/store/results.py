@@ -7,7 +7,7 @@ read is skipped, so a reader never fails because a job is running.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -17,10 +17,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import StoreError
+from pipeline.errors import EmptyOutputError, StoreError
+from pipeline.store.lease import live_holder
 from pipeline.store.output import Output, OutputLike, as_output
 from pipeline.store.tables import blocks_schema, evaluation_schema, explainer_blocks_schema, samples_schema
-from pipeline.store.units import EXPLAIN_PARTS, committed_units
+from pipeline.store.units import EXPLAIN_PARTS, committed_units, failure_records, started_units
 from pipeline.store.zarr_store import MapStore
 
 __all__ = ["Results", "SampleMaps", "open_results"]
@@ -58,6 +59,30 @@ class Results:
     def units(self) -> list[str]:
         """Committed units (complete and incomplete), sorted."""
         return committed_units(self.output)
+
+    def require_units(self) -> list[str]:
+        """The committed units; raises when there is none to read.
+
+        Raises:
+            EmptyOutputError: no committed unit yet, naming what the output holds instead (units being written by
+                a running job, units left by a stopped one, failed units), or that the folder is no output.
+        """
+        if self.units:
+            return self.units
+        url = self.output.url
+        started, failed = started_units(self.output), failure_records(self.output)
+        holder = live_holder(self.output)
+        if not (started or failed or holder or self.output.exists(self.output.path("job.json"))):
+            raise EmptyOutputError(f"{url} is not a pipeline output (no job.json, no unit)")
+        facts = []
+        if started:
+            doing = f"being written by the running job ({holder})" if holder else "left uncommitted by a stopped run"
+            facts.append(f"{_count(started, 'unit')} {doing}")
+        elif holder:
+            facts.append(f"a job is running ({holder})")
+        if failed:
+            facts.append(f"{_count(failed, 'unit')} failed")
+        raise EmptyOutputError(f"no committed unit in {url} yet" + (f": {'; '.join(facts)}" if facts else ""))
 
     @cached_property
     def attrs(self) -> dict[str, Any]:
@@ -137,6 +162,11 @@ class Results:
             except OSError as e:
                 raise StoreError(f"cannot read the {kind} table of unit {unit} in {self.output.url}: {e}") from e
         return pa.concat_tables(tables) if tables else None
+
+
+def _count(items: Sized, noun: str) -> str:
+    n = len(items)
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = None) -> Results:

@@ -98,8 +98,12 @@ def report(
 
     Returns:
         The path of the written file.
+
+    Raises:
+        EmptyOutputError: no committed unit in ``out`` yet (a partial output reports its committed units).
     """
     results = open_results(out)
+    results.require_units()
     job = read_job(results)
     names = resolve_class_names(job, class_names)
     samples, blocks = results.samples, results.blocks
