@@ -1,5 +1,5 @@
-"""The HTML dataset report of an output: one self-contained file (inline SVG charts, base64 PNG images, no
-scripts, no network).
+"""The HTML dataset report of an output: one self-contained file (inline SVG charts drawn with matplotlib by
+:mod:`pipeline.viz.charts`, base64 PNG images, no scripts, no network).
 
 Sections: the job and its counts; per-block curves of the accumulated-map statistics (mean and inter-quartile
 band), all samples, correct vs wrong and the most frequent classes; the distribution of the convergence block
@@ -29,10 +29,10 @@ from pipeline.errors import PipelineError
 from pipeline.store.results import Results, open_results
 from pipeline.store.tables import blocks_schema
 from pipeline.summaries import summarise, summarise_blocks
+from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
 from pipeline.viz.render import iter_flows
 from pipeline.viz.select import CONVERGENCE_THRESHOLD, convergence_blocks
 from pipeline.viz.source import ClassNames, read_job, resolve_class_names
-from pipeline.viz.svg import Bars, Line, bar_chart, line_chart
 
 __all__ = ["CURVES", "report", "typical_samples"]
 
