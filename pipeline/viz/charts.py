@@ -15,6 +15,7 @@ import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from html import escape
 
 import matplotlib
 import numpy as np
@@ -85,7 +86,7 @@ def line_chart(
         height: Height in CSS pixels, without the legend.
 
     Returns:
-        An ``<svg>`` element.
+        An ``<svg>`` element, its title in ``aria-label``.
     """
     xs = np.asarray(x, dtype=float)
     series = [(line.name, _floats(line.y), _floats(line.low), _floats(line.high)) for line in lines]
@@ -127,7 +128,7 @@ def bar_chart(
         height: Height in CSS pixels, without the legend.
 
     Returns:
-        An ``<svg>`` element.
+        An ``<svg>`` element, its title in ``aria-label``.
     """
     values = np.asarray([g.values for g in groups], dtype=float).reshape(len(groups), len(categories))
     positions = np.arange(len(categories), dtype=float)
@@ -179,4 +180,5 @@ def _render(
         buffer = io.StringIO()
         figure.savefig(buffer, format="svg", metadata=_NO_METADATA)
     text = buffer.getvalue()
-    return text[text.index("<svg") :].strip()  # without the XML declaration and DOCTYPE: an element to inline
+    element = text[text.index("<svg ") + len("<svg ") :].strip()  # no XML declaration, no DOCTYPE: to inline
+    return f'<svg role="img" aria-label="{escape(title)}" {element}'  # the chart's name for screen readers

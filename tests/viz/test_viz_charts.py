@@ -27,7 +27,8 @@ def test_line_chart_is_a_deterministic_inline_svg_element():
     before = dict(matplotlib.rcParams)
     svg = line_chart(X, LINES, title="daam_entropy", xlabel="block", ylabel="entropy")
     assert dict(matplotlib.rcParams) == before  # rc_context only
-    assert svg.startswith("<svg ") and svg.endswith("</svg>") and svg.count("<svg") == 1
+    assert svg.startswith('<svg role="img" aria-label="daam_entropy" ') and svg.endswith("</svg>")
+    assert svg.count("<svg") == 1
     assert "<?xml" not in svg and "DOCTYPE" not in svg and "<script" not in svg
     assert "Matplotlib" not in svg and "<dc:date>" not in svg  # no creator, no date
     for text in ("daam_entropy", "block", "entropy", "all (n=9)", "wrong (n=2)"):
