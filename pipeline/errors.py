@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DeviceError",
+    "EmptyOutputError",
     "InputError",
     "JobTerminated",
     "OutputInUseError",
@@ -77,6 +78,10 @@ class SchemaError(PipelineError, ValueError):
 
 class StoreError(PipelineError, OSError):
     """An output store that cannot be opened, written or committed."""
+
+
+class EmptyOutputError(StoreError):
+    """An output with no committed unit to read (nothing run yet, a run in progress, or a folder that is no output)."""
 
 
 class BankError(PipelineError, ValueError):

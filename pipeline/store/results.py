@@ -7,7 +7,7 @@ read is skipped, so a reader never fails because a job is running.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -19,10 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.errors import StoreError
+from pipeline.errors import EmptyOutputError, StoreError
 from pipeline.store.compact import Manifest, TableSources, read_manifest, table_schemas, table_sources
+from pipeline.store.lease import live_holder
 from pipeline.store.output import Output, OutputLike, as_output
-from pipeline.store.units import EXPLAIN_PARTS, committed_units
+from pipeline.store.units import EXPLAIN_PARTS, committed_units, failure_records, started_units
 from pipeline.store.zarr_store import MapStore
 
 __all__ = ["Results", "SampleMaps", "open_results"]
@@ -60,6 +61,30 @@ class Results:
     def units(self) -> list[str]:
         """Committed units (complete and incomplete), sorted."""
         return committed_units(self.output)
+
+    def require_units(self) -> list[str]:
+        """The committed units; raises when there is none to read.
+
+        Raises:
+            EmptyOutputError: no committed unit yet, naming what the output holds instead (units being written by
+                a running job, units left by a stopped one, failed units), or that the folder is no output.
+        """
+        if self.units:
+            return self.units
+        url = self.output.url
+        started, failed = started_units(self.output), failure_records(self.output)
+        holder = live_holder(self.output)
+        if not (started or failed or holder or self.output.exists(self.output.path("job.json"))):
+            raise EmptyOutputError(f"{url} is not a pipeline output (no job.json, no unit)")
+        facts = []
+        if started:
+            doing = f"being written by the running job ({holder})" if holder else "left uncommitted by a stopped run"
+            facts.append(f"{_count(started, 'unit')} {doing}")
+        elif holder:
+            facts.append(f"a job is running ({holder})")
+        if failed:
+            facts.append(f"{_count(failed, 'unit')} failed")
+        raise EmptyOutputError(f"no committed unit in {url} yet" + (f": {'; '.join(facts)}" if facts else ""))
 
     @cached_property
     def attrs(self) -> dict[str, Any]:
@@ -244,6 +269,11 @@ class Results:
 
 def _expression(filters: Any) -> pc.Expression:
     return filters if isinstance(filters, pc.Expression) else pq.filters_to_expression(filters)
+
+
+def _count(items: Sized, noun: str) -> str:
+    n = len(items)
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = None) -> Results:
