@@ -169,6 +169,9 @@ def _headline(out: str) -> str:
 @_user_errors
 def summary(out) -> None:
     """Print the headline tables of a job's outputs at OUT: per-block localisation and the method comparison."""
+    from pipeline.store.results import open_results
+
+    open_results(out).require_units()  # an empty or in-progress output: one line saying so
     click.echo(_headline(out))
 
 

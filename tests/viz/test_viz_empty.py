@@ -73,3 +73,10 @@ def test_a_partial_output_shows_its_committed_units(resize_output, tmp_path):
         assert png.name == "part0-000000__img0_00.png"
         with pytest.raises(SampleNotFoundError):
             render(out, ["img1_00"], formats=["png"], dest=tmp_path, progress=False)
+
+
+def test_summary_of_a_folder_that_is_no_output(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["summary", str(tmp_path / "empty")])
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path / 'empty'} is not a pipeline output (no job.json, no unit)\n"
