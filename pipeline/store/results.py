@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StoreError
 from pipeline.store.output import Output, OutputLike, as_output
-from pipeline.store.tables import blocks_schema, evaluation_schema, explainer_blocks_schema, samples_schema
+from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES
 from pipeline.store.units import EXPLAIN_PARTS, committed_units
 from pipeline.store.zarr_store import MapStore
 
@@ -70,22 +70,22 @@ class Results:
     @cached_property
     def samples(self) -> pd.DataFrame:
         """The samples table of all committed units."""
-        return self._read("samples", samples_schema())
+        return self._read("samples", SAMPLES)
 
     @cached_property
     def blocks(self) -> pd.DataFrame:
         """The blocks table of all committed units."""
-        return self._read("blocks", blocks_schema())
+        return self._read("blocks", BLOCKS)
 
     @cached_property
     def evaluation(self) -> pd.DataFrame:
         """The evaluation table (one row per sample and method) of the committed units that have one."""
-        return self._read("evaluation", evaluation_schema(), optional=True)
+        return self._read("evaluation", EVALUATION, optional=True)
 
     @cached_property
     def explainer_blocks(self) -> pd.DataFrame:
         """Per-block statistics of the comparison explainers (rollout, attention), where the job ran them."""
-        return self._read("explainer_blocks", explainer_blocks_schema(), optional=True)
+        return self._read("explainer_blocks", EXPLAINER_BLOCKS, optional=True)
 
     def maps(self, key: str, unit: str | None = None) -> SampleMaps:
         """The stored maps and coefficients of one ok sample, located through the samples table.

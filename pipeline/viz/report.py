@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.store.results import Results, open_results
-from pipeline.store.tables import blocks_schema
+from pipeline.store.schemas import BLOCKS
 from pipeline.summaries import summarise, summarise_blocks
 from pipeline.viz.render import iter_flows
 from pipeline.viz.select import CONVERGENCE_THRESHOLD, convergence_blocks
@@ -198,9 +198,8 @@ def _curves(table: pd.DataFrame, names: dict[int, str], top_classes: int) -> str
     if table.empty:
         return "<h2>Per-block statistics</h2><p>No ok samples.</p>"
     blocks = np.sort(table["block"].unique())
-    schema = blocks_schema()
     described = "".join(
-        f"<dt>{c}</dt><dd>{escape(schema.field(c).metadata[b'description'].decode())}</dd>" for c in CURVES
+        f"<dt>{c}</dt><dd>{escape(BLOCKS.field(c).metadata[b'description'].decode())}</dd>" for c in CURVES
     )
     parts = [
         "<h2>Per-block statistics of the accumulated maps D_l</h2>",
