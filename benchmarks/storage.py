@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.config import StoreOptions
 from pipeline.store.compact import compact
 from pipeline.store.results import open_results
-from pipeline.store.tables import blocks_schema
+from pipeline.store.schemas import BLOCKS
 from pipeline.store.unit_writer import UnitWriter
 from pipeline.store.zarr_store import MapLayout
 
@@ -36,7 +36,7 @@ def unit_batch(rng: np.random.Generator, unit: int, samples: int) -> dict:
     daam = np.cumsum(rng.random((n, layers, h, w), dtype=np.float32), axis=1)
     stats = {
         f.name: rng.integers(0, h, (n, layers)) if str(f.type) == "int16" else rng.random((n, layers))
-        for f in blocks_schema()
+        for f in BLOCKS
         if f.name not in ("key", "unit", "block")
     }
     columns = {

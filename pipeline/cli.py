@@ -322,6 +322,29 @@ def bank_import(features, labels, out, k, temperature, overwrite) -> None:
     click.echo(f"memory bank of {built.size} samples (D={built.dim}, {labelled}) written to {out}")
 
 
+@main.command()
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if a file in DEST differs from the code.")
+@_user_errors
+def schemas(dest, check) -> None:
+    """Write the output contracts (Arrow schemas of the tables, Zarr layout) as JSON into DEST, from their
+    definitions in pipeline/store/schemas.py; the repository's copy is schemas/."""
+    from pipeline.store.schemas import export_schemas, stale_schemas
+
+    if check:
+        stale = stale_schemas(dest)
+        if stale:
+            click.echo(f"{len(stale)} file(s) in {dest} differ from pipeline/store/schemas.py:", err=True)
+            for name in stale:
+                click.echo(f"  {dest / name}", err=True)
+            click.echo(f"regenerate them with: daam-pipeline schemas {dest}", err=True)
+            sys.exit(1)
+        click.echo(f"the schemas in {dest} agree with pipeline/store/schemas.py")
+        return
+    paths = export_schemas(dest)
+    click.echo(f"wrote {len(paths)} schema files to {dest}")
+
+
 @main.command("demo-assets")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: the package's.")
 @_user_errors

@@ -73,7 +73,7 @@ class DecodeError(PipelineError, ValueError):
 
 
 class SchemaError(PipelineError, ValueError):
-    """Data that does not match the Arrow schemas or Zarr layout in ``schemas/``."""
+    """Data that does not match the Arrow schemas or Zarr layout of :mod:`pipeline.store.schemas`."""
 
 
 class StoreError(PipelineError, OSError):

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StoreError
 from pipeline.store.output import Output, OutputLike, as_output
-from pipeline.store.tables import blocks_schema, evaluation_schema, explainer_blocks_schema, samples_schema
+from pipeline.store.schemas import TABLE_SCHEMAS
 from pipeline.store.units import EXPLAIN_PARTS, committed_units
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "TableSources",
     "compact",
     "read_manifest",
-    "table_schemas",
     "table_sources",
 ]
 
@@ -49,16 +48,6 @@ TABLES_DIR = "tables"
 MANIFEST = f"{TABLES_DIR}/manifest.json"
 _KEY_INDEX = pa.schema([("key", pa.string()), ("unit", pa.string()), ("row", pa.int32())])
 _ROW_GROUP = 1 << 17
-
-
-def table_schemas() -> dict[str, pa.Schema]:
-    """Each table of :data:`~pipeline.store.units.EXPLAIN_PARTS` and its schema."""
-    return {
-        "samples": samples_schema(),
-        "blocks": blocks_schema(),
-        "evaluation": evaluation_schema(),
-        "explainer_blocks": explainer_blocks_schema(),
-    }
 
 
 @dataclass(frozen=True)
@@ -204,7 +193,7 @@ def compact(out: OutputLike, *, units_per_file: int = 1000) -> Compaction:
     files: dict[str, list[str]] = {}
     merged: list[str] = []
     index_parts: list[pa.Table] = []
-    for table, schema in table_schemas().items():
+    for table, schema in TABLE_SCHEMAS.items():
         sources = table_sources(output, table, units, old, optional=table in EXPLAIN_PARTS.optional)
         present = sorted({*sources.per_unit, *sources.compacted_units})
         files[table] = []

@@ -20,9 +20,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import EmptyOutputError, StoreError
-from pipeline.store.compact import Manifest, TableSources, read_manifest, table_schemas, table_sources
+from pipeline.store.compact import Manifest, TableSources, read_manifest, table_sources
 from pipeline.store.lease import live_holder
 from pipeline.store.output import Output, OutputLike, as_output
+from pipeline.store.schemas import TABLE_SCHEMAS
 from pipeline.store.units import EXPLAIN_PARTS, committed_units, failure_records, started_units
 from pipeline.store.zarr_store import MapStore
 
@@ -147,7 +148,7 @@ class Results:
         Raises:
             StoreError: units were written again since the last compaction (``daam-pipeline compact`` fixes it).
         """
-        return self._sources(table, read_manifest(self.output)).dataset(self.output, table_schemas()[table])
+        return self._sources(table, read_manifest(self.output)).dataset(self.output, TABLE_SCHEMAS[table])
 
     def maps(self, key: str, unit: str | None = None) -> SampleMaps:
         """The stored maps and coefficients of one ok sample, found through the key index.
@@ -241,9 +242,9 @@ class Results:
         """Tables (or iterators of batches) of the table's files, each filtered to the rows it contributes; the
         files are listed again if one went away meanwhile (a unit that a running job started over, or files a
         compaction replaced)."""
-        if table not in table_schemas():
-            raise KeyError(f"no table {table!r}; tables: {', '.join(table_schemas())}")
-        schema = table_schemas()[table]
+        if table not in TABLE_SCHEMAS:
+            raise KeyError(f"no table {table!r}; tables: {', '.join(TABLE_SCHEMAS)}")
+        schema = TABLE_SCHEMAS[table]
         user = None if filters is None else _expression(filters)
         for attempt in range(3):
             try:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.store.results import Results, open_results
-from pipeline.store.tables import blocks_schema, evaluation_schema
+from pipeline.store.schemas import BLOCKS, EVALUATION
 from pipeline.summaries import summarise, summarise_blocks
 from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
 from pipeline.viz.render import iter_flows
@@ -206,9 +206,8 @@ def _curves(table: pd.DataFrame, names: dict[int, str], top_classes: int) -> str
     if table.empty:
         return "<h2>Per-block statistics</h2><p>No ok samples.</p>"
     blocks = np.sort(table["block"].unique())
-    schema = blocks_schema()
     described = "".join(
-        f"<dt>{c}</dt><dd>{escape(schema.field(c).metadata[b'description'].decode())}</dd>" for c in CURVES
+        f"<dt>{c}</dt><dd>{escape(BLOCKS.field(c).metadata[b'description'].decode())}</dd>" for c in CURVES
     )
     parts = [
         "<h2>Per-block statistics of the accumulated maps D_l</h2>",
@@ -336,7 +335,7 @@ def _localisation(results: Results, blocks: pd.DataFrame) -> str:
 
 def _metric_descriptions(columns: pd.Index) -> str:
     """The evaluation schema's description of each metric column of the method table."""
-    schema = evaluation_schema()
+    schema = EVALUATION
     described = []
     for column in columns:
         field = "pointing_hit" if column == "pointing_accuracy" else column
