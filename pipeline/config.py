@@ -180,11 +180,24 @@ class BankConfig(_Section):
 
 class _Storage(_Section):
     dtype: Literal[STORE_DTYPES] = Field(
-        "float16", description="storage dtype of the maps (float16: scaled per map, within 2.4e-4 of its peak)"
+        "float16",
+        description="precision of the stored maps, always float32 arrays: float16 rounds each value to float16's 11 "
+        "significant bits (within 2^-11 = 4.9e-4 of itself, with float32's range; compresses to about float16's "
+        "size), float32 stores exact values",
     )
-    compressor: Literal[COMPRESSORS] = "zstd"
+    compressor: Literal[COMPRESSORS] = Field(
+        "blosc",
+        description="compressor of each chunk: blosc (zstd after a bit shuffle, byte shuffle for float32; the "
+        "smallest for rounded float16-precision values), zstd or none",
+    )
     compression_level: int = Field(3, ge=0, le=22)
-    chunk_rows: int = Field(128, ge=1, description="samples per Zarr chunk")
+    chunk_rows: int = Field(
+        16,
+        ge=1,
+        description="samples per compressed chunk inside a unit's shard: reading one sample decompresses one chunk "
+        "of each array (16 vit_small samples: ~0.4 MB of float32 daam), while scans read whole shards and "
+        "chunks this size already compress as well as larger ones",
+    )
 
 
 class StoreOptions(_Storage):

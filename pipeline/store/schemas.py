@@ -29,14 +29,20 @@ __all__ = [
     "TABLE_SCHEMAS",
     "VERSION",
     "ZARR_LAYOUT",
+    "ZARR_LAYOUT_VERSION",
     "export_schemas",
     "render_schemas",
     "stale_schemas",
 ]
 
 VERSION = 1
-"""Version of every contract here: the Parquet schema metadata ``version`` and the Zarr root attribute
-``schema_version``. Change it when a column or array changes meaning or type."""
+"""Version of the Parquet tables' schemas (their schema metadata ``version``). Change it when a column changes
+meaning or type."""
+
+ZARR_LAYOUT_VERSION = 2
+"""Version of the Zarr layout of ``OUT/maps.zarr`` (its root attribute ``schema_version``). 1: float16 arrays with
+``<name>_exponent`` scalings, chunked and grown per batch; 2: float32 arrays (exact or rounded to 11 significant
+bits), each written once as a single shard. Change it when an array changes meaning, type or layout."""
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
 """The exported JSON shipped with the package: ``pipeline/schemas``, a link to the repository's ``schemas/``."""
@@ -404,7 +410,7 @@ TABLE_SCHEMAS = {"samples": SAMPLES, "blocks": BLOCKS, "evaluation": EVALUATION,
 
 
 def _map_array(dims: tuple[str, ...], description: str) -> dict[str, Any]:
-    return {"dims": dims, "dtype": "storage", "optional": True, "description": description}
+    return {"dims": dims, "dtype": "float32", "optional": True, "description": description}
 
 
 _MAP_ARRAYS = {
@@ -429,39 +435,34 @@ _MAP_ARRAYS = {
 }
 
 
-def _exponent_array(name: str) -> dict[str, Any]:
-    return {
-        "dims": tuple(d for d in _MAP_ARRAYS[name]["dims"] if d in ("sample", "block")),
-        "dtype": "int16",
-        "optional": True,
-        "description": f"With dtype float16 only: the power-of-two scaling of each stored map of `{name}`; the value "
-        "is stored * 2**-exponent.",
-    }
-
-
 ZARR_LAYOUT: dict[str, Any] = {
     "name": "maps",
-    "version": VERSION,
+    "version": ZARR_LAYOUT_VERSION,
     "description": "DAAM maps and coefficients as Zarr v3: one group per unit of work (one input shard), written "
-    "only by that unit's worker.",
+    "only by that unit's worker. Every float array is float32 and holds the values themselves: a plain "
+    "zarr.open_group(OUT/maps.zarr/<unit>)[name][:] (or xarray) reads them right.",
     "path": "maps.zarr",
     "root_attributes": {
-        "schema_version": "Version of schemas/ (this file's and the Arrow schemas' `version`).",
+        "schema_version": "This layout's `version` (2; outputs of layout 1, float16 arrays with `<name>_exponent` "
+        "scalings, are still read).",
         "model": "timm model name.",
         "n_blocks": "L, the number of transformer blocks.",
         "grid": "[h, w], the patch grid of the maps.",
         "channels": "C = heads * head width, the length of a coefficient vector.",
         "prefix_tokens": "Number of prefix tokens ([class], registers, distillation) dropped from the maps.",
-        "dtype": "Storage dtype of the float arrays: 'float16' (default) or 'float32'.",
-        "compressor": "'zstd' (default), 'blosc' (blosc-zstd with byte shuffle) or 'none'.",
+        "dtype": "Precision of the float arrays (always float32): 'float16' (default; values rounded to 11 "
+        "significant bits) or 'float32' (exact).",
+        "compressor": "'blosc' (default; blosc-zstd with bit shuffle when dtype is float16, byte shuffle for "
+        "float32), 'zstd' or 'none'; applied to each inner chunk.",
         "compression_level": "Compressor level.",
-        "chunk_rows": "Samples per chunk along the first dimension.",
+        "chunk_rows": "Samples per inner chunk of a unit's shard.",
         "arrays": "Names of the optional arrays stored in every unit group.",
     },
     "unit_group": {
         "path": "maps.zarr/{unit}",
-        "description": "Arrays of the unit's ok samples; row i is the sample whose samples-table `row` is i. Removed "
-        "and rewritten as a whole when the unit is redone.",
+        "description": "Arrays of the unit's ok samples; row i is the sample whose samples-table `row` is i. "
+        "Written once, when the unit commits; removed and rewritten as a whole when the unit is redone. A unit "
+        "with no ok samples has the same arrays with 0 rows.",
     },
     "arrays": {
         "keys": {
@@ -471,28 +472,32 @@ ZARR_LAYOUT: dict[str, Any] = {
             "description": "Sample keys, in row order.",
         },
         **{name: _MAP_ARRAYS[name] for name in MAP_ARRAYS},
-        **{f"{name}_exponent": _exponent_array(name) for name in MAP_ARRAYS},
     },
     "dims": {
-        "sample": "Ok samples of the unit (grows as batches are written).",
+        "sample": "Ok samples of the unit.",
         "block": "n_blocks",
         "row": "grid[0]",
         "col": "grid[1]",
         "channel": "channels",
     },
-    "dtype_policy": "Float arrays are stored in `dtype` and read back as float32 (open_results(...).maps(key) does "
-    "this). float32 stores exact values. float16 (the default) stores each map (each h x w map, each coefficient "
-    "vector) scaled by a power of two, 2**exponent, that puts its maximum magnitude in [2^14, 2^15); the exponents "
-    "are the int16 arrays `<name>_exponent`, and a value is stored * 2**-exponent. The scaling is exact, so every "
-    "value keeps 11 significant bits relative to its map's maximum: within 2^-12 (2.4e-4) of the float32 value "
-    "relative to the map's maximum, whatever the map's scale. The writer checks every map before storing and logs "
-    "the keys of samples beyond 1e-3 (only non-finite values can be), counting them in the commit marker "
-    "(`precision_flagged`).",
-    "chunking": "Chunks of (chunk_rows, full block, full grid / channel); the writer buffers batches and writes whole "
-    "chunks, the last chunk of a unit at commit. Chunks that are all zero are not written (fill value 0).",
+    "array_attributes": {
+        "significant_bits": "Float arrays: the significant bits kept of each value, 11 when dtype is float16, null "
+        "when it is float32 (exact).",
+    },
+    "dtype_policy": "Float arrays are float32 and hold the values themselves (no scaling, no companion array). "
+    "dtype float32 stores exact values. dtype float16 (the default) rounds each value to float16's 11 significant "
+    "bits (round to nearest, ties to even, on the float32 mantissa) and keeps float32's exponent: every value is "
+    "within 2^-11 (4.9e-4) of itself, hence of its map's peak, whatever its scale (no overflow, no underflow), and "
+    "the 13 low mantissa bits being zero, the arrays compress to about float16's size. Zeros, NaN, inf and "
+    "float32 subnormals are stored as they are.",
+    "chunking": "One Zarr v3 array per name with the unit's exact shape (n, ...), written once at commit, with the "
+    "sharding codec: one shard covering all n rows (one file per array), made of inner chunks of (chunk_rows, "
+    "full block, full grid / channel) compressed with `compressor`; reading one sample decompresses one inner "
+    "chunk of each array.",
 }
 """The layout of ``OUT/maps.zarr``: root attributes, the unit groups, each array's dimension names (its Zarr
-``dimension_names``) and dtype (``storage``: the job's ``output.dtype``), the dtype policy and the chunking.
+``dimension_names``) and dtype (float32 maps, at the precision of the job's ``output.dtype``), the array
+attributes, the dtype policy and the chunking.
 Read-only: the stores read it, :func:`export_schemas` writes it as ``zarr_layout.json``."""
 
 

@@ -2,7 +2,7 @@
 
 Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
 
-    maps.zarr/<unit>/                  the unit's Zarr group (pipeline.store.zarr_store)
+    maps.zarr/<unit>/                  the unit's Zarr group, written at commit (pipeline.store.zarr_store)
     samples/<unit>.parquet             one row per sample, ok or failed (pipeline.store.tables)
     blocks/<unit>.parquet              one row per ok sample and block
     evaluation/<unit>.parquet          one row per sample and evaluated method (jobs that evaluate)
@@ -173,9 +173,8 @@ class UnitWriter:
                 redone by the next run).
 
         Returns:
-            The marker's content: ``unit``, ``committed_at``, ``complete``, the counts ``samples``, ``ok``,
-            ``failed``, ``precision_flagged`` (samples whose storage dtype lost more than the tolerance) and the
-            summary.
+            The marker's content: ``unit``, ``committed_at``, ``complete``, the counts ``samples``, ``ok`` and
+            ``failed``, and the summary.
         """
         self._maps.flush()
         for part, schema in TABLE_SCHEMAS.items():
@@ -189,7 +188,6 @@ class UnitWriter:
             "samples": self._maps.rows + self.failed,
             "ok": self._maps.rows,
             "failed": self.failed,
-            "precision_flagged": self._maps.flagged,
         }
         marker = self._transaction.commit({**(summary or {}), **counts}, incomplete=incomplete)
         logger.info("committed unit %s: %s", self.unit, counts)

@@ -1,9 +1,11 @@
 """The Zarr v3 store of maps and coefficients, ``OUT/maps.zarr`` (layout: :mod:`pipeline.store.schemas`).
 
 The root group holds the attributes shared by all units, written once; each unit of work writes only its own
-group ``maps.zarr/<unit>``, so a worker killed mid-write cannot damage another unit. A unit's arrays grow along
-the sample dimension as batches arrive; the writer buffers batches and writes whole chunks, so a unit never holds
-more than about one chunk of output in memory.
+group ``maps.zarr/<unit>``, so a worker killed mid-write cannot damage another unit. The writer buffers a unit's
+batches on the host (a 1,000-image vit_small unit holds about 30 MB) and writes each array once, at commit: one
+Zarr v3 array of the unit's exact shape whose single shard holds all rows (layout version 2). Values are float32,
+exact or rounded to float16's 11 significant bits (``output.dtype``), so any Zarr reader gets them right; layout 1's
+float16 arrays with ``<name>_exponent`` scalings are still read.
 """
 
 from __future__ import annotations
@@ -29,21 +31,20 @@ from pipeline.names import MAP_ARRAYS
 from pipeline.store.schemas import ZARR_LAYOUT
 
 __all__ = [
-    "PRECISION_TOLERANCE",
     "MapLayout",
+    "SIGNIFICANT_BITS",
     "MapStore",
     "UnitMapWriter",
     "codecs",
     "exponent_name",
     "from_storage",
     "map_axes",
+    "round_significant",
+    "significant_bits",
     "to_storage",
 ]
 
 logger = logging.getLogger(__name__)
-
-PRECISION_TOLERANCE = 1e-3
-"""Largest error of a stored value relative to its map's maximum before the writer warns."""
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,59 @@ class MapLayout:
 
 
 def codecs(options: StoreOptions) -> list[Any]:
-    """Zarr compressors for every array of a store."""
+    """Zarr compressors of every array of a store, applied to each inner chunk of a unit's shard.
+
+    blosc shuffles bits when values are rounded (dtype float16: the low 13 mantissa bits of every value are zero,
+    which bit shuffling turns into long runs of zero bytes) and bytes for exact float32.
+    """
     if options.compressor == "zstd":
         return [ZstdCodec(level=options.compression_level)]
     if options.compressor == "blosc":
-        return [BloscCodec(cname="zstd", clevel=options.compression_level, shuffle="shuffle")]
+        shuffle = "bitshuffle" if significant_bits(options.dtype) else "shuffle"
+        return [BloscCodec(cname="zstd", clevel=options.compression_level, shuffle=shuffle)]
     return []
 
 
-_MAP_DIMS = ("row", "col", "channel")  # the dimensions of one map or coefficient vector
-_FLOAT16_TOP = 15  # float16 maps are scaled by a power of two so that their maximum lies in [2^14, 2^15)
+SIGNIFICANT_BITS = {"float16": 11, "float32": None}
+"""Significant bits kept of each stored float32 value by ``output.dtype`` (None: exact)."""
+
+_MAP_DIMS = ("row", "col", "channel")  # the dimensions of one map or coefficient vector (layout 1's exponents)
+
+
+def significant_bits(dtype: str) -> int | None:
+    """The significant bits an ``output.dtype`` keeps of each value (11 for float16; None: float32, exact)."""
+    return SIGNIFICANT_BITS[dtype]
+
+
+def round_significant(values: ArrayLike, bits: int) -> np.ndarray:
+    """float32 ``values`` rounded to ``bits`` significant bits (round to nearest, ties to even).
+
+    Works on the float32 bit patterns: the low ``24 - bits`` bits of the mantissa are rounded away and left zero
+    (which is what makes the stored arrays compress to about the size of float16). Every normal value keeps
+    float32's exponent, so its error is at most 2^-bits of its own magnitude (2^-11 = 4.9e-4 for 11 bits, float16's
+    precision) whatever its scale: no overflow, no underflow. Zeros, subnormals (below 1.2e-38), NaN and inf are
+    kept as they are, and so is a value whose rounding would overflow to inf (above 3.4e38 * (1 - 2^-12)).
+    """
+    if not 1 <= bits <= 24:
+        raise ValueError(f"significant bits must be in 1..24, got {bits}")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    drop = 24 - bits
+    if drop == 0:
+        return values.copy()
+    word = values.view(np.uint32)
+    odd = (word >> np.uint32(drop)) & np.uint32(1)
+    rounded = (word + (np.uint32((1 << (drop - 1)) - 1) + odd)) & np.uint32(0xFFFFFFFF ^ ((1 << drop) - 1))
+    exponent_bits = np.uint32(0x7F800000)
+    before, after = word & exponent_bits, rounded & exponent_bits
+    keep = (before == 0) | (before == exponent_bits) | (after == exponent_bits)
+    return np.where(keep, word, rounded).view(np.float32)
+
+
+def to_storage(values: ArrayLike, dtype: str) -> np.ndarray:
+    """The float32 array stored for float32 ``values`` under ``output.dtype`` (float16: :func:`round_significant`)."""
+    bits = significant_bits(dtype)
+    values = np.asarray(values, dtype=np.float32)
+    return values if bits is None else round_significant(values, bits)
 
 
 def map_axes(dims: Sequence[str]) -> tuple[int, ...]:
@@ -100,34 +144,9 @@ def map_axes(dims: Sequence[str]) -> tuple[int, ...]:
     return tuple(i for i, d in enumerate(dims) if d in _MAP_DIMS)
 
 
-def to_storage(
-    values: np.ndarray, dtype: str, axes: tuple[int, ...]
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Cast float32 ``values`` to the storage dtype, measuring what the cast loses.
-
-    float16 storage first scales each map (the values along ``axes``) by a power of two, 2^exponent, that puts its
-    maximum magnitude in [2^14, 2^15): exact in both directions, so every stored value keeps 11 significant bits
-    relative to its map's maximum whatever the map's scale (no overflow above 65504, no subnormals below 6e-5).
-
-    Returns:
-        The stored array, the int16 exponents (one per map; None for float32) and the error of each map:
-        max |restored - value| / max |value| (0 for an all-zero map, inf for a map with non-finite values).
-    """
-    if np.dtype(dtype) == np.float32:
-        return values, None, np.zeros([n for i, n in enumerate(values.shape) if i not in axes], np.float32)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        peak = np.abs(values).max(axis=axes, keepdims=True)
-        usable = (peak > 0) & np.isfinite(peak)
-        exponent = np.where(usable, _FLOAT16_TOP - np.frexp(np.where(usable, peak, 1))[1], 0).astype(np.int16)
-        stored = np.ldexp(values, exponent).astype(dtype)
-        restored = np.ldexp(stored.astype(np.float32), -exponent)
-        lost = np.abs(restored - values).max(axis=axes, keepdims=True) / peak
-        error = np.where(usable, lost, np.where(np.isfinite(peak), 0.0, np.inf))  # non-finite maps are flagged
-    return stored, np.squeeze(exponent, axis=axes), np.squeeze(error, axis=axes).astype(np.float32)
-
-
 def from_storage(stored: np.ndarray, exponent: np.ndarray | None, axes: tuple[int, ...]) -> np.ndarray:
-    """The float32 values of a stored array: ``stored * 2**-exponent`` per map."""
+    """The float32 values of a stored array: as they are (layout 2), or ``stored * 2**-exponent`` per map (layout 1's
+    float16 arrays, whose ``<name>_exponent`` arrays scaled each map by a power of two)."""
     values = np.asarray(stored, dtype=np.float32)
     if exponent is None:
         return values
@@ -183,9 +202,12 @@ class MapStore:
                 existing = self.attrs
         differing = {k: (existing.get(k), v) for k, v in attrs.items() if existing.get(k) != v}
         if differing:
+            version = differing.pop("schema_version", None)
+            reasons = [f"layout version {version[0]}, this version writes {version[1]}"] if version else []
+            reasons += [f"another configuration (stored, this job): {differing}"] if differing else []
             raise StoreError(
-                f"{self.store} holds maps of another configuration (stored, this job): {differing}; "
-                "write to another output or clear it"
+                f"{self.store} holds maps of {' and of '.join(reasons)}; write to a new output or run again with "
+                "--overwrite to replace it"
             )
         return existing
 
@@ -225,12 +247,17 @@ class MapStore:
 
 
 def exponent_name(name: str) -> str:
-    """The array of float16 scaling exponents of array ``name``."""
+    """Layout 1's array of float16 scaling exponents of array ``name`` (read, no longer written)."""
     return f"{name}_exponent"
 
 
 class UnitMapWriter:
-    """Appends batches to one unit's arrays, whole chunks at a time.
+    """Buffers one unit's batches on the host and writes each array once, when the unit is finished.
+
+    Each array is created with its final shape ``(n, ...)`` and one shard covering all ``n`` rows (the Zarr v3
+    sharding codec), made of inner chunks of ``chunk_rows`` samples compressed with the configured compressor: one
+    file and one metadata document per array, written in one call, with no resize. A unit with no ok samples gets
+    arrays with 0 rows (metadata only).
 
     Args:
         group: The unit's (empty) group.
@@ -242,31 +269,18 @@ class UnitMapWriter:
     def __init__(self, group: zarr.Group, unit: str, layout: MapLayout, options: StoreOptions) -> None:
         self.unit = unit
         self.options = options
-        self.rows = 0  # rows appended, written or pending
-        self.flagged = 0  # samples whose storage error exceeded PRECISION_TOLERANCE
-        self._written = 0
+        self.rows = 0  # rows appended so far
+        self.written = False
+        self._group = group
         self._pending: list[dict[str, np.ndarray]] = []
         spec = ZARR_LAYOUT["arrays"]
         dims = layout.dims()
-        names = ["keys", *options.arrays]
-        if options.dtype == "float16":
-            names += [exponent_name(name) for name in options.arrays]
-        self._dims = {name: spec[name]["dims"] for name in names}
-        self._shapes = {name: tuple(dims[d] for d in self._dims[name][1:]) for name in names}
-        self._arrays = {
-            name: group.create_array(
-                name,
-                shape=(0, *shape),
-                chunks=(options.chunk_rows, *shape),
-                dtype={"string": "str", "int16": "int16"}.get(spec[name]["dtype"], options.dtype),
-                compressors=codecs(options),
-                dimension_names=self._dims[name],
-            )
-            for name, shape in self._shapes.items()
-        }
+        self._dtypes = {name: "str" if spec[name]["dtype"] == "string" else "float32" for name in spec}
+        self._dims = {name: spec[name]["dims"] for name in ("keys", *options.arrays)}
+        self._shapes = {name: tuple(dims[d] for d in dims_[1:]) for name, dims_ in self._dims.items()}
 
     def append(self, keys: Sequence[str], arrays: Mapping[str, ArrayLike | None]) -> int:
-        """Append one batch.
+        """Buffer one batch, its values already rounded to the storage precision.
 
         Args:
             keys: ``B`` sample keys.
@@ -278,9 +292,11 @@ class UnitMapWriter:
 
         Raises:
             SchemaError: a stored array is missing or has the wrong shape.
+            StoreError: the unit's arrays were already written.
         """
+        if self.written:
+            raise StoreError(f"unit {self.unit!r}: its maps are already written")
         batch = {"keys": np.asarray(keys, dtype=str)}
-        errors = []
         for name in self.options.arrays:
             if arrays.get(name) is None:
                 raise SchemaError(f"unit {self.unit!r}: array {name!r} is missing")
@@ -288,45 +304,37 @@ class UnitMapWriter:
             expected = (len(batch["keys"]), *self._shapes[name])
             if values.shape != expected:
                 raise SchemaError(f"unit {self.unit!r}: array {name!r} has shape {values.shape}, expected {expected}")
-            batch[name], exponent, error = to_storage(values, self.options.dtype, map_axes(self._dims[name]))
-            if exponent is not None:
-                batch[exponent_name(name)] = exponent
-            errors.append(error.reshape(len(values), -1).max(axis=1))
-        if errors:
-            self._check_precision(batch["keys"], np.max(errors, axis=0))
+            batch[name] = to_storage(values, self.options.dtype)
         first = self.rows
         self._pending.append(batch)
         self.rows += len(batch["keys"])
-        self.flush(final=False)
         return first
 
-    def flush(self, *, final: bool = True) -> None:
-        """Write the whole chunks among the pending rows; all of them when ``final``."""
-        pending = self.rows - self._written
-        count = pending if final else pending - pending % self.options.chunk_rows
-        if count == 0:
+    def flush(self) -> None:
+        """Write every array, once: its metadata and its single shard. Later calls do nothing."""
+        if self.written:
             return
-        data = {name: np.concatenate([b[name] for b in self._pending]) for name in self._arrays}
-        start, stop = self._written, self._written + count
-        for name, array in self._arrays.items():
-            array.resize((stop, *self._shapes[name]))
-            array[start:stop] = data[name][:count]
-        self._pending = [{name: values[count:] for name, values in data.items()}] if count < pending else []
-        self._written = stop
-
-    def _check_precision(self, keys: np.ndarray, error: np.ndarray) -> None:
-        bad = ~(error <= PRECISION_TOLERANCE)  # NaN counts as bad
-        if bad.any():
-            self.flagged += int(bad.sum())
-            logger.warning(
-                "unit %s: %d samples lose more than %g of a map's maximum in %s (worst %.3g), keys %s",
-                self.unit,
-                int(bad.sum()),
-                PRECISION_TOLERANCE,
-                self.options.dtype,
-                float(np.nanmax(np.where(bad, error, np.nan))),
-                keys[bad][:10].tolist(),
+        n, step = self.rows, self.options.chunk_rows
+        bits = significant_bits(self.options.dtype)
+        for name, shape in self._shapes.items():
+            if self._pending:
+                data = np.concatenate([batch[name] for batch in self._pending])
+            else:
+                data = np.empty((0, *shape), dtype=self._dtypes[name])
+            array = self._group.create_array(
+                name,
+                shape=(n, *shape),
+                chunks=(step, *shape),
+                shards=(max(1, -(-n // step)) * step, *shape),  # one shard: all rows, a whole number of chunks
+                dtype=self._dtypes[name],
+                compressors=codecs(self.options),
+                dimension_names=self._dims[name],
+                attributes={} if name == "keys" else {"significant_bits": bits},
             )
+            if n:
+                array[...] = data
+        self._pending = []
+        self.written = True
 
 
 def _root_attrs(layout: MapLayout, options: StoreOptions) -> dict[str, Any]:

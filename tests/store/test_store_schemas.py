@@ -89,10 +89,11 @@ def test_schemas_keep_what_the_json_described():
     ]
     assert EXPLAINER_BLOCKS.field("explainer").type == pa.string()
     arrays = ZARR_LAYOUT["arrays"]
-    assert list(arrays) == ["keys", *MAP_ARRAYS, *(f"{n}_exponent" for n in MAP_ARRAYS)]
+    assert list(arrays) == ["keys", *MAP_ARRAYS]
     assert arrays["keys"]["dtype"] == "string" and not arrays["keys"]["optional"]
     assert arrays["coefficients"]["dims"] == ("sample", "block", "channel")
-    assert arrays["gradcam_exponent"]["dims"] == ("sample",) and arrays["daam_exponent"]["dtype"] == "int16"
+    assert arrays["gradcam"]["dims"] == ("sample", "row", "col") and arrays["daam"]["dtype"] == "float32"
+    assert ZARR_LAYOUT["version"] == 2 and set(ZARR_LAYOUT["array_attributes"]) == {"significant_bits"}
 
 
 def test_written_parquet_carries_the_schemas(tmp_path, layout, make_batch):
