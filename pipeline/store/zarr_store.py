@@ -31,8 +31,8 @@ from pipeline.names import MAP_ARRAYS
 from pipeline.store.schemas import ZARR_LAYOUT
 
 __all__ = [
-    "MapLayout",
     "SIGNIFICANT_BITS",
+    "MapLayout",
     "MapStore",
     "UnitMapWriter",
     "codecs",

@@ -255,12 +255,12 @@ def test_init_rejects_another_configuration(tmp_path, layout, make_batch):
     other = MapLayout(model="other", n_blocks=3, grid=(4, 5), channels=8, prefix_tokens=1)
     with pytest.raises(StoreError, match="'model': \\('test_vit', 'other'\\)"):
         UnitWriter(tmp_path, "shard-000001", other, shard="x.tar", job="j")
-    with pytest.raises(StoreError, match="chunk_rows.*--overwrite"):
+    with pytest.raises(StoreError, match=r"chunk_rows.*--overwrite"):
         MapStore.open(str(tmp_path / "maps.zarr")).init(layout, StoreOptions(chunk_rows=3))
     assert MapStore.open(str(tmp_path / "maps.zarr")).init(layout, StoreOptions())["model"] == "test_vit"
     root = zarr.open_group(tmp_path / "maps.zarr", mode="a")
     root.attrs["schema_version"] = 1  # an output of an earlier version
     with pytest.raises(
-        StoreError, match="layout version 1, this version writes 2; write to a new output or .*--overwrite"
+        StoreError, match=r"layout version 1, this version writes 2; write to a new output or .*--overwrite"
     ):
         MapStore.open(str(tmp_path / "maps.zarr")).init(layout, StoreOptions())
