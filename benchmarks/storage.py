@@ -4,8 +4,9 @@
 
 Writes synthetic vit_small-shaped outputs (12 blocks, 14x14 patches, 384 channels) with the pipeline's own
 UnitWriter (every table, the accumulated maps in Zarr), then for each size, in one run: files and folders, fsyncs
-per unit, bytes per image, write time per unit; the time of a fresh ``open_results(OUT).samples``, ``.blocks``
-and one ``.maps(key)`` with the per-unit tables as a run leaves them, then after ``compact`` (its time too).
+per unit, bytes per image, write time per unit; the time of a fresh ``open_results(OUT).samples``, ``.blocks``,
+one ``.maps(key)`` and a scan of every unit's maps (``iter_units()``) with the per-unit tables as a run leaves them,
+then after ``compact`` (its time too).
 The issue's targets at 1,000 units: .samples <= 0.1 s, .blocks <= 0.6 s, maps(key) <= 0.1 s.
 """
 
@@ -86,6 +87,11 @@ def timed(read) -> float:
     return time.perf_counter() - start
 
 
+def scan(out: Path) -> int:
+    """Read every unit's maps, as an analysis over the whole output does; the number of samples read."""
+    return sum(len(keys) for _, keys, _ in open_results(out).iter_units())
+
+
 def measure(out: Path, units: int, samples: int) -> dict[str, float]:
     rng = np.random.default_rng(units)
     options = StoreOptions(arrays=("daam",))
@@ -109,6 +115,7 @@ def measure(out: Path, units: int, samples: int) -> dict[str, float]:
         "samples s": timed(lambda: open_results(out).samples),
         "blocks s": timed(lambda: open_results(out).blocks),
         "maps(key) s": timed(lambda: open_results(out).maps(key)),
+        "scan maps s": timed(lambda: scan(out)),
     }
     row["compact s"] = timed(lambda: compact(out))
     files, folders, _ = tree(out)
@@ -118,6 +125,7 @@ def measure(out: Path, units: int, samples: int) -> dict[str, float]:
         "samples s after": timed(lambda: open_results(out).samples),
         "blocks s after": timed(lambda: open_results(out).blocks),
         "maps(key) s after": timed(lambda: open_results(out).maps(key)),
+        "scan maps s after": timed(lambda: scan(out)),
     }
     return row
 
