@@ -329,6 +329,7 @@ class UnitMapWriter:
                 dtype=self._dtypes[name],
                 compressors=codecs(self.options),
                 dimension_names=self._dims[name],
+                chunk_key_encoding={"name": "default", "separator": "."},  # the shard c.0.0.0.0: no nested folders
                 attributes={} if name == "keys" else {"significant_bits": bits},
             )
             if n:
