@@ -493,7 +493,7 @@ ZARR_LAYOUT: dict[str, Any] = {
     "chunking": "One Zarr v3 array per name with the unit's exact shape (n, ...), written once at commit, with the "
     "sharding codec: one shard covering all n rows (one file per array), made of inner chunks of (chunk_rows, "
     "full block, full grid / channel) compressed with `compressor`; reading one sample decompresses one inner "
-    "chunk of each array.",
+    "chunk of each array. Chunk keys are '.'-separated (the shard is <name>/c.0.0.0.0): no nested folders.",
 }
 """The layout of ``OUT/maps.zarr``: root attributes, the unit groups, each array's dimension names (its Zarr
 ``dimension_names``) and dtype (float32 maps, at the precision of the job's ``output.dtype``), the array

@@ -143,6 +143,9 @@ def test_arrays_are_written_once_at_commit(tmp_path, layout, make_batch):
         if p.is_file()
     )
     assert len(files) == 9, files  # the group's zarr.json, and per array its zarr.json and its one shard
+    assert "daam/c.0.0.0.0" in files and "coefficients/c.0.0.0" in files and "keys/c.0" in files
+    folders = [p for p in (tmp_path / "maps.zarr" / "u").rglob("*") if p.is_dir()]
+    assert len(folders) == 4, folders  # one per array, no nested chunk folders
     samples = open_results(tmp_path).samples
     assert samples["row"].tolist() == list(range(17))
 
