@@ -16,6 +16,7 @@ import fsspec
 from pipeline.config import JobConfig
 from pipeline.errors import CheckpointError, OutputMismatchError
 from pipeline.store.output import Output
+from pipeline.store.schemas import ZARR_LAYOUT_VERSION
 
 __all__ = ["check_resume", "checkpoint_digest", "fingerprint", "read_written_job"]
 
@@ -57,6 +58,7 @@ def fingerprint(job: JobConfig, checkpoint_sha256: str | None) -> dict[str, Any]
         "explainers": data["explainers"],
         "output.arrays": data["output"]["arrays"],
         "output.dtype": job.output.dtype,
+        "maps.zarr layout version": ZARR_LAYOUT_VERSION,  # absent (null) in outputs of layout 1
         "bank": None if bank is None else {k: bank[k] for k in bank_fields},
         "evaluate": None if evaluation is None else {k: v for k, v in evaluation.items() if k != "batch_size"},
     }

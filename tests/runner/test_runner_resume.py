@@ -99,6 +99,18 @@ def test_changed_content_is_refused_naming_the_fields_and_speed_settings_are_not
     assert replaced.done == 3 and open_results(out).maps("s0_0000").rollout.shape == (2, 4, 4)
 
 
+def test_output_of_an_earlier_zarr_layout_is_refused(shards, tmp_path):
+    out = tmp_path / "out"
+    assert run(shards, out).exit_code == 0
+    job = json.loads((out / "job.json").read_text())
+    del job["fingerprint"]["maps.zarr layout version"]  # as versions writing layout 1 left it
+    (out / "job.json").write_text(json.dumps(job))
+    with pytest.raises(
+        OutputMismatchError, match=r"maps.zarr layout version: null -> 2\. Use a new output.path, or --overwrite"
+    ):
+        run(shards, out)
+
+
 def test_changed_checkpoint_is_refused(shards, tmp_path):
     paths = []
     for seed in (0, 1):
