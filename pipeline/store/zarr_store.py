@@ -239,11 +239,18 @@ class MapStore:
                 if name not in present:
                     result[name] = None
                     continue
-                exponent = group[exponent_name(name)].oindex[rows] if exponent_name(name) in present else None
-                result[name] = from_storage(group[name].oindex[rows], exponent, map_axes(spec[name]["dims"]))
+                exponent = _rows(group[exponent_name(name)], rows) if exponent_name(name) in present else None
+                result[name] = from_storage(_rows(group[name], rows), exponent, map_axes(spec[name]["dims"]))
             return result
         except (FileNotFoundError, IndexError) as e:
             raise StoreError(f"no rows {rows.tolist()[:5]} of unit {unit!r} in {self.store}: {e}") from e
+
+
+def _rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """``array``'s rows ``rows``: one slice when they are consecutive (a unit scan), else orthogonal indexing."""
+    if len(rows) and rows[0] >= 0 and rows[-1] < array.shape[0] and (np.diff(rows) == 1).all():
+        return array[int(rows[0]) : int(rows[-1]) + 1]
+    return array.oindex[rows]
 
 
 def exponent_name(name: str) -> str:

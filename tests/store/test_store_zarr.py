@@ -165,6 +165,11 @@ def test_plain_zarr_reads_the_values(tmp_path, layout, make_batch, dtype):
             np.testing.assert_array_equal(plain[row], getattr(results.maps(key), name))
         if dtype == "float16":
             assert not (plain.view(np.uint32) & np.uint32(0x1FFF)).any()  # the low 13 mantissa bits are zero
+    ((unit, scanned_keys, scanned),) = results.iter_units()  # a scan reads each array with one slice
+    assert (unit, scanned_keys) == ("shard-000000", keys)
+    for name in stored:
+        np.testing.assert_array_equal(scanned[name], group[name][:])
+    np.testing.assert_array_equal(results.maps_of([keys[3], keys[0]])["daam"], group["daam"].oindex[[3, 0]])
     codecs = group["daam"].metadata.to_dict()["codecs"]
     assert [c["name"] for c in codecs] == ["sharding_indexed"] and codecs[0]["configuration"]["chunk_shape"][0] == 2
     assert group["daam"].shards[0] == 6 and group["daam"].nchunks == 3  # one shard over all 5 rows
