@@ -20,12 +20,12 @@ __all__ = [
     "STORE_DTYPES",
 ]
 
-EXPLAINERS = ("daam", "rollout", "attention", "gradcam")
+EXPLAINERS = ("daam", "rollout", "attention", "gradcam", "gae")
 """What a job may compute: DAAM, and the comparison explainers that share its forward and backward pass."""
 
 COMPARISON_EXPLAINERS = EXPLAINERS[1:]
 
-PER_BLOCK_EXPLAINERS = ("rollout", "attention")
+PER_BLOCK_EXPLAINERS = ("rollout", "attention", "gae")
 """Comparison explainers with one map per block (their last map is the method's); Grad-CAM has one map."""
 
 ENGINE_ARRAYS = ("block_maps", "daam", "coefficients")
