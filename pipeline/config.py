@@ -252,7 +252,9 @@ class EvaluationConfig(_Section):
     )
     batch_size: int = Field(64, ge=1, strict=True, description="perturbed images per forward pass")
     metrics: tuple[Literal[tuple(METRIC_GROUPS)], ...] = Field(
-        tuple(METRIC_GROUPS), description="localisation (pointing game, box energy), faithfulness (deletion/insertion)"
+        tuple(METRIC_GROUPS),
+        description="localisation (pointing game, box energy), faithfulness (deletion/insertion), perturbation "
+        "(positive/negative perturbation AUC, Chefer et al. 2021)",
     )
     references: tuple[Literal[REFERENCE_MAPS], ...] = Field(
         REFERENCE_MAPS, description="reference maps evaluated beside the explainers"
@@ -268,6 +270,10 @@ class EvaluationConfig(_Section):
     @property
     def faithfulness(self) -> bool:
         return "faithfulness" in self.metrics
+
+    @property
+    def perturbation(self) -> bool:
+        return "perturbation" in self.metrics
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -315,10 +321,11 @@ class JobConfig(_Section):
                 raise ValueError("mode 'self-supervised' needs a `bank:` section")
             if self.target == "label":
                 raise ValueError("target: 'label' is for supervised mode; self-supervised explains <f, w>")
-            if self.evaluate is not None and self.evaluate.faithfulness:
+            if self.evaluate is not None and (self.evaluate.faithfulness or self.evaluate.perturbation):
                 raise ValueError(
-                    "evaluate.metrics: deletion/insertion ('faithfulness') follow the probability of an explained "
-                    "class, and a self-supervised job explains <f, w>; use metrics: [localisation]"
+                    "evaluate.metrics: deletion/insertion ('faithfulness') and positive/negative perturbation "
+                    "('perturbation') follow the probability of an explained class, and a self-supervised job "
+                    "explains <f, w>; use metrics: [localisation]"
                 )
         elif self.bank is not None:
             raise ValueError("bank: a `bank:` section is only used in mode 'self-supervised'")

@@ -42,7 +42,11 @@ STORE_DTYPES = ("float16", "float32")
 
 COMPRESSORS = ("zstd", "blosc", "none")
 
-METRIC_GROUPS = {"localisation": ("pointing_hit", "box_energy"), "faithfulness": ("deletion_auc", "insertion_auc")}
+METRIC_GROUPS = {
+    "localisation": ("pointing_hit", "box_energy"),
+    "faithfulness": ("deletion_auc", "insertion_auc"),
+    "perturbation": ("positive_auc", "negative_auc", "positive_top1_auc", "negative_top1_auc"),
+}
 """Evaluation metrics a job selects by group (``evaluate.metrics``), and the columns each group fills."""
 
 METRIC_COLUMNS = tuple(column for columns in METRIC_GROUPS.values() for column in columns)

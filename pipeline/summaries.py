@@ -18,6 +18,10 @@ _SUMMARY_COLUMNS = {
     "box_energy": "box_energy",
     "deletion_auc": "deletion_auc",
     "insertion_auc": "insertion_auc",
+    "positive_auc": "positive_auc",
+    "negative_auc": "negative_auc",
+    "positive_top1_auc": "positive_top1_auc",
+    "negative_top1_auc": "negative_top1_auc",
 }
 
 
@@ -36,7 +40,9 @@ def summarise(evaluation: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         One row per method (DAAM first, then the references, then any other explainer), columns
-        ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc``, ``samples``.
+        ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc``, the perturbation AUCs
+        (``positive_auc``, ``negative_auc``, ``positive_top1_auc``, ``negative_top1_auc``), ``samples``; only
+        the metric columns the table has.
 
     Raises:
         SchemaError: the table lacks the ``method`` column or every metric column.
