@@ -136,7 +136,9 @@ def main(shards, per_shard, actors, cpus, batch, workdir, json_out) -> None:
     pattern = write_tiny_shards(workdir / "shards", shards, per_shard)
     torch.set_num_threads(1)  # the reference uses one CPU, as each actor does
     rows = [measure(pattern, workdir / "out-in-process", None, batch)]
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
     try:
         rows += [measure(pattern, workdir / f"out-{n}", n, batch) for n in counts]
     finally:

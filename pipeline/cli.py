@@ -169,7 +169,29 @@ def _headline(out: str) -> str:
 @_user_errors
 def summary(out) -> None:
     """Print the headline tables of a job's outputs at OUT: per-block localisation and the method comparison."""
+    from pipeline.store.results import open_results
+
+    open_results(out).require_units()  # an empty or in-progress output: one line saying so
     click.echo(_headline(out))
+
+
+@main.command()
+@click.argument("out")
+@click.option("--lease-ttl", default=60.0, show_default=True, help="Seconds the lease on OUT stays valid unrenewed.")
+@_user_errors
+def compact(out, lease_ttl) -> None:
+    """Merge the per-unit Parquet tables of OUT into a few large files (a run does this at its end)."""
+    from pipeline.store.compact import compact as compact_tables
+    from pipeline.store.lease import Lease
+    from pipeline.store.output import as_output
+
+    output = as_output(out)
+    with Lease(output, lease_ttl):
+        done = compact_tables(output)
+    click.echo(
+        f"compacted the tables of {done.units} units of {out} into {done.files} files (generation "
+        f"{done.generation}); {done.merged_files} per-unit files merged and removed"
+    )
 
 
 @main.command()
@@ -298,6 +320,29 @@ def bank_import(features, labels, out, k, temperature, overwrite) -> None:
     built = import_feature_dump(features, labels, out, k=k, temperature=temperature, overwrite=overwrite)
     labelled = f"{built.num_classes} classes" if built.num_classes else "no labels"
     click.echo(f"memory bank of {built.size} samples (D={built.dim}, {labelled}) written to {out}")
+
+
+@main.command()
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if a file in DEST differs from the code.")
+@_user_errors
+def schemas(dest, check) -> None:
+    """Write the output contracts (Arrow schemas of the tables, Zarr layout) as JSON into DEST, from their
+    definitions in pipeline/store/schemas.py; the repository's copy is schemas/."""
+    from pipeline.store.schemas import export_schemas, stale_schemas
+
+    if check:
+        stale = stale_schemas(dest)
+        if stale:
+            click.echo(f"{len(stale)} file(s) in {dest} differ from pipeline/store/schemas.py:", err=True)
+            for name in stale:
+                click.echo(f"  {dest / name}", err=True)
+            click.echo(f"regenerate them with: daam-pipeline schemas {dest}", err=True)
+            sys.exit(1)
+        click.echo(f"the schemas in {dest} agree with pipeline/store/schemas.py")
+        return
+    paths = export_schemas(dest)
+    click.echo(f"wrote {len(paths)} schema files to {dest}")
 
 
 @main.command("demo-assets")

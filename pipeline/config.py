@@ -205,6 +205,12 @@ class OutputConfig(_Storage):
         default_factory=lambda: list(ENGINE_ARRAYS), description="DAAM arrays to store (explainers' maps always are)"
     )
 
+    compact: bool = Field(
+        True,
+        description="at the end of a run that committed units, merge the per-unit tables into a few files under "
+        "tables/ (what readers open first); 'daam-pipeline compact OUT' does it on demand",
+    )
+
     _distinct_arrays = field_validator("arrays")(_distinct)
 
 
@@ -339,7 +345,7 @@ class JobConfig(_Section):
     @property
     def store_options(self) -> StoreOptions:
         """How the maps are stored: the output's storage fields, DAAM's arrays and every comparison explainer's."""
-        storage = self.output.model_dump(exclude={"path", "arrays"})
+        storage = self.output.model_dump(exclude={"path", "arrays", "compact"})
         return StoreOptions(**storage, arrays=(*self.output.arrays, *self.comparison_explainers))
 
     def shard_urls(self) -> list[str]:

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DeviceError",
+    "EmptyOutputError",
     "InputError",
     "JobTerminated",
     "OutputInUseError",
@@ -72,11 +73,15 @@ class DecodeError(PipelineError, ValueError):
 
 
 class SchemaError(PipelineError, ValueError):
-    """Data that does not match the Arrow schemas or Zarr layout in ``schemas/``."""
+    """Data that does not match the Arrow schemas or Zarr layout of :mod:`pipeline.store.schemas`."""
 
 
 class StoreError(PipelineError, OSError):
     """An output store that cannot be opened, written or committed."""
+
+
+class EmptyOutputError(StoreError):
+    """An output with no committed unit to read (nothing run yet, a run in progress, or a folder that is no output)."""
 
 
 class BankError(PipelineError, ValueError):

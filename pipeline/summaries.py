@@ -13,16 +13,8 @@ from pipeline.names import REFERENCE_MAPS
 __all__ = ["headline_tables", "label_accuracy", "summarise", "summarise_blocks"]
 
 _SUMMARY_ROWS = {"daam": "DAAM", "random": "random", "centre": "centre prior"}
-_SUMMARY_COLUMNS = {
-    "pointing_accuracy": "pointing_hit",
-    "box_energy": "box_energy",
-    "deletion_auc": "deletion_auc",
-    "insertion_auc": "insertion_auc",
-    "positive_auc": "positive_auc",
-    "negative_auc": "negative_auc",
-    "positive_top1_auc": "positive_top1_auc",
-    "negative_top1_auc": "negative_top1_auc",
-}
+_SUMMARY_COLUMNS = {"pointing_hit": "pointing_accuracy"}  # the mean of hits is the pointing accuracy
+_KEYS = ("key", "unit", "method")
 
 
 def label_accuracy(samples: pd.DataFrame) -> float | None:
@@ -39,19 +31,19 @@ def summarise(evaluation: pd.DataFrame) -> pd.DataFrame:
         evaluation: The evaluation table, one row per sample and ``method`` (``open_results(OUT).evaluation``).
 
     Returns:
-        One row per method (DAAM first, then the references, then any other explainer), columns
-        ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc``, the perturbation AUCs
-        (``positive_auc``, ``negative_auc``, ``positive_top1_auc``, ``negative_top1_auc``), ``samples``; only
-        the metric columns the table has.
+        One row per method (DAAM first, then the references, then any other explainer); a column per metric
+        column of the table, in its order (every numeric column but ``key``, ``unit``, ``method``; ``pointing_hit``
+        as ``pointing_accuracy``: ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc`` and
+        the perturbation AUCs today), then ``samples``, the rows of the method.
 
     Raises:
         SchemaError: the table lacks the ``method`` column or every metric column.
     """
-    present = [c for c in _SUMMARY_COLUMNS.values() if c in evaluation]
-    if "method" not in evaluation or not present:
+    metrics = [c for c in evaluation.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(evaluation[c])]
+    if "method" not in evaluation or not metrics:
         raise SchemaError(f"not an evaluation table: columns {list(evaluation.columns)}")
     grouped = evaluation.groupby("method", sort=False)
-    table = grouped[present].mean().rename(columns={v: k for k, v in _SUMMARY_COLUMNS.items()})
+    table = grouped[metrics].mean().rename(columns=_SUMMARY_COLUMNS)
     table["samples"] = grouped.size()
     first = ("daam", *REFERENCE_MAPS)
     order = [m for m in first if m in table.index] + sorted(set(table.index) - set(first))

@@ -74,3 +74,21 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
 def with_arrays(batch: dict[str, Any], **arrays: Any) -> dict[str, Any]:
     """``UnitWriter.write_batch`` arguments with some of their arrays replaced."""
     return {**batch, "arrays": {**batch["arrays"], **arrays}}
+
+
+def write_with_statistics(out, unit, layout, make_batch, keys, seed, failed=()):
+    """A committed unit whose blocks table holds the real statistics of its maps (``make_batch``: the store
+    tests' batch builder)."""
+    import torch
+
+    from pipeline.stats import block_statistics
+    from pipeline.store.unit_writer import UnitWriter
+
+    batch = make_batch(keys, seed=seed)
+    stats = block_statistics(*(torch.from_numpy(batch["arrays"][k]) for k in ("block_maps", "daam", "coefficients")))
+    batch["block_stats"] = {name: value.numpy() for name, value in stats.items()}
+    writer = UnitWriter(out, unit, layout, shard=f"s3://b/{unit}.tar", job="demo")
+    writer.write_batch(**batch)
+    writer.write_failed([{"key": k, "error": "DecodeError: truncated", "width": 7} for k in failed])
+    writer.commit()
+    return batch

@@ -45,3 +45,9 @@ def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
     out = run("decoders.py", *tiny, "--pil-threads", "1", "--workdir", str(tmp_path))
     assert "pil" in out and "torchvision" in out
     assert (tmp_path / "shards" / "benchmark.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_storage_benchmark(tmp_path):
+    out = run("storage.py", "--units", "3", "--units", "5", "--samples", "4", "--workdir", str(tmp_path))
+    assert "fsyncs/unit" in out and "blocks s after" in out
+    assert not list(tmp_path.iterdir())  # its outputs are removed

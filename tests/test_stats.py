@@ -9,7 +9,7 @@ import torch
 
 from pipeline.errors import TargetError
 from pipeline.stats import STATISTICS, block_statistics, box_energy, boxes_to_grid_mask, pointing_hit
-from pipeline.store.tables import blocks_schema
+from pipeline.store.schemas import BLOCKS
 
 NAN = math.nan
 
@@ -136,8 +136,7 @@ def test_batched_equals_per_sample_and_names_match_schema():
         one = block_statistics(block_maps[i : i + 1], daam[i : i + 1], coefficients[i : i + 1], mask[i : i + 1])
         for name in STATISTICS:
             torch.testing.assert_close(batch[name][i : i + 1], one[name], equal_nan=True)
-    schema = blocks_schema()
-    assert tuple(batch) == STATISTICS == tuple(schema.names[3:])
+    assert tuple(batch) == STATISTICS == tuple(BLOCKS.names[3:])
     for name, value in batch.items():
         assert value.shape == (5, 4)
-        assert value.dtype == (torch.int16 if str(schema.field(name).type) == "int16" else torch.float32), name
+        assert value.dtype == (torch.int16 if str(BLOCKS.field(name).type) == "int16" else torch.float32), name

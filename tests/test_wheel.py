@@ -63,6 +63,19 @@ def test_the_package_comes_from_the_wheel(installed, tmp_path):
     assert where.stdout.strip().startswith(str(installed)), where.stdout + where.stderr
 
 
+def test_the_shipped_schemas_agree_with_the_code(installed, tmp_path):
+    where = subprocess.run(
+        [installed / "bin" / "python", "-c", "from pipeline.store.schemas import SCHEMAS_DIR; print(SCHEMAS_DIR)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    shipped = where.stdout.strip()
+    assert shipped.startswith(str(installed)), where.stdout + where.stderr
+    check = cli(installed, tmp_path, "schemas", shipped, "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_every_shipped_job_is_listed_shown_and_valid(installed, tmp_path):
     listed = cli(installed, tmp_path, "jobs")
     names = [line.split()[0] for line in listed.stdout.splitlines()]

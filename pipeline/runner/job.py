@@ -8,21 +8,24 @@ import logging
 import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 from tqdm import tqdm
 
 from pipeline.config import JobConfig
-from pipeline.errors import ClusterError, JobTerminated
+from pipeline.errors import ClusterError, JobTerminated, StoreError
 from pipeline.runner.fingerprint import JOB_FILE, check_resume, checkpoint_digest, fingerprint
 from pipeline.runner.plan import ActorPlan, describe_plan, plan_actors
 from pipeline.runner.pools import LocalPool, RayPool
 from pipeline.runner.preflight import preflight
 from pipeline.runner.summary import JobSummary
 from pipeline.stages.bank import assemble_bank, bank_is_built, bank_output
+from pipeline.store.compact import TABLES_DIR, compact
 from pipeline.store.lease import Lease
 from pipeline.store.output import Output, as_output
 from pipeline.store.units import (
@@ -91,6 +94,7 @@ def run_job(
     with Lease(output, job.workers.lease_ttl_s):
         if overwrite:
             clear(output, [EXPLAIN_PARTS])
+            output.remove(output.path(TABLES_DIR))
             clear(banks, [BANK_PARTS])
             if job.mode == "self-supervised" and job.bank.shards is not None:
                 as_output(job.bank_path()).remove(as_output(job.bank_path()).root)
@@ -146,7 +150,20 @@ def _run(
             bar.set_postfix(samples_s=f"{summary.samples_ok / elapsed:.1f}", failed_units=len(summary.failed_units))
         bar.close()
         summary.actor_restarts = pool.restarts
+    if summary.done and job.output.compact:
+        _compact(output)
     return _finish(job, summary, start)
+
+
+def _compact(output: Output) -> None:
+    """Merge the tables; the output stays complete and readable if this fails, so a failure only warns."""
+    try:
+        done = compact(output)
+        _log.info("compacted the tables of %d units into %d files", done.units, done.files)
+    except StoreError as e:
+        _log.warning(
+            "the tables were not compacted (%s); the output is complete: run 'daam-pipeline compact %s'", e, output.url
+        )
 
 
 @contextlib.contextmanager
@@ -244,13 +261,52 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
     if address is None:
         actors = job.workers.cpu_actors * job.workers.cpus_per_actor
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(actors + 0.999))
-    else:
-        _wait_reachable(address, job.workers.connect_timeout_s)
+        try:
+            ray.init(address="local", **kwargs)  # a new cluster, even beside one that `ray start` left running
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            raise ClusterError(f"cannot start a local Ray cluster: {_first_line(e)}") from None
+        return
+    _wait_reachable(address, job.workers.connect_timeout_s)
+    # Ray's client logs each refused attempt to file descriptor 2 from C++: kept out of the terminal, read for the
+    # reason of a failure, shown with -v.
+    with tempfile.TemporaryFile() as log:
+        try:
+            with _fd2_to(log):
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            log.seek(0)
+            raise ClusterError(_join_failure(address, e, log.read().decode(errors="replace"))) from None
+        if verbose:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+
+
+def _join_failure(address: str, error: Exception, ray_log: str) -> str:
+    """One line saying why ``ray.init`` could not join ``address``, from its exception and its client's log."""
+    if "InvalidAuthToken" in ray_log or "InvalidAuthToken" in str(error):
+        return (
+            f"cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+        )
+    return f"cannot join the Ray cluster at {address}: {_first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+@contextlib.contextmanager
+def _fd2_to(sink: IO[bytes]) -> Iterator[None]:
+    """Point this process's file descriptor 2 at ``sink`` meanwhile (what C++ code writes to stderr goes there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
     try:
-        ray.init(address=address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}") from None
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _wait_reachable(address: str, timeout_s: float) -> None:

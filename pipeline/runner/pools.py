@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.errors import JobTerminated, PipelineError
+from pipeline.errors import JobTerminated, PipelineError, StoreError
+from pipeline.runner.fingerprint import JOB_FILE
 from pipeline.runner.plan import ActorPlan
 from pipeline.store.output import as_output
 from pipeline.store.units import unit_name
@@ -96,7 +97,9 @@ def _unit_actor_class():
 
             if device == "cpu":
                 torch.set_num_threads(threads)
-            self.worker = UnitWorker(JobConfig.model_validate(job), device, fault=fault)
+            config = JobConfig.model_validate(job)
+            _check_output_is_shared(config)
+            self.worker = UnitWorker(config, device, fault=fault)
 
         def ready(self) -> int:
             return os.getpid()
@@ -109,6 +112,19 @@ def _unit_actor_class():
             return self.worker.stalled_units(timeout_s)
 
     return UnitActor
+
+
+def _check_output_is_shared(job: JobConfig) -> None:
+    """In an actor: the driver wrote ``job.json`` to the output before starting actors; not seeing it means the
+    output is a folder local to the driver's node (or ``memory://``), where this worker's results would be lost."""
+    import ray
+
+    output = as_output(job.output.path)
+    if not output.exists(output.path(JOB_FILE)):
+        raise StoreError(
+            f"output.path {job.output.path} is not shared with the worker on node {ray.util.get_node_ip_address()}: "
+            f"the driver's {JOB_FILE} is not there; use a file system every node mounts, or an object store"
+        )
 
 
 def one_line(error: BaseException) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.errors import OutputInUseError, StoreError
 from pipeline.store.output import Output
 
-__all__ = ["LEASE_FILE", "Lease"]
+__all__ = ["LEASE_FILE", "Lease", "live_holder"]
 
 LEASE_FILE = "_lease.json"
 
@@ -105,6 +105,12 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def live_holder(output: Output) -> str | None:
+    """The driver holding a valid lease on ``output`` (a job running into it now), or None."""
+    held = Lease(output, ttl_s=0).current()
+    return held.get("holder", "?") if held is not None and time.time() < _expiry(held) else None
 
 
 def _expiry(record: dict[str, Any]) -> float:

@@ -7,7 +7,7 @@ read is skipped, so a reader never fails because a job is running.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -15,12 +15,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.errors import StoreError
+from pipeline.errors import EmptyOutputError, StoreError
+from pipeline.store.compact import Manifest, TableSources, read_manifest, table_sources
+from pipeline.store.lease import live_holder
 from pipeline.store.output import Output, OutputLike, as_output
-from pipeline.store.tables import blocks_schema, evaluation_schema, explainer_blocks_schema, samples_schema
-from pipeline.store.units import EXPLAIN_PARTS, committed_units
+from pipeline.store.schemas import TABLE_SCHEMAS
+from pipeline.store.units import EXPLAIN_PARTS, committed_units, failure_records, started_units
 from pipeline.store.zarr_store import MapStore
 
 __all__ = ["Results", "SampleMaps", "open_results"]
@@ -60,6 +64,30 @@ class Results:
         """Committed units (complete and incomplete), sorted."""
         return committed_units(self.output)
 
+    def require_units(self) -> list[str]:
+        """The committed units; raises when there is none to read.
+
+        Raises:
+            EmptyOutputError: no committed unit yet, naming what the output holds instead (units being written by
+                a running job, units left by a stopped one, failed units), or that the folder is no output.
+        """
+        if self.units:
+            return self.units
+        url = self.output.url
+        started, failed = started_units(self.output), failure_records(self.output)
+        holder = live_holder(self.output)
+        if not (started or failed or holder or self.output.exists(self.output.path("job.json"))):
+            raise EmptyOutputError(f"{url} is not a pipeline output (no job.json, no unit)")
+        facts = []
+        if started:
+            doing = f"being written by the running job ({holder})" if holder else "left uncommitted by a stopped run"
+            facts.append(f"{_count(started, 'unit')} {doing}")
+        elif holder:
+            facts.append(f"a job is running ({holder})")
+        if failed:
+            facts.append(f"{_count(failed, 'unit')} failed")
+        raise EmptyOutputError(f"no committed unit in {url} yet" + (f": {'; '.join(facts)}" if facts else ""))
+
     @cached_property
     def attrs(self) -> dict[str, Any]:
         """Root attributes of ``maps.zarr`` (model, layout, storage); empty before any unit was written."""
@@ -71,25 +99,60 @@ class Results:
     @cached_property
     def samples(self) -> pd.DataFrame:
         """The samples table of all committed units."""
-        return self._read("samples", samples_schema())
+        return self.read("samples")
 
     @cached_property
     def blocks(self) -> pd.DataFrame:
         """The blocks table of all committed units."""
-        return self._read("blocks", blocks_schema())
+        return self.read("blocks")
 
     @cached_property
     def evaluation(self) -> pd.DataFrame:
         """The evaluation table (one row per sample and method) of the committed units that have one."""
-        return self._read("evaluation", evaluation_schema(), optional=True)
+        return self.read("evaluation")
 
     @cached_property
     def explainer_blocks(self) -> pd.DataFrame:
         """Per-block statistics of the comparison explainers (rollout, attention), where the job ran them."""
-        return self._read("explainer_blocks", explainer_blocks_schema(), optional=True)
+        return self.read("explainer_blocks")
+
+    def read(self, table: str, columns: Sequence[str] | None = None, filters: Any = None) -> pd.DataFrame:
+        """One table of the committed units, read with column selection and filters pushed into the files.
+
+        Rows come in unit order, each unit's rows in the order they were written.
+
+        Args:
+            table: ``samples``, ``blocks``, ``evaluation`` or ``explainer_blocks``.
+            columns: The columns to read (default: all).
+            filters: Rows to keep: a ``pyarrow.compute`` expression or pyarrow's list-of-tuples form, e.g.
+                ``[("block", "==", 11), ("status", "==", "ok")]``.
+
+        Raises:
+            KeyError: an unknown table. StoreError: the files cannot be read.
+        """
+        parts = list(self._scan(table, columns, filters))
+        rows = pa.concat_tables(parts)
+        if len(parts) > 1 and "unit" in rows.column_names:  # compacted units, then units written since
+            rows = rows.take(pc.sort_indices(rows, [("unit", "ascending")]))  # stable: rows keep their order
+        return rows.to_pandas(types_mapper=_PANDAS_TYPES.get)
+
+    def batches(
+        self, table: str, columns: Sequence[str] | None = None, filters: Any = None, *, batch_size: int = 131_072
+    ) -> Iterator[pa.RecordBatch]:
+        """One table of the committed units as record batches, for scans that do not fit in memory."""
+        for part in self._scan(table, columns, filters, batch_size=batch_size, batches=True):
+            yield from part
+
+    def dataset(self, table: str) -> ds.Dataset:
+        """A pyarrow dataset of one table of the committed units (exact; see :meth:`TableSources.dataset`).
+
+        Raises:
+            StoreError: units were written again since the last compaction (``daam-pipeline compact`` fixes it).
+        """
+        return self._sources(table, read_manifest(self.output)).dataset(self.output, TABLE_SCHEMAS[table])
 
     def maps(self, key: str, unit: str | None = None) -> SampleMaps:
-        """The stored maps and coefficients of one ok sample, located through the samples table.
+        """The stored maps and coefficients of one ok sample, found through the key index.
 
         Args:
             key: Sample key.
@@ -98,46 +161,121 @@ class Results:
         Raises:
             KeyError: no ok sample with this key (and unit), or the key is in several units and ``unit`` is None.
         """
-        samples = self.samples
-        found = samples[(samples["key"] == key) & (samples["status"] == "ok")]
-        if unit is not None:
-            found = found[found["unit"] == unit]
+        found = self.locate([key], unit)
         if len(found) != 1:
             where = "no ok sample" if found.empty else f"units {sorted(found['unit'])} hold the"
             raise KeyError(f"{where} key {key!r} in {self.output.url}")
         unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
         return SampleMaps(key=key, unit=unit, row=row, **self._map_store().read(unit, row))
 
+    def locate(self, keys: Sequence[str], unit: str | None = None) -> pd.DataFrame:
+        """Unit and row of the ok samples with these keys (a key held by several units has a row for each).
+
+        Compacted units are looked up in the key index (sorted by key, so a lookup reads a few row groups);
+        units written since, in their own samples files.
+        """
+        keys = list(dict.fromkeys(keys))
+        manifest = read_manifest(self.output)
+        sources = self._sources("samples", manifest)
+        wanted = pc.field("key").isin(keys)
+        if unit is not None:
+            wanted &= pc.field("unit") == unit
+        parts = []
+        if manifest is not None and manifest.key_index and sources.compacted_units:
+            index = ds.dataset(self.output.path(manifest.key_index), format="parquet", filesystem=self.output.fs)
+            found = index.to_table(filter=wanted)
+            parts.append(found.filter(pc.is_in(found["unit"], pa.array(sorted(sources.compacted_units)))))
+        if sources.per_unit:
+            files = ds.dataset(list(sources.per_unit.values()), format="parquet", filesystem=self.output.fs)
+            parts.append(files.to_table(columns=["key", "unit", "row"], filter=wanted & (pc.field("status") == "ok")))
+        columns = {"key": pa.string(), "unit": pa.string(), "row": pa.int32()}
+        found = pa.concat_tables([t.select(list(columns)).cast(pa.schema(columns)) for t in parts]) if parts else None
+        return (found if found is not None else pa.schema(columns).empty_table()).to_pandas()
+
+    def maps_of(self, keys: Sequence[str], unit: str | None = None) -> dict[str, np.ndarray]:
+        """The stored arrays of many ok samples, stacked in the order of ``keys``, read unit by unit.
+
+        Raises:
+            KeyError: a key with no ok sample, or in several units while ``unit`` is None.
+        """
+        found = self.locate(keys, unit)
+        counts = found["key"].value_counts()
+        missing = [k for k in keys if k not in counts.index]
+        if missing or (counts > 1).any():
+            what = (
+                f"no ok sample with key {missing[0]!r}"
+                if missing
+                else f"keys in several units: {list(counts[counts > 1].index)}"
+            )
+            raise KeyError(f"{what} in {self.output.url}")
+        position = {k: i for i, k in enumerate(keys)}
+        stacked: dict[str, np.ndarray] = {}
+        store = self._map_store()
+        for unit_name, rows in found.groupby("unit", sort=True):
+            arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
+            where = [position[k] for k in rows["key"]]
+            for name, values in arrays.items():
+                if values is None:
+                    continue
+                if name not in stacked:
+                    stacked[name] = np.empty((len(keys), *values.shape[1:]), values.dtype)
+                stacked[name][where] = values
+        return stacked
+
+    def iter_units(self) -> Iterator[tuple[str, list[str], dict[str, np.ndarray]]]:
+        """Each committed unit's ok samples: (unit, keys in row order, stacked float32 arrays)."""
+        samples = self.read("samples", columns=["key", "unit", "row"], filters=pc.field("status") == "ok")
+        store = self._map_store()
+        for unit_name, rows in samples.sort_values(["unit", "row"]).groupby("unit", sort=True):
+            arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
+            yield str(unit_name), rows["key"].tolist(), {k: v for k, v in arrays.items() if v is not None}
+
     def _map_store(self) -> MapStore:
         path = self.output.url_of(self.output.path("maps.zarr"))
         return MapStore.open(path, self.output.storage_options, read_only=True)
 
-    def _read(self, kind: str, schema: pa.Schema, *, optional: bool = False) -> pd.DataFrame:
-        paths = {unit: EXPLAIN_PARTS.path(self.output, kind, unit) for unit in self.units}
-        table = None
-        try:
-            if paths and not optional:
-                table = pq.read_table(list(paths.values()), filesystem=self.output.fs, schema=schema)
-            elif paths:
-                table = self._read_each(kind, paths, schema, optional)
-        except FileNotFoundError:  # a unit that a running job started over since the listing
-            table = self._read_each(kind, paths, schema, optional)
-        except OSError as e:
-            raise StoreError(f"cannot read the {kind} tables of {self.output.url}: {e}") from e
-        return (schema.empty_table() if table is None else table).to_pandas(types_mapper=_PANDAS_TYPES.get)
+    def _sources(self, table: str, manifest: Manifest | None) -> TableSources:
+        return table_sources(self.output, table, self.units, manifest, optional=table in EXPLAIN_PARTS.optional)
 
-    def _read_each(self, kind: str, paths: dict[str, str], schema: pa.Schema, optional: bool) -> pa.Table | None:
-        tables = []
-        for unit, path in paths.items():
+    def _scan(
+        self, table: str, columns: Sequence[str] | None, filters: Any, *, batches: bool = False, **options: Any
+    ) -> Iterator[Any]:
+        """Tables (or iterators of batches) of the table's files, each filtered to the rows it contributes; the
+        files are listed again if one went away meanwhile (a unit that a running job started over, or files a
+        compaction replaced)."""
+        if table not in TABLE_SCHEMAS:
+            raise KeyError(f"no table {table!r}; tables: {', '.join(TABLE_SCHEMAS)}")
+        schema = TABLE_SCHEMAS[table]
+        user = None if filters is None else _expression(filters)
+        for attempt in range(3):
             try:
-                tables.append(pq.read_table(path, filesystem=self.output.fs, schema=schema))
+                parts = []
+                for dataset, wanted in self._sources(table, read_manifest(self.output)).scans(self.output, schema):
+                    both = wanted if user is None else user if wanted is None else wanted & user
+                    scanner = dataset.scanner(
+                        columns=None if columns is None else list(columns), filter=both, **options
+                    )
+                    parts.append(scanner.to_batches() if batches else scanner.to_table())
+                if not parts and not batches:
+                    empty = schema.empty_table()
+                    parts.append(empty if columns is None else empty.select(list(columns)))
+                return iter(parts)
             except FileNotFoundError:
-                if optional or not self.output.exists(EXPLAIN_PARTS.path(self.output, "samples", unit)):
-                    continue  # a table this unit has not, or a unit started over since the listing
-                raise StoreError(f"committed unit {unit} of {self.output.url} lacks its {kind} table") from None
-            except OSError as e:
-                raise StoreError(f"cannot read the {kind} table of unit {unit} in {self.output.url}: {e}") from e
-        return pa.concat_tables(tables) if tables else None
+                self.__dict__.pop("units", None)  # committed units, listed again
+                if attempt == 2:
+                    raise StoreError(f"the {table} files of {self.output.url} keep changing; retry later") from None
+            except (OSError, pa.ArrowInvalid) as e:
+                raise StoreError(f"cannot read the {table} tables of {self.output.url}: {e}") from e
+        raise AssertionError("unreachable")
+
+
+def _expression(filters: Any) -> pc.Expression:
+    return filters if isinstance(filters, pc.Expression) else pq.filters_to_expression(filters)
+
+
+def _count(items: Sized, noun: str) -> str:
+    n = len(items)
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = None) -> Results:

@@ -1,9 +1,9 @@
-"""The Parquet tables ``samples`` and ``blocks``: their Arrow schemas (``schemas/*.schema.json``), building and
-validating tables against them, and Parquet encoding.
+"""The Parquet tables: building and validating tables against their Arrow schemas (:mod:`pipeline.store.schemas`),
+and Parquet encoding.
 
 A table that does not match its schema exactly (missing, extra or mistyped column, null in a non-nullable column,
 value outside a column's ``enum``) raises :class:`~pipeline.errors.SchemaError` naming the column. Placing the
-encoded files atomically under ``OUT/`` is :mod:`pipeline.store.commit`'s job.
+encoded files atomically under ``OUT/`` is :mod:`pipeline.store.units`' job.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -21,70 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import SchemaError
 
-__all__ = [
-    "blocks_schema",
-    "build_table",
-    "evaluation_schema",
-    "explainer_blocks_schema",
-    "load_json_schema",
-    "parquet_bytes",
-    "samples_schema",
-    "schema_dir",
-    "validate_table",
-]
-
-_PACKAGE = Path(__file__).resolve().parents[1]
-_SCHEMA_DIRS = (_PACKAGE / "schemas", _PACKAGE.parent / "schemas")  # package data, then a source checkout
-
-
-def schema_dir() -> Path:
-    """The ``schemas/`` folder: inside the installed package, or next to it in a source checkout."""
-    for folder in _SCHEMA_DIRS:
-        if (folder / "samples.schema.json").is_file():
-            return folder
-    raise SchemaError(f"schemas/ not found; looked in {', '.join(map(str, _SCHEMA_DIRS))}")
-
-
-@cache
-def load_json_schema(name: str) -> dict[str, Any]:
-    """The parsed ``schemas/<name>`` file, e.g. ``"zarr_layout.json"``."""
-    path = schema_dir() / name
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SchemaError(f"cannot read schema file {path}: {e}") from e
-
-
-def samples_schema() -> pa.Schema:
-    """Arrow schema of the samples table, with each field's description (and enum) as field metadata."""
-    return _arrow_schema("samples.schema.json")
-
-
-def evaluation_schema() -> pa.Schema:
-    """Arrow schema of the evaluation table (one row per sample and evaluated method)."""
-    return _arrow_schema("evaluation.schema.json")
-
-
-def explainer_blocks_schema() -> pa.Schema:
-    """Arrow schema of the comparison explainers' per-block statistics."""
-    return _arrow_schema("explainer_blocks.schema.json")
-
-
-def blocks_schema() -> pa.Schema:
-    """Arrow schema of the blocks table, with each field's description as field metadata."""
-    return _arrow_schema("blocks.schema.json")
-
-
-@cache
-def _arrow_schema(name: str) -> pa.Schema:
-    doc = load_json_schema(name)
-    fields = []
-    for spec in doc["fields"]:
-        metadata = {"description": spec["description"]}
-        if "enum" in spec:
-            metadata["enum"] = json.dumps(spec["enum"])
-        fields.append(pa.field(spec["name"], pa.type_for_alias(spec["type"]), spec["nullable"], metadata))
-    return pa.schema(fields, metadata={"name": doc["name"], "version": str(doc["version"])})
+__all__ = ["build_table", "parquet_bytes", "validate_table"]
 
 
 def build_table(columns: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
@@ -95,7 +30,7 @@ def build_table(columns: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
 
     Args:
         columns: Column name -> sequence or numpy array; exactly the schema's columns.
-        schema: From :func:`samples_schema` or :func:`blocks_schema`.
+        schema: One of :data:`pipeline.store.schemas.TABLE_SCHEMAS`.
 
     Raises:
         SchemaError: a missing or extra column, or values that do not convert to the column's type.

@@ -23,14 +23,8 @@ from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError
 from pipeline.names import METRIC_COLUMNS
 from pipeline.store.output import OutputLike, as_output
-from pipeline.store.tables import (
-    blocks_schema,
-    build_table,
-    evaluation_schema,
-    explainer_blocks_schema,
-    parquet_bytes,
-    samples_schema,
-)
+from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, TABLE_SCHEMAS
+from pipeline.store.tables import build_table, parquet_bytes
 from pipeline.store.units import EXPLAIN_PARTS, UnitTransaction
 from pipeline.store.zarr_store import MapLayout, MapStore
 
@@ -79,7 +73,7 @@ class UnitWriter:
         maps.init(layout, options)
         self._maps = maps.unit_writer(unit, layout, options)
         self._fixed = {"shard": shard, "unit": unit, "model": layout.model, "job": job}
-        self._tables: dict[str, list[pa.Table]] = {part: [] for part in _SCHEMAS}
+        self._tables: dict[str, list[pa.Table]] = {part: [] for part in TABLE_SCHEMAS}
         self.failed = 0
 
     @property
@@ -115,9 +109,9 @@ class UnitWriter:
         self._tables["samples"].append(
             self._sample_table(keys, columns, status="ok", error=None, row=np.arange(first, first + n, dtype=np.int32))
         )
-        self._tables["blocks"].append(self._block_table(keys, {}, block_stats, blocks_schema()))
+        self._tables["blocks"].append(self._block_table(keys, {}, block_stats, BLOCKS))
         for explainer, stats in (explainer_block_stats or {}).items():
-            table = self._block_table(keys, {"explainer": explainer}, stats, explainer_blocks_schema())
+            table = self._block_table(keys, {"explainer": explainer}, stats, EXPLAINER_BLOCKS)
             self._tables["explainer_blocks"].append(table)
         for method, metrics in (evaluation or {}).items():
             unknown = set(metrics) - set(METRIC_COLUMNS)
@@ -125,7 +119,7 @@ class UnitWriter:
                 raise SchemaError(f"unit {self.unit!r}: unknown evaluation metrics {sorted(unknown)}")
             values = {m: np.asarray(metrics.get(m, np.full(n, np.nan)), np.float32) for m in METRIC_COLUMNS}
             table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values}
-            self._tables["evaluation"].append(build_table(table, evaluation_schema()))
+            self._tables["evaluation"].append(build_table(table, EVALUATION))
         self._maps.append(keys, arrays)
 
     def _block_table(
@@ -184,8 +178,7 @@ class UnitWriter:
             summary.
         """
         self._maps.flush()
-        for part, schema_of in _SCHEMAS.items():
-            schema = schema_of()
+        for part, schema in TABLE_SCHEMAS.items():
             tables = self._tables[part]
             if part in EXPLAIN_PARTS.optional and not tables:
                 continue
@@ -209,7 +202,7 @@ class UnitWriter:
         if missing or extra:
             raise SchemaError(
                 f"unit {self.unit!r}: sample columns lack {sorted(missing)} and have extra {sorted(extra)}; "
-                f"the writer sets {[n for n in samples_schema().names if n not in SAMPLE_COLUMNS]}"
+                f"the writer sets {[n for n in SAMPLES.names if n not in SAMPLE_COLUMNS]}"
             )
         n = len(keys)
         for name in SAMPLE_COLUMNS:
@@ -223,13 +216,4 @@ class UnitWriter:
             "error": error if isinstance(error, list) else [error] * n,
             "row": row if row is not None else [None] * n,
         }
-        return build_table(table, samples_schema())
-
-
-_SCHEMAS = {
-    "samples": samples_schema,
-    "blocks": blocks_schema,
-    "evaluation": evaluation_schema,
-    "explainer_blocks": explainer_blocks_schema,
-}
-"""Each table part of :data:`~pipeline.store.units.EXPLAIN_PARTS` and its schema."""
+        return build_table(table, SAMPLES)

@@ -44,6 +44,7 @@ __all__ = [
     "incomplete_units",
     "is_done",
     "record_failure",
+    "started_units",
     "sweep_temporaries",
     "unit_name",
 ]
@@ -190,6 +191,29 @@ def committed_units(out: OutputLike) -> list[str]:
     """Every unit whose data readers see: complete and incomplete, sorted."""
     output = as_output(out)
     return sorted({*done_units(output), *incomplete_units(output)})
+
+
+def started_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> list[str]:
+    """Units with parts but no marker, sorted: being written by a running job, or left by one that stopped (the
+    next run redoes them); readers do not see them."""
+    output = as_output(out)
+    found: set[str] = set()
+    for template in parts.parts.values():
+        folder, _, name = template.partition("/")
+        prefix, _, suffix = name.partition("{unit}")
+        output.fs.invalidate_cache(output.path(folder))
+        try:
+            entries = output.fs.ls(output.path(folder), detail=True)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if suffix == "" and entry["type"] != "directory":  # a Zarr group's own metadata files
+                continue
+            unit = base[len(prefix) : len(base) - len(suffix)] if base.startswith(prefix) else ""
+            if base.endswith(suffix) and ".tmp-" not in base and _UNIT.fullmatch(unit):
+                found.add(unit)
+    return sorted(found - set(committed_units(output)))
 
 
 def is_done(out: OutputLike, unit: str) -> bool:

@@ -1,4 +1,4 @@
-"""The Zarr v3 store of maps and coefficients, ``OUT/maps.zarr`` (layout: ``schemas/zarr_layout.json``).
+"""The Zarr v3 store of maps and coefficients, ``OUT/maps.zarr`` (layout: :mod:`pipeline.store.schemas`).
 
 The root group holds the attributes shared by all units, written once; each unit of work writes only its own
 group ``maps.zarr/<unit>``, so a worker killed mid-write cannot damage another unit. A unit's arrays grow along
@@ -26,7 +26,7 @@ from zarr.storage import FsspecStore, LocalStore
 from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError, StoreError
 from pipeline.names import MAP_ARRAYS
-from pipeline.store.tables import load_json_schema
+from pipeline.store.schemas import ZARR_LAYOUT
 
 __all__ = [
     "PRECISION_TOLERANCE",
@@ -71,7 +71,7 @@ class MapLayout:
             raise SchemaError(f"invalid map layout for {self.model!r}: {sizes}")
 
     def dims(self) -> dict[str, int]:
-        """Size of every named dimension of ``zarr_layout.json`` but ``sample``."""
+        """Size of every named dimension of the Zarr layout but ``sample``."""
         return {"block": self.n_blocks, "row": self.grid[0], "col": self.grid[1], "channel": self.channels}
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +154,7 @@ class MapStore:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        """The root attributes (``root_attributes`` of ``zarr_layout.json``).
+        """The root attributes (``root_attributes`` of :data:`~pipeline.store.schemas.ZARR_LAYOUT`).
 
         Raises:
             StoreError: the store has no root group.
@@ -199,22 +199,29 @@ class MapStore:
         Raises:
             StoreError: the unit's group or the row does not exist.
         """
-        spec = load_json_schema("zarr_layout.json")["arrays"]
+        return {name: None if values is None else values[0] for name, values in self.read_rows(unit, [row]).items()}
+
+    def read_rows(self, unit: str, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray | None]:
+        """The stored arrays of some samples of one unit, stacked in the order of ``rows``, as float32.
+
+        Raises:
+            StoreError: the unit's group or a row does not exist.
+        """
+        spec = ZARR_LAYOUT["arrays"]
+        rows = np.asarray(rows, dtype=np.int64)
         try:
             group = zarr.open_group(self.store, path=unit, mode="r")
             present = set(group.array_keys())
-            result = {}
+            result: dict[str, np.ndarray | None] = {}
             for name in MAP_ARRAYS:
                 if name not in present:
                     result[name] = None
                     continue
-                exponent = group[exponent_name(name)][row] if exponent_name(name) in present else None
-                result[name] = from_storage(
-                    group[name][row], exponent, tuple(a - 1 for a in map_axes(spec[name]["dims"]))
-                )
+                exponent = group[exponent_name(name)].oindex[rows] if exponent_name(name) in present else None
+                result[name] = from_storage(group[name].oindex[rows], exponent, map_axes(spec[name]["dims"]))
             return result
         except (FileNotFoundError, IndexError) as e:
-            raise StoreError(f"no row {row} of unit {unit!r} in {self.store}: {e}") from e
+            raise StoreError(f"no rows {rows.tolist()[:5]} of unit {unit!r} in {self.store}: {e}") from e
 
 
 def exponent_name(name: str) -> str:
@@ -239,7 +246,7 @@ class UnitMapWriter:
         self.flagged = 0  # samples whose storage error exceeded PRECISION_TOLERANCE
         self._written = 0
         self._pending: list[dict[str, np.ndarray]] = []
-        spec = load_json_schema("zarr_layout.json")["arrays"]
+        spec = ZARR_LAYOUT["arrays"]
         dims = layout.dims()
         names = ["keys", *options.arrays]
         if options.dtype == "float16":
@@ -324,4 +331,4 @@ class UnitMapWriter:
 
 def _root_attrs(layout: MapLayout, options: StoreOptions) -> dict[str, Any]:
     storage = options.model_dump(mode="json")
-    return {"schema_version": load_json_schema("zarr_layout.json")["version"], **layout.to_dict(), **storage}
+    return {"schema_version": ZARR_LAYOUT["version"], **layout.to_dict(), **storage}

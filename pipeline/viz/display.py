@@ -11,6 +11,7 @@ are dimmed to ``OUTSIDE_DIM`` of their brightness.
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,20 +23,14 @@ IMAGE_WEIGHT = 0.8
 OUTSIDE_DIM = 0.4
 SIGMOID_GAIN = 5.0
 
-# matplotlib's "jet" (its segment data): value position -> channel level, per channel.
-_JET = {
-    "r": ((0.0, 0.35, 0.66, 0.89, 1.0), (0.0, 0.0, 1.0, 1.0, 0.5)),
-    "g": ((0.0, 0.125, 0.375, 0.64, 0.91, 1.0), (0.0, 0.0, 1.0, 1.0, 0.0, 0.0)),
-    "b": ((0.0, 0.11, 0.34, 0.65, 1.0), (0.5, 1.0, 1.0, 0.0, 0.0)),
-}
-
 Window = tuple[float, float, float, float]
 
 
 def jet(values: np.ndarray) -> np.ndarray:
-    """The jet colour map: values in [0, 1] (clipped) -> RGB in [0, 255], shape ``(..., 3)`` float32."""
+    """matplotlib's ``jet`` colour map (its 256-entry table): values in [0, 1] (clipped) -> RGB in [0, 255], shape
+    ``(..., 3)`` float32."""
     x = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
-    return np.stack([np.interp(x, *_JET[c]) for c in "rgb"], axis=-1).astype(np.float32) * 255.0
+    return (matplotlib.colormaps["jet"](x)[..., :3] * 255.0).astype(np.float32)
 
 
 def display_heat(

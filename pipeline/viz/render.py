@@ -253,6 +253,7 @@ def render(
 
     Raises:
         SampleNotFoundError: unknown keys or query.
+        EmptyOutputError: no committed unit in ``out`` yet.
         ConfigError: unknown formats.
         ShardNotFoundError: a shard moved since the job ran (the originals are read from the shards).
     """
@@ -266,6 +267,7 @@ def render(
         logger.warning("ffmpeg is not on the PATH: MP4 animations are skipped (GIFs are written)")
         formats = tuple(f for f in formats if f != "mp4")
     results = open_results(out)
+    results.require_units()
     rows = select_samples(results, keys, query=query, count=count, seed=seed)
     if rows.empty:
         logger.warning("query %r selects no sample of %s", query, results.output.url)

@@ -1,11 +1,13 @@
-"""The HTML dataset report of an output: one self-contained file (inline SVG charts, base64 PNG images, no
-scripts, no network).
+"""The HTML dataset report of an output: one self-contained file (inline SVG charts drawn with matplotlib by
+:mod:`pipeline.viz.charts`, base64 PNG images, no scripts, no network).
 
 Sections: the job and its counts; per-block curves of the accumulated-map statistics (mean and inter-quartile
-band), all samples, correct vs wrong and the most frequent classes; the distribution of the convergence block
-(:mod:`pipeline.viz.select`); localisation per block and the method table when the output has them; a gallery of
-the most and least typical samples, by the distance of their convergence curve (``daam_cos_final`` over the
-blocks) to the mean curve.
+band), all samples, correct vs wrong and the most frequent classes; the same statistics of every comparison
+explainer with per-block maps (the explainer_blocks table: rollout, attention, any other) next to DAAM's (median
+and inter-quartile band), when the job ran one; the distribution of the convergence block
+(:mod:`pipeline.viz.select`); localisation per block and the method table (every metric of the evaluation table,
+mean per method, with the sample count) when the output has them; a gallery of the most and least typical
+samples, by the distance of their convergence curve (``daam_cos_final`` over the blocks) to the mean curve.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.store.results import Results, open_results
-from pipeline.store.tables import blocks_schema
+from pipeline.store.schemas import BLOCKS, EVALUATION
 from pipeline.summaries import summarise, summarise_blocks
+from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
 from pipeline.viz.render import iter_flows
 from pipeline.viz.select import CONVERGENCE_THRESHOLD, convergence_blocks
 from pipeline.viz.source import ClassNames, read_job, resolve_class_names
-from pipeline.viz.svg import Bars, Line, bar_chart, line_chart
 
 __all__ = ["CURVES", "report", "typical_samples"]
 
@@ -98,8 +100,12 @@ def report(
 
     Returns:
         The path of the written file.
+
+    Raises:
+        EmptyOutputError: no committed unit in ``out`` yet (a partial output reports its committed units).
     """
     results = open_results(out)
+    results.require_units()
     job = read_job(results)
     names = resolve_class_names(job, class_names)
     samples, blocks = results.samples, results.blocks
@@ -109,6 +115,7 @@ def report(
     sections = [
         _summary(results, job, samples),
         _curves(table, names, top_classes),
+        _explainer_curves(blocks, results.explainer_blocks),
         _convergence(convergence, ok),
         _localisation(results, blocks),
         _gallery(results, ok, blocks, convergence, gallery, size, names, progress),
@@ -178,12 +185,13 @@ def _summary(results: Results, job: dict[str, Any] | None, samples: pd.DataFrame
     return "".join(parts)
 
 
-def _band(frame: pd.DataFrame, column: str, blocks: np.ndarray, name: str) -> Line:
+def _band(frame: pd.DataFrame, column: str, blocks: np.ndarray, name: str, centre: str = "mean") -> Line:
+    """The ``centre`` (``mean`` or ``median``) of ``column`` per block, with its inter-quartile band."""
     grouped = frame.groupby("block")[column]
     stats = pd.DataFrame(
-        {"mean": grouped.mean(), "low": grouped.quantile(0.25), "high": grouped.quantile(0.75)}
+        {"centre": grouped.agg(centre), "low": grouped.quantile(0.25), "high": grouped.quantile(0.75)}
     ).reindex(blocks)
-    return Line(f"{name} (n={frame[_SAMPLE].drop_duplicates().shape[0]})", stats["mean"], stats["low"], stats["high"])
+    return Line(f"{name} (n={frame[_SAMPLE].drop_duplicates().shape[0]})", stats["centre"], stats["low"], stats["high"])
 
 
 def _chart_row(splits: list[tuple[str, pd.DataFrame]], blocks: np.ndarray) -> str:
@@ -198,9 +206,8 @@ def _curves(table: pd.DataFrame, names: dict[int, str], top_classes: int) -> str
     if table.empty:
         return "<h2>Per-block statistics</h2><p>No ok samples.</p>"
     blocks = np.sort(table["block"].unique())
-    schema = blocks_schema()
     described = "".join(
-        f"<dt>{c}</dt><dd>{escape(schema.field(c).metadata[b'description'].decode())}</dd>" for c in CURVES
+        f"<dt>{c}</dt><dd>{escape(BLOCKS.field(c).metadata[b'description'].decode())}</dd>" for c in CURVES
     )
     parts = [
         "<h2>Per-block statistics of the accumulated maps D_l</h2>",
@@ -221,6 +228,39 @@ def _curves(table: pd.DataFrame, names: dict[int, str], top_classes: int) -> str
         splits = [(_class_name(int(c), names), table[table[by] == c]) for c in counts.index]
         parts += [f"<h3>The {len(counts)} most frequent classes (by {by})</h3>", _chart_row(splits, blocks)]
     return "".join(parts)
+
+
+def _explainer_curves(blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> str:
+    """One chart per statistic of :data:`CURVES` that the explainer_blocks table has: a line for DAAM's ``D_l``
+    and one per comparison explainer with per-block maps (any name the table holds)."""
+    stats = [c.removeprefix("daam_") for c in CURVES if c.removeprefix("daam_") in explainer_blocks]
+    if blocks.empty or explainer_blocks.empty or not stats:
+        return ""
+    daam = blocks[[*_SAMPLE, "block", *(f"daam_{s}" for s in stats)]].rename(columns=lambda c: c.removeprefix("daam_"))
+    table = pd.concat([daam.assign(explainer="DAAM"), explainer_blocks[[*_SAMPLE, "block", "explainer", *stats]]])
+    table["block"] = table["block"].astype(int)
+    methods = ["DAAM", *sorted(set(explainer_blocks["explainer"]))]
+    x = np.sort(table["block"].unique())
+    charts = [
+        line_chart(
+            x,
+            [_band(table[table["explainer"] == m], stat, x, m, centre="median") for m in methods],
+            title=stat,
+            xlabel="block",
+            ylabel=stat,
+        )
+        for stat in stats
+    ]
+    return "".join(
+        [
+            "<h2>Per-block statistics by explainer</h2>",
+            '<p class="note">The statistics above for the maps of every explainer with one map per block, next to '
+            f"DAAM's accumulated maps D_l: {escape(', '.join(methods[1:]))}. The same formulas, each explainer's "
+            "last map taking the place of D_L (cos_final, iou_final). Lines: the median over samples; bands: the "
+            "inter-quartile range.</p>",
+            f'<div class="charts">{"".join(charts)}</div>',
+        ]
+    )
 
 
 def _class_name(value: int, names: dict[int, str]) -> str:
@@ -260,11 +300,14 @@ def _localisation(results: Results, blocks: pd.DataFrame) -> str:
     parts = ["<h2>Localisation and faithfulness</h2>"]
     evaluation = results.evaluation
     if not evaluation.empty:
-        parts.append(
-            '<p class="note">Per method (DAAM final map and the reference maps): pointing accuracy and box energy '
-            "against the ground-truth boxes, deletion AUC (lower is more faithful) and insertion AUC (higher).</p>"
-        )
-        parts.append(_table(summarise(evaluation)))
+        methods = summarise(evaluation)
+        parts += [
+            '<p class="note">Per method (DAAM\'s final map, the reference maps and the comparison explainers the '
+            "job ran): the mean over samples of every metric of the evaluation table (NaN skipped: a dash where "
+            "the job did not compute a metric), and the number of samples.</p>",
+            _metric_descriptions(methods.columns),
+            _table(methods),
+        ]
     has_boxes = not blocks.empty and blocks["daam_box_energy"].notna().any()
     if has_boxes:
         per_block = summarise_blocks(blocks)
@@ -288,6 +331,19 @@ def _localisation(results: Results, blocks: pd.DataFrame) -> str:
     if evaluation.empty and not has_boxes:
         parts.append("<p>This output has no evaluation table and no ground-truth boxes.</p>")
     return "".join(parts)
+
+
+def _metric_descriptions(columns: pd.Index) -> str:
+    """The evaluation schema's description of each metric column of the method table."""
+    schema = EVALUATION
+    described = []
+    for column in columns:
+        field = "pointing_hit" if column == "pointing_accuracy" else column
+        if field in schema.names:
+            text = schema.field(field).metadata[b"description"].decode()
+            text = f"mean of {field}: {text}" if field != column else text
+            described.append(f"<dt>{escape(column)}</dt><dd>{escape(text)}</dd>")
+    return f'<dl class="stats">{"".join(described)}</dl>'
 
 
 def _png(image: Image.Image) -> str:

@@ -23,7 +23,7 @@ _VOLATILE = ["shard", "error"]  # name the shard URL, whose folder differs betwe
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -159,3 +159,14 @@ def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(cluster, shar
     assert (summary.done, summary.failed_units, summary.incomplete_units, summary.actor_restarts) == (4, {}, {}, 1)
     assert "no progress for 3 s (workers.unit_timeout_s)" in timed_out.read_text()
     assert_same_results(out, reference)
+
+
+def test_an_output_the_actors_cannot_see_is_refused_at_actor_start(cluster, shards, tmp_path):
+    """memory:// lives in each process, like a folder local to the driver's node: the actors do not see the
+    driver's job.json there and refuse to start, in one line, before any unit runs."""
+    from pipeline.errors import PipelineError
+
+    job = parse_job(job_dict(shards, "memory://not-shared/out", **{"workers.cpu_actors": 1}))
+    with pytest.raises(PipelineError, match="is not shared with the worker on node") as raised:
+        run_job(job, progress=False)
+    assert "\n" not in str(raised.value) and "memory://not-shared/out" in str(raised.value)

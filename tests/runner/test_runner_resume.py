@@ -17,6 +17,7 @@ from pipeline.config import parse_job
 from pipeline.errors import OutputMismatchError, ShardNotFoundError
 from pipeline.models import create_model
 from pipeline.runner import run_job
+from pipeline.store.compact import read_manifest
 from pipeline.store.units import done_units, failure_records, incomplete_units
 
 
@@ -52,6 +53,8 @@ def test_truncated_shard_is_incomplete_then_redone_after_repair(shards, tmp_path
     assert done_units(tmp_path / "out") == ["part0-000000", "part1-000000"]
     partial = open_results(tmp_path / "out").samples
     assert set(partial.unit) == {"part0-000000", "part1-000000", "part2-000000"}  # readers see what was read
+    assert read_manifest(tmp_path / "out").generation == 1  # the run's tables compacted, the incomplete unit's too
+    assert not list((tmp_path / "out" / "samples").glob("*.parquet"))
 
     with open(shards[2], "wb") as f:
         f.write(whole)
@@ -60,6 +63,10 @@ def test_truncated_shard_is_incomplete_then_redone_after_repair(shards, tmp_path
     samples = open_results(tmp_path / "out").samples
     assert len(samples) == 24 and samples.key.is_unique and (samples.status == "ok").all()
     assert incomplete_units(tmp_path / "out") == []
+    assert read_manifest(tmp_path / "out").generation == 2
+    run(shards, tmp_path / "out", overwrite=True, **{"output.compact": False})
+    assert read_manifest(tmp_path / "out") is None and len(list((tmp_path / "out" / "samples").iterdir())) == 3
+    assert len(open_results(tmp_path / "out").samples) == 24
 
 
 def test_shard_vanishing_after_the_checks_leaves_the_unit_incomplete(shards, tmp_path):

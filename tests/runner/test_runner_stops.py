@@ -116,3 +116,46 @@ def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(tmp_
     assert time.monotonic() - start_time < 60
     assert "nothing answers at Ray address 127.0.0.1:1 within workers.connect_timeout_s=2 s" in result.output
     assert not (tmp_path / "out" / "_lease.json").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_joins(tmp_path):
+    """A head started with Ray's token authentication; a driver with another token gets one line saying so."""
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out", **{"workers.connect_timeout_s": 30}))
+    port = free_port()
+    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "a" * 32}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+        env={**head_env, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        command = [CLI, "run", str(job), "--quiet", "--address", address]
+        wrong = subprocess.run(command, env={**head_env, "RAY_AUTH_TOKEN": "b" * 32}, capture_output=True, text=True)
+        assert wrong.returncode == 2, wrong.stderr
+        assert wrong.stderr.strip().splitlines() == [
+            f"error: cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+        ]
+        assert not (tmp_path / "out" / "_lease.json").exists()
+        right = subprocess.run(command, env=head_env, capture_output=True, text=True)
+        assert right.returncode == 0, right.stderr
+        assert "2 of 2 samples explained" in right.stdout
+        # Without --address a job starts a cluster of its own, though `ray start` left one running.
+        own = [CLI, "run", str(job), "--quiet", "--overwrite", "--set", f"output.path={tmp_path / 'own'}"]
+        local = subprocess.run(own, capture_output=True, text=True)
+        assert local.returncode == 0, local.stderr
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.store.tables import blocks_schema
+from pipeline.store.schemas import BLOCKS
 from pipeline.store.zarr_store import MapLayout
 
 LAYOUT = MapLayout(model="test_vit", n_blocks=3, grid=(4, 5), channels=8, prefix_tokens=1)
@@ -19,7 +19,7 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
     block_maps = np.maximum(rng.standard_normal((n, n_blocks, h, w)), 0).astype(np.float32)
     stats = {
         f.name: rng.integers(0, h, (n, n_blocks)) if str(f.type) == "int16" else rng.random((n, n_blocks))
-        for f in blocks_schema()
+        for f in BLOCKS
         if f.name not in ("key", "unit", "block")
     }
     columns = {

@@ -5,25 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from builders import write_with_statistics
 
 from pipeline.errors import StoreError
-from pipeline.stats import block_statistics
 from pipeline.store.results import open_results
-from pipeline.store.tables import blocks_schema, samples_schema
-from pipeline.store.unit_writer import UnitWriter
-
-
-def write_with_statistics(out, unit, layout, make_batch, keys, seed, failed=()):
-    """A committed unit whose blocks table holds the real statistics of its maps."""
-    batch = make_batch(keys, seed=seed)
-    stats = block_statistics(*(torch.from_numpy(batch["arrays"][k]) for k in ("block_maps", "daam", "coefficients")))
-    batch["block_stats"] = {name: value.numpy() for name, value in stats.items()}
-    writer = UnitWriter(out, unit, layout, shard=f"s3://b/{unit}.tar", job="demo")
-    writer.write_batch(**batch)
-    writer.write_failed([{"key": k, "error": "DecodeError: truncated", "width": 7} for k in failed])
-    writer.commit()
-    return batch
+from pipeline.store.schemas import BLOCKS, SAMPLES
 
 
 def test_round_trip(tmp_path, layout, make_batch):
@@ -34,7 +20,7 @@ def test_round_trip(tmp_path, layout, make_batch):
     assert results.attrs["model"] == "test_vit" and results.attrs["dtype"] == "float16"
 
     samples = results.samples
-    assert list(samples.columns) == samples_schema().names
+    assert list(samples.columns) == SAMPLES.names
     assert samples["key"].tolist() == ["a0", "a1", "b0", "b1", "b2", "bx"]
     assert samples["status"].tolist() == ["ok"] * 5 + ["failed"]
     assert samples["row"].tolist()[:5] == [0, 1, 0, 1, 2] and samples["row"].isna().tolist()[5]
@@ -44,7 +30,7 @@ def test_round_trip(tmp_path, layout, make_batch):
     assert samples["label"].tolist()[:3] == [0, 1, 0] and samples["score"].dtype == np.float32
 
     blocks = results.blocks
-    assert list(blocks.columns) == blocks_schema().names and len(blocks) == 5 * layout.n_blocks
+    assert list(blocks.columns) == BLOCKS.names and len(blocks) == 5 * layout.n_blocks
     assert blocks["block"].tolist()[:6] == [0, 1, 2, 0, 1, 2]
     for name in ("map_entropy", "daam_iou_final", "coef_l1", "daam_peak_row"):
         expected = np.concatenate([a["block_stats"][name].reshape(-1), b["block_stats"][name].reshape(-1)])
@@ -74,5 +60,5 @@ def test_empty_and_missing_outputs(tmp_path):
         open_results(tmp_path / "absent")
     results = open_results(tmp_path)
     assert results.units == [] and results.attrs == {}
-    assert results.samples.empty and list(results.samples.columns) == samples_schema().names
-    assert results.blocks.empty and list(results.blocks.columns) == blocks_schema().names
+    assert results.samples.empty and list(results.samples.columns) == SAMPLES.names
+    assert results.blocks.empty and list(results.blocks.columns) == BLOCKS.names

@@ -1,4 +1,4 @@
-"""Arrow schemas from schemas/, table validation and the writer's columns."""
+"""The Arrow schemas against the committed schemas/ JSON, table validation and the writer's columns."""
 
 from __future__ import annotations
 
@@ -11,19 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import SchemaError
-from pipeline.store.tables import (
-    blocks_schema,
-    build_table,
-    parquet_bytes,
-    samples_schema,
-    schema_dir,
-    validate_table,
-)
+from pipeline.store.schemas import BLOCKS, SAMPLES, SCHEMAS_DIR, TABLE_SCHEMAS
+from pipeline.store.tables import build_table, parquet_bytes, validate_table
 from pipeline.store.unit_writer import UnitWriter
 
 
 def schema_file(name: str) -> dict:
-    return json.loads((schema_dir() / name).read_text())
+    """A committed (exported) JSON file of schemas/."""
+    return json.loads((SCHEMAS_DIR / name).read_text())
 
 
 def sample_columns(n: int = 2) -> dict:
@@ -46,22 +41,22 @@ def sample_columns(n: int = 2) -> dict:
     }
 
 
-def test_schemas_load_with_descriptions():
-    for schema, name in ((samples_schema(), "samples.schema.json"), (blocks_schema(), "blocks.schema.json")):
-        spec = schema_file(name)
+def test_schemas_match_committed_files_with_descriptions():
+    for name, schema in TABLE_SCHEMAS.items():
+        spec = schema_file(f"{name}.schema.json")
         assert schema.names == [f["name"] for f in spec["fields"]]
         for field, f in zip(schema, spec["fields"], strict=True):
             assert field.type == pa.type_for_alias(f["type"]) and field.nullable == f["nullable"]
             assert field.metadata[b"description"].decode() == f["description"]
         assert schema.metadata[b"version"] == b"1"
-    assert samples_schema().field("label").type == pa.int32()
-    assert blocks_schema().field("block").type == pa.int16()
+    assert SAMPLES.field("label").type == pa.int32()
+    assert BLOCKS.field("block").type == pa.int16()
 
 
 def test_build_table_converts_and_round_trips():
-    table = build_table(sample_columns(), samples_schema())
-    back = pq.read_table(io.BytesIO(parquet_bytes(table, samples_schema())))
-    assert back.schema.equals(samples_schema())
+    table = build_table(sample_columns(), SAMPLES)
+    back = pq.read_table(io.BytesIO(parquet_bytes(table, SAMPLES)))
+    assert back.schema.equals(SAMPLES)
     assert back.column("label").to_pylist() == [1, None]
     assert back.column("predicted").type == pa.int32()
 
@@ -87,18 +82,18 @@ def test_build_table_rejects_drift(change, column):
     if name:
         columns[name] = values
     with pytest.raises(SchemaError, match=column):
-        build_table(columns, samples_schema())
+        build_table(columns, SAMPLES)
 
 
 def test_validate_table_rejects_mistyped_and_reordered():
-    table = build_table(sample_columns(), samples_schema())
+    table = build_table(sample_columns(), SAMPLES)
     wrong = table.set_column(4, "predicted", pa.array([3, 4], pa.int64()))
     with pytest.raises(SchemaError, match="'predicted' has type int64"):
-        validate_table(wrong, samples_schema())
+        validate_table(wrong, SAMPLES)
     with pytest.raises(SchemaError, match="order"):
-        validate_table(table.select(list(reversed(table.column_names))), samples_schema())
+        validate_table(table.select(list(reversed(table.column_names))), SAMPLES)
     with pytest.raises(SchemaError, match="'predicted'"):
-        parquet_bytes(wrong, samples_schema())
+        parquet_bytes(wrong, SAMPLES)
 
 
 def test_writer_rejects_drifted_rows_and_statistics(tmp_path, layout, make_batch):

@@ -64,3 +64,11 @@ def crop_output(viz_shards, tmp_path_factory) -> Path:
 def resize_output(viz_shards, tmp_path_factory) -> Path:
     """A supervised output with 'resize' preprocessing (the paper's), no evaluation."""
     return _run(tmp_path_factory.mktemp("viz_resize"), viz_shards)
+
+
+@pytest.fixture(scope="session")
+def explainers_output(viz_shards, tmp_path_factory) -> Path:
+    """A supervised output with every comparison explainer (rollout and attention per block, gradcam one map) and
+    an evaluation table."""
+    explainers = ["daam", "rollout", "attention", "gradcam"]
+    return _run(tmp_path_factory.mktemp("viz_explainers"), viz_shards, explainers=explainers, evaluate={"steps": 4})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import matplotlib
 import numpy as np
 import pytest
 
@@ -14,12 +15,18 @@ def _sig(x: float) -> float:
     return 1 / (1 + math.exp(-5 * x)) - 0.5
 
 
-def test_jet_matches_matplotlib_segments():
-    colours = jet(np.array([0.0, 0.5, 1.0, 0.125]))
-    ramp = (0.5 - 0.35) / (0.66 - 0.35) * 255  # red rises on [0.35, 0.66], blue falls on [0.34, 0.65]
-    fall = (1 - (0.5 - 0.34) / (0.65 - 0.34)) * 255
-    expected = [[0, 0, 127.5], [ramp, 255, fall], [127.5, 0, 0], [0, 0, 255]]
+def test_jet_is_matplotlibs_table():
+    values = np.array([0.0, 0.5, 1.0, 0.125, -1.0, 2.0])
+    colours = jet(values)
+    table = matplotlib.colormaps["jet"]
+    expected = [np.array(table(float(v))[:3]) * 255 for v in np.clip(values, 0, 1)]
     np.testing.assert_allclose(colours, expected, atol=1e-3)
+    # 0.5 is entry 128 of the 256-entry table, at 128/255: red rises on [0.35, 0.66], blue falls on [0.34, 0.65]
+    ramp = (128 / 255 - 0.35) / (0.66 - 0.35) * 255
+    fall = (1 - (128 / 255 - 0.34) / (0.65 - 0.34)) * 255
+    rise = (32 / 255 - 0.125) / (0.375 - 0.125) * 255  # 0.125 is entry 32: green starts rising at 0.125
+    hand = [[0, 0, 127.5], [ramp, 255, fall], [127.5, 0, 0], [0, rise, 255], [0, 0, 127.5], [127.5, 0, 0]]
+    np.testing.assert_allclose(colours, hand, atol=1e-3)
 
 
 def test_heat_is_the_sigmoid_of_d_over_max_final_then_min_max():
@@ -59,7 +66,8 @@ def test_overlay_blends_point4_jet_with_point8_image_and_clips():
     assert result.dtype == np.uint8 and result.shape == (1, 1, 3, 3)
     assert result[0, 0, 0].tolist() == [80, 80, 131]  # jet(0) = (0, 0, 127.5): 0.8 * 100 + 0.4 * 127.5 = 131
     assert result[0, 0, 1].tolist() == [131, 80, 80]  # jet(1) = (127.5, 0, 0)
-    red = (_sig(0.2) / _sig(1) - 0.35) / (0.66 - 0.35) * 255  # jet(0.4684) = (97.4, 255, 149.3)
+    red = matplotlib.colormaps["jet"](_sig(0.2) / _sig(1))[0] * 255  # jet(0.4684): entry 119, (96.0, 255, 151.1)
+    assert red == pytest.approx((119 / 255 - 0.35) / (0.66 - 0.35) * 255)
     assert result[0, 0, 2].tolist() == [round(0.4 * red + 0.8 * 255), 255, 255]  # 0.4 * 255 + 0.8 * 255 clipped
 
 

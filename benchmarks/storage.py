@@ -1,0 +1,143 @@
+"""Output layout at scale: files, fsyncs, bytes and read times of per-unit tables vs compacted tables.
+
+    python benchmarks/storage.py --units 10 --units 100 --units 1000 --samples 32
+
+Writes synthetic vit_small-shaped outputs (12 blocks, 14x14 patches, 384 channels) with the pipeline's own
+UnitWriter (every table, the accumulated maps in Zarr), then for each size, in one run: files and folders, fsyncs
+per unit, bytes per image, write time per unit; the time of a fresh ``open_results(OUT).samples``, ``.blocks``
+and one ``.maps(key)`` with the per-unit tables as a run leaves them, then after ``compact`` (its time too).
+The issue's targets at 1,000 units: .samples <= 0.1 s, .blocks <= 0.6 s, maps(key) <= 0.1 s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline.config import StoreOptions
+from pipeline.store.compact import compact
+from pipeline.store.results import open_results
+from pipeline.store.schemas import BLOCKS
+from pipeline.store.unit_writer import UnitWriter
+from pipeline.store.zarr_store import MapLayout
+
+LAYOUT = MapLayout(model="vit_small_patch16_224", n_blocks=12, grid=(14, 14), channels=384, prefix_tokens=1)
+
+
+def unit_batch(rng: np.random.Generator, unit: int, samples: int) -> dict:
+    """One unit's ``write_batch`` arguments: random maps and statistics of the right shapes and types."""
+    n, layers, (h, w) = samples, LAYOUT.n_blocks, LAYOUT.grid
+    daam = np.cumsum(rng.random((n, layers, h, w), dtype=np.float32), axis=1)
+    stats = {
+        f.name: rng.integers(0, h, (n, layers)) if str(f.type) == "int16" else rng.random((n, layers))
+        for f in BLOCKS
+        if f.name not in ("key", "unit", "block")
+    }
+    columns = {
+        "label": rng.integers(0, 1000, n).tolist(),
+        "predicted": rng.integers(0, 1000, n).tolist(),
+        "score": rng.random(n).tolist(),
+        "target": rng.integers(0, 1000, n).tolist(),
+        "width": [500] * n,
+        "height": [375] * n,
+        "n_boxes": [1] * n,
+    }
+    keys = [f"u{unit:06d}_{i:05d}" for i in range(n)]
+    return {"keys": keys, "arrays": {"daam": daam}, "columns": columns, "block_stats": stats}
+
+
+class FsyncCounter:
+    """Counts os.fsync calls (the writer's durability points) while active."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._fsync = os.fsync
+
+    def __enter__(self) -> FsyncCounter:
+        def counted(fd: int) -> None:
+            self.count += 1
+            self._fsync(fd)
+
+        os.fsync = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.fsync = self._fsync
+
+
+def tree(root: Path) -> tuple[int, int, int]:
+    files = folders = size = 0
+    for _, dirs, names in os.walk(root):
+        folders += len(dirs)
+        files += len(names)
+        size += sum(os.path.getsize(os.path.join(_, name)) for name in names)
+    return files, folders, size
+
+
+def timed(read) -> float:
+    start = time.perf_counter()
+    read()
+    return time.perf_counter() - start
+
+
+def measure(out: Path, units: int, samples: int) -> dict[str, float]:
+    rng = np.random.default_rng(units)
+    options = StoreOptions(arrays=("daam",))
+    start = time.perf_counter()
+    with FsyncCounter() as fsyncs:
+        for unit in range(units):
+            writer = UnitWriter(
+                out, f"shard-{unit:06d}", LAYOUT, shard=f"s{unit}.tar", job="bench", store_options=options
+            )
+            writer.write_batch(**unit_batch(rng, unit, samples))
+            writer.commit()
+    write_s = time.perf_counter() - start
+    key = f"u{units // 2:06d}_{samples // 2:05d}"
+    files, folders, size = tree(out)
+    row = {
+        "write ms/unit": 1e3 * write_s / units,
+        "fsyncs/unit": fsyncs.count / units,
+        "bytes/image": size / (units * samples),
+        "files": files,
+        "folders": folders,
+        "samples s": timed(lambda: open_results(out).samples),
+        "blocks s": timed(lambda: open_results(out).blocks),
+        "maps(key) s": timed(lambda: open_results(out).maps(key)),
+    }
+    row["compact s"] = timed(lambda: compact(out))
+    files, folders, _ = tree(out)
+    row |= {
+        "files after": files,
+        "folders after": folders,
+        "samples s after": timed(lambda: open_results(out).samples),
+        "blocks s after": timed(lambda: open_results(out).blocks),
+        "maps(key) s after": timed(lambda: open_results(out).maps(key)),
+    }
+    return row
+
+
+@click.command()
+@click.option("--units", "sizes", type=int, multiple=True, default=(10, 100, 1000), show_default=True)
+@click.option("--samples", default=32, show_default=True, help="Samples per unit.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def main(sizes: tuple[int, ...], samples: int, workdir: Path | None) -> None:
+    root = Path(tempfile.mkdtemp(dir=workdir))
+    try:
+        rows = {units: measure(root / f"out-{units}", units, samples) for units in sizes}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    names = list(next(iter(rows.values())))
+    print(f"{samples} vit_small-shaped samples per unit; per-unit tables as a run leaves them, then compacted")
+    print(f"{'units':>28} " + " ".join(f"{units:>10}" for units in rows))
+    for name in names:
+        print(f"{name:>28} " + " ".join(f"{rows[units][name]:>10.4g}" for units in rows))
+
+
+if __name__ == "__main__":
+    main()

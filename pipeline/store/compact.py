@@ -1,0 +1,262 @@
+"""Compaction: an output's per-unit Parquet tables become a few large files, read first by ``open_results``.
+
+The commit protocol writes one Parquet file per unit and table (``samples/<unit>.parquet``, ...). At thousands of
+units that costs a file open, a footer read (a round trip on object stores) and a pandas concatenation per unit
+for every read. Compaction, at the end of a run and by ``daam-pipeline compact OUT``, merges them::
+
+    tables/<table>/part-<generation>-<i>.parquet   whole units, sorted by unit, in large row groups
+    tables/key_index-<generation>.parquet          key, unit and row of every ok sample, sorted by key
+    tables/manifest.json                           written last: the generation, its units and files
+
+then removes the per-unit files it merged. A reader (:class:`TableSources`) takes a committed unit's rows from
+its per-unit file where there is one (the unit was written or redone after the compaction) and otherwise from
+the compacted files, so an output reads the same at every step of a compaction and while a job runs. A
+compaction rewrites every table (O(rows), one pass, ``units_per_file`` units in memory at a time) and must hold
+the output's lease (:class:`~pipeline.store.lease.Lease`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.errors import StoreError
+from pipeline.store.output import Output, OutputLike, as_output
+from pipeline.store.schemas import TABLE_SCHEMAS
+from pipeline.store.units import EXPLAIN_PARTS, committed_units
+
+__all__ = [
+    "MANIFEST",
+    "TABLES_DIR",
+    "Compaction",
+    "Manifest",
+    "TableSources",
+    "compact",
+    "read_manifest",
+    "table_sources",
+]
+
+TABLES_DIR = "tables"
+MANIFEST = f"{TABLES_DIR}/manifest.json"
+_KEY_INDEX = pa.schema([("key", pa.string()), ("unit", pa.string()), ("row", pa.int32())])
+_ROW_GROUP = 1 << 17
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the last compaction wrote: paths are relative to ``OUT``."""
+
+    generation: int
+    units: frozenset[str]
+    files: dict[str, list[str]]
+    key_index: str | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        return cls(int(data["generation"]), frozenset(data["units"]), data["files"], data.get("key_index"))
+
+    def to_json(self) -> bytes:
+        record = {
+            "generation": self.generation,
+            "units": sorted(self.units),
+            "files": self.files,
+            "key_index": self.key_index,
+        }
+        return json.dumps(record, indent=1).encode()
+
+
+def read_manifest(out: OutputLike) -> Manifest | None:
+    """The output's compaction manifest; None before the first compaction.
+
+    Raises:
+        StoreError: the manifest exists but cannot be read.
+    """
+    output = as_output(out)
+    try:
+        return Manifest.from_json(json.loads(output.fs.cat_file(output.path(MANIFEST))))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as e:
+        raise StoreError(f"cannot read {output.url_of(output.path(MANIFEST))}: {e}") from e
+
+
+@dataclass(frozen=True)
+class TableSources:
+    """Where the rows of one table of the committed units are: per-unit files and compacted files.
+
+    ``compacted_units`` are the units to take from ``compacted_files``; the files may also hold others
+    (``stale_units``: units no longer committed, or redone since and read from their per-unit files).
+    """
+
+    table: str
+    per_unit: dict[str, str]
+    compacted_files: list[str]
+    compacted_units: frozenset[str]
+    stale_units: frozenset[str]
+
+    def scans(self, output: Output, schema: pa.Schema) -> list[tuple[ds.Dataset, pc.Expression | None]]:
+        """Datasets to scan, each with the filter its rows need; together exactly the committed units' rows."""
+        scans: list[tuple[ds.Dataset, pc.Expression | None]] = []
+        if self.compacted_units:
+            wanted = pc.field("unit").isin(sorted(self.compacted_units)) if self.stale_units else None
+            scans.append((_dataset(output, self.compacted_files, schema), wanted))
+        if self.per_unit:
+            scans.append((_dataset(output, list(self.per_unit.values()), schema), None))
+        return scans
+
+    def dataset(self, output: Output, schema: pa.Schema) -> ds.Dataset:
+        """One pyarrow dataset of exactly the committed units' rows.
+
+        Raises:
+            StoreError: a unit redone since the last compaction has rows in both kinds of files, which one
+                dataset cannot tell apart.
+        """
+        redone = sorted(self.stale_units & set(self.per_unit))
+        if redone:
+            raise StoreError(
+                f"units {redone[:3]} of {output.url} were written again since its tables were compacted: "
+                f"run 'daam-pipeline compact {output.url}' first (Results.read and .batches work meanwhile)"
+            )
+        dataset = _dataset(output, self.paths, schema)
+        return dataset if not self.stale_units else dataset.filter(pc.field("unit").isin(self.units))
+
+    @property
+    def units(self) -> list[str]:
+        return sorted({*self.compacted_units, *self.per_unit})
+
+    @property
+    def paths(self) -> list[str]:
+        return [*(self.compacted_files if self.compacted_units else []), *self.per_unit.values()]
+
+
+def _dataset(output: Output, paths: list[str], schema: pa.Schema) -> ds.Dataset:
+    return ds.dataset(paths, schema=schema, format="parquet", filesystem=output.fs)
+
+
+def table_sources(
+    output: Output, table: str, units: Sequence[str], manifest: Manifest | None, *, optional: bool
+) -> TableSources:
+    """The files holding ``table``'s rows of ``units`` (committed units), after one listing of its folder.
+
+    Raises:
+        StoreError: a unit has neither a per-unit file nor compacted rows (for a table every unit writes).
+    """
+    folder = EXPLAIN_PARTS.path(output, table, "u").rsplit("/", 1)[0]
+    suffix = ".parquet"
+    listed = {name.removesuffix(suffix) for name in output.listdir(folder) if name.endswith(suffix)}
+    per_unit = {unit: EXPLAIN_PARTS.path(output, table, unit) for unit in units if unit in listed}
+    rest = [unit for unit in units if unit not in listed]
+    compacted = manifest.units if manifest is not None and manifest.files.get(table) else frozenset()
+    missing = [unit for unit in rest if unit not in compacted]
+    if missing and not optional:
+        raise StoreError(f"committed unit {missing[0]} of {output.url} lacks its {table} table")
+    wanted = frozenset(rest) & compacted
+    files = [output.path(name) for name in manifest.files.get(table, [])] if manifest is not None else []
+    return TableSources(table, per_unit, files, wanted, stale_units=compacted - wanted)
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What :func:`compact` did."""
+
+    generation: int
+    units: int
+    files: int
+    merged_files: int  # per-unit files merged and removed
+
+
+def compact(out: OutputLike, *, units_per_file: int = 1000) -> Compaction:
+    """Merge the committed units' tables into ``tables/`` and remove the merged per-unit files.
+
+    The caller holds the output's lease: no unit is committed meanwhile.
+
+    Args:
+        out: The output location.
+        units_per_file: Units per compacted file.
+
+    Raises:
+        StoreError: a table cannot be read or written.
+    """
+    output = as_output(out)
+    old = read_manifest(output)
+    _remove_unreferenced(output, old)  # of a compaction interrupted before its manifest
+    units = committed_units(output)
+    generation = (old.generation if old else 0) + 1
+    files: dict[str, list[str]] = {}
+    merged: list[str] = []
+    index_parts: list[pa.Table] = []
+    for table, schema in TABLE_SCHEMAS.items():
+        sources = table_sources(output, table, units, old, optional=table in EXPLAIN_PARTS.optional)
+        present = sorted({*sources.per_unit, *sources.compacted_units})
+        files[table] = []
+        for start in range(0, len(present), units_per_file):
+            chunk = present[start : start + units_per_file]
+            rows = _read_units(output, sources, chunk, schema)
+            name = f"{TABLES_DIR}/{table}/part-{generation:05d}-{start // units_per_file:05d}.parquet"
+            output.put_atomic(output.path(name), _parquet(rows, schema))
+            files[table].append(name)
+            if table == "samples":
+                ok = rows.filter(pc.equal(rows["status"], "ok"))
+                index_parts.append(ok.select(["key", "unit", "row"]).cast(_KEY_INDEX))
+        merged += sources.per_unit.values()
+    key_index = None
+    if index_parts:
+        index = pa.concat_tables(index_parts)
+        index = index.take(pc.sort_indices(index, [("key", "ascending"), ("unit", "ascending")]))
+        key_index = f"{TABLES_DIR}/key_index-{generation:05d}.parquet"
+        sink = io.BytesIO()
+        pq.write_table(index, sink, row_group_size=_ROW_GROUP // 2, compression="zstd")
+        output.put_atomic(output.path(key_index), sink.getvalue())
+    manifest = Manifest(generation, frozenset(units), files, key_index)
+    output.put_atomic(output.path(MANIFEST), manifest.to_json())  # from here on readers use the new files
+    for path in merged:
+        output.remove(path)
+    if old is not None:
+        for name in [*(n for names in old.files.values() for n in names), *([old.key_index] if old.key_index else [])]:
+            output.remove(output.path(name))
+    return Compaction(generation, len(units), sum(map(len, files.values())), len(merged))
+
+
+def _read_units(output: Output, sources: TableSources, units: list[str], schema: pa.Schema) -> pa.Table:
+    """The rows of ``units`` (sorted), each unit's rows in their written order."""
+    wanted = set(units)
+    parts = []
+    from_compacted = sorted(wanted & sources.compacted_units)
+    if from_compacted:
+        compacted = _dataset(output, sources.compacted_files, schema)
+        parts.append(compacted.to_table(filter=pc.field("unit").isin(from_compacted)))
+    fresh = [sources.per_unit[unit] for unit in units if unit in sources.per_unit]
+    if fresh:
+        parts.append(_dataset(output, fresh, schema).to_table())
+    try:
+        rows = pa.concat_tables(parts) if parts else schema.empty_table()
+    except pa.ArrowInvalid as e:
+        raise StoreError(f"cannot merge the {sources.table} tables of {output.url}: {e}") from e
+    return rows.take(pc.sort_indices(rows, [("unit", "ascending")]))  # a stable sort: rows keep their order
+
+
+def _parquet(rows: pa.Table, schema: pa.Schema) -> bytes:
+    """``rows`` (sorted by unit) as Parquet with the schema's metadata, in large row groups: a row group costs a
+    few milliseconds to read whatever its size, and the unit column's statistics still skip row groups by unit."""
+    sink = io.BytesIO()
+    pq.write_table(rows.cast(schema), sink, row_group_size=_ROW_GROUP, compression="zstd")
+    return sink.getvalue()
+
+
+def _remove_unreferenced(output: Output, manifest: Manifest | None) -> None:
+    referenced = {MANIFEST}
+    if manifest is not None:
+        referenced |= {name for names in manifest.files.values() for name in names}
+        referenced |= {manifest.key_index} if manifest.key_index else set()
+    root = output.path(TABLES_DIR)
+    for path in output.fs.glob(f"{root}/**/*.parquet") + output.fs.glob(f"{root}/**/*.tmp-*"):
+        if path.removeprefix(output.root + "/") not in referenced:
+            output.remove(path)

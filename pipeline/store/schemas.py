@@ -1,0 +1,587 @@
+"""The output contracts, defined once: the Arrow schemas of the Parquet tables and the layout of ``maps.zarr``.
+
+Each field carries its description (and, for ``samples.status``, its ``enum`` as a JSON list) as field metadata;
+each schema carries ``{name, version}`` as schema metadata, which every Parquet file the pipeline writes embeds.
+:func:`export_schemas` writes the human-readable JSON in ``schemas/`` from these definitions (``daam-pipeline
+schemas DEST [--check]``); nothing reads that JSON at run time. pyarrow checks neither nullability nor enums:
+:func:`pipeline.store.tables.validate_table` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.errors import SchemaError, StoreError
+from pipeline.names import MAP_ARRAYS
+
+__all__ = [
+    "BLOCKS",
+    "EVALUATION",
+    "EXPLAINER_BLOCKS",
+    "SAMPLES",
+    "SCHEMAS_DIR",
+    "TABLE_DESCRIPTIONS",
+    "TABLE_SCHEMAS",
+    "VERSION",
+    "ZARR_LAYOUT",
+    "export_schemas",
+    "render_schemas",
+    "stale_schemas",
+]
+
+VERSION = 1
+"""Version of every contract here: the Parquet schema metadata ``version`` and the Zarr root attribute
+``schema_version``. Change it when a column or array changes meaning or type."""
+
+SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
+"""The exported JSON shipped with the package: ``pipeline/schemas``, a link to the repository's ``schemas/``."""
+
+_TYPE_ALIASES = {pa.string(): "string", pa.int16(): "int16", pa.int32(): "int32", pa.float32(): "float32"}
+"""The column types in use and their names in the exported JSON (pyarrow's ``type_for_alias`` reads them)."""
+
+
+def _field(
+    name: str, type_: pa.DataType, description: str, *, nullable: bool = False, enum: Sequence[str] | None = None
+) -> pa.Field:
+    metadata = {"description": description}
+    if enum is not None:
+        metadata["enum"] = json.dumps(list(enum))
+    return pa.field(name, type_, nullable, metadata)
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"name": name, "version": str(VERSION)})
+
+
+TABLE_DESCRIPTIONS = {
+    "samples": (
+        "One row per input sample of a unit of work (one input shard), ok or failed. File: OUT/samples/<unit>.parquet."
+    ),
+    "blocks": (
+        "One row per (ok sample, block): the statistics of pipeline/stats.py. File: OUT/blocks/<unit>.parquet. "
+        "Undefined values are NaN (floats) or -1 (peaks), never null."
+    ),
+    "evaluation": (
+        "One row per ok sample and evaluated method, written when the job's `evaluate:` section is set. Methods: "
+        "'daam' (the final accumulated map D_L) and the reference maps 'random' (uniform random, seeded) and "
+        "'centre' (a centre prior); comparison explainers add their own names. Metrics computed by "
+        "pipeline/evaluate.py on the device; NaN where undefined (no boxes, all-zero map, metric not configured). "
+        "File: OUT/evaluation/<unit>.parquet."
+    ),
+    "explainer_blocks": (
+        "One row per ok sample, comparison explainer with per-block maps, and block: the statistics of the blocks "
+        "table (the same formulas, pipeline/stats.py) for the explainer's maps, the last block's map taking the "
+        "place of D_L. Written when the job's `explainers:` list names rollout, attention or gae. File: "
+        "OUT/explainer_blocks/<unit>.parquet."
+    ),
+}
+"""Each table's description, the top-level ``description`` of its exported JSON (not in the Parquet metadata)."""
+
+
+SAMPLES = _schema(
+    "samples",
+    [
+        _field("key", pa.string(), "WebDataset __key__ of the sample; unique within its shard."),
+        _field("shard", pa.string(), "URL of the input shard (WebDataset __url__)."),
+        _field(
+            "unit",
+            pa.string(),
+            "Unit of work: the shard file stem. Names the Zarr group maps.zarr/<unit> and the Parquet parts.",
+        ),
+        _field(
+            "label",
+            pa.int32(),
+            "Ground-truth class stored in the shard; null when the shard has none.",
+            nullable=True,
+        ),
+        _field(
+            "predicted",
+            pa.int32(),
+            "Model top-1 class (supervised) or k-NN vote class (self-supervised); null when failed.",
+            nullable=True,
+        ),
+        _field(
+            "score",
+            pa.float32(),
+            "Softmax probability of `predicted` (supervised) or its k-NN vote share (self-supervised); null when "
+            "failed.",
+            nullable=True,
+        ),
+        _field(
+            "target",
+            pa.int32(),
+            "Explained class (the logit whose gradient gives the coefficients); null in self-supervised mode and "
+            "when failed.",
+            nullable=True,
+        ),
+        _field(
+            "status",
+            pa.string(),
+            "'ok': maps stored at `row`; 'failed': no maps, see `error`.",
+            enum=("ok", "failed"),
+        ),
+        _field("error", pa.string(), "Why the sample failed ('DecodeError: ...'); null when ok.", nullable=True),
+        _field(
+            "row",
+            pa.int32(),
+            "Row of the sample in the arrays of maps.zarr/<unit>; null when failed.",
+            nullable=True,
+        ),
+        _field(
+            "width",
+            pa.int32(),
+            "Original image width in pixels; null when the image was not decoded.",
+            nullable=True,
+        ),
+        _field(
+            "height",
+            pa.int32(),
+            "Original image height in pixels; null when the image was not decoded.",
+            nullable=True,
+        ),
+        _field(
+            "n_boxes",
+            pa.int32(),
+            "Number of ground-truth boxes of the sample (0 when it has none); null when not decoded.",
+            nullable=True,
+        ),
+        _field("model", pa.string(), "timm model name."),
+        _field("job", pa.string(), "Name of the job that produced the row."),
+    ],
+)
+
+BLOCKS = _schema(
+    "blocks",
+    [
+        _field("key", pa.string(), "Sample key, as in the samples table."),
+        _field("unit", pa.string(), "Unit of work, as in the samples table."),
+        _field("block", pa.int16(), "Block index l, 0-based (0 .. L-1)."),
+        _field(
+            "map_entropy",
+            pa.float32(),
+            "Shannon entropy of the block map M_l normalised to sum 1, divided by log(n), n = h*w patches: 0 when "
+            "all mass is in one patch, 1 for a uniform map. NaN for an all-zero map.",
+        ),
+        _field(
+            "map_top10_mass",
+            pa.float32(),
+            "Share of the block map M_l's mass in its ceil(0.1 n) largest patches. NaN for an all-zero map.",
+        ),
+        _field(
+            "map_peak_row",
+            pa.int16(),
+            "Row of the block map M_l's largest patch (first in row-major order on ties); -1 for an all-zero map.",
+        ),
+        _field("map_peak_col", pa.int16(), "Column of the block map M_l's largest patch; -1 for an all-zero map."),
+        _field(
+            "map_centroid_row",
+            pa.float32(),
+            "Mass-weighted mean row of the block map M_l, in patch units (patch (i, j) at row i). NaN for an "
+            "all-zero map.",
+        ),
+        _field(
+            "map_centroid_col",
+            pa.float32(),
+            "Mass-weighted mean column of the block map M_l, in patch units. NaN for an all-zero map.",
+        ),
+        _field(
+            "map_spread",
+            pa.float32(),
+            "Mass-weighted RMS distance of the block map M_l's patches from its centroid, in patch units; 0 when "
+            "all mass is in one patch. NaN for an all-zero map.",
+        ),
+        _field(
+            "map_box_energy",
+            pa.float32(),
+            "Share of the block map M_l's mass in patches whose centre lies in a ground-truth box. NaN without "
+            "boxes or for an all-zero map.",
+        ),
+        _field(
+            "map_point_hit",
+            pa.float32(),
+            "Pointing game for the block map M_l: 1.0 when its peak patch lies in a box, else 0.0. NaN without "
+            "boxes or for an all-zero map.",
+        ),
+        _field(
+            "daam_entropy",
+            pa.float32(),
+            "Shannon entropy of the accumulated map D_l normalised to sum 1, divided by log(n), n = h*w patches: 0"
+            " when all mass is in one patch, 1 for a uniform map. NaN for an all-zero map.",
+        ),
+        _field(
+            "daam_top10_mass",
+            pa.float32(),
+            "Share of the accumulated map D_l's mass in its ceil(0.1 n) largest patches. NaN for an all-zero map.",
+        ),
+        _field(
+            "daam_peak_row",
+            pa.int16(),
+            "Row of the accumulated map D_l's largest patch (first in row-major order on ties); -1 for an all-zero"
+            " map.",
+        ),
+        _field(
+            "daam_peak_col",
+            pa.int16(),
+            "Column of the accumulated map D_l's largest patch; -1 for an all-zero map.",
+        ),
+        _field(
+            "daam_centroid_row",
+            pa.float32(),
+            "Mass-weighted mean row of the accumulated map D_l, in patch units (patch (i, j) at row i). NaN for an"
+            " all-zero map.",
+        ),
+        _field(
+            "daam_centroid_col",
+            pa.float32(),
+            "Mass-weighted mean column of the accumulated map D_l, in patch units. NaN for an all-zero map.",
+        ),
+        _field(
+            "daam_spread",
+            pa.float32(),
+            "Mass-weighted RMS distance of the accumulated map D_l's patches from its centroid, in patch units; 0 "
+            "when all mass is in one patch. NaN for an all-zero map.",
+        ),
+        _field(
+            "daam_box_energy",
+            pa.float32(),
+            "Share of the accumulated map D_l's mass in patches whose centre lies in a ground-truth box. NaN "
+            "without boxes or for an all-zero map.",
+        ),
+        _field(
+            "daam_point_hit",
+            pa.float32(),
+            "Pointing game for the accumulated map D_l: 1.0 when its peak patch lies in a box, else 0.0. NaN "
+            "without boxes or for an all-zero map.",
+        ),
+        _field(
+            "daam_cos_final",
+            pa.float32(),
+            "Cosine similarity of D_l and the final D_L (1 at the last block). NaN when either is all zero.",
+        ),
+        _field(
+            "daam_iou_final",
+            pa.float32(),
+            "IoU of the top-20% patch sets (ceil(0.2 n) largest patches, ties broken arbitrarily) of D_l and D_L. "
+            "NaN when either is all zero.",
+        ),
+        _field(
+            "daam_change",
+            pa.float32(),
+            "L1 distance between D_l and D_(l-1), each normalised to sum 1: in [0, 2], 0 when the block changes "
+            "the map's shape not at all. NaN at block 0 and when either map is all zero.",
+        ),
+        _field("coef_l1", pa.float32(), "L1 norm of the coefficients c_l (sum over the C channels of |c|)."),
+        _field("coef_pos_frac", pa.float32(), "Share of the coefficients c_l that are > 0."),
+    ],
+)
+
+EVALUATION = _schema(
+    "evaluation",
+    [
+        _field("key", pa.string(), "Sample key."),
+        _field("unit", pa.string(), "Unit of work (input shard stem)."),
+        _field("method", pa.string(), "Which map: 'daam', 'random', 'centre', or a comparison explainer's name."),
+        _field(
+            "pointing_hit",
+            pa.float32(),
+            "1 when the map's peak patch has its centre inside a box, else 0; NaN without boxes.",
+        ),
+        _field(
+            "box_energy",
+            pa.float32(),
+            "Fraction of the map's mass on patches whose centre lies inside a box; NaN without boxes.",
+        ),
+        _field(
+            "deletion_auc",
+            pa.float32(),
+            "Area under the target's softmax probability as the map's top patches are replaced by the baseline in "
+            "`steps` steps (trapezoid over [0, 1]); lower is more faithful.",
+        ),
+        _field(
+            "insertion_auc",
+            pa.float32(),
+            "Area under the target's softmax probability as the map's top patches are revealed on the baseline; "
+            "higher is more faithful.",
+        ),
+        _field(
+            "positive_auc",
+            pa.float32(),
+            "Positive perturbation (Chefer et al. 2021): area under the target's softmax probability as the map's "
+            "most relevant patches are replaced by the baseline first, at removed fractions 0, 0.1, ..., 0.9 "
+            "(trapezoid over [0, 0.9]); lower is more faithful.",
+        ),
+        _field(
+            "negative_auc",
+            pa.float32(),
+            "Negative perturbation: the same with the least relevant patches removed first; higher is more faithful.",
+        ),
+        _field(
+            "positive_top1_auc",
+            pa.float32(),
+            "Positive perturbation of top-1 correctness (1 while the perturbed image's argmax is the target, else 0), "
+            "the protocol's accuracy curve; lower is more faithful.",
+        ),
+        _field(
+            "negative_top1_auc",
+            pa.float32(),
+            "Negative perturbation of top-1 correctness; higher is more faithful.",
+        ),
+    ],
+)
+
+EXPLAINER_BLOCKS = _schema(
+    "explainer_blocks",
+    [
+        _field("key", pa.string(), "Sample key."),
+        _field("unit", pa.string(), "Unit of work (input shard stem)."),
+        _field(
+            "explainer",
+            pa.string(),
+            "Comparison explainer with per-block maps: 'rollout' (attention rollout up to block l), 'attention' "
+            "(block l's [class] attention, mean over heads) or 'gae' (gradient-weighted attention rollout up to block "
+            "l, Chefer et al. 2021).",
+        ),
+        _field("block", pa.int16(), "Block index l, 0-based."),
+        _field(
+            "entropy",
+            pa.float32(),
+            "Shannon entropy of the accumulated map the explainer's map l normalised to sum 1, divided by log(n), "
+            "n = h*w patches: 0 when all mass is in one patch, 1 for a uniform map. NaN for an all-zero map.",
+        ),
+        _field(
+            "top10_mass",
+            pa.float32(),
+            "Share of the accumulated map the explainer's map l's mass in its ceil(0.1 n) largest patches. NaN for"
+            " an all-zero map.",
+        ),
+        _field(
+            "peak_row",
+            pa.int16(),
+            "Row of the accumulated map the explainer's map l's largest patch (first in row-major order on ties); "
+            "-1 for an all-zero map.",
+        ),
+        _field(
+            "peak_col",
+            pa.int16(),
+            "Column of the accumulated map the explainer's map l's largest patch; -1 for an all-zero map.",
+        ),
+        _field(
+            "centroid_row",
+            pa.float32(),
+            "Mass-weighted mean row of the accumulated map the explainer's map l, in patch units (patch (i, j) at "
+            "row i). NaN for an all-zero map.",
+        ),
+        _field(
+            "centroid_col",
+            pa.float32(),
+            "Mass-weighted mean column of the accumulated map the explainer's map l, in patch units. NaN for an "
+            "all-zero map.",
+        ),
+        _field(
+            "spread",
+            pa.float32(),
+            "Mass-weighted RMS distance of the accumulated map the explainer's map l's patches from its centroid, "
+            "in patch units; 0 when all mass is in one patch. NaN for an all-zero map.",
+        ),
+        _field(
+            "box_energy",
+            pa.float32(),
+            "Share of the accumulated map the explainer's map l's mass in patches whose centre lies in a "
+            "ground-truth box. NaN without boxes or for an all-zero map.",
+        ),
+        _field(
+            "point_hit",
+            pa.float32(),
+            "Pointing game for the accumulated map the explainer's map l: 1.0 when its peak patch lies in a box, "
+            "else 0.0. NaN without boxes or for an all-zero map.",
+        ),
+        _field(
+            "cos_final",
+            pa.float32(),
+            "Cosine similarity of the explainer's map l and the final its last map (1 at the last block). NaN when"
+            " either is all zero.",
+        ),
+        _field(
+            "iou_final",
+            pa.float32(),
+            "IoU of the top-20% patch sets (ceil(0.2 n) largest patches, ties broken arbitrarily) of the "
+            "explainer's map l and its last map. NaN when either is all zero.",
+        ),
+        _field(
+            "change",
+            pa.float32(),
+            "L1 distance between the explainer's map l and D_(l-1), each normalised to sum 1: in [0, 2], 0 when "
+            "the block changes the map's shape not at all. NaN at block 0 and when either map is all zero.",
+        ),
+    ],
+)
+# SPLIT
+
+
+TABLE_SCHEMAS = {"samples": SAMPLES, "blocks": BLOCKS, "evaluation": EVALUATION, "explainer_blocks": EXPLAINER_BLOCKS}
+"""Each Parquet table under ``OUT/<name>/<unit>.parquet`` and its schema."""
+
+
+def _map_array(dims: tuple[str, ...], description: str) -> dict[str, Any]:
+    return {"dims": dims, "dtype": "storage", "optional": True, "description": description}
+
+
+_MAP_ARRAYS = {
+    "block_maps": _map_array(("sample", "block", "row", "col"), "Block maps M_l (METHOD.md step 4)."),
+    "daam": _map_array(
+        ("sample", "block", "row", "col"), "Accumulated maps D_l = sum of M_i for i <= l (METHOD.md step 5)."
+    ),
+    "coefficients": _map_array(
+        ("sample", "block", "channel"), "Channel importance coefficients c_l (METHOD.md step 3), before any ReLU."
+    ),
+    "rollout": _map_array(
+        ("sample", "block", "row", "col"),
+        "Attention rollout up to block l, [class] row over the patches (explainers: rollout).",
+    ),
+    "attention": _map_array(
+        ("sample", "block", "row", "col"),
+        "Block l's [class] attention over the patches, mean over heads (explainers: attention).",
+    ),
+    "gae": _map_array(
+        ("sample", "block", "row", "col"),
+        "GAE (Chefer et al. 2021), gradient-weighted attention rollout up to block l, [class] row over the patches "
+        "(explainers: gae).",
+    ),
+    "gradcam": _map_array(
+        ("sample", "row", "col"), "Grad-CAM on the tokens the last block's attention reads (explainers: gradcam)."
+    ),
+}
+
+
+def _exponent_array(name: str) -> dict[str, Any]:
+    return {
+        "dims": tuple(d for d in _MAP_ARRAYS[name]["dims"] if d in ("sample", "block")),
+        "dtype": "int16",
+        "optional": True,
+        "description": f"With dtype float16 only: the power-of-two scaling of each stored map of `{name}`; the value "
+        "is stored * 2**-exponent.",
+    }
+
+
+ZARR_LAYOUT: dict[str, Any] = {
+    "name": "maps",
+    "version": VERSION,
+    "description": "DAAM maps and coefficients as Zarr v3: one group per unit of work (one input shard), written "
+    "only by that unit's worker.",
+    "path": "maps.zarr",
+    "root_attributes": {
+        "schema_version": "Version of schemas/ (this file's and the Arrow schemas' `version`).",
+        "model": "timm model name.",
+        "n_blocks": "L, the number of transformer blocks.",
+        "grid": "[h, w], the patch grid of the maps.",
+        "channels": "C = heads * head width, the length of a coefficient vector.",
+        "prefix_tokens": "Number of prefix tokens ([class], registers, distillation) dropped from the maps.",
+        "dtype": "Storage dtype of the float arrays: 'float16' (default) or 'float32'.",
+        "compressor": "'zstd' (default), 'blosc' (blosc-zstd with byte shuffle) or 'none'.",
+        "compression_level": "Compressor level.",
+        "chunk_rows": "Samples per chunk along the first dimension.",
+        "arrays": "Names of the optional arrays stored in every unit group.",
+    },
+    "unit_group": {
+        "path": "maps.zarr/{unit}",
+        "description": "Arrays of the unit's ok samples; row i is the sample whose samples-table `row` is i. Removed "
+        "and rewritten as a whole when the unit is redone.",
+    },
+    "arrays": {
+        "keys": {
+            "dims": ("sample",),
+            "dtype": "string",
+            "optional": False,
+            "description": "Sample keys, in row order.",
+        },
+        **{name: _MAP_ARRAYS[name] for name in MAP_ARRAYS},
+        **{f"{name}_exponent": _exponent_array(name) for name in MAP_ARRAYS},
+    },
+    "dims": {
+        "sample": "Ok samples of the unit (grows as batches are written).",
+        "block": "n_blocks",
+        "row": "grid[0]",
+        "col": "grid[1]",
+        "channel": "channels",
+    },
+    "dtype_policy": "Float arrays are stored in `dtype` and read back as float32 (open_results(...).maps(key) does "
+    "this). float32 stores exact values. float16 (the default) stores each map (each h x w map, each coefficient "
+    "vector) scaled by a power of two, 2**exponent, that puts its maximum magnitude in [2^14, 2^15); the exponents "
+    "are the int16 arrays `<name>_exponent`, and a value is stored * 2**-exponent. The scaling is exact, so every "
+    "value keeps 11 significant bits relative to its map's maximum: within 2^-12 (2.4e-4) of the float32 value "
+    "relative to the map's maximum, whatever the map's scale. The writer checks every map before storing and logs "
+    "the keys of samples beyond 1e-3 (only non-finite values can be), counting them in the commit marker "
+    "(`precision_flagged`).",
+    "chunking": "Chunks of (chunk_rows, full block, full grid / channel); the writer buffers batches and writes whole "
+    "chunks, the last chunk of a unit at commit. Chunks that are all zero are not written (fill value 0).",
+}
+"""The layout of ``OUT/maps.zarr``: root attributes, the unit groups, each array's dimension names (its Zarr
+``dimension_names``) and dtype (``storage``: the job's ``output.dtype``), the dtype policy and the chunking.
+Read-only: the stores read it, :func:`export_schemas` writes it as ``zarr_layout.json``."""
+
+
+def _table_document(name: str, schema: pa.Schema) -> dict[str, Any]:
+    fields = []
+    for field in schema:
+        if field.type not in _TYPE_ALIASES:
+            raise SchemaError(f"{name} column {field.name!r} has type {field.type}, which the JSON export lacks")
+        spec: dict[str, Any] = {"name": field.name, "type": _TYPE_ALIASES[field.type], "nullable": field.nullable}
+        if b"enum" in field.metadata:
+            spec["enum"] = json.loads(field.metadata[b"enum"])
+        spec["description"] = field.metadata[b"description"].decode()
+        fields.append(spec)
+    return {
+        "name": schema.metadata[b"name"].decode(),
+        "version": int(schema.metadata[b"version"]),
+        "description": TABLE_DESCRIPTIONS[name],
+        "fields": fields,
+    }
+
+
+def _dumps(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_schemas() -> dict[str, str]:
+    """File name -> JSON text of every contract: ``<table>.schema.json`` for each table, ``zarr_layout.json``."""
+    files = {f"{name}.schema.json": _dumps(_table_document(name, schema)) for name, schema in TABLE_SCHEMAS.items()}
+    files["zarr_layout.json"] = _dumps(ZARR_LAYOUT)
+    return files
+
+
+def export_schemas(dest: Path) -> list[Path]:
+    """Write the JSON of every contract (:func:`render_schemas`) into the folder ``dest``; return the paths written.
+
+    Raises:
+        StoreError: ``dest`` cannot be created or written.
+    """
+    dest = Path(dest)
+    written = []
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, text in render_schemas().items():
+            path = dest / name
+            path.write_text(text)
+            written.append(path)
+    except OSError as e:
+        raise StoreError(f"cannot write the schemas to {dest}: {e}") from e
+    return written
+
+
+def stale_schemas(dest: Path) -> list[str]:
+    """The names of the files of :func:`render_schemas` that are missing from the folder ``dest`` or differ there."""
+    stale = []
+    for name, text in render_schemas().items():
+        path = Path(dest) / name
+        try:
+            current = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            current = None
+        if current != text:
+            stale.append(name)
+    return stale

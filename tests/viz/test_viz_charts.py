@@ -1,0 +1,60 @@
+"""The report's matplotlib charts: inline SVG elements, deterministic, no pyplot and no lasting global state."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+
+import matplotlib
+import numpy as np
+
+from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
+
+X = np.arange(6)
+LINES = [
+    Line("all (n=9)", [0.1, 0.2, 0.4, 0.6, 0.8, 0.9], [0.0, 0.1, 0.3, 0.5, 0.7, 0.8], [0.2, 0.3, 0.5, 0.7, 0.9, 1.0]),
+    Line("wrong (n=2)", [np.nan, np.nan, 0.3, 0.5, 0.5, 0.7]),
+]
+
+
+def _ids(svg: str) -> set[str]:
+    return set(re.findall(r'id="([pm][0-9a-f]{8,})"', svg))  # clip paths and markers: the referenced ids
+
+
+def test_line_chart_is_a_deterministic_inline_svg_element():
+    before = dict(matplotlib.rcParams)
+    svg = line_chart(X, LINES, title="daam_entropy", xlabel="block", ylabel="entropy")
+    assert dict(matplotlib.rcParams) == before  # rc_context only
+    assert svg.startswith('<svg role="img" aria-label="daam_entropy" ') and svg.endswith("</svg>")
+    assert svg.count("<svg") == 1
+    assert "<?xml" not in svg and "DOCTYPE" not in svg and "<script" not in svg
+    assert "Matplotlib" not in svg and "<dc:date>" not in svg  # no creator, no date
+    for text in ("daam_entropy", "block", "entropy", "all (n=9)", "wrong (n=2)"):
+        assert f">{text}</text>" in svg  # svg.fonttype none: text stays text
+    assert svg == line_chart(X, LINES, title="daam_entropy", xlabel="block", ylabel="entropy")
+    other = line_chart(X, LINES[:1], title="daam_entropy", xlabel="block", ylabel="entropy")
+    assert _ids(svg) and not _ids(svg) & _ids(other)  # two charts of one page share no id
+
+
+def test_bar_chart_draws_one_bar_per_group_and_category():
+    groups = [Bars("all (n=5)", [1, 3, 0, 1]), Bars("wrong (n=2)", [0, 1, 0, 1])]
+    svg = bar_chart(["0", "1", "2", "undefined"], groups, title="convergence block", xlabel="block", ylabel="samples")
+    assert svg.startswith("<svg ") and ">undefined</text>" in svg and ">wrong (n=2)</text>" in svg
+    assert svg == bar_chart(
+        ["0", "1", "2", "undefined"], groups, title="convergence block", xlabel="block", ylabel="samples"
+    )
+    assert len(re.findall(r'<g id="patch_\d+">', svg)) >= 2 * 4  # 8 bars, besides the figure and axes patches
+
+
+def test_charts_never_import_pyplot():
+    code = textwrap.dedent(
+        """
+        import sys
+        from pipeline.viz.charts import Line, line_chart
+        line_chart([0, 1], [Line("a", [0.0, 1.0])], title="t", xlabel="x", ylabel="y")
+        assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,118 @@
+"""The report compares methods: per-block curves of every explainer with blocks next to DAAM's, and the method
+table with every metric of the evaluation table."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.viz.report import CURVES, report
+
+STATISTICS = [c.removeprefix("daam_") for c in CURVES]
+METRICS = {"pointing_accuracy": "pointing_hit", "box_energy": "box_energy"} | {
+    m: m
+    for m in (
+        "deletion_auc",
+        "insertion_auc",
+        "positive_auc",
+        "negative_auc",
+        "positive_top1_auc",
+        "negative_top1_auc",
+    )
+}
+
+
+class _Tables(HTMLParser):
+    """Every <table> of a page as rows of cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _section(html: str, heading: str) -> str:
+    start = html.index(f"<h2>{heading}</h2>")
+    end = html.find("<h2>", start + 1)
+    return html[start : end if end >= 0 else len(html)]
+
+
+def _charts(section: str) -> dict[str, str]:
+    """The section's charts by title."""
+    return dict(re.findall(r'<svg role="img" aria-label="([^"]*)" (.*?)</svg>', section, flags=re.S))
+
+
+@pytest.fixture(scope="module")
+def html(explainers_output, tmp_path_factory) -> str:
+    return report(explainers_output, tmp_path_factory.mktemp("r") / "r.html", gallery=0, progress=False).read_text()
+
+
+def test_a_chart_per_statistic_with_a_line_per_explainer_with_blocks(html):
+    headings = re.findall(r"<h2>(.*?)</h2>", html)
+    assert headings[:3] == [
+        "Dataset",
+        "Per-block statistics of the accumulated maps D_l",
+        "Per-block statistics by explainer",
+    ]
+    charts = _charts(_section(html, "Per-block statistics by explainer"))
+    assert sorted(charts) == sorted(STATISTICS)
+    for svg in charts.values():
+        legend = re.findall(r">(\w+) \(n=(\d+)\)</text>", svg)
+        assert legend == [("DAAM", "9"), ("attention", "9"), ("rollout", "9")]  # gradcam has one map: no curve
+
+
+def test_the_method_table_has_every_metric_mean_per_method(html, explainers_output):
+    parts = sorted((explainers_output / "tables" / "evaluation").glob("*.parquet"))  # the run compacted them
+    evaluation = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    expected = evaluation.groupby("method")[list(METRICS.values())].mean()
+    counts = evaluation.groupby("method").size()
+    parser = _Tables()
+    parser.feed(_section(html, "Localisation and faithfulness"))
+    (table,) = [t for t in parser.tables if t and t[0][0] == "method"]
+    assert table[0] == ["method", *METRICS, "samples"]
+    rows = {row[0]: row[1:] for row in table[1:]}
+    names = {"DAAM": "daam", "random": "random", "centre prior": "centre"}
+    assert [names.get(m, m) for m in rows] == ["daam", "random", "centre", "attention", "gradcam", "rollout"]
+    for shown, cells in rows.items():
+        method = names.get(shown, shown)
+        for cell, column in zip(cells, METRICS.values(), strict=False):
+            value = expected.loc[method, column]
+            assert cell == ("–" if pd.isna(value) else f"{value:.4g}"), (method, column)
+        assert cells[-1] == str(counts[method]) == "9"
+    for metric in METRICS:
+        assert f"<dt>{metric}</dt>" in _section(html, "Localisation and faithfulness")
+
+
+def test_an_explainer_of_any_name_gets_its_line(explainers_output, tmp_path):
+    out = Path(shutil.copytree(explainers_output, tmp_path / "out"))
+    for path in (out / "tables" / "explainer_blocks").glob("*.parquet"):  # a future explainer with blocks, 'gae'
+        table = pq.read_table(path)
+        renamed = pc.replace_substring(table["explainer"], "attention", "gae")
+        pq.write_table(table.set_column(table.schema.get_field_index("explainer"), "explainer", renamed), path)
+    html = report(out, tmp_path / "r.html", gallery=0, progress=False).read_text()
+    for svg in _charts(_section(html, "Per-block statistics by explainer")).values():
+        assert re.findall(r">(\w+) \(n=\d+\)</text>", svg) == ["DAAM", "gae", "rollout"]
