@@ -205,6 +205,11 @@ class OutputConfig(_Storage):
         default_factory=lambda: list(ENGINE_ARRAYS), description="DAAM arrays to store (explainers' maps always are)"
     )
 
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for output.path (and the bank), passed to every worker, e.g. {endpoint_url: "
+        "'http://minio:9000', profile: 'lab'}; job.json records them with secret values hidden",
+    )
     compact: bool = Field(
         True,
         description="at the end of a run that committed units, merge the per-unit tables into a few files under "
@@ -345,7 +350,7 @@ class JobConfig(_Section):
     @property
     def store_options(self) -> StoreOptions:
         """How the maps are stored: the output's storage fields, DAAM's arrays and every comparison explainer's."""
-        storage = self.output.model_dump(exclude={"path", "arrays", "compact"})
+        storage = self.output.model_dump(exclude={"path", "arrays", "compact", "storage_options"})
         return StoreOptions(**storage, arrays=(*self.output.arrays, *self.comparison_explainers))
 
     def shard_urls(self) -> list[str]:

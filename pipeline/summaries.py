@@ -5,6 +5,8 @@ Blocks are numbered from 0, as in every table of an output.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from pipeline.errors import SchemaError
@@ -131,7 +133,7 @@ def ranking_reached(
     return table.astype({"samples": int}).rename_axis("method")
 
 
-def headline_tables(out: str) -> str:
+def headline_tables(out: Any) -> str:
     """The tables a finished job prints: per-block localisation of M_l and D_l where boxes exist, and the
     per-method evaluation (DAAM against the reference maps) when the job evaluated.
     """
@@ -140,7 +142,7 @@ def headline_tables(out: str) -> str:
     results = open_results(out)
     samples = results.samples
     ok = samples[samples.status == "ok"]
-    parts = [f"{len(ok)} of {len(samples)} samples explained in {out}"]
+    parts = [f"{len(ok)} of {len(samples)} samples explained in {results.output.url}"]
     if (accuracy := label_accuracy(samples)) is not None:
         parts.append(f"accuracy of `predicted` against `label`: {accuracy:.4f}")
     blocks = results.blocks
