@@ -85,6 +85,7 @@ def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, sets
 def _run_and_report(job: Any, **options: Any) -> None:
     """Run a job, print its summary and headline tables, and exit with its code (130/143 when stopped)."""
     from pipeline.runner import run_job
+    from pipeline.store.output import job_output
 
     try:
         summary = run_job(job, **options)
@@ -96,7 +97,7 @@ def _run_and_report(job: Any, **options: Any) -> None:
         return
     click.echo(summary.render())
     if summary.done + summary.skipped:
-        click.echo(_headline(job.output.path))
+        click.echo(_headline(job_output(job)))
     sys.exit(summary.exit_code)
 
 
@@ -158,7 +159,7 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _headline(out: str) -> str:
+def _headline(out: Any) -> str:
     from pipeline.summaries import headline_tables
 
     return headline_tables(out)

@@ -218,6 +218,11 @@ class OutputConfig(_Storage):
         default_factory=lambda: list(ENGINE_ARRAYS), description="DAAM arrays to store (explainers' maps always are)"
     )
 
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for output.path (and the bank), passed to every worker, e.g. {endpoint_url: "
+        "'http://minio:9000', profile: 'lab'}; job.json records them with secret values hidden",
+    )
     compact: bool = Field(
         True,
         description="at the end of a run that committed units, merge the per-unit tables into a few files under "
@@ -271,7 +276,9 @@ class EvaluationConfig(_Section):
     )
     batch_size: int = Field(64, ge=1, strict=True, description="perturbed images per forward pass")
     metrics: tuple[Literal[tuple(METRIC_GROUPS)], ...] = Field(
-        tuple(METRIC_GROUPS), description="localisation (pointing game, box energy), faithfulness (deletion/insertion)"
+        tuple(METRIC_GROUPS),
+        description="localisation (pointing game, box energy), faithfulness (deletion/insertion), perturbation "
+        "(positive/negative perturbation AUC, Chefer et al. 2021)",
     )
     references: tuple[Literal[REFERENCE_MAPS], ...] = Field(
         REFERENCE_MAPS, description="reference maps evaluated beside the explainers"
@@ -287,6 +294,10 @@ class EvaluationConfig(_Section):
     @property
     def faithfulness(self) -> bool:
         return "faithfulness" in self.metrics
+
+    @property
+    def perturbation(self) -> bool:
+        return "perturbation" in self.metrics
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -334,10 +345,11 @@ class JobConfig(_Section):
                 raise ValueError("mode 'self-supervised' needs a `bank:` section")
             if self.target == "label":
                 raise ValueError("target: 'label' is for supervised mode; self-supervised explains <f, w>")
-            if self.evaluate is not None and self.evaluate.faithfulness:
+            if self.evaluate is not None and (self.evaluate.faithfulness or self.evaluate.perturbation):
                 raise ValueError(
-                    "evaluate.metrics: deletion/insertion ('faithfulness') follow the probability of an explained "
-                    "class, and a self-supervised job explains <f, w>; use metrics: [localisation]"
+                    "evaluate.metrics: deletion/insertion ('faithfulness') and positive/negative perturbation "
+                    "('perturbation') follow the probability of an explained class, and a self-supervised job "
+                    "explains <f, w>; use metrics: [localisation]"
                 )
         elif self.bank is not None:
             raise ValueError("bank: a `bank:` section is only used in mode 'self-supervised'")
@@ -351,7 +363,7 @@ class JobConfig(_Section):
     @property
     def store_options(self) -> StoreOptions:
         """How the maps are stored: the output's storage fields, DAAM's arrays and every comparison explainer's."""
-        storage = self.output.model_dump(exclude={"path", "arrays", "compact"})
+        storage = self.output.model_dump(exclude={"path", "arrays", "compact", "storage_options"})
         return StoreOptions(**storage, arrays=(*self.output.arrays, *self.comparison_explainers))
 
     def shard_urls(self) -> list[str]:

@@ -3,6 +3,8 @@
 - Localisation: the pointing game and the energy inside the boxes, the formulas of :mod:`pipeline.stats`
   (:func:`~pipeline.stats.pointing_hit`, :func:`~pipeline.stats.box_energy`) on the patch grid.
 - Faithfulness: deletion and insertion AUC (Petsiuk et al., "RISE", BMVC 2018) on the patch grid.
+- Perturbation: positive and negative perturbation AUC (Chefer, Gur & Wolf, "Transformer Interpretability Beyond
+  Attention Visualization", CVPR 2021), of the target's probability and of top-1 correctness, on the same path.
 - Reference maps for comparison rows: a seeded uniform random map and a centre prior.
 
 Undefined values are NaN, as in :mod:`pipeline.stats`: box metrics of a sample without boxes, and every metric of
@@ -30,8 +32,12 @@ __all__ = [
     "deletion_insertion",
     "evaluate_batch",
     "localisation",
+    "perturbation",
     "random_map",
 ]
+
+PERTURBATION_FRACTIONS = tuple(i / 10 for i in range(10))
+"""Removed fractions of the perturbation curves: 0, 0.1, ..., 0.9, as in Chefer et al.'s protocol."""
 
 
 # -- reference maps -----------------------------------------------------------------------------------------------
@@ -144,22 +150,11 @@ def deletion_insertion(
         ConfigError: invalid ``steps``, ``baseline`` or ``batch_size``.
     """
     EvaluationConfig(steps=steps, baseline=baseline, batch_size=batch_size)  # the job's rules, raising ConfigError
-    single = maps.dim() == 3
-    maps = (maps[:, None] if single else maps).to(images.device)
-    if images.dim() != 4 or maps.dim() != 4 or maps.shape[0] != images.shape[0]:
-        raise InputError(
-            f"need images (B, 3, H, W) and maps (B, [M,] h, w), got {tuple(images.shape)} and {tuple(maps.shape)}"
-        )
-    target = torch.as_tensor(target, device=images.device).long()
-    if target.shape != images.shape[:1]:
-        raise TargetError(f"target must hold one class per image ({images.shape[0]},), got {tuple(target.shape)}")
-    if getattr(model, "num_classes", None) == 0:
-        raise TargetError(f"{type(model).__name__} has no classifier: deletion/insertion need class probabilities")
-
+    single, maps, target = _check_inputs(model, images, maps, target, "deletion/insertion")
     batch, num_maps, h, w = maps.shape
     n = h * w
     keep = _keep_masks(maps.flatten(-2), steps)  # (B, Q, n)
-    probs = _target_probabilities(
+    probs, _ = _target_probabilities(
         model, images, baseline_images(images, baseline), keep, (h, w), target, batch_size, autocast_dtype
     )
 
@@ -180,6 +175,97 @@ def deletion_insertion(
     return {k: v[:, 0] for k, v in result.items()} if single else result
 
 
+@torch.no_grad()
+def perturbation(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor,
+    *,
+    baseline: str = "blur",
+    batch_size: int = 64,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """Positive and negative perturbation AUC of maps on the patch grid (Chefer et al. 2021), batched on the device.
+
+    Patches are ranked as in :func:`deletion_insertion` (highest first, ties by patch index). At each fraction
+    ``f_i = i / 10`` of :data:`PERTURBATION_FRACTIONS` the ``k_i = floor(i * n / 10)`` patches are replaced by the
+    baseline: for *positive* perturbation the first ``k_i`` of the ranking (most relevant first: a faithful map's
+    curve drops fast, lower AUC is better), for *negative* the last ``k_i`` (least relevant first: higher is
+    better). Two curves follow each: the softmax probability of ``target`` and top-1 correctness (1 where the
+    perturbed image's argmax is ``target``; Chefer et al. report this one, with the prediction as target); the AUCs
+    are their trapezoid integrals over the nominal fractions 0 ... 0.9, as in the protocol's ``auc(arange(0, 1,
+    0.1), curve)``. Chefer et al. zero the removed pixels of the normalised image: ``baseline="zero"``.
+
+    The unperturbed image is shared by every curve of a sample, so a sample costs ``1 + 2 * M * 9`` forward passes
+    for ``M`` maps, run in chunks of ``batch_size`` images.
+
+    Args:
+        model, images, maps, target, baseline, batch_size, autocast_dtype: As for :func:`deletion_insertion`.
+
+    Returns:
+        ``positive``, ``negative`` (probability AUCs), ``positive_top1``, ``negative_top1`` (top-1 correctness
+        AUCs): ``(B,)`` or ``(B, M)``; the curves ``<name>_curve``: ``(B, [M,] 10)``; all float32, NaN for all-zero
+        maps.
+
+    Raises:
+        InputError, TargetError, ConfigError: as :func:`deletion_insertion`.
+    """
+    EvaluationConfig(baseline=baseline, batch_size=batch_size)  # the job's rules, raising ConfigError
+    single, maps, target = _check_inputs(model, images, maps, target, "perturbation")
+    batch, num_maps, h, w = maps.shape
+    n, points = h * w, len(PERTURBATION_FRACTIONS)
+    rank = _ranks(maps.flatten(-2))[:, :, None, :]  # (B, M, 1, n)
+    counts = torch.arange(1, points, device=maps.device)[:, None] * n // points  # (9, 1): k_1 ... k_9
+    keep = torch.cat(
+        [
+            torch.ones(batch, 1, n, dtype=torch.bool, device=maps.device),  # the original
+            (rank >= counts).flatten(1, 2),  # positive: the top k_i removed
+            (rank < n - counts).flatten(1, 2),  # negative: the bottom k_i removed
+        ],
+        dim=1,
+    )
+    probs, correct = _target_probabilities(
+        model, images, baseline_images(images, baseline), keep, (h, w), target, batch_size, autocast_dtype
+    )
+    fractions = torch.tensor(PERTURBATION_FRACTIONS, device=maps.device)
+    undefined = (maps.flatten(-2) == 0).all(-1)  # (B, M)
+    result = {}
+    for suffix, values in (("", probs), ("_top1", correct)):
+        original = values[:, 0, None, None].expand(-1, num_maps, 1)
+        inner = values[:, 1:].view(batch, 2, num_maps, points - 1)
+        for i, name in enumerate(("positive", "negative")):
+            curve = torch.cat([original, inner[:, i]], dim=-1).masked_fill(undefined[..., None], math.nan)
+            result[name + suffix] = torch.trapezoid(curve, fractions, dim=-1)
+            result[f"{name}{suffix}_curve"] = curve
+    return {k: v[:, 0] for k, v in result.items()} if single else result
+
+
+def _check_inputs(
+    model: nn.Module, images: Tensor, maps: Tensor, target: Tensor, metric: str
+) -> tuple[bool, Tensor, Tensor]:
+    """Whether ``maps`` is one map per image, the maps as ``(B, M, h, w)`` and ``target`` as a long tensor."""
+    single = maps.dim() == 3
+    maps = (maps[:, None] if single else maps).to(images.device)
+    if images.dim() != 4 or maps.dim() != 4 or maps.shape[0] != images.shape[0]:
+        raise InputError(
+            f"need images (B, 3, H, W) and maps (B, [M,] h, w), got {tuple(images.shape)} and {tuple(maps.shape)}"
+        )
+    target = torch.as_tensor(target, device=images.device).long()
+    if target.shape != images.shape[:1]:
+        raise TargetError(f"target must hold one class per image ({images.shape[0]},), got {tuple(target.shape)}")
+    if getattr(model, "num_classes", None) == 0:
+        raise TargetError(f"{type(model).__name__} has no classifier: {metric} need class probabilities")
+    return single, maps, target
+
+
+def _ranks(maps: Tensor) -> Tensor:
+    """``rank[..., j]``: the position of patch j when ``maps (..., n)`` is sorted highest first, ties by index."""
+    order = maps.argsort(dim=-1, descending=True, stable=True)  # stable: equal values keep patch order
+    positions = torch.arange(maps.shape[-1], device=maps.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
 def _removed_counts(n: int, steps: int, device: torch.device) -> Tensor:
     """``floor(s * n / steps)`` for ``s = 0 ... steps``: 0 first, ``n`` last."""
     return torch.arange(steps + 1, device=device) * n // steps
@@ -196,9 +282,7 @@ def _keep_masks(maps: Tensor, steps: int) -> Tensor:
         then per map the deletion steps 1 ... steps-1 (all but the top k), then the insertion steps (the top k).
     """
     batch, _, n = maps.shape
-    order = maps.argsort(dim=-1, descending=True, stable=True)  # stable: equal values keep patch order
-    positions = torch.arange(n, device=maps.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)  # rank[b, m, j]: position of patch j
+    rank = _ranks(maps)  # rank[b, m, j]: position of patch j
     counts = _removed_counts(n, steps, maps.device)[1:-1]
     top = rank[:, :, None, :] < counts[:, None]  # (B, M, steps - 1, n)
     ends = torch.ones(batch, 2, n, dtype=torch.bool, device=maps.device)
@@ -215,8 +299,9 @@ def _target_probabilities(
     target: Tensor,
     batch_size: int,
     autocast_dtype: torch.dtype | None,
-) -> Tensor:
-    """Softmax probability of ``target`` for every perturbed image of ``keep`` ``(B, Q, n)``; ``(B, Q)`` float32."""
+) -> tuple[Tensor, Tensor]:
+    """Softmax probability of ``target`` and top-1 correctness (argmax == ``target``, 0 or 1) for every perturbed
+    image of ``keep`` ``(B, Q, n)``; each ``(B, Q)`` float32."""
     batch, queries, _ = keep.shape
     height, width = images.shape[-2:]
     if height % grid[0] or width % grid[1]:
@@ -224,6 +309,7 @@ def _target_probabilities(
     flat_keep = keep.flatten(0, 1)
     sample = torch.arange(batch, device=images.device).repeat_interleave(queries)
     probs = torch.empty(batch * queries, device=images.device)
+    correct = torch.empty(batch * queries, device=images.device)
     autocast = (
         torch.autocast(images.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -238,7 +324,8 @@ def _target_probabilities(
         if start == 0:
             _check_target(target, logits)
         probs[start : start + batch_size] = logits.float().softmax(-1).gather(1, target[rows, None]).squeeze(1)
-    return probs.view(batch, queries)
+        correct[start : start + batch_size] = (logits.argmax(dim=-1) == target[rows]).float()
+    return probs.view(batch, queries), correct.view(batch, queries)
 
 
 def _check_target(target: Tensor, logits: Tensor) -> None:
@@ -275,7 +362,7 @@ def evaluate_batch(
         generator: Draws the random reference maps, on the images' device. Default: a new generator seeded with
             ``config.seed``, so every call draws the same maps; pass one generator per unit of work for
             independent maps per batch.
-        autocast_dtype: Passed to :func:`deletion_insertion`.
+        autocast_dtype: Passed to :func:`deletion_insertion` and :func:`perturbation`.
         explainer_maps: Final maps ``(B, h, w)`` of comparison explainers by name, evaluated like DAAM's.
 
     Returns:
@@ -283,7 +370,7 @@ def evaluate_batch(
         references (``random``, ``centre``), then the explainers; metrics :attr:`EvaluationConfig.columns`.
 
     Raises:
-        TargetError: faithfulness is configured but ``target`` is None (self-supervised mode).
+        TargetError: faithfulness or perturbation is configured but ``target`` is None (self-supervised mode).
     """
     config = config or EvaluationConfig()
     if daam.dim() != 4 or daam.shape[0] != images.shape[0]:
@@ -301,9 +388,11 @@ def evaluate_batch(
     values: dict[str, Tensor] = {}  # metric -> (B, M)
     if "localisation" in config.metrics:
         values |= localisation(stacked, box_mask)
+    if (config.faithfulness or config.perturbation) and target is None:
+        raise TargetError(
+            "faithfulness and perturbation need the explained classes; disable them in self-supervised mode"
+        )
     if config.faithfulness:
-        if target is None:
-            raise TargetError("faithfulness needs the explained classes; disable it in self-supervised mode")
         curves = deletion_insertion(
             model,
             images,
@@ -315,5 +404,16 @@ def evaluate_batch(
             autocast_dtype=autocast_dtype,
         )
         values |= {"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}
+    if config.perturbation:
+        curves = perturbation(
+            model,
+            images,
+            stacked,
+            target,
+            baseline=config.baseline,
+            batch_size=config.batch_size,
+            autocast_dtype=autocast_dtype,
+        )
+        values |= {f"{name}_auc": curves[name] for name in ("positive", "negative", "positive_top1", "negative_top1")}
     assert tuple(values) == config.columns
     return {method: {metric: value[:, i] for metric, value in values.items()} for i, method in enumerate(maps)}

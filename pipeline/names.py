@@ -20,12 +20,12 @@ __all__ = [
     "STORE_DTYPES",
 ]
 
-EXPLAINERS = ("daam", "rollout", "attention", "gradcam")
+EXPLAINERS = ("daam", "rollout", "attention", "gradcam", "gae")
 """What a job may compute: DAAM, and the comparison explainers that share its forward and backward pass."""
 
 COMPARISON_EXPLAINERS = EXPLAINERS[1:]
 
-PER_BLOCK_EXPLAINERS = ("rollout", "attention")
+PER_BLOCK_EXPLAINERS = ("rollout", "attention", "gae")
 """Comparison explainers with one map per block (their last map is the method's); Grad-CAM has one map."""
 
 ENGINE_ARRAYS = ("block_maps", "daam", "coefficients")
@@ -42,7 +42,11 @@ STORE_DTYPES = ("float16", "float32")
 
 COMPRESSORS = ("zstd", "blosc", "none")
 
-METRIC_GROUPS = {"localisation": ("pointing_hit", "box_energy"), "faithfulness": ("deletion_auc", "insertion_auc")}
+METRIC_GROUPS = {
+    "localisation": ("pointing_hit", "box_energy"),
+    "faithfulness": ("deletion_auc", "insertion_auc"),
+    "perturbation": ("positive_auc", "negative_auc", "positive_top1_auc", "negative_top1_auc"),
+}
 """Evaluation metrics a job selects by group (``evaluate.metrics``), and the columns each group fills."""
 
 METRIC_COLUMNS = tuple(column for columns in METRIC_GROUPS.values() for column in columns)

@@ -5,16 +5,30 @@ Blocks are numbered from 0, as in every table of an output.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from pipeline.errors import SchemaError
 from pipeline.names import REFERENCE_MAPS
 
-__all__ = ["headline_tables", "label_accuracy", "summarise", "summarise_blocks"]
+__all__ = [
+    "RANKING_IOU",
+    "first_stable_block",
+    "headline_tables",
+    "label_accuracy",
+    "ranking_reached",
+    "summarise",
+    "summarise_blocks",
+]
 
 _SUMMARY_ROWS = {"daam": "DAAM", "random": "random", "centre": "centre prior"}
 _SUMMARY_COLUMNS = {"pointing_hit": "pointing_accuracy"}  # the mean of hits is the pointing accuracy
 _KEYS = ("key", "unit", "method")
+_SAMPLE = ["unit", "key"]
+
+RANKING_IOU = 0.9
+"""IoU of a block's top-20% patches with the final map's from which a method's ranking counts as reached."""
 
 
 def label_accuracy(samples: pd.DataFrame) -> float | None:
@@ -33,8 +47,8 @@ def summarise(evaluation: pd.DataFrame) -> pd.DataFrame:
     Returns:
         One row per method (DAAM first, then the references, then any other explainer); a column per metric
         column of the table, in its order (every numeric column but ``key``, ``unit``, ``method``; ``pointing_hit``
-        as ``pointing_accuracy``: ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc``
-        today), then ``samples``, the rows of the method.
+        as ``pointing_accuracy``: ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc`` and
+        the perturbation AUCs today), then ``samples``, the rows of the method.
 
     Raises:
         SchemaError: the table lacks the ``method`` column or every metric column.
@@ -69,7 +83,57 @@ def summarise_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
     return blocks.groupby("block")[list(columns)].mean().rename(columns=columns)
 
 
-def headline_tables(out: str) -> str:
+def first_stable_block(table: pd.DataFrame, column: str, threshold: float) -> pd.Series:
+    """Per sample of a per-block table: the first block from which ``column >= threshold`` holds at that block and
+    every later one; NA where it never holds at the last block (a NaN statistic: an all-zero final map).
+
+    Args:
+        table: Rows of ``unit``, ``key``, ``block`` and ``column`` (the blocks table, or one explainer's rows of the
+            explainer_blocks table).
+
+    Returns:
+        Nullable Int16, indexed by ``(unit, key)``.
+    """
+    ordered = table[[*_SAMPLE, "block", column]].sort_values([*_SAMPLE, "block"], ascending=[True, True, False])
+    close = (ordered[column] >= threshold).astype("int8")
+    groups = [ordered["unit"], ordered["key"]]
+    trailing = close.groupby(groups).cummin().astype(bool)  # from the last block back, while every block holds
+    return ordered["block"].where(trailing).groupby(groups).min().round().astype("Int16").rename_axis(_SAMPLE)
+
+
+def ranking_reached(
+    blocks: pd.DataFrame, explainer_blocks: pd.DataFrame, threshold: float = RANKING_IOU
+) -> pd.DataFrame:
+    """How early each method's final ranking of the patches is reached: per sample, the first block from which the
+    top-20% patches of the method's block-l map overlap those of its final map with IoU >= ``threshold`` at every
+    later block (``daam_iou_final`` for DAAM's D_l, ``iou_final`` for each explainer with per-block maps).
+
+    Returns:
+        One row per method (DAAM first): ``median_block``, ``mean_block``, ``mean_depth`` (the block + 1 over the
+        number of blocks, so 1.0 means only at the last block) and ``samples`` (samples where it is defined).
+    """
+    if blocks.empty:
+        return pd.DataFrame(columns=["median_block", "mean_block", "mean_depth", "samples"])
+    depth = int(blocks["block"].max()) + 1
+    reached = {"DAAM": first_stable_block(blocks, "daam_iou_final", threshold)}
+    if len(explainer_blocks):
+        for name, rows in explainer_blocks.groupby("explainer", sort=True):
+            reached[str(name)] = first_stable_block(rows, "iou_final", threshold)
+    table = pd.DataFrame(
+        {
+            method: {
+                "median_block": first.median(),
+                "mean_block": first.mean(),
+                "mean_depth": ((first + 1) / depth).mean(),
+                "samples": int(first.notna().sum()),
+            }
+            for method, first in reached.items()
+        }
+    ).T
+    return table.astype({"samples": int}).rename_axis("method")
+
+
+def headline_tables(out: Any) -> str:
     """The tables a finished job prints: per-block localisation of M_l and D_l where boxes exist, and the
     per-method evaluation (DAAM against the reference maps) when the job evaluated.
     """
@@ -78,7 +142,7 @@ def headline_tables(out: str) -> str:
     results = open_results(out)
     samples = results.samples
     ok = samples[samples.status == "ok"]
-    parts = [f"{len(ok)} of {len(samples)} samples explained in {out}"]
+    parts = [f"{len(ok)} of {len(samples)} samples explained in {results.output.url}"]
     if (accuracy := label_accuracy(samples)) is not None:
         parts.append(f"accuracy of `predicted` against `label`: {accuracy:.4f}")
     blocks = results.blocks
@@ -86,6 +150,11 @@ def headline_tables(out: str) -> str:
         per_block = summarise_blocks(blocks)
         parts.append("localisation per block (boxes), accumulated maps D_l and block maps M_l:")
         parts.append(per_block.to_string(float_format=lambda v: f"{v:.3f}"))
+    if len(blocks):
+        parts.append(
+            f"block from which each method's top-20% patches stay within IoU {RANKING_IOU} of its final map's:"
+        )
+        parts.append(ranking_reached(blocks, results.explainer_blocks).to_string(float_format=lambda v: f"{v:.3f}"))
     evaluation = results.evaluation
     if len(evaluation):
         parts.append("final map against reference maps:")

@@ -20,6 +20,7 @@ from pipeline.evaluate import (
     deletion_insertion,
     evaluate_batch,
     localisation,
+    perturbation,
     random_map,
 )
 from pipeline.stats import boxes_to_grid_mask
@@ -99,6 +100,30 @@ def naive_auc(model, image, grid_map, target, steps, baseline):
         ys = model(torch.stack(xs)).softmax(-1)[:, target].tolist()
         points = list(zip(fractions, ys, strict=True))
         result[name] = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in pairwise(points))
+    return result
+
+
+def naive_perturbation(model, image, grid_map, target, baseline):
+    """One image, one map, loops over fractions and patches: Chefer et al.'s positive/negative perturbation."""
+    (h, w), (height, width) = grid_map.shape, image.shape[-2:]
+    ph, pw, n = height // h, width // w, h * w
+    values = grid_map.flatten().tolist()
+    order = sorted(range(n), key=lambda j: (-values[j], j))  # most relevant first
+    result = {}
+    for name, ranking in (("positive", order), ("negative", order[::-1])):
+        perturbed = []
+        for i in range(10):  # removed fractions 0, 0.1, ..., 0.9
+            x = image.clone()
+            for j in ranking[: i * n // 10]:
+                r, c = divmod(j, w)
+                patch = (slice(None), slice(r * ph, (r + 1) * ph), slice(c * pw, (c + 1) * pw))
+                x[patch] = baseline[patch]
+            perturbed.append(x)
+        logits = torch.cat([model(x[None]) for x in perturbed])
+        curves = {"": logits.softmax(-1)[:, target].tolist(), "_top1": (logits.argmax(-1) == target).tolist()}
+        for suffix, ys in curves.items():
+            result[name + suffix] = sum(0.1 * (y0 + y1) / 2 for y0, y1 in pairwise(float(y) for y in ys))
+            result[f"{name}{suffix}_curve"] = [float(y) for y in ys]
     return result
 
 
@@ -225,6 +250,57 @@ def test_deletion_insertion_errors():
         deletion_insertion(PatchModel(), images, maps, torch.tensor([0, 0]), baseline="noise")
 
 
+# -- positive / negative perturbation -----------------------------------------------------------------------------
+def test_perturbation_hand_values():
+    images = torch.zeros(1, 3, 16, 16)
+    images[:, :, :8, :8] = 1.0  # patch (0, 0) of the 2 x 2 grid
+    first = torch.tensor([[[1.0, 0.3], [0.2, 0.1]]])  # (0, 0) most relevant
+    p = 1 / (1 + math.exp(-10))  # original; the zero baseline gives 0.5
+    result = perturbation(PatchModel(), images, first, torch.tensor([0]), baseline="zero")
+    # n = 4 patches: k_i = floor(4 i / 10) = 0, 0, 0, 1, 1, 2, 2, 2, 3, 3; (0, 0) goes at k = 1 (positive) and
+    # would go only at k = 4 (negative, removed last)
+    torch.testing.assert_close(result["positive_curve"], torch.tensor([[p] * 3 + [0.5] * 7]))
+    torch.testing.assert_close(result["negative_curve"], torch.tensor([[p] * 10]))
+    torch.testing.assert_close(result["positive"], torch.tensor([0.1 * (2 * p + (p + 0.5) / 2 + 3)]))
+    torch.testing.assert_close(result["negative"], torch.tensor([0.9 * p]))
+    assert result["positive"] < result["negative"]
+
+
+@pytest.mark.parametrize("baseline", ["zero", "blur"])
+def test_perturbation_equals_naive_reference_on_a_non_square_vit(baseline):
+    model = tiny_vit(img_size=(24, 40))
+    images, maps = randn(3, 3, 24, 40), randn(3, 2, 3, 5, seed=2).relu()
+    maps[0, 1] = 0.0  # an all-zero map: undefined
+    target = torch.tensor([0, 3, 1])
+    result = perturbation(model, images, maps, target, baseline=baseline, batch_size=7)
+    assert result["positive"].shape == (3, 2) and result["negative_top1_curve"].shape == (3, 2, 10)
+    assert torch.isnan(result["positive"][0, 1]) and torch.isnan(result["negative_top1"][0, 1])
+    base = baseline_images(images, baseline)
+    for b in range(3):
+        for m in range(2):
+            if b == 0 and m == 1:
+                continue
+            expected = naive_perturbation(model, images[b], maps[b, m], target[b].item(), base[b])
+            for name in ("positive", "negative", "positive_top1", "negative_top1"):
+                assert result[name][b, m].item() == pytest.approx(expected[name], abs=1e-6), name
+                assert result[f"{name}_curve"][b, m].tolist() == pytest.approx(expected[f"{name}_curve"], abs=1e-6)
+    # top-1 correctness: the original image's argmax is not always the target here, and the curves show it
+    assert set(result["positive_top1_curve"][~torch.isnan(result["positive_top1_curve"])].tolist()) <= {0.0, 1.0}
+
+
+def test_perturbation_forward_passes_and_chunking():
+    maps, target = randn(3, 2, 4, 4, seed=3), torch.tensor([0, 1, 0])
+    counting = MeanModel()
+    perturbation(counting, torch.rand(3, 3, 32, 32), maps, target, batch_size=16)
+    assert sum(counting.calls) == 3 * (1 + 2 * 2 * 9)  # the original once per sample
+    model, images = tiny_vit(), randn(3, 3, 32, 32)
+    runs = [perturbation(model, images, maps, target, batch_size=size) for size in (1, 64)]
+    for name in ("positive", "negative", "positive_top1", "negative_top1"):
+        torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(TargetError, match="perturbation need class probabilities"):
+        perturbation(tiny_vit(num_classes=0), images, maps, target)
+
+
 # -- baselines and reference maps ---------------------------------------------------------------------------------
 def test_baselines():
     images = randn(2, 3, 24, 40)
@@ -326,7 +402,10 @@ def test_evaluate_batch_with_the_engine():
         dim=1,
     )
     expected = deletion_insertion(model, images, maps, result.target, steps=4, baseline="mean")
+    perturbed = perturbation(model, images, maps, result.target, baseline="mean")
     for i, method in enumerate(("daam", "random", "centre")):
+        torch.testing.assert_close(out[method]["positive_auc"], perturbed["positive"][:, i])
+        torch.testing.assert_close(out[method]["negative_top1_auc"], perturbed["negative_top1"][:, i])
         torch.testing.assert_close(out[method]["deletion_auc"], expected["deletion"][:, i])
         torch.testing.assert_close(out[method]["insertion_auc"], expected["insertion"][:, i])
         assert (

@@ -282,7 +282,14 @@ class MemoryBank:
             self._label_cache[device] = self._labels.to(device)
         return self._label_cache[device]
 
-    def to_zarr(self, path: str | Path, *, overwrite: bool = False, keys: Sequence[str] | None = None) -> None:
+    def to_zarr(
+        self,
+        path: str | Path,
+        *,
+        overwrite: bool = False,
+        keys: Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         """Write the bank as a Zarr v3 group: ``features`` (M, D), ``labels`` (M,) when labelled, ``keys`` (M,)
         when given, and attrs. Any such group works as a job's ``bank.path``.
 
@@ -290,6 +297,7 @@ class MemoryBank:
             path: Local directory (or URL that zarr can open) of the new group.
             overwrite: Replace an existing group at ``path``.
             keys: The samples' keys, row by row (needed by ``bank.exclude_self``).
+            storage_options: fsspec options for a URL.
 
         Raises:
             BankError: The group cannot be written (for example it exists and not ``overwrite``).
@@ -307,7 +315,8 @@ class MemoryBank:
             "num_classes": self.num_classes,
         }
         try:
-            group = zarr.open_group(str(path), mode="w" if overwrite else "w-", attributes=attrs)
+            mode = "w" if overwrite else "w-"
+            group = zarr.open_group(str(path), mode=mode, attributes=attrs, storage_options=storage_options)
             array = group.create_array(
                 "features", shape=feats.shape, dtype=_STORAGE_DTYPES[feats.dtype], chunks=(rows, self.dim)
             )

@@ -1,4 +1,5 @@
-"""Comparison explainers computed in DAAM's own forward and backward pass: attention rollout, raw attention, Grad-CAM.
+"""Comparison explainers computed in DAAM's own forward and backward pass: attention rollout, raw attention, Grad-CAM
+and GAE.
 
 ``Baselines(daam, names)`` adds hooks next to DAAM's; one ``daam(images, ...)`` call then also yields the
 requested maps, read with :meth:`Baselines.maps`. Per block l, P prefix tokens, patch tokens j >= P:
@@ -14,7 +15,19 @@ requested maps, read with :meth:`Baselines.maps`. Per block l, P prefix tokens, 
   reach the head from there, so dY/dX is zero on every patch token (pytorch-grad-cam's ViT tutorial takes
   ``blocks[-1].norm1`` for this reason).
 
-Rollout and attention have one map per block, (B, L, h, w), the last being the method's map; Grad-CAM has one,
+- ``gae`` (Chefer, Gur & Wolf, "Generic Attention-model Explainability", ICCV 2021, gradient-weighted rollout):
+  Ā_l = mean_h ReLU(dY/dA_l^h ⊙ A_l^h), with A_l^h the block's full softmax attention (N x N, recomputed in float32
+  from q and k) and Y DAAM's explained score; R_0 = I, R_l = R_{l-1} + Ā_l @ R_{l-1}; map l = R_l[0, j]. The
+  gradient dY/dA is read off DAAM's backward pass without materialising A in the model: the attention output of
+  head h is O^h = A^h V^h (dropout is off in eval, and :func:`~pipeline.engine.hooks.check_explainable` admits no
+  norm or gate between it and ``attn.proj``), so dY/dA^h = (dY/dO^h) (V^h)^T exactly, with dY/dO the gradient at
+  T_l, the input of ``attn.proj``. Memory per image: a transient (H, N, N) float32 A and dY/dA for one block at a
+  time in its gradient hook, the (L, N, N) float32 Ā of every block until the backward pass reaches block 0 (it
+  visits the blocks last to first, R is built first to last), and the running (N, N) R: for ViT-B/16 at 224
+  (N = 197, H = L = 12) 3.7 MB transient and 1.9 MB held. The blocks' q, k and v are held until their gradient
+  arrives; autograd keeps them anyway for every block but the first.
+
+Rollout, attention and GAE have one map per block, (B, L, h, w), the last being the method's map; Grad-CAM has one,
 (B, 1, h, w). Maps are raw float32 values on the images' device, not normalised.
 """
 
@@ -45,7 +58,7 @@ def _exact(device: torch.device) -> Iterator[None]:
 
 
 class Baselines:
-    """Attention rollout, raw attention and Grad-CAM alongside DAAM; a context manager owning its hooks.
+    """Attention rollout, raw attention, Grad-CAM and GAE alongside DAAM; a context manager owning its hooks.
 
     Hooks act only while DAAM's capture is active, i.e. during a ``daam(...)`` call::
 
@@ -88,6 +101,12 @@ class Baselines:
                 ]
             if "attention" in self.names:
                 self._handles.append(attn.proj.register_forward_hook(self._attention_hook(i)))
+            if "gae" in self.names:
+                self._handles += [
+                    attn.q_norm.register_forward_hook(self._gae_store_hook(i, "q")),
+                    attn.k_norm.register_forward_hook(self._gae_store_hook(i, "k")),
+                    attn.proj.register_forward_hook(self._gae_forward_hook(i, attn)),
+                ]
         if "gradcam" in self.names:
             self._handles.append(model.blocks[-1].attn.register_forward_pre_hook(self._gradcam_forward_hook))
         self._reset()
@@ -108,6 +127,8 @@ class Baselines:
         self._query: torch.Tensor | None = None
         self._product: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
+        self._gae_inputs: dict[int, dict[str, torch.Tensor]] = {}  # block -> q, k (B, H, N, d), v (B, N, H, d)
+        self._gae_mixed: dict[int, torch.Tensor] = {}  # block -> Ā_l (B, N, N) float32
 
     def maps(self) -> dict[str, torch.Tensor]:
         """The maps of the latest explanation, then forgotten.
@@ -192,6 +213,47 @@ class Baselines:
             self._maps["gradcam"][:, 0] = cam.clamp_min(0)
         self._tokens = None
         self._pending.discard("gradcam")
+
+    def _gae_store_hook(self, i: int, slot: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if self._active():
+                self._gae_inputs.setdefault(i, {})[slot] = out.detach()
+
+        return hook
+
+    def _gae_forward_hook(self, i: int, attn: Attention):
+        """After ``attn.proj``: keep v and hook the gradient at T_l (its input, as DAAM's capture passed it on)."""
+
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if not self._active():
+                return
+            (t,) = args
+            inputs = self._gae_inputs.setdefault(i, {})
+            inputs["v"] = self._capture().blocks[i].values.detach()  # set by the capture's qkv hook
+            if t.requires_grad:  # the capture makes T_l part of the graph whenever it explains
+                t.register_hook(lambda grad: self._gae_gradient_hook(i, attn, grad))
+
+        return hook
+
+    def _gae_gradient_hook(self, i: int, attn: Attention, grad: torch.Tensor) -> None:
+        """Ā_l from dY/dT_l (B, N, C); at block 0, the last to get its gradient, the rollout R_l of every block."""
+        inputs = self._gae_inputs.pop(i)
+        batch, tokens, _ = grad.shape
+        with _exact(grad.device):
+            attention = ((inputs["q"].float() * attn.scale) @ inputs["k"].float().transpose(-2, -1)).softmax(dim=-1)
+            grad_out = grad.float().view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)  # dY/dO^h
+            grad_attention = grad_out @ inputs["v"].float().permute(0, 2, 3, 1)  # (B, H, N, d) @ (B, H, d, N)
+            del grad_out, inputs
+            self._gae_mixed[i] = attention.mul_(grad_attention).clamp_min_(0).mean(dim=1)  # Ā_l, (B, N, N)
+            del attention, grad_attention
+            if i != 0:
+                return
+            product = torch.eye(tokens, device=grad.device).expand(batch, tokens, tokens)  # R_0 = I
+            for block in range(self.num_blocks):
+                mixed = self._gae_mixed.pop(block)
+                product = product + torch.bmm(mixed, product)
+                self._maps["gae"][:, block] = product[:, 0, self.num_prefix_tokens :]
+        self._pending.discard("gae")
 
     # -- context -------------------------------------------------------------------------------------------
     def remove(self) -> None:

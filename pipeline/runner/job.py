@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -24,10 +25,10 @@ from pipeline.runner.plan import ActorPlan, describe_plan, plan_actors
 from pipeline.runner.pools import LocalPool, RayPool
 from pipeline.runner.preflight import preflight
 from pipeline.runner.summary import JobSummary
-from pipeline.stages.bank import assemble_bank, bank_is_built, bank_output
+from pipeline.stages.bank import assemble_bank, bank_is_built, bank_output, bank_storage_options
 from pipeline.store.compact import TABLES_DIR, compact
 from pipeline.store.lease import Lease
-from pipeline.store.output import Output, as_output
+from pipeline.store.output import Output, as_output, job_output
 from pipeline.store.units import (
     BANK_PARTS,
     EXPLAIN_PARTS,
@@ -81,7 +82,7 @@ def run_job(
     checked = preflight(job, model=not dry_run)
     if not use_ray and not dry_run:
         resolve_device(job.device)  # this process is the worker: an unusable device is a user error now
-    output, banks = as_output(job.output.path), bank_output(job)
+    output, banks = job_output(job), bank_output(job)
     content = fingerprint(job, checkpoint_digest(job.model.checkpoint))
     if dry_run:
         if not overwrite and committed_units(output):
@@ -97,7 +98,8 @@ def run_job(
             output.remove(output.path(TABLES_DIR))
             clear(banks, [BANK_PARTS])
             if job.mode == "self-supervised" and job.bank.shards is not None:
-                as_output(job.bank_path()).remove(as_output(job.bank_path()).root)
+                bank = as_output(job.bank_path(), bank_storage_options(job))
+                bank.remove(bank.root)
         elif committed_units(output) or committed_units(banks):
             check_resume(output, content)
         _write_job(output, job, content)
@@ -193,7 +195,7 @@ def _finish(job: JobConfig, summary: JobSummary, start: float) -> JobSummary:
     if job.mode == "self-supervised" and summary.done + summary.skipped:
         from pipeline.store.results import open_results
 
-        summary.knn_accuracy = label_accuracy(open_results(job.output.path).samples)
+        summary.knn_accuracy = label_accuracy(open_results(job_output(job)).samples)
     return summary
 
 
@@ -235,7 +237,12 @@ def _run_bank_stage(job: JobConfig, pool: Any, todo: list[str], progress: bool, 
 def _write_job(output: Output, job: JobConfig, content: dict[str, Any]) -> None:
     """``OUT/job.json``: the job as validated, and the fingerprint of what it stores."""
     record = {**job.model_dump(mode="json"), "fingerprint": content}
+    options = record["output"]["storage_options"]
+    record["output"]["storage_options"] = {k: "***" if _SECRET.search(k) else v for k, v in options.items()}
     output.put_atomic(output.path(JOB_FILE), json.dumps(record, indent=2).encode())
+
+
+_SECRET = re.compile(r"secret|key|token|password|credential", re.IGNORECASE)
 
 
 def _ensure_ray(address: str | None, job: JobConfig) -> None:

@@ -22,7 +22,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import JobTerminated, PipelineError, StoreError
 from pipeline.runner.fingerprint import JOB_FILE
 from pipeline.runner.plan import ActorPlan
-from pipeline.store.output import as_output
+from pipeline.store.output import job_output
 from pipeline.store.units import unit_name
 from pipeline.worker import UnitWorker, units_in_flight
 
@@ -119,7 +119,7 @@ def _check_output_is_shared(job: JobConfig) -> None:
     output is a folder local to the driver's node (or ``memory://``), where this worker's results would be lost."""
     import ray
 
-    output = as_output(job.output.path)
+    output = job_output(job)
     if not output.exists(output.path(JOB_FILE)):
         raise StoreError(
             f"output.path {job.output.path} is not shared with the worker on node {ray.util.get_node_ip_address()}: "
@@ -163,7 +163,7 @@ class RayPool:
         self._fault = fault
         self._per_actor = units_in_flight(job, self._device)
         self._live: list[Any] = []
-        self._logs = as_output(job.output.path)
+        self._logs = job_output(job)
         self._stop_reason: str | None = None
 
     def stop(self, reason: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pipeline.config import JobConfig, expand_shards, is_url
 from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError
-from pipeline.store.output import as_output
+from pipeline.store.output import job_output
 from pipeline.store.units import unit_name
 
 __all__ = ["CheckedJob", "preflight"]
@@ -39,7 +39,7 @@ def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
         PipelineError: the first problem found (ConfigError, ShardNotFoundError, CheckpointError, BankError, ...);
             the message names the file or field.
     """
-    as_output(job.output.path)
+    job_output(job)
     urls = _check_shards(job.shard_urls(), "data.shards")
     bank_urls = []
     if job.mode == "self-supervised" and job.bank.shards is not None:
@@ -109,7 +109,7 @@ def _check_bank(job: JobConfig, dim: int) -> None:
     path = job.bank_path()
     if not bank_is_built(job):
         raise BankError(f"bank.path: no memory bank at {path}; give bank.shards so the bank stage builds it")
-    bank_dim, has_keys = describe_bank(path)
+    bank_dim, has_keys = describe_bank(job)
     if bank_dim != dim:
         raise BankError(f"bank.path: the bank at {path} holds {bank_dim}-d features; {job.model.name} makes {dim}")
     if job.bank.exclude_self and not has_keys:

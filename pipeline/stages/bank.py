@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,17 +25,26 @@ from pipeline.errors import BankError
 from pipeline.models import pooled_features
 from pipeline.stages.base import compute_dtype, failed_rows
 from pipeline.store.features import FeatureWriter, read_unit_features
-from pipeline.store.output import Output, as_output
+from pipeline.store.output import Output, job_output
 from pipeline.store.units import BANK_PARTS, done_units, unit_name
 
-__all__ = ["BankStage", "EncodedBatch", "assemble_bank", "bank_is_built", "bank_output", "describe_bank", "load_bank"]
+__all__ = [
+    "BankStage",
+    "EncodedBatch",
+    "assemble_bank",
+    "bank_is_built",
+    "bank_output",
+    "bank_storage_options",
+    "describe_bank",
+    "load_bank",
+]
 
 _log = logging.getLogger(__name__)
 
 
 def bank_output(job: JobConfig) -> Output:
     """Where the bank stage commits its units: ``OUT/bank``."""
-    return as_output(job.output.path).child("bank")
+    return job_output(job, "bank")
 
 
 @dataclass(frozen=True)
@@ -143,24 +153,33 @@ def assemble_bank(job: JobConfig) -> MemoryBank:
         dtype=torch.float16 if job.bank.storage_dtype == "float16" else torch.float32,
     )
     path = job.bank_path()
-    bank.to_zarr(path, overwrite=True, keys=np.concatenate(keys))
-    zarr.open_group(path, mode="r+").attrs["units"] = units  # last: marks the bank whole
+    bank.to_zarr(path, overwrite=True, keys=np.concatenate(keys), storage_options=bank_storage_options(job))
+    _open_bank(job, mode="r+").attrs["units"] = units  # last: marks the bank whole
     _log.info("memory bank of %d samples (D=%d) written to %s", bank.size, bank.dim, path)
     return bank
+
+
+def bank_storage_options(job: JobConfig) -> dict[str, Any] | None:
+    """The output's storage options, for a bank at a URL (a local path takes none)."""
+    return dict(job.output.storage_options) if "://" in job.bank_path() else None
+
+
+def _open_bank(job: JobConfig, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(job.bank_path(), mode=mode, storage_options=bank_storage_options(job))
 
 
 def bank_is_built(job: JobConfig) -> bool:
     """Whether ``bank.path`` holds a whole bank (one the bank stage assembled has its ``units``, written last)."""
     try:
-        attrs = zarr.open_group(job.bank_path(), mode="r").attrs
+        attrs = _open_bank(job).attrs
     except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError):
         return False
     return attrs.get("format") == "daam-pipeline/memory-bank" and (job.bank.shards is None or "units" in attrs)
 
 
-def describe_bank(path: str) -> tuple[int, bool]:
-    """A bank's feature size D, and whether it holds its samples' keys; without reading its features."""
-    group = zarr.open_group(path, mode="r")
+def describe_bank(job: JobConfig) -> tuple[int, bool]:
+    """The job's bank's feature size D, and whether it holds its samples' keys; without reading its features."""
+    group = _open_bank(job)
     return int(group["features"].shape[1]), "keys" in group
 
 
@@ -174,9 +193,14 @@ def load_bank(job: JobConfig, device: torch.device) -> tuple[MemoryBank, dict[st
     if not bank_is_built(job):
         raise BankError(f"no memory bank at bank.path {path}: give bank.shards so the bank stage builds it")
     bank = MemoryBank.from_zarr(
-        path, k=job.bank.k, temperature=job.bank.temperature, chunk_size=job.bank.chunk_size, device=device
+        path,
+        storage_options=bank_storage_options(job),
+        k=job.bank.k,
+        temperature=job.bank.temperature,
+        chunk_size=job.bank.chunk_size,
+        device=device,
     )
-    group = zarr.open_group(path, mode="r")
+    group = _open_bank(job)
     keys = group["keys"][:] if "keys" in group else None
     if keys is None and job.bank.exclude_self:
         raise BankError(f"bank.exclude_self needs the bank's sample keys, and the bank at {path} has none")

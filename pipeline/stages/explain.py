@@ -19,7 +19,7 @@ from pipeline.names import PER_BLOCK_EXPLAINERS
 from pipeline.stages.bank import load_bank
 from pipeline.stages.base import compute_dtype, failed_rows
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
-from pipeline.store.output import Output, as_output
+from pipeline.store.output import Output, job_output
 from pipeline.store.unit_writer import UnitWriter
 from pipeline.store.units import EXPLAIN_PARTS
 from pipeline.store.zarr_store import MapLayout
@@ -129,7 +129,7 @@ class ExplainStage:
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
 
     def output(self) -> Output:
-        return as_output(self.job.output.path)
+        return job_output(self.job)
 
     def open_unit(self, unit: str, url: str) -> ExplainSink:
         writer = UnitWriter(

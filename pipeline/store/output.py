@@ -15,7 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StoreError
 
-__all__ = ["Output", "OutputLike", "as_output"]
+__all__ = ["Output", "OutputLike", "as_output", "job_output"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,12 @@ OutputLike = str | os.PathLike | Output
 def as_output(out: OutputLike, storage_options: Mapping[str, Any] | None = None) -> Output:
     """``out`` as an :class:`Output`; ``storage_options`` apply to a path or URL only."""
     return out if isinstance(out, Output) else Output(os.fspath(out), dict(storage_options or {}))
+
+
+def job_output(job: Any, *parts: str) -> Output:
+    """A job's output location (``output.path`` with ``output.storage_options``), or ``OUT/<parts>``."""
+    output = Output(job.output.path, dict(job.output.storage_options))
+    return output.child(*parts) if parts else output
 
 
 def _reason(error: OSError) -> str:

@@ -46,6 +46,7 @@ class SampleMaps:
     rollout: np.ndarray | None = None  # (L, h, w), when the job ran the rollout explainer
     attention: np.ndarray | None = None  # (L, h, w), raw [class] attention per block
     gradcam: np.ndarray | None = None  # (h, w)
+    gae: np.ndarray | None = None  # (L, h, w), GAE's gradient-weighted rollout per block
 
 
 class Results:

@@ -82,7 +82,7 @@ TABLE_DESCRIPTIONS = {
     "explainer_blocks": (
         "One row per ok sample, comparison explainer with per-block maps, and block: the statistics of the blocks "
         "table (the same formulas, pipeline/stats.py) for the explainer's maps, the last block's map taking the "
-        "place of D_L. Written when the job's `explainers:` list names rollout or attention. File: "
+        "place of D_L. Written when the job's `explainers:` list names rollout, attention or gae. File: "
         "OUT/explainer_blocks/<unit>.parquet."
     ),
 }
@@ -314,6 +314,29 @@ EVALUATION = _schema(
             "Area under the target's softmax probability as the map's top patches are revealed on the baseline; "
             "higher is more faithful.",
         ),
+        _field(
+            "positive_auc",
+            pa.float32(),
+            "Positive perturbation (Chefer et al. 2021): area under the target's softmax probability as the map's "
+            "most relevant patches are replaced by the baseline first, at removed fractions 0, 0.1, ..., 0.9 "
+            "(trapezoid over [0, 0.9]); lower is more faithful.",
+        ),
+        _field(
+            "negative_auc",
+            pa.float32(),
+            "Negative perturbation: the same with the least relevant patches removed first; higher is more faithful.",
+        ),
+        _field(
+            "positive_top1_auc",
+            pa.float32(),
+            "Positive perturbation of top-1 correctness (1 while the perturbed image's argmax is the target, else 0), "
+            "the protocol's accuracy curve; lower is more faithful.",
+        ),
+        _field(
+            "negative_top1_auc",
+            pa.float32(),
+            "Negative perturbation of top-1 correctness; higher is more faithful.",
+        ),
     ],
 )
 
@@ -325,8 +348,9 @@ EXPLAINER_BLOCKS = _schema(
         _field(
             "explainer",
             pa.string(),
-            "Comparison explainer with per-block maps: 'rollout' (attention rollout up to block l) or 'attention' "
-            "(block l's [class] attention, mean over heads).",
+            "Comparison explainer with per-block maps: 'rollout' (attention rollout up to block l), 'attention' "
+            "(block l's [class] attention, mean over heads) or 'gae' (gradient-weighted attention rollout up to block "
+            "l, Chefer et al. 2021).",
         ),
         _field("block", pa.int16(), "Block index l, 0-based."),
         _field(
@@ -428,6 +452,11 @@ _MAP_ARRAYS = {
     "attention": _map_array(
         ("sample", "block", "row", "col"),
         "Block l's [class] attention over the patches, mean over heads (explainers: attention).",
+    ),
+    "gae": _map_array(
+        ("sample", "block", "row", "col"),
+        "GAE (Chefer et al. 2021), gradient-weighted attention rollout up to block l, [class] row over the patches "
+        "(explainers: gae).",
     ),
     "gradcam": _map_array(
         ("sample", "row", "col"), "Grad-CAM on the tokens the last block's attention reads (explainers: gradcam)."

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.store.results import Results, open_results
 from pipeline.store.schemas import BLOCKS, EVALUATION
-from pipeline.summaries import summarise, summarise_blocks
+from pipeline.summaries import RANKING_IOU, ranking_reached, summarise, summarise_blocks
 from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
 from pipeline.viz.render import iter_flows
 from pipeline.viz.select import CONVERGENCE_THRESHOLD, convergence_blocks
@@ -259,6 +259,11 @@ def _explainer_curves(blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> s
             "last map taking the place of D_L (cos_final, iou_final). Lines: the median over samples; bands: the "
             "inter-quartile range.</p>",
             f'<div class="charts">{"".join(charts)}</div>',
+            "<h3>How early each method reaches its final ranking</h3>",
+            f'<p class="note">Per sample, the first block from which the top-20% patches of the method\'s map '
+            f"overlap those of its final map with IoU of at least {RANKING_IOU} at every later block; depth: that "
+            "block + 1 over the number of blocks.</p>",
+            _table(ranking_reached(blocks, explainer_blocks)),
         ]
     )
 

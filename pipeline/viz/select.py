@@ -14,6 +14,7 @@ import pandas as pd
 
 from pipeline.errors import SampleNotFoundError
 from pipeline.store.results import Results
+from pipeline.summaries import first_stable_block
 
 __all__ = ["CONVERGENCE_THRESHOLD", "QUERIES", "convergence_blocks", "select_samples"]
 
@@ -36,15 +37,10 @@ def convergence_blocks(blocks: pd.DataFrame, threshold: float = CONVERGENCE_THRE
         One row per sample, indexed by ``(unit, key)``: ``convergence_block`` (nullable Int16, NA when undefined)
         and ``mean_cos_final``, the mean of ``daam_cos_final`` over the blocks (NaN skipped).
     """
-    ordered = blocks[[*_SAMPLE, "block", "daam_cos_final"]].sort_values([*_SAMPLE, "block"], ascending=[1, 1, 0])
-    close = (ordered["daam_cos_final"] >= threshold).astype("int8")
-    groups = [ordered["unit"], ordered["key"]]
-    trailing = close.groupby(groups).cummin().astype(bool)  # from the last block back, while every block is close
-    first = ordered["block"].where(trailing).groupby(groups).min()
     table = pd.DataFrame(
         {
-            "convergence_block": first.round().astype("Int16"),
-            "mean_cos_final": ordered.groupby(groups)["daam_cos_final"].mean(),
+            "convergence_block": first_stable_block(blocks, "daam_cos_final", threshold),
+            "mean_cos_final": blocks.groupby(_SAMPLE)["daam_cos_final"].mean(),
         }
     )
     return table.rename_axis(_SAMPLE)

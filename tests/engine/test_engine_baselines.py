@@ -1,10 +1,13 @@
-"""Rollout, raw attention and Grad-CAM in DAAM's pass, against a naive per-image float64 reference."""
+"""Rollout, raw attention and Grad-CAM in DAAM's pass, against a naive per-image float64 reference (GAE: its own
+reference in naive_gae.py, joined here as NaiveMaps.gae)."""
 
 from __future__ import annotations
 
 import copy
 import gc
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,6 +17,9 @@ from torch import nn
 from pipeline import DAAM
 from pipeline.engine.baselines import BASELINES, Baselines
 from pipeline.errors import ConfigError, PipelineError, UnsupportedModelError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from naive_gae import naive_gae
 
 TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
 
@@ -45,6 +51,7 @@ class NaiveMaps:
     rollout: torch.Tensor  # (L, h, w)
     attention: torch.Tensor  # (L, h, w)
     gradcam: torch.Tensor  # (1, h, w)
+    gae: torch.Tensor  # (L, h, w)
     final_norm_patch_gradient: torch.Tensor  # dY/d(model.norm output) on the patch tokens
 
 
@@ -93,6 +100,7 @@ def naive_baselines(model: nn.Module, image: torch.Tensor, target: int | None, w
         torch.stack(rollout).reshape(-1, h, w),
         torch.stack(attention).reshape(-1, h, w),
         gradcam.reshape(1, h, w),
+        naive_gae(model, image, target, weights),
         grad_features[0, prefix:],
     )
 
@@ -114,7 +122,7 @@ def test_supervised_maps_equal_naive(key):
     blocks = kwargs["depth"]
     assert list(maps) == list(BASELINES)
     assert {k: tuple(v.shape) for k, v in maps.items()} == dict(
-        rollout=(3, blocks, h, w), attention=(3, blocks, h, w), gradcam=(3, 1, h, w)
+        rollout=(3, blocks, h, w), attention=(3, blocks, h, w), gradcam=(3, 1, h, w), gae=(3, blocks, h, w)
     )
     assert all(v.dtype == torch.float32 for v in maps.values())
     assert maps["gradcam"].sum() > 0 and (maps["gradcam"] >= 0).all()
@@ -200,8 +208,9 @@ def test_hooks_removed_and_memory_flat():
 
     with DAAM(model) as daam:
         with Baselines(daam, BASELINES) as extra:
-            # patch_embed; q_norm, k_norm and proj of each of the 3 blocks; the last attn
-            assert hook_count() == 4 * 3 + 1 + 3 * 3 + 1
+            # patch_embed; q_norm, k_norm and proj of each of the 3 blocks, for rollout/attention and for GAE;
+            # the last attn
+            assert hook_count() == 4 * 3 + 1 + 3 * 3 + 3 * 3 + 1
             daam(x)
             extra.maps()
             before = live_tensors()
@@ -239,7 +248,7 @@ def test_hooks_silent_outside_explanations_and_maps_read_once():
 def test_configuration_errors():
     model = make("vit_tiny_patch16_224", **MODELS["vit"][1])
     with DAAM(model) as daam:
-        with pytest.raises(ConfigError, match=r"\['lrp'\]; valid names: rollout, attention, gradcam"):
+        with pytest.raises(ConfigError, match=r"\['lrp'\]; valid names: rollout, attention, gradcam, gae"):
             Baselines(daam, ["rollout", "lrp"])
         with pytest.raises(ConfigError, match="valid names"):
             Baselines(daam, [])

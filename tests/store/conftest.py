@@ -37,6 +37,7 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
         "coefficients": rng.standard_normal((n, n_blocks, c)).astype(np.float32),
         "rollout": block_maps / 2,
         "attention": block_maps / 3,
+        "gae": block_maps / 5,
         "gradcam": block_maps[:, -1],
     }
     return {"keys": keys, "arrays": arrays, "columns": columns, "block_stats": stats}

@@ -64,7 +64,7 @@ def test_export_reads_back_as_the_schemas():
 
 def test_schemas_keep_what_the_json_described():
     assert SAMPLES.metadata == {b"name": b"samples", b"version": b"1"}
-    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS)] == [15, 26, 7, 16]
+    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS)] == [15, 26, 11, 16]  # + perturbation
     assert SAMPLES.names[:3] == ["key", "shard", "unit"] and SAMPLES.names[-2:] == ["model", "job"]
     key, label, status, score = (SAMPLES.field(n) for n in ("key", "label", "status", "score"))
     assert (key.type, key.nullable) == (pa.string(), False)
@@ -86,6 +86,10 @@ def test_schemas_keep_what_the_json_described():
         "box_energy",
         "deletion_auc",
         "insertion_auc",
+        "positive_auc",
+        "negative_auc",
+        "positive_top1_auc",
+        "negative_top1_auc",
     ]
     assert EXPLAINER_BLOCKS.field("explainer").type == pa.string()
     arrays = ZARR_LAYOUT["arrays"]

@@ -214,3 +214,26 @@ def test_report_loads_in_headless_chromium_without_errors(crop_report, tmp_path)
     assert facts["headings"][0] == "Dataset"
     # the same checks see a broken page
     assert broken_facts["images"] == [False] and [e["args"][0]["value"] for e in broken_errors] == ["boom"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is not installed (apt-get install chromium)")
+def test_the_explainers_report_shows_every_explainers_curves_in_chromium(explainers_output, tmp_path):
+    page = report(explainers_output, tmp_path / "report.html", gallery=0, progress=False)
+    browser = Chromium(tmp_path / "profile")
+    try:
+        facts, errors, _ = browser.load(page.as_uri())
+    finally:
+        browser.close()
+    assert errors == [] and all(facts["charts"])
+    assert "Per-block statistics by explainer" in facts["headings"]
+    assert len(facts["charts"]) == 3 * len(CURVES) + 3  # D_l's curves three ways, one per statistic by explainer
+    labels = browser_labels(page.read_text(), "Per-block statistics by explainer")
+    assert labels == [["DAAM", "attention", "gae", "rollout"]] * len(CURVES)
+
+
+def browser_labels(html: str, heading: str) -> list[list[str]]:
+    """The legend names of each chart of a report section."""
+    start = html.index(f"<h2>{heading}</h2>")
+    end = html.find("<h2>", start + 1)
+    charts = re.findall(r"<svg .*?</svg>", html[start:end], flags=re.S)
+    return [re.findall(r">(\w+) \(n=\d+\)</text>", svg) for svg in charts]

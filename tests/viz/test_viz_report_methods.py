@@ -17,7 +17,15 @@ from pipeline.viz.report import CURVES, report
 
 STATISTICS = [c.removeprefix("daam_") for c in CURVES]
 METRICS = {"pointing_accuracy": "pointing_hit", "box_energy": "box_energy"} | {
-    m: m for m in ("deletion_auc", "insertion_auc")
+    m: m
+    for m in (
+        "deletion_auc",
+        "insertion_auc",
+        "positive_auc",
+        "negative_auc",
+        "positive_top1_auc",
+        "negative_top1_auc",
+    )
 }
 
 
@@ -74,7 +82,7 @@ def test_a_chart_per_statistic_with_a_line_per_explainer_with_blocks(html):
     assert sorted(charts) == sorted(STATISTICS)
     for svg in charts.values():
         legend = re.findall(r">(\w+) \(n=(\d+)\)</text>", svg)
-        assert legend == [("DAAM", "9"), ("attention", "9"), ("rollout", "9")]  # gradcam has one map: no curve
+        assert legend == [("DAAM", "9"), ("attention", "9"), ("gae", "9"), ("rollout", "9")]  # gradcam: one map
 
 
 def test_the_method_table_has_every_metric_mean_per_method(html, explainers_output):
@@ -88,7 +96,7 @@ def test_the_method_table_has_every_metric_mean_per_method(html, explainers_outp
     assert table[0] == ["method", *METRICS, "samples"]
     rows = {row[0]: row[1:] for row in table[1:]}
     names = {"DAAM": "daam", "random": "random", "centre prior": "centre"}
-    assert [names.get(m, m) for m in rows] == ["daam", "random", "centre", "attention", "gradcam", "rollout"]
+    assert [names.get(m, m) for m in rows] == ["daam", "random", "centre", "attention", "gae", "gradcam", "rollout"]
     for shown, cells in rows.items():
         method = names.get(shown, shown)
         for cell, column in zip(cells, METRICS.values(), strict=False):
@@ -101,10 +109,10 @@ def test_the_method_table_has_every_metric_mean_per_method(html, explainers_outp
 
 def test_an_explainer_of_any_name_gets_its_line(explainers_output, tmp_path):
     out = Path(shutil.copytree(explainers_output, tmp_path / "out"))
-    for path in (out / "tables" / "explainer_blocks").glob("*.parquet"):  # a future explainer with blocks, 'gae'
+    for path in (out / "tables" / "explainer_blocks").glob("*.parquet"):  # a future explainer with blocks
         table = pq.read_table(path)
-        renamed = pc.replace_substring(table["explainer"], "attention", "gae")
+        renamed = pc.replace_substring(table["explainer"], "attention", "newxai")
         pq.write_table(table.set_column(table.schema.get_field_index("explainer"), "explainer", renamed), path)
     html = report(out, tmp_path / "r.html", gallery=0, progress=False).read_text()
     for svg in _charts(_section(html, "Per-block statistics by explainer")).values():
-        assert re.findall(r">(\w+) \(n=\d+\)</text>", svg) == ["DAAM", "gae", "rollout"]
+        assert re.findall(r">(\w+) \(n=\d+\)</text>", svg) == ["DAAM", "gae", "newxai", "rollout"]

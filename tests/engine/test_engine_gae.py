@@ -1,0 +1,116 @@
+"""GAE (Chefer et al. 2021) in DAAM's pass, against a float64 per-image reference written from the paper."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from pipeline import DAAM
+from pipeline.engine.baselines import Baselines
+
+sys.path.insert(0, str(Path(__file__).parent))
+from naive_gae import naive_gae
+
+TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
+
+# (timm name, kwargs, input size (H, W))
+MODELS = {
+    "vit": ("vit_tiny_patch16_224", dict(TINY, num_classes=7), (32, 32)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, num_classes=7), (32, 32)),
+    "dinov2_registers": (
+        "vit_small_patch14_reg4_dinov2",
+        dict(TINY, patch_size=7, img_size=28, num_classes=7, dynamic_img_size=False),
+        (28, 28),
+    ),
+    "qk_norm": ("vit_tiny_patch16_224", dict(TINY, num_classes=7, qk_norm=True), (32, 32)),
+    "non_square": ("vit_tiny_patch16_224", dict(TINY, img_size=(24, 40), num_classes=7), (24, 40)),
+    "one_block": ("vit_tiny_patch16_224", dict(TINY, depth=1, num_classes=7), (32, 32)),
+}
+
+
+def make(name: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def images(batch: int, size: tuple[int, int], seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close_to_peak(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    """Every block's map within ``rel`` times that map's peak of the reference."""
+    assert actual.shape == expected.shape
+    error = (actual.double() - expected).abs().amax(dim=(-2, -1))
+    peak = expected.abs().amax(dim=(-2, -1))
+    assert (peak > 0).all()
+    assert (error <= rel * peak).all(), (error / peak).max()
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_gae_equals_float64_reference(key):
+    name, kwargs, size = MODELS[key]
+    model = make(name, **kwargs)
+    x = images(3, size)
+    with DAAM(model) as daam, Baselines(daam, ["gae"]) as extra:
+        result = daam(x)
+        maps = extra.maps()
+    h, w = daam.grid_size(size)
+    assert list(maps) == ["gae"] and maps["gae"].shape == (3, kwargs["depth"], h, w)
+    assert maps["gae"].dtype == torch.float32 and (maps["gae"] >= 0).all()
+    for i in range(3):
+        assert_close_to_peak(maps["gae"][i], naive_gae(model, x[i], int(result.target[i])))
+
+
+def test_gae_full_size_architecture_equals_float64_reference():
+    model = make("vit_small_patch16_224")
+    x = images(2, (224, 224), seed=4)
+    with DAAM(model) as daam, Baselines(daam, ["gae", "rollout"]) as extra:
+        result = daam(x, target=[3, 999])
+        maps = extra.maps()
+    assert maps["gae"].shape == (2, 12, 14, 14)
+    for i, target in enumerate([3, 999]):
+        assert int(result.target[i]) == target
+        assert_close_to_peak(maps["gae"][i], naive_gae(model, x[i], target))
+
+
+def test_gae_explains_the_self_supervised_feature_score():
+    model = make("vit_small_patch16_224", **dict(TINY, num_classes=0))
+    x = images(2, (32, 32))
+    weights = torch.rand(2, 48, generator=torch.Generator().manual_seed(3))
+    with DAAM(model) as daam, Baselines(daam, ["gae"]) as extra:
+        daam(x, weights=weights)
+        maps = extra.maps()
+    for i in range(2):
+        assert_close_to_peak(maps["gae"][i], naive_gae(model, x[i], None, weights=weights[i]))
+
+
+def test_gae_first_block_is_the_gradient_weighted_class_attention():
+    """R_1 = I + Ā_1, whose [class] row over the patches is Ā_1's: a hand check of the recursion's start."""
+    model = make("vit_tiny_patch16_224", **dict(TINY, num_classes=7))
+    x = images(2, (32, 32))
+    with DAAM(model) as daam, Baselines(daam, ["gae", "attention"]) as extra:
+        daam(x)
+        maps = extra.maps()
+    reference = naive_gae(model, x[0], int(model(x[:1]).argmax()))
+    assert_close_to_peak(maps["gae"][0, :1], reference[:1])
+    # the maps grow with depth: R_l = R_{l-1} + Ā_l R_{l-1} with non-negative Ā_l
+    assert (maps["gae"][:, 1:] >= maps["gae"][:, :-1] - 1e-7).all()
+
+
+def test_gae_under_bfloat16_autocast_is_float32_and_close():
+    model = make("vit_tiny_patch16_224", **dict(TINY, num_classes=7))
+    x = images(4, (32, 32))
+    with DAAM(model, autocast_dtype=torch.bfloat16) as daam, Baselines(daam, ["gae"]) as extra:
+        result = daam(x)
+        low = extra.maps()["gae"]
+    with DAAM(model) as daam, Baselines(daam, ["gae"]) as extra:
+        daam(x, target=result.target)
+        exact = extra.maps()["gae"]
+    assert low.dtype == torch.float32
+    cosine = nn.functional.cosine_similarity(low.flatten(2), exact.flatten(2), dim=-1)
+    assert (cosine > 0.98).all(), cosine

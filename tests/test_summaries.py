@@ -1,0 +1,45 @@
+"""Dataset-level tables: how early each method reaches its final ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.summaries import first_stable_block, ranking_reached
+
+
+def per_block(values: dict[str, list[float]], column: str, **extra: str) -> pd.DataFrame:
+    rows = [
+        {"unit": "u", "key": key, "block": block, column: value, **extra}
+        for key, series in values.items()
+        for block, value in enumerate(series)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_first_stable_block_needs_every_later_block():
+    table = per_block(
+        {
+            "early": [0.95, 0.97, 1.0, 1.0],  # from block 0
+            "dips": [0.95, 0.5, 0.92, 1.0],  # block 1 breaks the run: from block 2
+            "late": [0.1, 0.2, 0.3, 1.0],  # only the last block
+            "zero": [np.nan] * 4,  # an all-zero final map: undefined
+        },
+        "iou",
+    )
+    first = first_stable_block(table, "iou", 0.9)
+    assert first.loc[("u", "early")] == 0 and first.loc[("u", "dips")] == 2 and first.loc[("u", "late")] == 3
+    assert pd.isna(first.loc[("u", "zero")]) and str(first.dtype) == "Int16"
+
+
+def test_ranking_reached_per_method():
+    blocks = per_block({"a": [0.95, 1, 1, 1], "b": [0.2, 0.95, 1, 1]}, "daam_iou_final")
+    rollout = per_block({"a": [0.1, 0.2, 0.3, 1], "b": [0.1, 0.2, 0.95, 1]}, "iou_final", explainer="rollout")
+    attention = per_block({"a": [0.9, 0.9, 0.9, 1], "b": [np.nan] * 4}, "iou_final", explainer="attention")
+    table = ranking_reached(blocks, pd.concat([rollout, attention]), threshold=0.9)
+    assert list(table.index) == ["DAAM", "attention", "rollout"]
+    assert table.loc["DAAM"].tolist() == [0.5, 0.5, (1 / 4 + 2 / 4) / 2, 2]
+    assert table.loc["rollout", "median_block"] == 2.5 and table.loc["rollout", "mean_depth"] == (4 / 4 + 3 / 4) / 2
+    assert table.loc["attention", "mean_block"] == 0 and table.loc["attention", "samples"] == 1
+    empty = ranking_reached(blocks.iloc[:0], rollout.iloc[:0])
+    assert empty.empty and list(empty.columns) == ["median_block", "mean_block", "mean_depth", "samples"]
