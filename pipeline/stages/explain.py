@@ -22,7 +22,7 @@ from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_stati
 from pipeline.store.output import Output, job_output
 from pipeline.store.unit_writer import UnitWriter
 from pipeline.store.units import EXPLAIN_PARTS
-from pipeline.store.zarr_store import MapLayout
+from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
 
 __all__ = ["ExplainStage", "ExplainedBatch"]
 
@@ -33,7 +33,8 @@ class ExplainedBatch:
 
     Attributes:
         arrays: The stored arrays by name: ``block_maps`` and ``daam`` ``(B, L, h, w)``, ``coefficients``
-            ``(B, L, C)``; per-block comparison explainers ``(B, L, h, w)``, ``gradcam`` ``(B, h, w)``.
+            ``(B, L, C)``; per-block comparison explainers ``(B, L, h, w)``, ``gradcam`` ``(B, h, w)``; already
+            rounded to the storage precision (``output.dtype``), on the device.
         predicted: ``(B,)`` predicted (or k-NN voted) class; -1 where there is none (a label-free bank).
         score: ``(B,)`` its softmax probability (or vote share); NaN where there is none.
         target: ``(B,)`` explained class, None in self-supervised mode.
@@ -84,6 +85,7 @@ class ExplainSink:
             _numpy(result.block_stats),
             {name: _numpy(stats) for name, stats in result.explainer_block_stats.items()},
             {method: _numpy(metrics) for method, metrics in result.evaluation.items()},
+            rounded=True,  # on the device, by ExplainStage.compute
         )
 
     def write_failed(self, samples: Sequence[DecodedSample]) -> None:
@@ -192,8 +194,10 @@ class ExplainStage:
                 for name, maps in explainer_maps.items()
             },
         }
+        bits = significant_bits(self.job.output.dtype)
+        stored = {name: computed[name] for name in self.job.store_options.arrays}
         return ExplainedBatch(
-            arrays={name: computed[name] for name in self.job.store_options.arrays},
+            arrays={name: round_significant(maps, bits) for name, maps in stored.items()} if bits else stored,
             predicted=predicted,
             score=score,
             target=result.target,

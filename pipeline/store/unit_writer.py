@@ -89,6 +89,8 @@ class UnitWriter:
         block_stats: Mapping[str, ArrayLike],
         explainer_block_stats: Mapping[str, Mapping[str, ArrayLike]] | None = None,
         evaluation: Mapping[str, Mapping[str, ArrayLike]] | None = None,
+        *,
+        rounded: bool = False,
     ) -> None:
         """Write a batch of ok samples.
 
@@ -98,6 +100,7 @@ class UnitWriter:
                 ``(B, L, C)``, comparison explainers' maps); those the store options do not keep may be absent.
             columns: The :data:`SAMPLE_COLUMNS`, each ``B`` values (None where null).
             block_stats: :func:`pipeline.stats.block_statistics` on the host, each ``(B, L)``.
+            rounded: ``arrays`` are already rounded to the storage precision (see :meth:`UnitMapWriter.append`).
             explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of per-block comparison explainers.
             evaluation: ``{method: {metric: (B,)}}``; metrics a job does not compute are absent (stored as NaN).
 
@@ -120,7 +123,7 @@ class UnitWriter:
             values = {m: np.asarray(metrics.get(m, np.full(n, np.nan)), np.float32) for m in METRIC_COLUMNS}
             table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values}
             self._tables["evaluation"].append(build_table(table, EVALUATION))
-        self._maps.append(keys, arrays)
+        self._maps.append(keys, arrays, rounded=rounded)
 
     def _block_table(
         self, keys: list[str], labels: Mapping[str, Any], stats: Mapping[str, ArrayLike], schema: pa.Schema

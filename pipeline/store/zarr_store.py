@@ -108,7 +108,7 @@ def significant_bits(dtype: str) -> int | None:
     return SIGNIFICANT_BITS[dtype]
 
 
-def round_significant(values: ArrayLike, bits: int) -> np.ndarray:
+def round_significant(values: Any, bits: int) -> Any:
     """float32 ``values`` rounded to ``bits`` significant bits (round to nearest, ties to even).
 
     Works on the float32 bit patterns: the low ``24 - bits`` bits of the mantissa are rounded away and left zero
@@ -116,20 +116,31 @@ def round_significant(values: ArrayLike, bits: int) -> np.ndarray:
     float32's exponent, so its error is at most 2^-bits of its own magnitude (2^-11 = 4.9e-4 for 11 bits, float16's
     precision) whatever its scale: no overflow, no underflow. Zeros, subnormals (below 1.2e-38), NaN and inf are
     kept as they are, and so is a value whose rounding would overflow to inf (above 3.4e38 * (1 - 2^-12)).
+
+    Args:
+        values: A numpy array, or a torch tensor on any device (the explain stage rounds on the device, before its
+            one copy to the host); the result is of the same kind.
     """
     if not 1 <= bits <= 24:
         raise ValueError(f"significant bits must be in 1..24, got {bits}")
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    if isinstance(values, np.ndarray) or not hasattr(values, "device"):
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        int32, float32, where = np.int32, np.float32, np.where
+    else:  # a torch tensor: the same operations, on its device
+        import torch
+
+        values = values.float().contiguous()
+        int32, float32, where = torch.int32, torch.float32, torch.where
     drop = 24 - bits
     if drop == 0:
-        return values.copy()
-    word = values.view(np.uint32)
-    odd = (word >> np.uint32(drop)) & np.uint32(1)
-    rounded = (word + (np.uint32((1 << (drop - 1)) - 1) + odd)) & np.uint32(0xFFFFFFFF ^ ((1 << drop) - 1))
-    exponent_bits = np.uint32(0x7F800000)
+        return values.copy() if isinstance(values, np.ndarray) else values.clone()
+    word = values.view(int32)  # int32 arithmetic wraps like uint32: the same bit patterns
+    odd = (word >> drop) & 1
+    rounded = (word + ((1 << (drop - 1)) - 1) + odd) & ~((1 << drop) - 1)
+    exponent_bits = 0x7F800000
     before, after = word & exponent_bits, rounded & exponent_bits
     keep = (before == 0) | (before == exponent_bits) | (after == exponent_bits)
-    return np.where(keep, word, rounded).view(np.float32)
+    return where(keep, word, rounded).view(float32)
 
 
 def to_storage(values: ArrayLike, dtype: str) -> np.ndarray:
@@ -286,13 +297,15 @@ class UnitMapWriter:
         self._dims = {name: spec[name]["dims"] for name in ("keys", *options.arrays)}
         self._shapes = {name: tuple(dims[d] for d in dims_[1:]) for name, dims_ in self._dims.items()}
 
-    def append(self, keys: Sequence[str], arrays: Mapping[str, ArrayLike | None]) -> int:
-        """Buffer one batch, its values already rounded to the storage precision.
+    def append(self, keys: Sequence[str], arrays: Mapping[str, ArrayLike | None], *, rounded: bool = False) -> int:
+        """Buffer one batch, rounding its values to the storage precision (:func:`to_storage`).
 
         Args:
             keys: ``B`` sample keys.
             arrays: ``block_maps``, ``daam``, ``coefficients`` (and explainer maps) as float32 arrays ``(B, ...)``;
                 those the options do not store may be missing or None.
+            rounded: The values are already rounded to the storage precision (the explain stage rounds on the
+                device); the host skips that pass.
 
         Returns:
             The row of the batch's first sample.
@@ -311,7 +324,7 @@ class UnitMapWriter:
             expected = (len(batch["keys"]), *self._shapes[name])
             if values.shape != expected:
                 raise SchemaError(f"unit {self.unit!r}: array {name!r} has shape {values.shape}, expected {expected}")
-            batch[name] = to_storage(values, self.options.dtype)
+            batch[name] = values if rounded else to_storage(values, self.options.dtype)
         first = self.rows
         self._pending.append(batch)
         self.rows += len(batch["keys"])

@@ -272,3 +272,18 @@ def test_init_rejects_another_configuration(tmp_path, layout, make_batch):
         StoreError, match=r"layout version 1, this version writes 2; write to a new output or .*--overwrite"
     ):
         MapStore.open(str(tmp_path / "maps.zarr")).init(layout, StoreOptions())
+
+
+def test_rounding_on_a_tensor_equals_rounding_on_the_host():
+    """The explain stage rounds on the device before its copy to the host; the writer rounds numpy arrays it is
+    given unrounded: the two are one formula and give the same bits."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal(4096) * 10.0 ** rng.integers(-30, 30, 4096)).astype(np.float32)
+    values[:6] = [np.inf, -np.inf, np.nan, 3.4e38, -1e-40, 0.0]
+    on_host = round_significant(values, 11)
+    on_device = round_significant(torch.from_numpy(values), 11)
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
+    np.testing.assert_array_equal(on_host.view(np.uint32), on_device.numpy().view(np.uint32))
+    assert np.array_equal(round_significant(on_host, 11).view(np.uint32), on_host.view(np.uint32))  # idempotent
