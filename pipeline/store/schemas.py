@@ -356,60 +356,57 @@ EXPLAINER_BLOCKS = _schema(
         _field(
             "entropy",
             pa.float32(),
-            "Shannon entropy of the accumulated map the explainer's map l normalised to sum 1, divided by log(n), "
+            "Shannon entropy of the explainer's map l normalised to sum 1, divided by log(n), "
             "n = h*w patches: 0 when all mass is in one patch, 1 for a uniform map. NaN for an all-zero map.",
         ),
         _field(
             "top10_mass",
             pa.float32(),
-            "Share of the accumulated map the explainer's map l's mass in its ceil(0.1 n) largest patches. NaN for"
-            " an all-zero map.",
+            "Share of the explainer's map l's mass in its ceil(0.1 n) largest patches. NaN for an all-zero map.",
         ),
         _field(
             "peak_row",
             pa.int16(),
-            "Row of the accumulated map the explainer's map l's largest patch (first in row-major order on ties); "
-            "-1 for an all-zero map.",
+            "Row of the explainer's map l's largest patch (first in row-major order on ties); -1 for an all-zero map.",
         ),
         _field(
             "peak_col",
             pa.int16(),
-            "Column of the accumulated map the explainer's map l's largest patch; -1 for an all-zero map.",
+            "Column of the explainer's map l's largest patch; -1 for an all-zero map.",
         ),
         _field(
             "centroid_row",
             pa.float32(),
-            "Mass-weighted mean row of the accumulated map the explainer's map l, in patch units (patch (i, j) at "
+            "Mass-weighted mean row of the explainer's map l, in patch units (patch (i, j) at "
             "row i). NaN for an all-zero map.",
         ),
         _field(
             "centroid_col",
             pa.float32(),
-            "Mass-weighted mean column of the accumulated map the explainer's map l, in patch units. NaN for an "
-            "all-zero map.",
+            "Mass-weighted mean column of the explainer's map l, in patch units. NaN for an all-zero map.",
         ),
         _field(
             "spread",
             pa.float32(),
-            "Mass-weighted RMS distance of the accumulated map the explainer's map l's patches from its centroid, "
+            "Mass-weighted RMS distance of the explainer's map l's patches from its centroid, "
             "in patch units; 0 when all mass is in one patch. NaN for an all-zero map.",
         ),
         _field(
             "box_energy",
             pa.float32(),
-            "Share of the accumulated map the explainer's map l's mass in patches whose centre lies in a "
+            "Share of the explainer's map l's mass in patches whose centre lies in a "
             "ground-truth box. NaN without boxes or for an all-zero map.",
         ),
         _field(
             "point_hit",
             pa.float32(),
-            "Pointing game for the accumulated map the explainer's map l: 1.0 when its peak patch lies in a box, "
+            "Pointing game for the explainer's map l: 1.0 when its peak patch lies in a box, "
             "else 0.0. NaN without boxes or for an all-zero map.",
         ),
         _field(
             "cos_final",
             pa.float32(),
-            "Cosine similarity of the explainer's map l and the final its last map (1 at the last block). NaN when"
+            "Cosine similarity of the explainer's map l and its last map (1 at the last block). NaN when"
             " either is all zero.",
         ),
         _field(
@@ -421,7 +418,7 @@ EXPLAINER_BLOCKS = _schema(
         _field(
             "change",
             pa.float32(),
-            "L1 distance between the explainer's map l and D_(l-1), each normalised to sum 1: in [0, 2], 0 when "
+            "L1 distance between the explainer's maps l and l-1, each normalised to sum 1: in [0, 2], 0 when "
             "the block changes the map's shape not at all. NaN at block 0 and when either map is all zero.",
         ),
     ],
