@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -26,7 +27,7 @@ from pipeline.store.compact import compact
 from pipeline.store.results import open_results
 from pipeline.store.schemas import BLOCKS
 from pipeline.store.unit_writer import UnitWriter
-from pipeline.store.zarr_store import MapLayout
+from pipeline.store.zarr_store import MapLayout, round_significant
 
 LAYOUT = MapLayout(model="vit_small_patch16_224", n_blocks=12, grid=(14, 14), channels=384, prefix_tokens=1)
 
@@ -135,17 +136,54 @@ def measure(out: Path, units: int, samples: int, arrays: tuple[str, ...]) -> dic
     return row
 
 
+def writer_throughput(root: Path, units: int, samples: int, arrays: tuple[str, ...], threads: int) -> float:
+    """Images/s of the writer alone with ``threads`` units written at once (as a GPU worker with units in flight
+    commits one unit while another computes), given arrays already rounded as the explain stage hands them."""
+    rng = np.random.default_rng(0)
+    options = StoreOptions(arrays=arrays)
+    batches = []
+    for unit in range(units):
+        batch = unit_batch(rng, unit, samples)
+        batch["arrays"] = {name: round_significant(values, 11) for name, values in batch["arrays"].items()}
+        batches.append(batch)
+    out = root / f"writer-{threads}"
+
+    def write(unit: int) -> None:
+        writer = UnitWriter(out, f"shard-{unit:06d}", LAYOUT, shard="s.tar", job="bench", store_options=options)
+        writer.write_batch(**batches[unit], rounded=True)
+        writer.commit()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, range(units)))
+    rate = units * samples / (time.perf_counter() - start)
+    shutil.rmtree(out, ignore_errors=True)
+    return rate
+
+
 @click.command()
 @click.option("--units", "sizes", type=int, multiple=True, default=(10, 100, 1000), show_default=True)
 @click.option("--samples", default=32, show_default=True, help="Samples per unit.")
 @click.option(
     "--array", "arrays", multiple=True, default=("daam",), show_default=True, help="block_maps, daam, coefficients"
 )
+@click.option("--writer-units", default=4, show_default=True, help="Units per writer-throughput measurement.")
+@click.option("--writer-samples", default=1000, show_default=True, help="Samples per unit there.")
+@click.option("--writer-threads", multiple=True, type=int, default=(1, 2), show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
-def main(sizes: tuple[int, ...], samples: int, arrays: tuple[str, ...], workdir: Path | None) -> None:
+def main(
+    sizes: tuple[int, ...],
+    samples: int,
+    arrays: tuple[str, ...],
+    writer_units: int,
+    writer_samples: int,
+    writer_threads: tuple[int, ...],
+    workdir: Path | None,
+) -> None:
     root = Path(tempfile.mkdtemp(dir=workdir))
     try:
         rows = {units: measure(root / f"out-{units}", units, samples, arrays) for units in sizes}
+        rates = {n: writer_throughput(root, writer_units, writer_samples, arrays, n) for n in writer_threads}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     names = list(next(iter(rows.values())))
@@ -156,6 +194,9 @@ def main(sizes: tuple[int, ...], samples: int, arrays: tuple[str, ...], workdir:
     print(f"{'units':>28} " + " ".join(f"{units:>10}" for units in rows))
     for name in names:
         print(f"{name:>28} " + " ".join(f"{rows[units][name]:>10.4g}" for units in rows))
+    print(f"\nwriter alone, {writer_units} units of {writer_samples} pre-rounded samples written at once by N threads:")
+    for threads, rate in rates.items():
+        print(f"{threads:>3} thread(s): {rate:8.0f} img/s ({rate / rates[min(rates)]:.2f}x one thread)")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
 
 
 def test_storage_benchmark(tmp_path):
-    out = run("storage.py", "--units", "3", "--units", "5", "--samples", "4", "--workdir", str(tmp_path))
-    assert "fsyncs/unit" in out and "blocks s after" in out
+    out = run(
+        "storage.py", "--units", "3", "--units", "5", "--samples", "4", "--writer-units", "2", "--writer-samples", "8",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert "fsyncs/unit" in out and "blocks s after" in out and "2 thread(s)" in out
     assert not list(tmp_path.iterdir())  # its outputs are removed
