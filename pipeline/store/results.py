@@ -230,6 +230,26 @@ class Results:
             arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
             yield str(unit_name), rows["key"].tolist(), {k: v for k, v in arrays.items() if v is not None}
 
+    def xarray(self, unit: str) -> Any:
+        """One unit's stored arrays as a lazy ``xarray.Dataset`` (dims ``sample``, ``block``, ``row``, ``col``,
+        ``channel``; ``sample`` labelled by key), e.g. ``results.xarray(unit).daam.sel(sample=key, block=-1)``.
+        Needs ``pip install 'daam-pipeline[xarray]'``.
+
+        Raises:
+            KeyError: ``unit`` is not committed. StoreError: a unit of Zarr layout 1 (its float16 values are
+                scaled per map; read it with :meth:`maps`).
+        """
+        import xarray as xr
+
+        if unit not in self.units:
+            raise KeyError(f"no committed unit {unit!r} in {self.output.url}")
+        url = self.output.url_of(self.output.path("maps.zarr"))
+        options = dict(self.output.storage_options) if not self.output.is_local else None
+        dataset = xr.open_zarr(url, group=unit, consolidated=False, storage_options=options)
+        if any(str(name).endswith("_exponent") for name in dataset.data_vars):
+            raise StoreError(f"unit {unit} of {self.output.url} is of Zarr layout 1 (scaled float16): use maps()")
+        return dataset.assign_coords(sample=[str(key) for key in dataset["keys"].values]).drop_vars("keys")
+
     def _map_store(self) -> MapStore:
         path = self.output.url_of(self.output.path("maps.zarr"))
         return MapStore.open(path, self.output.storage_options, read_only=True)

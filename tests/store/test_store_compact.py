@@ -134,3 +134,17 @@ def test_the_compact_command_takes_the_lease(written):
     result = CliRunner().invoke(main, ["compact", str(out)])
     assert result.exit_code == 0, result.output
     assert "compacted the tables of 3 units" in result.output and "6 per-unit files merged" in result.output
+
+
+def test_a_unit_as_an_xarray_dataset(written):
+    pytest.importorskip("xarray")
+    out, _ = written
+    results = open_results(out)
+    dataset = results.xarray("shard-000001")
+    assert (
+        dataset.daam.dims == ("sample", "block", "row", "col") and list(dataset.sample.values) == UNITS["shard-000001"]
+    )
+    np.testing.assert_array_equal(dataset.daam.sel(sample="b2").values, results.maps("b2").daam)
+    assert dataset.coefficients.dims == ("sample", "block", "channel")
+    with pytest.raises(KeyError, match="no committed unit"):
+        results.xarray("shard-000009")
