@@ -7,7 +7,9 @@ Model of a run: the input is cut into shards of ``--samples-per-shard`` images (
 smaller). Every GPU actor starts after ``startup`` seconds (process, CUDA, model and bank loading); the driver
 then hands the next unit to whichever actor is idle, and a unit costs ``samples / rate + overhead`` seconds on its
 GPU. The wall time is the end of the last unit. ``rate`` is the forward+backward floor times the engine's
-efficiency, capped at ``cpus_per_gpu * decode_rate`` when a decoding rate is given. GPU-hours are what a run
+efficiency, capped at ``cpus_per_gpu * decode_rate`` when a decoding rate is given and at ``writer_threads *
+write_rate`` when a writing rate is given (``benchmarks/storage.py``'s writer alone: Zarr and Parquet of a unit, per
+thread; a GPU worker writes as many units at once as it holds, ``units_in_flight``, 2). GPU-hours are what a run
 holds: GPUs x wall hours (actors left without a unit in the last round idle, but are held).
 
 Ranges (``LOW:HIGH``) give two bounds: one from every LOW, one from every HIGH.
@@ -130,7 +132,7 @@ def render(
         splits: Split name -> images.
         gpus: GPU counts.
         efficiency: (low, high) fraction of the floor the engine reaches.
-        cap: Images/s the host CPUs of one GPU decode; None: no cap.
+        cap: Images/s the host of one GPU decodes and stores; None: no cap.
         samples_per_shard: Images per shard.
         overhead_s: Seconds per unit a GPU spends not computing.
         startup_s: Seconds before the actors take their first unit.
@@ -185,6 +187,15 @@ def _named(parse: Callable[[str], object]) -> Callable[[str], tuple[str, object]
     return parser
 
 
+def _cap(args: argparse.Namespace) -> float | None:
+    """Images/s the host of one GPU can feed and store: the lower of its decoding and its writing rates."""
+    caps = [
+        *([args.cpus_per_gpu * args.decode_rate] if args.decode_rate is not None else []),
+        *([args.writer_threads * args.write_rate] if args.write_rate is not None else []),
+    ]
+    return min(caps) if caps else None
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     """Print (and return) the table for the command line's figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -207,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--startup-s", type=float, default=0.0, help="seconds before actors take their first unit")
     parser.add_argument("--cpus-per-gpu", type=float, default=None, help="host cores decoding for each GPU")
     parser.add_argument("--decode-rate", type=float, default=None, help="images/s one core decodes and resizes")
+    parser.add_argument("--write-rate", type=float, default=None, help="images/s one writer thread stores")
+    parser.add_argument("--writer-threads", type=int, default=2, help="units a GPU worker writes at once")
     args = parser.parse_args(argv)
     if (args.cpus_per_gpu is None) != (args.decode_rate is None):
         parser.error("--cpus-per-gpu and --decode-rate go together")
@@ -219,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         dict(args.split) if args.split else IMAGENET,
         args.gpus or DEFAULT_GPUS,
         efficiency=args.efficiency,
-        cap=args.cpus_per_gpu * args.decode_rate if args.decode_rate is not None else None,
+        cap=_cap(args),
         samples_per_shard=args.samples_per_shard,
         overhead_s=args.overhead_s,
         startup_s=args.startup_s,

@@ -303,6 +303,9 @@ def test_capacity_table_from_the_command_line():
         ]
     )
     assert "| m | 1,000 | a |" in capped and "| 2.0 h |" in capped
+    written = ["--throughput", "m=7000", "--efficiency", "1", "--gpus", "1", "--split", "a=7200000"]
+    assert "| m | 6,000 | a |" in capacity.main([*written, "--write-rate", "3000"])  # two writer threads
+    assert "| m | 3,000 | a |" in capacity.main([*written, "--write-rate", "3000", "--writer-threads", "1"])
     with pytest.raises(SystemExit):
         capacity.main(["--cpus-per-gpu", "4"])
 
