@@ -128,6 +128,7 @@ def free_port() -> int:
 
 def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_joins(tmp_path):
     """A head started with Ray's token authentication; a driver with another token gets one line saying so."""
+    pytest.importorskip("ray._private.authentication", reason="this Ray has no token authentication")
     shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
     job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out", **{"workers.connect_timeout_s": 30}))
     port = free_port()
