@@ -35,8 +35,24 @@ def hanging_job(tmp_path):
     return write_job(tmp_path / "job.yaml", job), Path(shards[2]), good
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_driver_outlives_its_test():
+    """A test that fails half-way must not leave a driver reading a FIFO forever."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def start(job: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([CLI, "run", str(job), "--quiet", *args], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([CLI, "run", str(job), "--quiet", *args], stderr=subprocess.PIPE, text=True)
+    _STARTED.append(process)
+    return process
 
 
 def wait_for(condition, what: str, timeout: float = 120) -> None:
