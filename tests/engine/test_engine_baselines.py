@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -20,30 +19,7 @@ from pipeline.errors import ConfigError, PipelineError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_gae import naive_gae
-
-TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
-
-# (timm name, kwargs, input size (H, W))
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", dict(TINY, num_classes=7), (32, 32)),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, num_classes=7), (32, 32)),
-    "dinov2_registers": (
-        "vit_small_patch14_reg4_dinov2",
-        dict(TINY, patch_size=7, img_size=28, num_classes=7, dynamic_img_size=False),
-        (28, 28),
-    ),
-    "qk_norm": ("vit_tiny_patch16_224", dict(TINY, num_classes=7, qk_norm=True), (32, 32)),
-    "non_square": ("vit_tiny_patch16_224", dict(TINY, img_size=(24, 40), num_classes=7), (24, 40)),
-}
-
-
-def make(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
-
-
-def images(batch: int, size: tuple[int, int], seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+from tiny_vits import MODELS, TINY, images, make
 
 
 @dataclass

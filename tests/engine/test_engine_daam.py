@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 from pipeline import DAAM
@@ -17,31 +16,9 @@ from pipeline.errors import InputError, TargetError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_daam import naive_daam
+from tiny_vits import MODELS, TINY, images, make
 
-TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
-
-# (timm name, kwargs, input size (H, W)): every kind of [class]-token ViT the engine promises to explain
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", dict(TINY, num_classes=7), (32, 32)),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, num_classes=7), (32, 32)),
-    "deit3": ("deit3_small_patch16_224", dict(TINY, num_classes=7), (32, 32)),
-    "dinov2_registers": (
-        "vit_small_patch14_reg4_dinov2",
-        dict(TINY, patch_size=7, img_size=28, num_classes=7, dynamic_img_size=False),
-        (28, 28),
-    ),
-    "qk_norm": ("vit_tiny_patch16_224", dict(TINY, num_classes=7, qk_norm=True), (32, 32)),
-    "non_square": ("vit_tiny_patch16_224", dict(TINY, img_size=(24, 40), num_classes=7), (24, 40)),
-}
-
-
-def make(name: str, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
-
-
-def images(batch: int, size: tuple[int, int], seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+MODELS = {**MODELS, "deit3": ("deit3_small_patch16_224", dict(TINY, num_classes=7), (32, 32))}
 
 
 def assert_matches_naive(result, index, reference, *, rtol=1e-4, atol=1e-6):

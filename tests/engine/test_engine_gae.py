@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -15,40 +14,9 @@ from pipeline.engine.baselines import Baselines
 
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_gae import naive_gae
+from tiny_vits import MODELS, TINY, assert_close_to_peak, images, make
 
-TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
-
-# (timm name, kwargs, input size (H, W))
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", dict(TINY, num_classes=7), (32, 32)),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, num_classes=7), (32, 32)),
-    "dinov2_registers": (
-        "vit_small_patch14_reg4_dinov2",
-        dict(TINY, patch_size=7, img_size=28, num_classes=7, dynamic_img_size=False),
-        (28, 28),
-    ),
-    "qk_norm": ("vit_tiny_patch16_224", dict(TINY, num_classes=7, qk_norm=True), (32, 32)),
-    "non_square": ("vit_tiny_patch16_224", dict(TINY, img_size=(24, 40), num_classes=7), (24, 40)),
-    "one_block": ("vit_tiny_patch16_224", dict(TINY, depth=1, num_classes=7), (32, 32)),
-}
-
-
-def make(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
-
-
-def images(batch: int, size: tuple[int, int], seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_close_to_peak(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
-    """Every block's map within ``rel`` times that map's peak of the reference."""
-    assert actual.shape == expected.shape
-    error = (actual.double() - expected).abs().amax(dim=(-2, -1))
-    peak = expected.abs().amax(dim=(-2, -1))
-    assert (peak > 0).all()
-    assert (error <= rel * peak).all(), (error / peak).max()
+MODELS = {**MODELS, "one_block": ("vit_tiny_patch16_224", dict(TINY, depth=1, num_classes=7), (32, 32))}
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))

@@ -17,49 +17,29 @@ Only the supervised path is compared: its self-supervised ("feature") mode appli
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 from pipeline import DAAM
 
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_vits import MODELS, TINY, assert_close_to_peak, make
+
 oracle = pytest.importorskip("daam", reason="the oracle is the `daam-timm-vit` package (test extra)")
 
-TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
-
 # (timm name, kwargs, input size (H, W), batch)
-MODELS = {
-    "vit": ("vit_tiny_patch16_224", dict(TINY, num_classes=7), (32, 32), 3),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(TINY, num_classes=7), (32, 32), 3),
-    "dinov2_registers": (
-        "vit_small_patch14_reg4_dinov2",
-        dict(TINY, patch_size=7, img_size=28, num_classes=7, dynamic_img_size=False),
-        (28, 28),
-        3,
-    ),
-    "qk_norm": ("vit_tiny_patch16_224", dict(TINY, num_classes=7, qk_norm=True), (32, 32), 3),
-    "non_square": ("vit_tiny_patch16_224", dict(TINY, img_size=(24, 40), num_classes=7), (24, 40), 3),
+CASES = {
+    **{key: (*case, 3) for key, case in MODELS.items()},
     "vit_small_224": ("vit_small_patch16_224", {}, (224, 224), 2),
 }
 
 
-def make(name: str, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
-
-
-def assert_close_to_peak(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
-    """(B, L, h, w) maps: every map within ``rel`` times the expected map's peak."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype == torch.float32
-    error = (actual - expected).abs().amax(dim=(-2, -1))
-    peak = expected.abs().amax(dim=(-2, -1))
-    assert (error <= rel * peak + 1e-12).all(), (error / peak).max()
-
-
-@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("key", list(CASES))
 def test_supervised_maps_equal_daam_timm_vit(key):
-    name, kwargs, size, batch = MODELS[key]
+    name, kwargs, size, batch = CASES[key]
     model = make(name, **kwargs)
     x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(5))
     with DAAM(model) as daam:
@@ -69,8 +49,9 @@ def test_supervised_maps_equal_daam_timm_vit(key):
     assert torch.equal(ours.target, reference.target)
     torch.testing.assert_close(ours.output, reference.output, rtol=1e-5, atol=1e-5)
     assert (reference.block_maps > 0).any()
-    assert_close_to_peak(ours.block_maps, reference.block_maps)
-    assert_close_to_peak(ours.daam, reference.maps)
+    assert ours.daam.dtype == reference.maps.dtype == torch.float32
+    assert_close_to_peak(ours.block_maps, reference.block_maps, allow_zero_maps=True)
+    assert_close_to_peak(ours.daam, reference.maps, allow_zero_maps=True)
 
 
 def test_given_targets_equal_daam_timm_vit():
@@ -81,4 +62,4 @@ def test_given_targets_equal_daam_timm_vit():
         ours = daam(x, target=target)
     with oracle.DAAM(copy.deepcopy(model)) as theirs:
         reference = theirs(x, target=target)
-    assert_close_to_peak(ours.daam, reference.maps)
+    assert_close_to_peak(ours.daam, reference.maps, allow_zero_maps=True)
