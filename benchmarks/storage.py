@@ -110,30 +110,29 @@ def measure(out: Path, units: int, samples: int, arrays: tuple[str, ...]) -> dic
             writer.commit()
             write_s += time.perf_counter() - start
     key = f"u{units // 2:06d}_{samples // 2:05d}"
-    files, folders, size = tree(out)
+    size = tree(out)[2]
     row = {
         "write ms/unit": 1e3 * write_s / units,
         "writer img/s": units * samples / write_s,
         "fsyncs/unit": fsyncs.count / units,
         "bytes/image": size / (units * samples),
-        "files": files,
-        "folders": folders,
-        "samples s": timed(lambda: open_results(out).samples),
-        "blocks s": timed(lambda: open_results(out).blocks),
-        "maps(key) s": timed(lambda: open_results(out).maps(key)),
-        "scan maps s": timed(lambda: scan(out)),
+        **reads(out, key, ""),
     }
     row["compact s"] = timed(lambda: compact(out))
+    return row | reads(out, key, " after")
+
+
+def reads(out: Path, key: str, suffix: str) -> dict[str, float]:
+    """Files and folders of the output, and the time of each read from a fresh ``open_results``."""
     files, folders, _ = tree(out)
-    row |= {
-        "files after": files,
-        "folders after": folders,
-        "samples s after": timed(lambda: open_results(out).samples),
-        "blocks s after": timed(lambda: open_results(out).blocks),
-        "maps(key) s after": timed(lambda: open_results(out).maps(key)),
-        "scan maps s after": timed(lambda: scan(out)),
+    return {
+        f"files{suffix}": files,
+        f"folders{suffix}": folders,
+        f"samples s{suffix}": timed(lambda: open_results(out).samples),
+        f"blocks s{suffix}": timed(lambda: open_results(out).blocks),
+        f"maps(key) s{suffix}": timed(lambda: open_results(out).maps(key)),
+        f"scan maps s{suffix}": timed(lambda: scan(out)),
     }
-    return row
 
 
 def writer_throughput(root: Path, units: int, samples: int, arrays: tuple[str, ...], threads: int) -> float:
