@@ -53,25 +53,21 @@ def cli(env: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([env / "bin" / "daam-pipeline", *args], cwd=cwd, capture_output=True, text=True)
 
 
+def installed_path(env: Path, cwd: Path, expression: str) -> str:
+    """``expression`` evaluated by the venv's Python in ``cwd``: a path that must lie inside the venv."""
+    program = f"import pipeline.store.schemas; print({expression})"
+    where = subprocess.run([env / "bin" / "python", "-c", program], cwd=cwd, capture_output=True, text=True)
+    path = where.stdout.strip()
+    assert path.startswith(str(env)), where.stdout + where.stderr
+    return path
+
+
 def test_the_package_comes_from_the_wheel(installed, tmp_path):
-    where = subprocess.run(
-        [installed / "bin" / "python", "-c", "import pipeline; print(pipeline.__file__)"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert where.stdout.strip().startswith(str(installed)), where.stdout + where.stderr
+    installed_path(installed, tmp_path, "pipeline.__file__")
 
 
 def test_the_shipped_schemas_agree_with_the_code(installed, tmp_path):
-    where = subprocess.run(
-        [installed / "bin" / "python", "-c", "from pipeline.store.schemas import SCHEMAS_DIR; print(SCHEMAS_DIR)"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    shipped = where.stdout.strip()
-    assert shipped.startswith(str(installed)), where.stdout + where.stderr
+    shipped = installed_path(installed, tmp_path, "pipeline.store.schemas.SCHEMAS_DIR")
     check = cli(installed, tmp_path, "schemas", shipped, "--check")
     assert check.returncode == 0, check.stdout + check.stderr
 
