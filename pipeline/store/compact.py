@@ -149,9 +149,7 @@ def table_sources(
     Raises:
         StoreError: a unit has neither a per-unit file nor compacted rows (for a table every unit writes).
     """
-    folder = EXPLAIN_PARTS.path(output, table, "u").rsplit("/", 1)[0]
-    suffix = ".parquet"
-    listed = {name.removesuffix(suffix) for name in output.listdir(folder) if name.endswith(suffix)}
+    listed = EXPLAIN_PARTS.listed_units(output, table)
     per_unit = {unit: EXPLAIN_PARTS.path(output, table, unit) for unit in units if unit in listed}
     rest = [unit for unit in units if unit not in listed]
     compacted = manifest.units if manifest is not None and manifest.files.get(table) else frozenset()

@@ -85,6 +85,26 @@ class UnitParts:
     def path(self, output: Output, part: str, unit: str) -> str:
         return output.path(self.parts[part].format(unit=_check_unit(unit)))
 
+    def listed_units(self, output: Output, part: str) -> set[str]:
+        """The units whose ``part`` exists under ``output``, from one listing of its folder (temporary files of
+        interrupted writes and a Zarr store's own metadata files are not units)."""
+        folder, _, name = self.parts[part].partition("/")
+        prefix, _, suffix = name.partition("{unit}")
+        output.fs.invalidate_cache(output.path(folder))
+        try:
+            entries = output.fs.ls(output.path(folder), detail=True)
+        except FileNotFoundError:
+            return set()
+        found = set()
+        for entry in entries:
+            base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if suffix == "" and entry["type"] != "directory":  # a Zarr group's own metadata files
+                continue
+            unit = base[len(prefix) : len(base) - len(suffix)] if base.startswith(prefix) else ""
+            if base.endswith(suffix) and ".tmp-" not in base and _UNIT.fullmatch(unit):
+                found.add(unit)
+        return found
+
     def paths(self, output: Output, unit: str) -> dict[str, str]:
         return {part: self.path(output, part, unit) for part in self.parts}
 
@@ -197,22 +217,7 @@ def started_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> list[str
     """Units with parts but no marker, sorted: being written by a running job, or left by one that stopped (the
     next run redoes them); readers do not see them."""
     output = as_output(out)
-    found: set[str] = set()
-    for template in parts.parts.values():
-        folder, _, name = template.partition("/")
-        prefix, _, suffix = name.partition("{unit}")
-        output.fs.invalidate_cache(output.path(folder))
-        try:
-            entries = output.fs.ls(output.path(folder), detail=True)
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if suffix == "" and entry["type"] != "directory":  # a Zarr group's own metadata files
-                continue
-            unit = base[len(prefix) : len(base) - len(suffix)] if base.startswith(prefix) else ""
-            if base.endswith(suffix) and ".tmp-" not in base and _UNIT.fullmatch(unit):
-                found.add(unit)
+    found = set().union(*(parts.listed_units(output, part) for part in parts.parts))
     return sorted(found - set(committed_units(output)))
 
 
