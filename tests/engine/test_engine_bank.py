@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import zarr
 
 from pipeline.engine import bank as bank_module
 from pipeline.engine.bank import BankQuery, MemoryBank
@@ -15,7 +14,7 @@ from pipeline.errors import BankError
 
 
 def reference(features, labels, f, k, temperature, exclude=-1):
-    """One image, straight from METHOD.md "Dimension-wise importance weights", in float64 loops."""
+    """One image, straight from docs/method.md "Dimension-wise importance weights", in float64 loops."""
     z = [row / row.norm() for row in features.double()]
     f_hat = f.double() / f.double().norm()
     sims = {i: float(f_hat @ z[i]) for i in range(len(z)) if i != exclude}
@@ -200,34 +199,3 @@ def test_float16_storage_is_unit_norm():
 def test_errors(make, match):
     with pytest.raises(BankError, match=match):
         make()
-
-
-@pytest.mark.parametrize(("dtype", "labelled"), [(torch.float32, True), (torch.float16, False)])
-def test_zarr_round_trip(tmp_path, dtype, labelled):
-    features, labels, queries = random_bank(6)
-    labels = labels if labelled else None
-    bank = MemoryBank(features, labels, k=7, temperature=0.2, dtype=dtype, num_classes=9 if labelled else None)
-    bank.to_zarr(tmp_path / "bank.zarr")
-    group = zarr.open_group(str(tmp_path / "bank.zarr"), mode="r")
-    assert group["features"].shape == (300, 24) and ("labels" in group) == labelled
-    assert group.attrs["normalised"] is True and group.attrs["k"] == 7
-
-    loaded = MemoryBank.from_zarr(tmp_path / "bank.zarr")
-    assert torch.equal(loaded.features, bank.features) and loaded.features.dtype == dtype
-    assert (loaded.k, loaded.temperature, loaded.num_classes) == (7, 0.2, bank.num_classes)
-    if labelled:
-        assert torch.equal(loaded.labels, labels)
-    assert_same(loaded.query(queries), bank.query(queries))
-    assert MemoryBank.from_zarr(tmp_path / "bank.zarr", k=3, chunk_size=5).query(queries).neighbours.shape == (8, 3)
-
-    with pytest.raises(BankError, match="cannot write memory bank"):
-        bank.to_zarr(tmp_path / "bank.zarr")
-    bank.to_zarr(tmp_path / "bank.zarr", overwrite=True)
-
-
-def test_zarr_missing_or_foreign(tmp_path):
-    with pytest.raises(BankError, match=r"nowhere\.zarr"):
-        MemoryBank.from_zarr(tmp_path / "nowhere.zarr")
-    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
-    with pytest.raises(BankError, match="not a memory bank"):
-        MemoryBank.from_zarr(tmp_path / "other.zarr")

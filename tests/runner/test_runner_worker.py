@@ -32,10 +32,11 @@ def test_unit_is_explained_stored_and_accounted_for(tiny_shards, tmp_path):
     maps = results.maps("s1_0000")
     assert maps.daam.shape == (2, 4, 4) and maps.coefficients.shape == (2, 48)
     with UnitWorker(job) as worker:
-        with worker.prefetch_batches(tiny_shards[1], []) as ready:
-            pixels, samples_ = next(ready)
+        with worker.prefetch_batches(tiny_shards[1]) as ready:
+            first = next(ready)
+        samples_ = first.samples
         with DAAM(worker.model) as daam:
-            direct = daam(worker.preprocess.normalize(pixels))
+            direct = daam(worker.preprocess.normalize(first.pixels))
     index = [s.key for s in samples_].index("s1_0000")
     expected = direct.daam[index].numpy()
     assert np.abs(maps.daam - expected).max() <= 1e-3 * expected.max()
