@@ -165,7 +165,7 @@ class BankConfig(_Section):
     path: str | None = Field(
         None,
         description="bank location: written by the bank stage (default OUTPUT/bank.zarr), or an existing bank "
-        "(MemoryBank.to_zarr, `daam-pipeline bank import`) when bank.shards is not given",
+        "(pipeline.store.bank.write_bank, `daam-pipeline bank import`) when bank.shards is not given",
     )
     k: int = Field(20, ge=1)
     temperature: float = Field(0.07, gt=0)

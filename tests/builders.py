@@ -96,3 +96,23 @@ def write_with_statistics(out, unit, layout, make_batch, keys, seed, failed=()):
     writer.write_failed(failed_samples(failed, size=(7, None)))
     writer.commit()
     return batch
+
+
+def random_bank(seed: int, size: int = 300, dim: int = 24, classes: int = 6):
+    """Features, labels and queries of a random memory bank: (size, dim), (size,), (8, dim)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(size, dim, generator=g) + 0.3
+    labels = torch.randint(0, classes, (size,), generator=g)
+    queries = torch.randn(8, dim, generator=g) + 0.3
+    return features, labels, queries
+
+
+def assert_same_query(a, b) -> None:
+    """Two :class:`~pipeline.engine.bank.BankQuery` results equal bit for bit."""
+    import torch
+
+    for name in ("neighbours", "similarities", "weights", "predicted", "vote_share"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y)

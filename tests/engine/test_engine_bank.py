@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
+from builders import assert_same_query as assert_same
+from builders import random_bank
 
 from pipeline.engine import bank as bank_module
-from pipeline.engine.bank import BankQuery, MemoryBank
+from pipeline.engine.bank import MemoryBank
 from pipeline.errors import BankError
 
 
@@ -34,22 +36,6 @@ def reference(features, labels, f, k, temperature, exclude=-1):
     low, high = float(w.min()), float(w.max())
     w = (w - low) / (high - low) if high > low else torch.ones_like(w)
     return w, predicted, share, top, [sims[i] for i in top]
-
-
-def random_bank(seed, size=300, dim=24, classes=6):
-    g = torch.Generator().manual_seed(seed)
-    features = torch.randn(size, dim, generator=g) + 0.3
-    labels = torch.randint(0, classes, (size,), generator=g)
-    queries = torch.randn(8, dim, generator=g) + 0.3
-    return features, labels, queries
-
-
-def assert_same(a: BankQuery, b: BankQuery) -> None:
-    assert torch.equal(a.neighbours, b.neighbours)
-    assert torch.equal(a.similarities, b.similarities)
-    assert torch.equal(a.weights, b.weights)
-    for x, y in ((a.predicted, b.predicted), (a.vote_share, b.vote_share)):
-        assert (x is None and y is None) or torch.equal(x, y)
 
 
 @pytest.mark.parametrize(

@@ -5,25 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import zarr
+from builders import assert_same_query as assert_same
+from builders import random_bank
 
-from pipeline.engine.bank import BankQuery, MemoryBank
+from pipeline.engine.bank import MemoryBank
 from pipeline.errors import BankError
 from pipeline.store.bank import read_bank, write_bank
 from pipeline.store.output import as_output
-
-
-def random_bank(seed, size=300, dim=24, classes=6):
-    g = torch.Generator().manual_seed(seed)
-    features = torch.randn(size, dim, generator=g) + 0.3
-    labels = torch.randint(0, classes, (size,), generator=g)
-    queries = torch.randn(8, dim, generator=g) + 0.3
-    return features, labels, queries
-
-
-def assert_same(a: BankQuery, b: BankQuery) -> None:
-    for name in ("neighbours", "similarities", "weights", "predicted", "vote_share"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None and y is None) or torch.equal(x, y)
 
 
 @pytest.mark.parametrize(("dtype", "labelled"), [(torch.float32, True), (torch.float16, False)])
