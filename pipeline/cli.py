@@ -15,6 +15,7 @@ import click
 import yaml
 
 from pipeline.errors import JobTerminated, PipelineError
+from pipeline.names import RENDER_QUERIES, RENDER_QUERY_ALIASES
 
 __all__ = ["main"]
 
@@ -243,14 +244,21 @@ def shard(src, out, kind, samples_per_shard, prefix, labels, boxes) -> None:
 @click.option("--key", "keys", multiple=True, help="Sample key to draw (repeatable).")
 @click.option(
     "--query",
-    type=click.Choice(["most-converged", "least-converged", "wrong", "random"]),
+    type=click.Choice([*RENDER_QUERIES, *RENDER_QUERY_ALIASES]),
     default=None,
-    help="Pick samples instead of --key.",
+    help="Pick samples instead of --key: by their settle block (the first block from which the top-20% patches of "
+    "D_l stay within IoU 0.9 of the final map's), wrong predictions, or at random.",
 )
 @click.option("--count", default=8, show_default=True, help="Samples a query draws.")
 @click.option("--block-maps", is_flag=True, help="Add a row of the per-block maps M_l.")
 @click.option("--no-animation", is_flag=True, help="PNG grids only.")
-@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "gif", "mp4"]), help="Default: all.")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["png", "gif", "mp4"]),
+    help="Default: all (mp4 where ffmpeg is on the PATH); an explicit mp4 without ffmpeg is an error.",
+)
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: OUT/renders.")
 @click.option("--size", default=224, show_default=True, help="Panel size in pixels.")
 @click.option("--class-names", type=click.Path(dir_okay=False), default=None, help="Text (one per line) or JSON list.")
@@ -270,7 +278,7 @@ def render(out, keys, query, count, block_maps, no_animation, formats, dest, siz
         count=count,
         block_maps=block_maps,
         animation=not no_animation,
-        formats=formats or ("png", "gif", "mp4"),
+        formats=formats or None,  # default: every format this machine can write
         dest=dest,
         size=size,
         class_names=class_names,
@@ -291,7 +299,8 @@ def render(out, keys, query, count, block_maps, no_animation, formats, dest, siz
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def report(out, dest, gallery, top_classes, size, class_names, quiet) -> None:
-    """Write one self-contained HTML report of OUT: per-block curves, convergence, evaluation, gallery."""
+    """Write one self-contained HTML report of OUT: failures, per-block curves, settle blocks, evaluation (with its
+    curves), gallery."""
     from pipeline.viz import report as write_report
 
     path = write_report(

@@ -24,6 +24,7 @@ from pipeline.names import (
     ENGINE_ARRAYS,
     EXPLAINERS,
     MAP_ARRAYS,
+    METRIC_CURVES,
     METRIC_GROUPS,
     PERTURBATION_BASELINES,
     REFERENCE_MAPS,
@@ -307,6 +308,11 @@ class EvaluationConfig(_Section):
     def columns(self) -> tuple[str, ...]:
         """The metric columns filled for every evaluated method."""
         return tuple(column for group in self.metrics for column in METRIC_GROUPS[group])
+
+    @property
+    def curve_columns(self) -> tuple[str, ...]:
+        """The curves stored beside those metrics (deletion/insertion and perturbation)."""
+        return tuple(column for group in self.metrics for column in METRIC_CURVES.get(group, ()))
 
 
 class JobConfig(_Section):

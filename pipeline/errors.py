@@ -28,6 +28,7 @@ __all__ = [
     "ShardNotFoundError",
     "StoreError",
     "TargetError",
+    "ToolNotFoundError",
     "UnitFailedError",
     "UnsupportedModelError",
     "one_line",
@@ -109,6 +110,10 @@ class SampleNotFoundError(OutputLookupError):
 
 class AmbiguousSampleError(SampleNotFoundError):
     """A sample key that several units of an output hold, asked for without naming the unit."""
+
+
+class ToolNotFoundError(PipelineError, FileNotFoundError):
+    """An external program a command needs (``ffmpeg`` for MP4 animations) is not on the PATH."""
 
 
 class OutputInUseError(PipelineError, RuntimeError):

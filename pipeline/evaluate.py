@@ -367,7 +367,8 @@ def evaluate_batch(
 
     Returns:
         ``{method: {metric: (B,) float32}}`` on the images' device: methods ``daam``, then the configured
-        references (``random``, ``centre``), then the explainers; metrics :attr:`EvaluationConfig.columns`.
+        references (``random``, ``centre``), then the explainers; metrics :attr:`EvaluationConfig.columns`, then
+        the curves of those AUCs, :attr:`EvaluationConfig.curve_columns`, each ``(B, points)``.
 
     Raises:
         TargetError: faithfulness or perturbation is configured but ``target`` is None (self-supervised mode).
@@ -386,6 +387,7 @@ def evaluate_batch(
     stacked = torch.stack(list(maps.values()), dim=1)  # (B, M, h, w)
 
     values: dict[str, Tensor] = {}  # metric -> (B, M)
+    curves: dict[str, Tensor] = {}  # curve -> (B, M, points)
     if "localisation" in config.metrics:
         values |= localisation(stacked, box_mask)
     if (config.faithfulness or config.perturbation) and target is None:
@@ -393,7 +395,7 @@ def evaluate_batch(
             "faithfulness and perturbation need the explained classes; disable them in self-supervised mode"
         )
     if config.faithfulness:
-        curves = deletion_insertion(
+        found = deletion_insertion(
             model,
             images,
             stacked,
@@ -403,9 +405,10 @@ def evaluate_batch(
             batch_size=config.batch_size,
             autocast_dtype=autocast_dtype,
         )
-        values |= {"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}
+        values |= {f"{name}_auc": found[name] for name in ("deletion", "insertion")}
+        curves |= {f"{name}_curve": found[f"{name}_curve"] for name in ("deletion", "insertion")}
     if config.perturbation:
-        curves = perturbation(
+        found = perturbation(
             model,
             images,
             stacked,
@@ -414,6 +417,9 @@ def evaluate_batch(
             batch_size=config.batch_size,
             autocast_dtype=autocast_dtype,
         )
-        values |= {f"{name}_auc": curves[name] for name in ("positive", "negative", "positive_top1", "negative_top1")}
-    assert tuple(values) == config.columns
+        names = ("positive", "negative", "positive_top1", "negative_top1")
+        values |= {f"{name}_auc": found[name] for name in names}
+        curves |= {f"{name}_curve": found[f"{name}_curve"] for name in names}
+    assert tuple(values) == config.columns and tuple(curves) == config.curve_columns
+    values |= curves
     return {method: {metric: value[:, i] for metric, value in values.items()} for i, method in enumerate(maps)}

@@ -9,14 +9,18 @@ __all__ = [
     "COMPARISON_EXPLAINERS",
     "COMPRESSORS",
     "COMPUTE_DTYPES",
+    "CURVE_COLUMNS",
     "ENGINE_ARRAYS",
     "EXPLAINERS",
     "MAP_ARRAYS",
     "METRIC_COLUMNS",
+    "METRIC_CURVES",
     "METRIC_GROUPS",
     "PERTURBATION_BASELINES",
     "PER_BLOCK_EXPLAINERS",
     "REFERENCE_MAPS",
+    "RENDER_QUERIES",
+    "RENDER_QUERY_ALIASES",
     "STORE_DTYPES",
 ]
 
@@ -51,8 +55,22 @@ METRIC_GROUPS = {
 
 METRIC_COLUMNS = tuple(column for columns in METRIC_GROUPS.values() for column in columns)
 
+METRIC_CURVES = {
+    "faithfulness": ("deletion_curve", "insertion_curve"),
+    "perturbation": ("positive_curve", "negative_curve", "positive_top1_curve", "negative_top1_curve"),
+}
+"""The curves a metric group stores beside its AUCs (each AUC is its curve's trapezoid integral)."""
+
+CURVE_COLUMNS = tuple(column for columns in METRIC_CURVES.values() for column in columns)
+
 REFERENCE_MAPS = ("random", "centre")
 """Reference maps evaluated beside the explainers: a seeded uniform random map and a centre prior."""
 
 PERTURBATION_BASELINES = ("blur", "zero", "mean")
 """What deletion/insertion put in place of removed patches."""
+
+RENDER_QUERIES = ("earliest-settled", "latest-settled", "wrong", "random")
+"""How ``render`` picks samples without keys (:func:`pipeline.viz.select.select_samples`)."""
+
+RENDER_QUERY_ALIASES = {"most-converged": "earliest-settled", "least-converged": "latest-settled"}
+"""Earlier names of render queries, still accepted."""

@@ -30,6 +30,7 @@ __all__ = [
     "VERSION",
     "ZARR_LAYOUT",
     "ZARR_LAYOUT_VERSION",
+    "arrow_type",
     "export_schemas",
     "render_schemas",
     "stale_schemas",
@@ -47,8 +48,22 @@ bits), each written once as a single shard. Change it when an array changes mean
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
 """The exported JSON shipped with the package: ``pipeline/schemas``, a link to the repository's ``schemas/``."""
 
-_TYPE_ALIASES = {pa.string(): "string", pa.int16(): "int16", pa.int32(): "int32", pa.float32(): "float32"}
-"""The column types in use and their names in the exported JSON (pyarrow's ``type_for_alias`` reads them)."""
+_TYPE_ALIASES = {
+    pa.string(): "string",
+    pa.int16(): "int16",
+    pa.int32(): "int32",
+    pa.float32(): "float32",
+    pa.list_(pa.float32()): "list<float32>",
+}
+"""The column types in use and their names in the exported JSON (:func:`arrow_type` reads them back)."""
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """The Arrow type of a column type's name in the exported JSON: pyarrow's aliases (``float32``), and
+    ``list<float32>`` for the curves of the evaluation table."""
+    if name.startswith("list<") and name.endswith(">"):
+        return pa.list_(arrow_type(name[len("list<") : -1]))
+    return pa.type_for_alias(name)
 
 
 def _field(
@@ -286,6 +301,26 @@ BLOCKS = _schema(
     ],
 )
 
+_CURVES = {
+    name: f"{values}; null when the job did not compute it (evaluate.metrics) or wrote the output before curves were "
+    "stored."
+    for name, values in {
+        "deletion": "the target's softmax probability with the top floor(s n / steps) patches replaced by the "
+        "baseline, at s = 0 .. steps (steps + 1 values)",
+        "insertion": "the target's softmax probability with the top floor(s n / steps) patches revealed on the "
+        "baseline, at s = 0 .. steps (steps + 1 values)",
+        "positive": "the target's softmax probability with the floor(i n / 10) most relevant patches replaced, "
+        "i = 0 .. 9 (10 values)",
+        "negative": "the target's softmax probability with the floor(i n / 10) least relevant patches replaced, "
+        "i = 0 .. 9 (10 values)",
+        "positive_top1": "top-1 correctness (0 or 1) with the floor(i n / 10) most relevant patches replaced, "
+        "i = 0 .. 9 (10 values)",
+        "negative_top1": "top-1 correctness (0 or 1) with the floor(i n / 10) least relevant patches replaced, "
+        "i = 0 .. 9 (10 values)",
+    }.items()
+}
+"""What each stored curve of the evaluation table holds (its column ``<name>_curve``)."""
+
 EVALUATION = _schema(
     "evaluation",
     [
@@ -336,6 +371,15 @@ EVALUATION = _schema(
             "negative_top1_auc",
             pa.float32(),
             "Negative perturbation of top-1 correctness; higher is more faithful.",
+        ),
+        *(
+            _field(
+                f"{name}_curve",
+                pa.list_(pa.float32()),
+                f"The curve whose trapezoid integral is {name}_auc: {what}",
+                nullable=True,
+            )
+            for name, what in _CURVES.items()
         ),
     ],
 )
