@@ -65,7 +65,7 @@ def test_export_reads_back_as_the_schemas():
 
 def test_schemas_keep_what_the_json_described():
     assert SAMPLES.metadata == {b"name": b"samples", b"version": b"1"}
-    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS)] == [15, 26, 17, 16]  # + perturbation, + the curves
+    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS)] == [15, 26, 17, 16]  # + the curves
     assert SAMPLES.names[:3] == ["key", "shard", "unit"] and SAMPLES.names[-2:] == ["model", "job"]
     key, label, status, score = (SAMPLES.field(n) for n in ("key", "label", "status", "score"))
     assert (key.type, key.nullable) == (pa.string(), False)
