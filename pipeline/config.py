@@ -108,6 +108,17 @@ class ModelConfig(_Section):
     pretrained: bool = Field(False, description="download hub weights (machines with network access only)")
     num_classes: int | None = Field(None, ge=0, description="classifier size; 0 removes the head")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="more timm.create_model keyword arguments")
+    label: str | None = Field(
+        None,
+        min_length=1,
+        description="the model's name in the outputs (samples column `model`, maps.zarr attributes, the report); "
+        "default: name. Name a model built with kwargs for what it is",
+    )
+
+    @property
+    def shown_name(self) -> str:
+        """What the outputs call the model: ``label``, else ``name``."""
+        return self.label or self.name
 
 
 def _check_braces(pattern: str) -> str:

@@ -54,6 +54,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "vit_tiny_patch16_224"
+MODEL_LABEL = "vit_demo_patch8_64"
+"""What the demo model is (6 blocks of width 80, patch 8, 64x64 inputs), built as MODEL_NAME with other kwargs: the
+demo jobs' ``model.label``."""
 CHECKPOINT_NAME = "demo_vit.safetensors"
 METADATA_NAME = "demo_vit.json"
 DEFAULT_STEPS = 150
@@ -214,6 +217,7 @@ def train_demo_model(
 
     metadata = {
         "model_name": MODEL_NAME,
+        "model_label": MODEL_LABEL,
         "model_kwargs": model_kwargs,
         "num_classes": len(CLASS_NAMES),
         "class_names": list(CLASS_NAMES),

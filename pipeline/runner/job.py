@@ -39,7 +39,7 @@ from pipeline.store.units import (
     sweep_temporaries,
     unit_name,
 )
-from pipeline.summaries import label_accuracy
+from pipeline.summaries import duplicate_keys, label_accuracy
 from pipeline.worker import resolve_device
 
 __all__ = ["run_job"]
@@ -190,12 +190,20 @@ def stop_on_sigterm(pool: LocalPool | RayPool) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_DUPLICATE_EXAMPLES = 3
+
+
 def _finish(job: JobConfig, summary: JobSummary, start: float) -> JobSummary:
     summary.seconds = time.perf_counter() - start
-    if job.mode == "self-supervised" and summary.done + summary.skipped:
+    if summary.done + summary.skipped:
         from pipeline.store.results import open_results
 
-        summary.knn_accuracy = label_accuracy(open_results(job_output(job)).samples)
+        results = open_results(job_output(job))
+        shared = duplicate_keys(results.read("samples", columns=["key", "unit"]))
+        summary.duplicate_keys = len(shared)
+        summary.duplicate_examples = {str(k): list(u) for k, u in shared.head(_DUPLICATE_EXAMPLES).items()}
+        if job.mode == "self-supervised":
+            summary.knn_accuracy = label_accuracy(results.samples)
     return summary
 
 

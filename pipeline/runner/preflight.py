@@ -8,10 +8,12 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import JobConfig, expand_shards, is_url
-from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError
+from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError, raise_all
 from pipeline.store.output import job_output
 from pipeline.store.units import unit_name
 
@@ -31,23 +33,37 @@ class CheckedJob:
 def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
     """Check a job before running it: shards, output, model, checkpoint, labels and bank.
 
+    Every check runs, so one run of ``validate`` lists every problem found (a check that needs what an earlier one
+    found missing is left out: the labels of shards that do not exist).
+
     Args:
         job: The validated job.
         model: Also build the model on the CPU and load its checkpoint (skipped by ``--dry-run``).
 
     Raises:
-        PipelineError: the first problem found (ConfigError, ShardNotFoundError, CheckpointError, BankError, ...);
-            the message names the file or field.
+        PipelineError: the one problem found (ConfigError, ShardNotFoundError, CheckpointError, BankError, ...),
+            its message naming the file or field; JobProblemsError listing them, one line each, when there are
+            several.
     """
-    job_output(job)
-    urls = _check_shards(job.shard_urls(), "data.shards")
+    problems: list[PipelineError] = []
+
+    def check(what: Callable[[], Any]) -> Any:
+        try:
+            return what()
+        except PipelineError as e:
+            problems.append(e)
+            return None
+
+    check(lambda: job_output(job))
+    urls = check(lambda: _check_shards(job.shard_urls(), "data.shards")) or []
     bank_urls = []
     if job.mode == "self-supervised" and job.bank.shards is not None:
-        bank_urls = _check_shards(expand_shards(job.bank.shards, "bank.shards"), "bank.shards")
+        bank_urls = check(lambda: _check_shards(expand_shards(job.bank.shards, "bank.shards"), "bank.shards")) or []
     if model:
-        _check_model(job)
-    if job.target == "label":
-        _check_labels(urls[0])
+        _check_model(job, problems)
+    if job.target == "label" and urls:
+        check(lambda: _check_labels(urls[0]))
+    raise_all(problems, f"job {job.name}")
     return CheckedJob(urls, bank_urls)
 
 
@@ -79,22 +95,39 @@ def _check_shards(urls: list[str], field: str) -> list[str]:
     return urls
 
 
-def _check_model(job: JobConfig) -> None:
-    """The model name exists, its checkpoint loads into it, DAAM and the job's explainers can explain it."""
+def _check_model(job: JobConfig, problems: list[PipelineError]) -> None:
+    """The model name exists, its checkpoint loads into it, DAAM and the job's explainers can explain it, the bank
+    fits it. Without a usable checkpoint the architecture alone is checked (and the bank against it)."""
     import torch
 
     from pipeline.data.decode import Preprocess
-    from pipeline.models import check_model_source, create_job_model, model_data_config
+    from pipeline.models import check_model_source, create_job_model, known_model, model_data_config
     from pipeline.stages import ExplainStage
     from pipeline.store.bank import check_bank
 
     spec = job.model
-    check_model_source(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint)
-    model = create_job_model(spec)
-    size = Preprocess.from_data_config(model_data_config(model), job.data.preprocess).size
-    ExplainStage(job, model, torch.device("cpu"), size).close()  # [class] token, attention, explainers, grid
+    found = len(problems)
+    try:
+        check_model_source(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint)
+    except PipelineError as e:
+        problems.append(e)
+    if not known_model(spec.name):
+        return  # nothing to build
+    try:
+        model = create_job_model(spec, weights=len(problems) == found)
+    except PipelineError as e:
+        problems.append(e)
+        model = create_job_model(spec, weights=False)  # the checkpoint does not fit: check the rest without it
+    try:
+        size = Preprocess.from_data_config(model_data_config(model), job.data.preprocess).size
+        ExplainStage(job, model, torch.device("cpu"), size).close()  # [class] token, attention, explainers, grid
+    except PipelineError as e:
+        problems.append(e)
     if job.mode == "self-supervised" and job.bank.shards is None:
-        check_bank(job, model.num_features)
+        try:
+            check_bank(job, model.num_features)
+        except PipelineError as e:
+            problems.append(e)
 
 
 def _check_labels(url: str) -> None:

@@ -45,7 +45,7 @@ class ExplainStage:
         self.daam = DAAM(model, autocast_dtype=compute_dtype(job.dtype)).open()
         self.baselines = Baselines(self.daam, job.comparison_explainers) if job.comparison_explainers else None
         self.layout = MapLayout(
-            model=job.model.name,
+            model=job.model.shown_name,
             n_blocks=self.daam.num_blocks,
             grid=self.daam.grid_size(input_size),
             channels=self.daam.num_heads * self.daam.head_dim,

@@ -118,6 +118,7 @@ def test_demo_jobs_describe_the_shipped_model():
     for name in ("demo.yaml", "demo-ssl.yaml"):
         job = load_job(ASSETS.parents[2] / "jobs" / name)
         assert job.model.name == meta["model_name"] and job.model.num_classes == meta["num_classes"]
+        assert job.model.shown_name == meta["model_label"] == "vit_demo_patch8_64"
         assert job.model.kwargs == meta["model_kwargs"]
         assert job.model.checkpoint == str(ASSETS / meta["checkpoint"])
         assert all(Path(url).is_file() for url in job.shard_urls())
