@@ -121,12 +121,9 @@ def demo(ssl, out, overwrite, no_ray, quiet) -> None:
 
 
 def _shipped_job(name: str) -> Path:
-    from pipeline.config import package_path
+    from pipeline.examples import shipped_job
 
-    path = Path(package_path(f"jobs/{name.removesuffix('.yaml')}.yaml"))
-    if not path.is_file():
-        raise PipelineError(f"no shipped job {name!r}; `daam-pipeline jobs` lists them")
-    return path
+    return shipped_job(name)
 
 
 @main.group(invoke_without_command=True)
@@ -135,19 +132,28 @@ def jobs(ctx) -> None:
     """List the example jobs shipped with the package (`jobs show NAME` prints one, to copy and edit)."""
     if ctx.invoked_subcommand is not None:
         return
-    from pipeline.config import package_path
+    from pipeline.examples import shipped_jobs
 
-    for path in sorted(Path(package_path("jobs")).glob("*.yaml"), key=lambda p: p.stem):
+    for path in shipped_jobs():
         first = next((line.removeprefix("#").strip() for line in path.read_text().splitlines() if line.strip()), "")
         click.echo(f"{path.stem:10s} {textwrap.shorten(first, 100, placeholder=' ...')}")
 
 
 @jobs.command("show")
 @click.argument("name")
+@click.option(
+    "--data-root",
+    default="data",
+    show_default=True,
+    help="Where the copy reads its inputs (shards, checkpoint): relative to the copy's folder, absolute, or a URL.",
+)
 @_user_errors
-def jobs_show(name) -> None:
-    """Print the shipped job NAME (e.g. `daam-pipeline jobs show dino > my-job.yaml`)."""
-    click.echo(_shipped_job(name).read_text(), nl=False)
+def jobs_show(name, data_root) -> None:
+    """Print the shipped job NAME as a copy for this folder (`daam-pipeline jobs show dino > dino.yaml`): its input
+    paths read DATA_ROOT (data/ beside the copy), and its comments say how to write them there."""
+    from pipeline.examples import job_copy
+
+    click.echo(job_copy(name, data_root), nl=False)
 
 
 def _exit_now(code: int) -> None:
