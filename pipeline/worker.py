@@ -116,6 +116,7 @@ class UnitWorker:
         self._device_lock = threading.Lock()  # one unit computes at a time; commits and prefetching overlap it
         self._prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._progress: dict[str, float] = {}  # unit holding the device -> monotonic time of its last progress
+        self._samples: dict[str, int] = {}  # unit in flight -> samples it has computed or failed so far
 
     def run(self, stage: str, url: str, *, attempt: int = 0) -> dict[str, Any]:
         """Run ``stage`` (``explain`` or ``bank``) over every sample of the shard at ``url`` and commit the unit.
@@ -134,16 +135,20 @@ class UnitWorker:
         runner = self.stages[stage]
         unit = unit_name(url)
         arrived = time.perf_counter()
-        with self.prefetch_batches(url, runner) as ready:
-            state = runner.open_unit(unit, url)
-            with self._device_lock:
-                start = time.perf_counter()
-                self._progress[unit] = time.monotonic()
-                try:
-                    compute_s, shard_error = self._compute_unit(runner, state, unit, ready, attempt)
-                finally:
-                    self._progress.pop(unit, None)
-                seconds = time.perf_counter() - start
+        self._samples[unit] = 0
+        try:
+            with self.prefetch_batches(url, runner) as ready:
+                state = runner.open_unit(unit, url)
+                with self._device_lock:
+                    start = time.perf_counter()
+                    self._progress[unit] = time.monotonic()
+                    try:
+                        compute_s, shard_error = self._compute_unit(runner, state, unit, ready, attempt)
+                    finally:
+                        self._progress.pop(unit, None)
+                    seconds = time.perf_counter() - start
+        finally:
+            self._samples.pop(unit, None)
         sink = state.sink
         total = sink.failed + sink.ok
         if total and sink.failed / total > self.job.errors.max_failed_fraction:
@@ -184,6 +189,7 @@ class UnitWorker:
                     result = move_tree(stage.compute(self.model_input(batch.pixels), batch.samples, state.generator))
                     compute_s += time.perf_counter() - tick
                 self._progress[unit] = time.monotonic()
+                self._samples[unit] = self._samples.get(unit, 0) + len(batch.samples) + len(batch.failed)
                 if pending is not None:
                     pending.result()  # at most one batch waits to be written
                 pending = self._writer_thread.submit(state.sink.write, batch, result)
@@ -197,6 +203,11 @@ class UnitWorker:
         if pending is not None:
             pending.result()
         return compute_s, shard_error
+
+    def unit_progress(self) -> dict[str, int]:
+        """The units in flight and how many of their samples have been computed (or failed) so far: what the
+        driver's progress bar counts between commits."""
+        return dict(self._samples)
 
     def stalled_units(self, timeout_s: float) -> list[str]:
         """Units holding the device that have neither read nor computed a batch for ``timeout_s`` seconds (a hung

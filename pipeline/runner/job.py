@@ -16,14 +16,14 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
-from tqdm import tqdm
-
 from pipeline.config import JobConfig
+from pipeline.data.shards import indexed_samples
 from pipeline.errors import ClusterError, JobTerminated, StoreError, one_line
 from pipeline.runner.fingerprint import check_resume, checkpoint_digest, fingerprint
 from pipeline.runner.plan import ActorPlan, describe_plan, plan_actors
 from pipeline.runner.pools import LocalPool, RayPool
 from pipeline.runner.preflight import preflight
+from pipeline.runner.progress import StageProgress
 from pipeline.runner.summary import JobSummary
 from pipeline.store.bank import assemble_bank, bank_is_built, bank_location, bank_output
 from pipeline.store.compact import TABLES_DIR, compact
@@ -135,26 +135,29 @@ def _run(
     with stop_on_sigterm(pool), pool:
         if build_bank and not _run_bank_stage(job, pool, bank_todo, progress, summary):
             return _finish(job, summary, start)  # without a whole bank nothing can be explained
-        bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} explain")
-        for outcome in pool.run("explain", todo):
-            if outcome.error is not None:
-                summary.failed_units[outcome.unit] = outcome.error
-                record_failure(output, outcome.unit, outcome.error)
-            else:
-                marker = outcome.marker
-                summary.done += 1
-                summary.samples_ok += marker["ok"]
-                summary.samples_failed += marker["failed"]
-                if not marker["complete"]:
-                    summary.incomplete_units[outcome.unit] = marker["incomplete"]
-            bar.update(1)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(samples_s=f"{summary.samples_ok / elapsed:.1f}", failed_units=len(summary.failed_units))
-        bar.close()
+        with _progress(f"{job.name} explain", todo, progress) as bar:
+            for outcome in pool.run("explain", todo, bar.in_flight if progress else None):
+                if outcome.error is not None:
+                    summary.failed_units[outcome.unit] = outcome.error
+                    record_failure(output, outcome.unit, outcome.error)
+                    bar.failed(outcome.unit)
+                else:
+                    marker = outcome.marker
+                    summary.done += 1
+                    summary.samples_ok += marker["ok"]
+                    summary.samples_failed += marker["failed"]
+                    if not marker["complete"]:
+                        summary.incomplete_units[outcome.unit] = marker["incomplete"]
+                    bar.committed(outcome.unit, marker["samples"])
         summary.actor_restarts = pool.restarts
     if summary.done and job.output.compact:
         _compact(output)
     return _finish(job, summary, start)
+
+
+def _progress(desc: str, urls: list[str], shown: bool) -> StageProgress:
+    """A stage's bar over its units' samples; their total from the shards' index.json where it lists them."""
+    return StageProgress(desc, len(urls), indexed_samples(urls) if shown else None, enabled=shown)
 
 
 def _compact(output: Output) -> None:
@@ -222,18 +225,19 @@ def _plan(job: JobConfig, address: str | None, units: int) -> ActorPlan:
 
 def _run_bank_stage(job: JobConfig, pool: Any, todo: list[str], progress: bool, summary: JobSummary) -> bool:
     """Encode the reference shards and assemble the bank; False when a unit failed (recorded in the summary)."""
-    bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} bank")
     failed = {}
-    for outcome in pool.run("bank", todo):
-        if outcome.error is not None:
-            failed[outcome.unit] = outcome.error
-            record_failure(bank_output(job), outcome.unit, outcome.error)
-        elif not outcome.marker["complete"]:
-            failed[outcome.unit] = outcome.marker["incomplete"]
-        else:
-            summary.bank_samples += outcome.marker["ok"]
-        bar.update(1)
-    bar.close()
+    with _progress(f"{job.name} bank", todo, progress) as bar:
+        for outcome in pool.run("bank", todo, bar.in_flight if progress else None):
+            if outcome.error is not None:
+                failed[outcome.unit] = outcome.error
+                record_failure(bank_output(job), outcome.unit, outcome.error)
+                bar.failed(outcome.unit)
+                continue
+            if not outcome.marker["complete"]:
+                failed[outcome.unit] = outcome.marker["incomplete"]
+            else:
+                summary.bank_samples += outcome.marker["ok"]
+            bar.committed(outcome.unit, outcome.marker["samples"])
     if failed:
         summary.failed_units |= {f"bank:{unit}": error for unit, error in failed.items()}
         _log.error("the bank stage failed, so nothing is explained: %s", failed)

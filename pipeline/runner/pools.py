@@ -1,6 +1,7 @@
 """The workers a job runs on: one in this process (:class:`LocalPool`) or Ray actors (:class:`RayPool`).
 
-Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish. The Ray
+Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish; between
+outcomes they report the samples computed so far by each unit in flight (``on_progress``, about every second). The Ray
 pool keeps ``workers.units_in_flight`` units on every actor (two on a GPU, one on the CPU): they take turns on its
 device, so one unit's commit and the next one's reading and decoding overlap the computation. When an actor dies
 its units go back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies or it
@@ -14,8 +15,8 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,13 @@ from pipeline.store.output import JOB_FILE, job_output
 from pipeline.store.units import unit_name
 from pipeline.worker import UnitWorker, units_in_flight
 
-__all__ = ["LocalPool", "RayPool", "UnitOutcome"]
+__all__ = ["LocalPool", "ProgressCallback", "RayPool", "UnitOutcome"]
 
 _log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Mapping[str, int]], None]
+"""Told the units in flight and how many samples each has computed so far (a unit's count restarts with a retry)."""
+_POLL_S = 1.0  # how often the units in flight are asked how far they are
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class LocalPool:
         self.fault = fault
         self._worker = worker  # built on first use unless given
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], on_progress: ProgressCallback | None = None) -> Iterator[UnitOutcome]:
         if not urls:
             return
         if self._worker is None:
@@ -68,6 +73,7 @@ class LocalPool:
         try:
             while futures:
                 url, future = futures.popleft()
+                _wait_reporting(future, worker, on_progress)
                 try:
                     yield UnitOutcome(url, future.result())
                 except PipelineError as e:
@@ -90,6 +96,14 @@ class LocalPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wait_reporting(future: Future, worker: UnitWorker, on_progress: ProgressCallback | None) -> None:
+    """Wait for a unit, telling ``on_progress`` how far the units in flight are, about every second."""
+    while not future.done():
+        wait([future], timeout=_POLL_S)
+        if on_progress is not None:
+            on_progress(worker.unit_progress())
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,10 @@ def _unit_actor_class():
         @ray.method(concurrency_group="monitor")  # answers while every unit thread is busy (or hung)
         def stalled_units(self, timeout_s: float) -> list[str]:
             return self.worker.stalled_units(timeout_s)
+
+        @ray.method(concurrency_group="monitor")
+        def unit_progress(self) -> dict[str, int]:
+            return self.worker.unit_progress()
 
     return UnitActor
 
@@ -229,10 +247,12 @@ class RayPool:
         except PipelineError:
             _log.debug("could not write %s", path)
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], on_progress: ProgressCallback | None = None) -> Iterator[UnitOutcome]:
         from ray.exceptions import RayActorError, RayTaskError
 
         ray = self._ray
+        polls: dict[Any, Any] = {}  # actor -> its pending unit_progress call (one at a time: never a queue of them)
+        counts: dict[Any, dict[str, int]] = {}  # actor -> its last answer
         load = dict.fromkeys(self._live, 0)  # units in flight per live actor
         died_with: dict[Any, int] = {}  # dead actor -> units it held when it died
         queue = deque(_Pending(url) for url in urls)
@@ -291,6 +311,8 @@ class RayPool:
                     yield UnitOutcome(unit.url, marker)
                 elif (outcome := settle(unit, error)) is not None:
                     yield outcome
+            if on_progress is not None:
+                on_progress(self._poll_progress(polls, counts))
             if timeout is not None and running and time.monotonic() - checked >= min(timeout / 3, 10.0):
                 checked = time.monotonic()
                 for actor, stalled in self._stalled(running, timeout):
@@ -307,6 +329,27 @@ class RayPool:
                         if (outcome := settle(unit, error)) is not None:
                             yield outcome
                     self._replace(actor, load)
+
+    def _poll_progress(self, polls: dict[Any, Any], counts: dict[Any, dict[str, int]]) -> dict[str, int]:
+        """The samples computed so far by the units in flight on the live actors, from their latest answers; asks
+        each live actor again once it has answered (never waits for one)."""
+        from ray.exceptions import RayActorError
+
+        for actor in [a for a in polls if a not in self._live]:  # replaced actors: their units start over elsewhere
+            del polls[actor]
+        for actor in self._live:
+            polls.setdefault(actor, actor.unit_progress.remote())
+        if not polls:
+            return {}
+        answered, _ = self._ray.wait(list(polls.values()), num_returns=len(polls), timeout=0)
+        for actor, ref in list(polls.items()):
+            if ref in answered:
+                del polls[actor]
+                try:
+                    counts[actor] = self._ray.get(ref)
+                except RayActorError:
+                    counts.pop(actor, None)
+        return {unit: n for actor in self._live for unit, n in counts.get(actor, {}).items()}
 
     def _replace(self, actor: Any, load: dict[Any, int]) -> int:
         """Kill ``actor`` and start another in its place; returns how many units it held."""
