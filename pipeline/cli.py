@@ -315,6 +315,30 @@ def report(out, dest, gallery, top_classes, size, class_names, quiet) -> None:
     click.echo(str(path))
 
 
+@main.command()
+@click.argument("out")
+@click.option(
+    "--dest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Default: OUT/evaluation_stored.parquet.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def evaluate(out, dest, quiet) -> None:
+    """Evaluate the maps stored in OUT again, with its job's model, shards and evaluate: settings, and compare with
+    the evaluation table (computed from the float32 maps before they were stored)."""
+    from pipeline.reevaluate import default_destination, describe, evaluate_stored
+    from pipeline.store.results import open_results
+
+    results = open_results(out)
+    again = evaluate_stored(out, progress=not quiet)
+    path = dest or default_destination(results)
+    again.to_parquet(path, index=False)
+    click.echo(f"{len(again)} (sample, method) rows evaluated from the stored maps of {out}, written to {path}")
+    click.echo(describe(results.evaluation, again))
+
+
 @main.group()
 def bank() -> None:
     """Memory banks of self-supervised jobs."""

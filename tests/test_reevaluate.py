@@ -1,0 +1,62 @@
+"""`daam-pipeline evaluate OUT`: the stored maps evaluated again, against the evaluation table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from builders import job_dict, make_shards
+from click.testing import CliRunner
+
+from pipeline import open_results
+from pipeline.cli import main
+from pipeline.config import parse_job
+from pipeline.errors import ConfigError
+from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS
+from pipeline.reevaluate import compare_evaluations, evaluate_stored
+from pipeline.runner import run_job
+
+EVALUATE = {"steps": 4, "references": ["random"]}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"), shards=2, per_shard=5, corrupt={1: (1,)})
+
+
+def run(shards, out, **overrides):
+    run_job(parse_job(job_dict(shards, out, **overrides)), use_ray=False, progress=False)
+    return open_results(out)
+
+
+def test_exact_stored_maps_give_the_tables_values(shards, tmp_path):
+    results = run(
+        shards, tmp_path / "out", explainers=["daam", "rollout"], evaluate=EVALUATE, **{"output.dtype": "float32"}
+    )
+    again = evaluate_stored(tmp_path / "out")
+    assert list(again.columns) == ["key", "unit", "method", *METRIC_COLUMNS, *CURVE_COLUMNS]
+    assert set(again.method) == {"daam", "rollout"} and len(again) == 2 * 9  # no reference maps: they are not stored
+    table = results.evaluation.set_index(["unit", "key", "method"])
+    mine = again.set_index(["unit", "key", "method"])
+    for column in METRIC_COLUMNS:
+        np.testing.assert_allclose(mine[column], table.loc[mine.index, column], rtol=0, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(
+        np.stack(mine["deletion_curve"]), np.stack(table.loc[mine.index, "deletion_curve"]), atol=1e-6
+    )
+    assert (compare_evaluations(results.evaluation, again)["differ"] == 0).all()
+
+
+def test_the_command_writes_the_table_and_says_how_far_it_is(shards, tmp_path):
+    run(shards, tmp_path / "out", evaluate=EVALUATE)  # float16 storage, the default
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    written = pd.read_parquet(tmp_path / "out" / "evaluation_stored.parquet")
+    assert len(written) == 9 and set(written.method) == {"daam"}
+    assert "against the evaluation table (computed from the float32 maps before storage" in result.output
+    assert "daam: " in result.output and " of 9 samples differ in some metric" in result.output
+
+
+def test_an_output_without_evaluation_says_there_is_nothing_to_compare(shards, tmp_path):
+    run(shards[:1], tmp_path / "out")
+    with pytest.raises(ConfigError, match="has no `evaluate:` section"):
+        evaluate_stored(tmp_path / "out")
