@@ -196,7 +196,8 @@ def headline_tables(out: Any) -> str:
         parts.append(per_block.to_string(float_format=lambda v: f"{v:.3f}"))
     if len(blocks):
         parts.append(
-            f"block from which each method's top-20% patches stay within IoU {RANKING_IOU} of its final map's:"
+            f"settle block: the first block from which each method's top-20% patches stay within IoU {RANKING_IOU} "
+            "of its final map's:"
         )
         parts.append(ranking_reached(blocks, results.explainer_blocks).to_string(float_format=lambda v: f"{v:.3f}"))
     evaluation = results.evaluation

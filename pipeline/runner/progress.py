@@ -51,7 +51,7 @@ class StageProgress:
             ncols=None if sized else _FIXED_SIZE[0],
             nrows=None if sized else _FIXED_SIZE[1],
             file=file,
-            smoothing=0.1,
+            smoothing=0,  # the mean rate since the start: units arrive in batches, a short-term rate jumps
         )
         self._show()
 
