@@ -421,7 +421,15 @@ def test_config_round_trip_and_errors():
     )
     data = config.model_dump()
     assert data == dict(
-        steps=8, baseline="zero", batch_size=32, metrics=("faithfulness",), references=("centre",), seed=4
+        steps=8,
+        baseline="zero",
+        protocol="patch",
+        batch_size=32,
+        metrics=("faithfulness",),
+        references=("centre",),
+        seed=4,
+        sanity=None,
+        sanity_samples=32,
     )
     assert EvaluationConfig.model_validate(data) == config
     assert EvaluationConfig.model_validate({}) == EvaluationConfig()
@@ -434,7 +442,10 @@ def test_config_round_trip_and_errors():
         ({"step": 3}, "evaluate.step: unknown key"),
         ({"steps": 0}, "evaluate.steps"),
         ({"batch_size": 2.5}, "evaluate.batch_size"),
-        ({"baseline": "black"}, "evaluate.baseline"),
+        ({"baseline": "grey"}, "evaluate.baseline"),
+        ({"protocol": "pixels"}, "evaluate.protocol"),
+        ({"sanity": "independent"}, "evaluate.sanity"),
+        ({"sanity_samples": 0}, "evaluate.sanity_samples"),
         ({"metrics": ["pointing"]}, "evaluate.metrics"),
         ({"references": "random"}, "evaluate.references"),
         ({"seed": "x"}, "evaluate.seed"),
