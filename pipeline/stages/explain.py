@@ -15,13 +15,15 @@ from pipeline.data.decode import DecodedSample
 from pipeline.engine.baselines import Baselines
 from pipeline.engine.daam import DAAM, DAAMResult
 from pipeline.evaluate import evaluate_batch
+from pipeline.models import model_data_config
 from pipeline.names import PER_BLOCK_EXPLAINERS
+from pipeline.sanity import CascadingRandomisation, map_similarity
 from pipeline.stages.bank import load_bank
 from pipeline.stages.base import compute_dtype, failed_rows
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
 from pipeline.store.output import Output, job_output
 from pipeline.store.unit_writer import UnitWriter
-from pipeline.store.units import EXPLAIN_PARTS
+from pipeline.store.units import EXPLAIN_PARTS, unit_name
 from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
 
 __all__ = ["ExplainStage", "ExplainedBatch"]
@@ -41,6 +43,8 @@ class ExplainedBatch:
         block_stats: ``{statistic: (B, L)}`` of DAAM (:func:`pipeline.stats.block_statistics`).
         explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of the per-block comparison explainers.
         evaluation: ``{method: {metric: (B,)}}`` when the job evaluates, else empty.
+        sanity: ``{explainer: {"spearman"|"ssim": (S, L, L')}}`` of the batch's first S samples under cascading
+            randomisation (S = 0: empty), L steps, L' blocks of the explainer's maps.
     """
 
     arrays: dict[str, Tensor]
@@ -50,14 +54,23 @@ class ExplainedBatch:
     block_stats: dict[str, Tensor]
     explainer_block_stats: dict[str, dict[str, Tensor]]
     evaluation: dict[str, dict[str, Tensor]]
+    sanity: dict[str, dict[str, Tensor]]
 
 
 class ExplainSink:
-    """One unit of the explain stage: the store's writer, and the unit's own random stream for reference maps."""
+    """One unit of the explain stage: the store's writer, the unit's own random stream for reference maps, and how
+    many of its samples the sanity check still re-explains."""
 
-    def __init__(self, writer: UnitWriter, generator: torch.Generator | None) -> None:
+    def __init__(self, writer: UnitWriter, generator: torch.Generator | None, sanity_samples: int = 0) -> None:
         self.writer = writer
         self.generator = generator
+        self.sanity_samples = sanity_samples
+
+    def take_sanity(self, available: int) -> int:
+        """How many of a batch's first ``available`` samples the sanity check re-explains (counted as taken)."""
+        taken = min(self.sanity_samples, available)
+        self.sanity_samples -= taken
+        return taken
 
     @property
     def ok(self) -> int:
@@ -85,6 +98,7 @@ class ExplainSink:
             _numpy(result.block_stats),
             {name: _numpy(stats) for name, stats in result.explainer_block_stats.items()},
             {method: _numpy(metrics) for method, metrics in result.evaluation.items()},
+            {explainer: _numpy(values) for explainer, values in result.sanity.items()},
             rounded=True,  # on the device, by ExplainStage.compute
         )
 
@@ -128,7 +142,14 @@ class ExplainStage:
             prefix_tokens=self.daam.num_prefix_tokens,
         )
         self.num_classes = getattr(model, "num_classes", 0)
+        data_config = model_data_config(model)
+        self.mean, self.std = tuple(data_config["mean"]), tuple(data_config["std"])  # the worker's normalisation
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
+        evaluate = job.evaluate
+        self.cascade = None
+        if evaluate is not None and evaluate.sanity == "cascading":
+            self.cascade = CascadingRandomisation(model.blocks, evaluate.seed)
+            self._units = [unit_name(url) for url in job.shard_urls()]
 
     def output(self) -> Output:
         return job_output(self.job)
@@ -141,7 +162,15 @@ class ExplainStage:
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit
             seed = self.job.evaluate.seed + zlib.crc32(unit.encode())
             generator = torch.Generator(self.device).manual_seed(seed)
-        return ExplainSink(writer, generator)
+        return ExplainSink(writer, generator, self._sanity_quota(unit))
+
+    def _sanity_quota(self, unit: str) -> int:
+        """The unit's share of ``evaluate.sanity_samples``: spread evenly over the units in the job's order, the
+        first units taking one more where it does not divide."""
+        if self.cascade is None or unit not in self._units:
+            return 0
+        total, index = self.job.evaluate.sanity_samples, self._units.index(unit)
+        return total // len(self._units) + (index < total % len(self._units))
 
     def reject(self, sample: DecodedSample) -> str | None:
         """With target policy 'label', a sample without a usable label cannot be explained."""
@@ -153,27 +182,29 @@ class ExplainStage:
     def compute(self, images: Tensor, samples: Sequence[DecodedSample], sink: ExplainSink) -> ExplainedBatch:
         if self.job.mode == "self-supervised":
             result, predicted, score = self._explain_features(images, samples)
+            explainer_maps = self.baselines.maps() if self.baselines else {}
         else:
             target = None
             if self.job.target == "label":
                 target = torch.tensor([s.label for s in samples], device=self.device)
-            result = self.daam(images, target=target)
+            result, explainer_maps = self._explain(images, target)
             score, predicted = result.output.softmax(dim=-1).max(dim=-1)
         box_mask = None
         if any(s.boxes is not None and len(s.boxes) for s in samples):
             boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
             box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
-        explainer_maps = self.baselines.maps() if self.baselines else {}
+        masks = self._masks(samples)
         final_maps = {}  # each explainer's map, (B, h, w)
         explainer_stats = {}
         for name, maps in explainer_maps.items():
             if name in PER_BLOCK_EXPLAINERS:
-                explainer_stats[name] = explainer_statistics(maps, box_mask)
+                explainer_stats[name] = explainer_statistics(maps, box_mask, masks)
                 final_maps[name] = maps[:, -1]
             else:
                 final_maps[name] = maps[:, 0]
         evaluation = {}
         if self.job.evaluate is not None:
+            labels = torch.tensor([-1 if s.label is None else s.label for s in samples], device=self.device)
             evaluation = evaluate_batch(
                 self.model,
                 images,
@@ -184,7 +215,15 @@ class ExplainStage:
                 generator=sink.generator,
                 autocast_dtype=self.daam.autocast_dtype,
                 explainer_maps=final_maps,
+                masks=masks,
+                labels=labels,
+                mean=self.mean,
+                std=self.std,
             )
+        sanity = {}
+        if self.cascade is not None and (count := sink.take_sanity(len(samples))):
+            trained = {"daam": result.daam, **explainer_maps}
+            sanity = self._sanity(images[:count], result.target[:count], {k: v[:count] for k, v in trained.items()})
         computed = {
             "block_maps": result.block_maps,
             "daam": result.daam,
@@ -201,10 +240,37 @@ class ExplainStage:
             predicted=predicted,
             score=score,
             target=result.target,
-            block_stats=block_statistics(result.block_maps, result.daam, result.coefficients, box_mask),
+            block_stats=block_statistics(result.block_maps, result.daam, result.coefficients, box_mask, masks),
             explainer_block_stats=explainer_stats,
             evaluation=evaluation,
+            sanity=sanity,
         )
+
+    def _explain(self, images: Tensor, target: Tensor | None) -> tuple[DAAMResult, dict[str, Tensor]]:
+        """DAAM of the batch and the comparison explainers' maps from the same pass (``{name: (B, L or 1, h,
+        w)}``)."""
+        result = self.daam(images, target=target)
+        return result, self.baselines.maps() if self.baselines else {}
+
+    def _masks(self, samples: Sequence[DecodedSample]) -> Tensor | None:
+        """``(B, H, W)`` float object masks on the device (NaN for a sample without one), None when none has one."""
+        if all(s.mask is None for s in samples):
+            return None
+        unknown = torch.full(self.input_size, float("nan"))
+        return torch.stack([unknown if s.mask is None else s.mask.float() for s in samples]).to(self.device)
+
+    def _sanity(self, images: Tensor, target: Tensor, trained: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """Cascading randomisation: ``{explainer: {"spearman"|"ssim": (S, L, L')}}``, similarities of the maps
+        after each randomisation step (1 .. L blocks randomised from the top) to the trained model's maps."""
+        steps = []
+        for _ in self.cascade.steps():
+            result, explainer_maps = self._explain(images, target)
+            maps = {"daam": result.daam, **explainer_maps}
+            steps.append({name: map_similarity(maps[name], trained[name], self.input_size) for name in trained})
+        return {
+            name: {column: torch.stack([step[name][column] for step in steps], dim=1) for column in steps[0][name]}
+            for name in trained
+        }
 
     def _explain_features(self, images: Tensor, samples: Sequence[DecodedSample]) -> tuple[DAAMResult, Tensor, Tensor]:
         """Self-supervised DAAM: Y = <f, w> with the memory bank's weights, queried inside the same pass."""

@@ -7,6 +7,7 @@ Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
     blocks/<unit>.parquet              one row per ok sample and block
     evaluation/<unit>.parquet          one row per sample and evaluated method (jobs that evaluate)
     explainer_blocks/<unit>.parquet    comparison explainers' per-block statistics (jobs that run them)
+    sanity/<unit>.parquet              map similarities under cascading randomisation (jobs with evaluate.sanity)
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from numpy.typing import ArrayLike
 
 from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError
-from pipeline.names import METRIC_COLUMNS
+from pipeline.names import METRIC_COLUMNS, SANITY_COLUMNS
 from pipeline.store.output import OutputLike, as_output
-from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, TABLE_SCHEMAS
+from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, SANITY, TABLE_SCHEMAS
 from pipeline.store.tables import build_table, parquet_bytes
 from pipeline.store.units import EXPLAIN_PARTS, UnitTransaction
 from pipeline.store.zarr_store import MapLayout, MapStore
@@ -89,6 +90,7 @@ class UnitWriter:
         block_stats: Mapping[str, ArrayLike],
         explainer_block_stats: Mapping[str, Mapping[str, ArrayLike]] | None = None,
         evaluation: Mapping[str, Mapping[str, ArrayLike]] | None = None,
+        sanity: Mapping[str, Mapping[str, ArrayLike]] | None = None,
         *,
         rounded: bool = False,
     ) -> None:
@@ -103,6 +105,9 @@ class UnitWriter:
             rounded: ``arrays`` are already rounded to the storage precision (see :meth:`UnitMapWriter.append`).
             explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of per-block comparison explainers.
             evaluation: ``{method: {metric: (B,)}}``; metrics a job does not compute are absent (stored as NaN).
+            sanity: ``{explainer: {"spearman"|"ssim": (S, K, L)}}`` of the batch's first ``S`` samples, ``K``
+                randomisation steps (1 .. K blocks randomised from the top), ``L`` blocks of the map (1 for a single
+                map, compared at the last block).
 
         Raises:
             SchemaError: columns, statistics or arrays that do not match the schemas or the layout.
@@ -123,7 +128,27 @@ class UnitWriter:
             values = {m: np.asarray(metrics.get(m, np.full(n, np.nan)), np.float32) for m in METRIC_COLUMNS}
             table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values}
             self._tables["evaluation"].append(build_table(table, EVALUATION))
+        for explainer, values in (sanity or {}).items():
+            self._tables["sanity"].append(self._sanity_table(keys, explainer, values))
         self._maps.append(keys, arrays, rounded=rounded)
+
+    def _sanity_table(self, keys: list[str], explainer: str, values: Mapping[str, ArrayLike]) -> pa.Table:
+        """One row per sample, randomisation step and block of an explainer's similarities ``(S, K, L)``."""
+        arrays = {name: np.asarray(values[name], np.float32) for name in SANITY_COLUMNS}
+        samples, steps, blocks = arrays[SANITY_COLUMNS[0]].shape
+        if samples > len(keys) or any(a.shape != (samples, steps, blocks) for a in arrays.values()):
+            raise SchemaError(f"unit {self.unit!r}: sanity values of {explainer!r} do not fit {len(keys)} keys")
+        first_block = self.layout.n_blocks - blocks  # a single map sits at the last block
+        grid = np.indices((samples, steps, blocks)).reshape(3, -1)
+        columns = {
+            "key": np.asarray(keys[:samples])[grid[0]],
+            "unit": [self.unit] * grid.shape[1],
+            "explainer": [explainer] * grid.shape[1],
+            "randomised": grid[1] + 1,
+            "block": grid[2] + first_block,
+            **{name: array.reshape(-1) for name, array in arrays.items()},
+        }
+        return build_table(columns, SANITY)
 
     def _block_table(
         self, keys: list[str], labels: Mapping[str, Any], stats: Mapping[str, ArrayLike], schema: pa.Schema
