@@ -135,7 +135,7 @@ def test_black_baseline():
     torch.testing.assert_close(black, expected, rtol=0, atol=1e-6)
     with pytest.raises(InputError, match="mean and std"):
         baseline_images(images, "black")
-    with pytest.raises(ConfigError, match="evaluate.protocol"):
+    with pytest.raises(ConfigError, match=r"evaluate\.protocol"):
         perturbation(tiny_vit((32, 32)), torch.zeros(1, 3, 32, 32), torch.rand(1, 4, 4), [0], protocol="pixels")
 
 
