@@ -386,7 +386,8 @@ def test_evaluate_batch_localisation_only():
 
 def test_evaluate_batch_with_the_engine():
     model, images = tiny_vit(), randn(4, 3, 32, 32)
-    config = EvaluationConfig(steps=4, baseline="mean", batch_size=16, seed=3)
+    groups = ["localisation", "segmentation", "faithfulness", "perturbation"]
+    config = EvaluationConfig(steps=4, baseline="mean", batch_size=16, seed=3, metrics=groups)
     mask = boxes_to_grid_mask([torch.tensor([[0.0, 0.0, 16.0, 16.0]])] * 2 + [torch.zeros(0, 4)] * 2, (32, 32), (4, 4))
     with DAAM(model) as explainer:
         result = explainer(images)
@@ -433,6 +434,7 @@ def test_config_round_trip_and_errors():
     )
     assert EvaluationConfig.model_validate(data) == config
     assert EvaluationConfig.model_validate({}) == EvaluationConfig()
+    assert EvaluationConfig().metrics == ("localisation", "segmentation", "faithfulness")  # perturbation: opt-in
     assert config.columns == ("deletion_auc", "insertion_auc")
     assert EvaluationConfig(metrics=["faithfulness", "localisation", "localisation"]).metrics == (
         "localisation",
