@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import click
 import timm
 import torch
+from engine import timed
 
 from pipeline import DAAM
 from pipeline.config import EvaluationConfig
@@ -28,16 +28,6 @@ from pipeline.evaluate import evaluate_batch
 
 WITHOUT = ("localisation", "segmentation", "faithfulness")
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-
-def timed(step: Callable[[], None], device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def run_benchmark(
@@ -78,10 +68,10 @@ def run_benchmark(
 
         explain()  # warm-up
         for _ in range(rounds):
-            times["explain"].append(timed(explain, device))
+            times["explain"].append(timed(explain, device, repeats=1))
             for name, config in configs.items():
                 counter.images = 0
-                times[name].append(timed(evaluate(config), device))
+                times[name].append(timed(evaluate(config), device, repeats=1))
                 passes[name] = counter.images
     median = {name: statistics.median(values) for name, values in times.items()}
     explain_s, without_s, with_s = median["explain"], median["without perturbation"], median["with perturbation"]
