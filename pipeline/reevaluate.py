@@ -20,9 +20,7 @@ from tqdm import tqdm
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, StoreError
-from pipeline.evaluate import evaluate_batch
 from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS, PER_BLOCK_EXPLAINERS
-from pipeline.stats import boxes_to_grid_mask
 from pipeline.store.output import JOB_FILE
 from pipeline.store.results import Results, open_results
 
@@ -62,7 +60,7 @@ def evaluate_stored(out: Any, *, device: str | None = None, progress: bool = Fal
     config = job.evaluate.model_copy(update={"references": ()})  # reference maps are drawn, never stored
     ok = results.samples[results.samples["status"] == "ok"]
     worker = UnitWorker(job, device if device is not None else job.device)
-    grid = tuple(results.attrs["grid"])
+    stage = worker.stages["explain"]
     parts = []
     try:
         units = ok.groupby("unit", sort=True)
@@ -82,15 +80,9 @@ def evaluate_stored(out: Any, *, device: str | None = None, progress: bool = Fal
                     target = None
                     if job.mode == "supervised":
                         target = torch.as_tensor(targets[where], device=worker.device).long()
-                    box_mask = None
-                    if any(s.boxes is not None and len(s.boxes) for s in samples):
-                        boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
-                        box_mask = boxes_to_grid_mask(boxes, worker.preprocess.size, grid, worker.device)
                     maps = {name: torch.from_numpy(values[where]).to(worker.device) for name, values in finals.items()}
-                    daam = maps.pop("daam")[:, None]  # evaluate_batch evaluates the last block of (B, L, h, w)
-                    evaluated = evaluate_batch(
-                        worker.model, images, daam, target, box_mask, config, explainer_maps=maps
-                    )
+                    daam = maps.pop("daam")[:, None]  # the stage evaluates the last block of (B, L, h, w)
+                    evaluated = stage.evaluate(images, samples, daam, target, maps, config=config)
                     parts.append(_rows([s.key for s in samples], str(unit), evaluated))
     finally:
         worker.close()

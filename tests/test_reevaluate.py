@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
-from builders import job_dict, make_shards
+from builders import job_dict, tiny_samples
 from click.testing import CliRunner
+from PIL import Image
 
 from pipeline import open_results
 from pipeline.cli import main
 from pipeline.config import parse_job
+from pipeline.data.shards import write_shards
 from pipeline.errors import ConfigError
 from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS
 from pipeline.reevaluate import compare_evaluations, evaluate_stored
@@ -21,7 +26,19 @@ EVALUATE = {"steps": 4, "references": ["random"]}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"), shards=2, per_shard=5, corrupt={1: (1,)})
+    """Two shards of five samples with boxes and object masks (the box's square); one sample is corrupt."""
+    folder = tmp_path_factory.mktemp("shards")
+    for shard in range(2):
+        samples = []
+        for sample in tiny_samples(shard, 5, corrupt=(1,) if shard else ()):
+            x0, y0, x1, y1 = sample.meta["boxes"][0]
+            mask = np.zeros((40, 40), np.uint8)
+            mask[y0:y1, x0:x1] = 1
+            buffer = io.BytesIO()
+            Image.fromarray(mask).save(buffer, "PNG")
+            samples.append(dataclasses.replace(sample, mask=buffer.getvalue()))
+        write_shards(samples, folder, prefix=f"part{shard}")
+    return sorted(str(p) for p in folder.glob("*.tar"))
 
 
 def run(shards, out, **overrides):
@@ -36,6 +53,8 @@ def test_exact_stored_maps_give_the_tables_values(shards, tmp_path):
     again = evaluate_stored(tmp_path / "out")
     assert list(again.columns) == ["key", "unit", "method", *METRIC_COLUMNS, *CURVE_COLUMNS]
     assert set(again.method) == {"daam", "rollout"} and len(again) == 2 * 9  # no reference maps: they are not stored
+    computed = [c for c in METRIC_COLUMNS if results.evaluation[c].notna().any()]
+    assert [c for c in METRIC_COLUMNS if again[c].notna().any()] == computed and "mask_miou" in computed
     table = results.evaluation.set_index(["unit", "key", "method"])
     mine = again.set_index(["unit", "key", "method"])
     for column in METRIC_COLUMNS:

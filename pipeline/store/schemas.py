@@ -121,7 +121,8 @@ TABLE_DESCRIPTIONS = {
         "configured). The job's evaluate section (job.json) says which perturbation protocol filled the perturbation "
         "columns. Computed from the float32 maps before they are stored: with output.dtype float16 (the default) the "
         "stored maps are rounded to 11 significant bits, and evaluating them again (`daam-pipeline evaluate OUT`) "
-        "gives other values for some samples (the demo: DEMO_FIGURES). File: OUT/evaluation/<unit>.parquet."
+        "gives other values for some samples (the demo: 67 of 512 DAAM samples, by up to 0.1 in positive_top1_auc, "
+        "0.003 in the probability AUCs and 0.002 in mask_ap). File: OUT/evaluation/<unit>.parquet."
     ),
     "sanity": (
         "Cascading randomisation (Adebayo et al. 2018), written when the job's `evaluate.sanity` is 'cascading': one "
