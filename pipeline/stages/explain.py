@@ -17,6 +17,7 @@ from pipeline.names import PER_BLOCK_EXPLAINERS
 from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
 from pipeline.store.bank import load_bank
+from pipeline.store.lease import Fence
 from pipeline.store.output import job_output
 from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
 from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
@@ -54,9 +55,15 @@ class ExplainStage:
         self.num_classes = getattr(model, "num_classes", 0)
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
 
-    def open_unit(self, unit: str, url: str) -> UnitState:
+    def open_unit(self, unit: str, url: str, fence: Fence | None = None) -> UnitState:
         writer = UnitWriter(
-            job_output(self.job), unit, self.layout, shard=url, job=self.job.name, store_options=self.job.store_options
+            job_output(self.job),
+            unit,
+            self.layout,
+            shard=url,
+            job=self.job.name,
+            store_options=self.job.store_options,
+            fence=fence,
         )
         generator = None
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit

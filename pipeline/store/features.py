@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from pipeline.data.decode import DecodedBatch
+    from pipeline.store.lease import Fence
 
 __all__ = ["EncodedBatch", "FeatureWriter", "read_unit_features", "write_strings"]
 
@@ -48,12 +49,13 @@ class FeatureWriter:
         out: The bank stage's output root (``OUT/bank``).
         unit: Unit name.
         dim: Feature size D (the array's width when the unit has no ok sample).
+        fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
     """
 
-    def __init__(self, out: OutputLike, unit: str, dim: int) -> None:
+    def __init__(self, out: OutputLike, unit: str, dim: int, *, fence: Fence | None = None) -> None:
         self.output = as_output(out)
         self.unit = unit
-        self._transaction = UnitTransaction(self.output, BANK_PARTS, unit)
+        self._transaction = UnitTransaction(self.output, BANK_PARTS, unit, fence=fence)
         self._dim = dim
         self._features: list[np.ndarray] = []
         self._labels: list[int] = []

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from pipeline.data.decode import DecodedBatch, DecodedSample
+    from pipeline.store.lease import Fence
 
 __all__ = ["SAMPLE_COLUMNS", "ExplainedBatch", "UnitWriter"]
 
@@ -84,9 +85,11 @@ class UnitWriter:
         shard: URL of the input shard (samples column ``shard``).
         job: Job name (samples column ``job``).
         store_options: How the maps are stored.
+        fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
 
     Raises:
         StoreError: the output holds maps of another configuration, or cannot be written.
+        LeaseLostError: the driver's lease was taken by another driver.
     """
 
     def __init__(
@@ -98,11 +101,12 @@ class UnitWriter:
         shard: str,
         job: str,
         store_options: StoreOptions | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.output = as_output(out)
         self.unit = unit
         self.layout = layout
-        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit)
+        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit, fence=fence)
         options = store_options or StoreOptions()
         maps = MapStore.open(self.output.url_of(self.output.path("maps.zarr")), self.output.storage_options)
         maps.init(layout, options)

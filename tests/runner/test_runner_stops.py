@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -62,6 +63,11 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def released(out: Path) -> bool:
+    """The lease on ``out`` was released: the record stays, holder null, so that its generation only grows."""
+    return json.loads((out / "_lease.json").read_text())["holder"] is None
+
+
 def two_units_done(out: Path) -> bool:
     return len(list((out / "_done").glob("*.json"))) == 2
 
@@ -75,24 +81,26 @@ def repair_and_resume(job: Path, fifo: Path, good: Path) -> None:
     assert len(samples) == 12 and samples.key.is_unique
 
 
-def test_second_driver_is_refused_while_the_first_runs_and_accepted_after_its_lease_expired(hanging_job):
+def test_second_driver_is_refused_while_the_first_runs_and_a_rerun_after_a_kill_takes_the_lease_at_once(hanging_job):
     job, fifo, good = hanging_job
     out = job.parent / "out"
-    first = start(job, "--no-ray")
+    first = start(job, "--no-ray", "--set", "workers.lease_ttl_s=120")
     wait_for(lambda: two_units_done(out), "the first driver's two good units")
 
     second = subprocess.run([CLI, "run", str(job), "--quiet", "--no-ray"], capture_output=True, text=True)
     assert second.returncode == 2
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "is in use by driver" in lines[0] and f":{first.pid}:" in lines[0]
+    assert "--break-lease" in lines[0]
 
-    first.kill()  # SIGKILL: no chance to release the lease
+    first.kill()  # SIGKILL: no chance to release the lease, which stays valid for 120 s
     first.wait()
-    with pytest.raises(OutputInUseError):  # still valid right after the kill
-        Lease(as_output(out), 2).acquire()
-    time.sleep(2.5)  # past the lease's ttl since its last renewal
-    repair_and_resume(job, fifo, good)
-    assert not (out / "_lease.json").exists()
+    killed = time.monotonic()
+    assert json.loads((out / "_lease.json").read_text())["holder"].split(":")[1] == str(first.pid)
+    repair_and_resume(job, fifo, good)  # at once: the holder was a process of this node, and it is gone
+    assert time.monotonic() - killed < 120
+    assert released(out)
+    assert json.loads((out / "_lease.json").read_text())["generation"] == 2
 
 
 def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
@@ -104,7 +112,7 @@ def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted: units in flight are redone" in stderr and "Traceback" not in stderr
-    assert not (out / "_lease.json").exists()
+    assert released(out)
     repair_and_resume(job, fifo, good)
 
 
@@ -119,7 +127,7 @@ def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job):
     assert process.returncode == 143, stderr
     assert "terminated: units in flight are redone" in stderr
     assert "Traceback" not in stderr and "SIGABRT" not in stderr and "*** " not in stderr
-    assert not (out / "_lease.json").exists()
+    assert released(out)
     repair_and_resume(job, fifo, good)
 
 
@@ -131,7 +139,7 @@ def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(tmp_
     assert result.exit_code == 2, result.output
     assert time.monotonic() - start_time < 60
     assert "nothing answers at Ray address 127.0.0.1:1 within workers.connect_timeout_s=2 s" in result.output
-    assert not (tmp_path / "out" / "_lease.json").exists()
+    assert released(tmp_path / "out")
 
 
 def free_port() -> int:
@@ -165,7 +173,7 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
             f"error: cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
             "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
         ]
-        assert not (tmp_path / "out" / "_lease.json").exists()
+        assert released(tmp_path / "out")
         right = subprocess.run(command, env=head_env, capture_output=True, text=True)
         assert right.returncode == 0, right.stderr
         assert "2 of 2 samples explained" in right.stdout

@@ -76,7 +76,17 @@ def test_a_unit_redone_after_compaction_is_read_from_its_new_files(written, layo
     before = tables(out)
     assert compact(out).generation == 2
     assert_same(tables(out), before)
-    assert sorted(p.name for p in (out / "tables" / "samples").iterdir()) == ["part-00002-00000.parquet"]
+    # generation 1's files stay for readers that read its manifest; the next compaction removes them
+    assert sorted(p.name for p in (out / "tables" / "samples").iterdir()) == [
+        "part-00001-00000.parquet",
+        "part-00002-00000.parquet",
+    ]
+    assert compact(out).generation == 3
+    assert sorted(p.name for p in (out / "tables" / "samples").iterdir()) == [
+        "part-00002-00000.parquet",
+        "part-00003-00000.parquet",
+    ]
+    assert_same(tables(out), before)
 
 
 def test_a_unit_being_redone_is_not_read_from_the_compacted_files(written):
