@@ -382,7 +382,10 @@ def _ensure_ray(address: str | None, job: JobConfig, stops: Stops | None = None)
 
     if ray.is_initialized():
         return
-    _log.info("starting Ray" if address is None else "joining the Ray cluster at %s", address)
+    if address is None:
+        _log.info("starting Ray")
+    else:
+        _log.info("joining the Ray cluster at %s", address)
     try:
         _init_ray(address, job)
     except SystemExit as e:

@@ -64,12 +64,8 @@ class Fence:
         LeaseLostError: another driver took the lease, or it was released (one line naming both generations).
         StoreError: the lease object cannot be read (the write waits: the unit fails and is retried)."""
         held = _read(Output(self.url, self.storage_options), strict=True)
-        if held is None or held.get("holder") != self.holder or held.get("generation") != self.generation:
-            taker = (held or {}).get("holder") or "nobody (released)"
-            raise LeaseLostError(
-                f"output {self.url}: this driver's lease (generation {self.generation}) was taken by {taker} "
-                f"(generation {(held or {}).get('generation', '?')}); this driver writes nothing more and stops"
-            )
+        if held is None or (held.get("holder"), held.get("generation")) != (self.holder, self.generation):
+            raise LeaseLostError(_lost(self.url, self.generation, held))
 
 
 class Lease:
@@ -166,11 +162,7 @@ class Lease:
         while not self._stop.wait(self.ttl_s / 3):
             held = self.current()
             if held is not None and (held.get("holder"), held.get("generation")) != (self.holder, self.generation):
-                taker = held.get("holder") or "nobody (released)"
-                self.lost = (
-                    f"output {self.output.url}: this driver's lease (generation {self.generation}) expired and was "
-                    f"taken by {taker} (generation {held.get('generation', '?')}); this driver stops"
-                )
+                self.lost = _lost(self.output.url, self.generation, held)
                 if self.on_lost is not None:
                     self.on_lost(LeaseLostError(self.lost))
                 return
@@ -212,6 +204,17 @@ def _read(output: Output, *, strict: bool = False) -> dict[str, Any] | None:
         if strict:
             raise StoreError(f"cannot read the lease {output.url_of(path)}: {e}") from e
         return None
+
+
+def _lost(url: str, generation: int, held: dict[str, Any] | None) -> str:
+    """Why a driver's lease is no longer its own, in one line."""
+    if held is None:
+        now = "the lease object is gone"
+    elif held.get("holder"):
+        now = f"driver {held['holder']} holds it now (generation {held.get('generation')})"
+    else:
+        now = f"another driver took it and released it since (generation {held.get('generation')})"
+    return f"output {url}: this driver lost its lease (generation {generation}): {now}; it writes nothing more"
 
 
 def _expiry(record: dict[str, Any]) -> float:

@@ -330,12 +330,13 @@ class Results:
         return snapshot_sources(self.output, table, self.units, manifest, optional=table in EXPLAIN_PARTS.optional)
 
     def _consistently(self, read: Callable[[Manifest | None], T]) -> T:
-        """``read(manifest)`` of one snapshot, taken again after a growing pause while the files change under it
-        (a compaction, a unit started over: the manifest's generation or the committed units differ afterwards).
+        """``read(manifest)`` of one snapshot, taken again after a growing pause while the files change under it: a
+        file gone before it was read (a compaction removes the per-unit files it merged after its manifest; a job
+        starts a unit over), or sources that changed while they were listed.
 
         Raises:
-            StoreError: an inconsistency that persists while nothing changes (a committed unit without its files),
-                files that kept changing for a minute, or files that cannot be read.
+            StoreError: a committed unit without its files while nothing changes, files that kept changing for a
+                minute, or files that cannot be read.
         """
         deadline, pause = time.monotonic() + _CHANGING_S, 0.01
         while True:
@@ -344,13 +345,14 @@ class Results:
                 return read(manifest)
             except (FileNotFoundError, ChangingFilesError) as e:
                 self.__dict__.pop("units", None)  # committed units, listed again
-                if (manifest_generation(read_manifest(self.output)), self.units) == (
+                unchanged = (manifest_generation(read_manifest(self.output)), self.units) == (
                     manifest_generation(manifest),
                     units,
-                ):
-                    raise StoreError(f"cannot read {self.output.url}: {e}") from None
+                )
+                if isinstance(e, ChangingFilesError) and unchanged:
+                    raise StoreError(str(e)) from None
                 if time.monotonic() >= deadline:
-                    raise StoreError(f"the files of {self.output.url} kept changing; retry later") from None
+                    raise StoreError(f"the files of {self.output.url} kept changing; retry later ({e})") from None
                 time.sleep(pause)
                 pause = min(2 * pause, 0.5)
             except (OSError, pa.ArrowInvalid) as e:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,9 +17,6 @@ from click.testing import CliRunner
 
 from pipeline import open_results
 from pipeline.cli import main
-from pipeline.errors import OutputInUseError
-from pipeline.store.lease import Lease
-from pipeline.store.output import as_output
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -103,17 +101,145 @@ def test_second_driver_is_refused_while_the_first_runs_and_a_rerun_after_a_kill_
     assert json.loads((out / "_lease.json").read_text())["generation"] == 2
 
 
-def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
+def blocked_on_fifo(process: subprocess.Popen) -> bool:
+    """A thread of ``process`` waits in the open() of a FIFO that has no writer."""
+    tasks = Path(f"/proc/{process.pid}/task")
+    return any((task / "wchan").read_text().strip() == "wait_for_partner" for task in tasks.iterdir())
+
+
+def test_a_driver_paused_past_its_lease_writes_nothing_when_it_resumes_and_exits_1(hanging_job):
+    """The first driver is paused (SIGSTOP) past its 2 s lease while its third unit waits for a FIFO; a second
+    driver takes the lease and runs that unit; the FIFO is fed and the second ends; then the first resumes: its
+    unit reads an empty shard, and neither its incomplete marker, nor a failure record, nor a lease is written."""
+    job, fifo, good = hanging_job
+    out = job.parent / "out"
+    first = start(job, "--no-ray")
+    wait_for(lambda: two_units_done(out) and blocked_on_fifo(first), "the first driver's two units")
+    first.send_signal(signal.SIGSTOP)
+    time.sleep(3)  # past the lease's ttl since its last renewal
+
+    second = start(job, "--no-ray")
+    wait_for(lambda: blocked_on_fifo(second), "the second driver at the third unit")
+    lease = json.loads((out / "_lease.json").read_text())
+    assert lease["generation"] == 2 and f":{second.pid}:" in lease["holder"]
+    with open(fifo, "wb") as f:  # the second reads it all: the first is stopped
+        f.write(good.read_bytes())
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr
+
+    first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: output ") and "this driver lost its lease (generation 1)" in last, stderr
+    markers = {path.stem: json.loads(path.read_text()) for path in (out / "_done").glob("*.json")}
+    assert {unit: m["lease_generation"] for unit, m in markers.items()} == {
+        "part0-000000": 1,
+        "part1-000000": 1,
+        "part2-000000": 2,
+    }
+    assert not list(out.glob("_failed/*.json")) and not list(out.glob("_incomplete/*.json"))
+    assert json.loads((out / "_lease.json").read_text()) | {"released": 0} == {
+        "holder": None,
+        "generation": 2,
+        "released": 0,
+    }
+    samples = open_results(out).samples
+    assert len(samples) == 12 and samples.key.is_unique and (samples.status == "ok").all()
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_a_signal_while_units_run_exits_130_or_143_and_a_rerun_resumes(hanging_job, signum, code, word):
     job, fifo, good = hanging_job
     out = job.parent / "out"
     process = start(job, "--no-ray")
     wait_for(lambda: two_units_done(out), "two units")
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "interrupted: units in flight are redone" in stderr and "Traceback" not in stderr
+    assert process.returncode == code, stderr
+    assert f"{word}: units in flight are redone" in stderr and "Traceback" not in stderr
     assert released(out)
     repair_and_resume(job, fifo, good)
+
+
+def lease_held(out: Path) -> bool:
+    try:
+        return bool(json.loads((out / "_lease.json").read_text())["holder"])
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("phase", ["model", "checks"])
+def test_a_signal_during_start_up_stops_the_run_within_seconds_and_releases_the_lease(tmp_path, phase, signum, code):
+    """``model``: right after the lease is taken, torch is imported and the model built (seconds); ``checks``: the
+    label check reads the first shard, a FIFO that no one writes to."""
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    overrides = {}
+    if phase == "checks":
+        os.mkfifo(tmp_path / "first.tar")
+        overrides = {"data.shards": [str(tmp_path / "first.tar"), *shards], "target": "label"}
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, out, **overrides))
+    process = start(job, "--no-ray")
+    if phase == "checks":
+        wait_for(lambda: blocked_on_fifo(process), "the label check")
+    else:
+        wait_for(lambda: lease_held(out), "the lease", timeout=60)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code and time.monotonic() - sent < 10, stderr
+    assert stderr.strip().splitlines() == [
+        f"job tiny {'interrupted' if code == 130 else 'terminated'}: units in flight are redone by the next run of "
+        "the same job"
+    ]
+    assert released(out) and not (out / "_done").exists()
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_ray_starts_exits_within_seconds_and_releases_the_lease(tmp_path, signum, code):
+    """Ray's start holds the main thread in C code for seconds, and ray.init installs a SIGTERM handler of its own:
+    the run still ends with 130 / 143 and its line, the lease released, Ray's processes gone."""
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, out))
+    process = subprocess.Popen([CLI, "-v", "run", str(job), "--quiet"], stderr=subprocess.PIPE, text=True)
+    _STARTED.append(process)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: any("starting Ray" in line for line in lines), "Ray's start")
+    time.sleep(1.0)  # inside ray.init, which takes seconds
+    started = children(process.pid)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    process.wait(timeout=120)
+    elapsed = time.monotonic() - sent
+    reader.join(timeout=10)
+    assert process.returncode == code and elapsed < 20, "".join(lines)
+    stopped = "interrupted" if code == 130 else "terminated"
+    message = f"job tiny {stopped}: units in flight are redone by the next run of the same job"
+    assert message in [line.strip() for line in lines] and not any("Traceback" in line for line in lines)
+    assert released(out) and not (out / "_done").exists()
+    time.sleep(3)
+    assert [pid for pid in started if Path(f"/proc/{pid}").exists() and not zombie(pid)] == []
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @pytest.mark.timeout(400)
@@ -184,3 +310,37 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
     finally:
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def test_a_lease_held_on_another_node_is_refused_before_torch_loads_and_taken_with_break_lease(tmp_path):
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    held = {"holder": "elsewhere:4242:0a0a0a0a", "host": "elsewhere", "pid": 4242, "generation": 4}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps({**held, "renewed": time.time(), "ttl_s": 600}))
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom pipeline.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))",
+            "run",
+            str(job),
+            "--no-ray",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.stdout.split("\n")[0] == "2 []"  # refused before torch, Ray and pandas were imported
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by driver elsewhere:4242:0a0a0a0a" in lines[0], refused.stderr
+    assert "if that driver is dead on another node, run again with --break-lease" in lines[0]
+
+    broken = subprocess.run(
+        [CLI, "run", str(job), "--no-ray", "--quiet", "--break-lease"], capture_output=True, text=True
+    )
+    assert broken.returncode == 0, broken.stderr
+    assert "breaking the lease of driver elsewhere:4242:0a0a0a0a" in broken.stderr
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["generation"] == 5
+    assert released(tmp_path / "out")
