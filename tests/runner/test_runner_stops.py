@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -344,3 +345,68 @@ def test_a_lease_held_on_another_node_is_refused_before_torch_loads_and_taken_wi
     assert "breaking the lease of driver elsewhere:4242:0a0a0a0a" in broken.stderr
     assert json.loads((tmp_path / "out" / "_lease.json").read_text())["generation"] == 5
     assert released(tmp_path / "out")
+
+
+def test_without_ray_a_shard_read_that_never_returns_ends_within_the_unit_timeout(hanging_job):
+    """The third unit's read of a FIFO never returns: its thread is abandoned (a daemon) after
+    workers.unit_timeout_s, the unit fails naming why, and the process exits."""
+    job, _, _ = hanging_job
+    out = job.parent / "out"
+    overrides = ["--set", "workers.unit_timeout_s=4", "--set", "workers.max_retries=0"]
+    process = subprocess.Popen(
+        [CLI, "run", str(job), "--quiet", "--no-ray", *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _STARTED.append(process)
+    wait_for(lambda: two_units_done(out), "two units")
+    reached = time.monotonic()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert time.monotonic() - reached < 4 + 15
+    assert "no progress on unit part2-000000 for" in stderr and "Traceback" not in stderr
+    assert "FAILED unit part2-000000: no progress for 4 s (workers.unit_timeout_s): abandoned" in stdout
+    assert json.loads((out / "_failed" / "part2-000000.json").read_text())["error"].startswith("no progress for 4 s")
+    assert released(out)
+
+
+def test_a_disk_that_fills_after_units_ran_ends_with_exit_1_the_summary_and_the_unit_named(tmp_path):
+    """A real full disk (a 4 MB tmpfs, filled once two units are committed): the third unit's commit fails, is
+    retried after its backoff and fails again; its failure record cannot be written either."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a small tmpfs cannot be mounted here (needs root)")
+    try:
+        shards = make_shards(tmp_path / "shards", shards=3, per_shard=4)
+        good = Path(shards[2]).read_bytes()
+        os.remove(shards[2])
+        os.mkfifo(shards[2])
+        overrides = {"workers.max_retries": 1, "workers.retry_backoff_s": 1, "workers.lease_ttl_s": 30}
+        job = write_job(tmp_path / "job.yaml", job_dict(shards, disk / "out", **overrides))
+        process = subprocess.Popen(
+            [CLI, "run", str(job), "--quiet", "--no-ray"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        _STARTED.append(process)
+        wait_for(lambda: two_units_done(disk / "out"), "two units")
+        with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+
+        def feed() -> None:  # one shard's bytes for each of the two attempts
+            for _ in range(2):
+                with open(shards[2], "wb") as f:
+                    f.write(good)
+
+        threading.Thread(target=feed, daemon=True).start()
+        stdout, stderr = process.communicate(timeout=180)
+        assert process.returncode == 1, stderr
+        assert "Traceback" not in stderr
+        assert "2 units explained, 0 already done, 1 failed, 0 incomplete, of 3" in stdout, stdout
+        failed = next(line for line in stdout.splitlines() if line.startswith("FAILED unit part2-000000: "))
+        assert "No space left on device" in failed and failed.endswith("(after 2 attempts)")
+        assert "the failure record of unit part2-000000 was not written" in stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
