@@ -19,155 +19,23 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.errors import LeaseLostError, PipelineError, StoreError, one_line
 from pipeline.runner.plan import ActorPlan
+from pipeline.runner.schedule import StallWatch, UnitOutcome, UnitSchedule
 from pipeline.runner.stops import Stops
 from pipeline.store.lease import Fence
 from pipeline.store.output import JOB_FILE, job_output
 from pipeline.store.units import unit_name
 from pipeline.worker import UnitWorker, units_in_flight
 
-__all__ = ["LocalPool", "RayPool", "UnitOutcome", "UnitSchedule"]
+__all__ = ["LocalPool", "RayPool", "UnitOutcome"]
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class UnitOutcome:
-    """How one unit ended: its commit marker, or the error it failed with after its retries."""
-
-    url: str
-    marker: dict[str, Any] | None = None
-    error: str | None = None
-
-    @property
-    def unit(self) -> str:
-        return unit_name(self.url)
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """A unit waiting for a worker: ``attempt`` counts its failures so far; ``alone`` asks for a worker running
-    nothing else (after an actor died holding several units, each is retried alone to find the one that kills it);
-    ``not_before`` is the monotonic time its retry's backoff ends."""
-
-    url: str
-    attempt: int = 0
-    alone: bool = False
-    not_before: float = 0.0
-
-
-class UnitSchedule:
-    """A pool's books for one run: the units waiting (in order, each with its attempt and backoff), the units
-    running and on which worker, the workers' loads, and the retry policy. The pools' loops talk to workers; this
-    decides what runs where, and when a failed unit runs again.
-
-    Args:
-        urls: The units to run, in order.
-        workers: The workers (any hashable handles: Ray actors, :class:`UnitWorker`).
-        per_worker: Units a worker holds at once.
-        max_retries: Extra attempts of a unit that failed.
-        backoff_s: The first retry's wait; each next one waits twice as long.
-    """
-
-    def __init__(
-        self, urls: list[str], workers: list[Any], per_worker: int, *, max_retries: int, backoff_s: float
-    ) -> None:
-        self.per_worker = per_worker
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self._queue = deque(_Pending(url) for url in urls)
-        self._running: dict[Any, tuple[Any, _Pending]] = {}  # a running unit's handle -> its worker, the unit
-        self._load = dict.fromkeys(workers, 0)
-
-    @property
-    def active(self) -> bool:
-        """Units wait or run."""
-        return bool(self._queue or self._running)
-
-    @property
-    def waiting(self) -> bool:
-        return bool(self._queue)
-
-    @property
-    def running(self) -> list[Any]:
-        """The handles of the running units."""
-        return list(self._running)
-
-    def next(self) -> tuple[Any, _Pending] | None:
-        """The next unit to start and the least loaded worker with room for it, or None. A unit in its backoff
-        lets the ones behind it pass; a unit retried alone takes a worker running nothing else, and a worker
-        running such a unit takes no other. Call :meth:`started` with its handle."""
-        now = time.monotonic()
-        isolating = {worker for worker, unit in self._running.values() if unit.alone}
-        for unit in self._queue:
-            if unit.not_before > now:
-                continue
-            room = 1 if unit.alone else self.per_worker
-            free = [w for w, load in self._load.items() if load < room and w not in isolating]
-            if not free:
-                return None  # the first unit ready waits for a worker; none overtakes it
-            self._queue.remove(unit)
-            return min(free, key=self._load.__getitem__), unit
-        return None
-
-    def started(self, handle: Any, worker: Any, unit: _Pending) -> None:
-        self._running[handle] = (worker, unit)
-        self._load[worker] += 1
-
-    def finished(self, handle: Any) -> tuple[Any, _Pending]:
-        """The worker and unit of a handle that reported."""
-        worker, unit = self._running.pop(handle)
-        if worker in self._load:
-            self._load[worker] -= 1
-        return worker, unit
-
-    def retry(self, unit: _Pending, error: str) -> UnitOutcome | None:
-        """Queue a failed unit's next attempt after its backoff; after its last attempt, its outcome."""
-        if unit.attempt < self.max_retries:
-            wait_s = self.backoff_s * 2**unit.attempt
-            self._queue.append(_Pending(unit.url, unit.attempt + 1, not_before=time.monotonic() + wait_s))
-            return None
-        attempts = unit.attempt + 1
-        return UnitOutcome(unit.url, error=error if attempts == 1 else f"{error} (after {attempts} attempts)")
-
-    def requeue(self, unit: _Pending, *, alone: bool = False) -> None:
-        """Put a unit that failed through no fault of its own first in the queue, with no attempt charged."""
-        self._queue.appendleft(replace(unit, alone=alone, not_before=0.0))
-
-    def holding(self) -> dict[Any, set[str]]:
-        """Each worker running units, and their names."""
-        held: dict[Any, set[str]] = {}
-        for worker, unit in self._running.values():
-            held.setdefault(worker, set()).add(unit_name(unit.url))
-        return held
-
-    def units_on(self, worker: Any) -> list[_Pending]:
-        return [unit for w, unit in self._running.values() if w is worker]
-
-    def retire(self, worker: Any) -> None:
-        """Take a worker out (it died): it gets no more units; those it ran still report (done, or dead)."""
-        self._load.pop(worker, None)
-
-    def take_units(self, worker: Any) -> list[_Pending]:
-        """The units a worker was running, which no longer count as running (their handles are abandoned)."""
-        held = [handle for handle, (w, _) in self._running.items() if w is worker]
-        return [self._running.pop(handle)[1] for handle in held]
-
-    def add_worker(self, worker: Any) -> None:
-        self._load[worker] = 0
-
-    def seconds_to_next(self) -> float:
-        """Until the first waiting unit's backoff ends (0 when one is ready)."""
-        now = time.monotonic()
-        return max(0.0, min((unit.not_before - now for unit in self._queue), default=0.0))
 
 
 def _in_daemon_thread(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
@@ -226,7 +94,7 @@ class LocalPool:
         schedule = UnitSchedule(
             urls, [self._worker], per_worker, max_retries=workers.max_retries, backoff_s=workers.retry_backoff_s
         )
-        watch = _StallWatch(workers.unit_timeout_s)
+        watch = StallWatch(workers.unit_timeout_s)
         try:
             while schedule.active:
                 while (slot := schedule.next()) is not None:
@@ -262,7 +130,7 @@ class LocalPool:
         if (outcome := schedule.retry(unit, error)) is not None:
             yield outcome
 
-    def _cancel_stalled(self, schedule: UnitSchedule, watch: _StallWatch) -> Iterator[UnitOutcome]:
+    def _cancel_stalled(self, schedule: UnitSchedule, watch: StallWatch) -> Iterator[UnitOutcome]:
         """Give up on units without progress for ``unit_timeout_s``: their threads are abandoned with the worker
         they block (its device lock), and the others go on on a new worker."""
         worker = self._worker
@@ -307,37 +175,6 @@ def _wait_futures(schedule: UnitSchedule) -> set[Future]:
         return set()
     done, _ = wait(schedule.running, timeout=1.0, return_when=FIRST_COMPLETED)
     return done
-
-
-class _StallWatch:
-    """When to look for stalled units (every ``min(timeout / 3, 10)`` s), which are stalled, and the warnings
-    on the way: "no progress on unit X for N s" once a third, then two thirds of the timeout passed."""
-
-    def __init__(self, timeout_s: float | None) -> None:
-        self.timeout_s = timeout_s
-        self._checked = time.monotonic()
-        self._warned: dict[str, int] = {}
-
-    def due(self) -> bool:
-        if self.timeout_s is None or time.monotonic() - self._checked < min(self.timeout_s / 3, 10.0):
-            return False
-        self._checked = time.monotonic()
-        return True
-
-    def stalled(self, idle: dict[str, float]) -> set[str]:
-        """The units idle for longer than the timeout; warns of those on their way there."""
-        assert self.timeout_s is not None
-        for unit, seconds in idle.items():
-            level = min(2, int(3 * seconds / self.timeout_s))
-            if 0 < level < 3 and level > self._warned.get(unit, 0):
-                self._warned[unit] = level
-                _log.warning(
-                    "no progress on unit %s for %.0f s (given up after workers.unit_timeout_s=%g s)",
-                    unit,
-                    seconds,
-                    self.timeout_s,
-                )
-        return {unit for unit, seconds in idle.items() if seconds > self.timeout_s}
 
 
 def _unit_actor_class():
@@ -503,7 +340,7 @@ class RayPool:
         schedule = UnitSchedule(
             urls, self._live, self._per_actor, max_retries=workers.max_retries, backoff_s=workers.retry_backoff_s
         )
-        watch = _StallWatch(workers.unit_timeout_s)
+        watch = StallWatch(workers.unit_timeout_s)
         died_with: dict[Any, int] = {}  # a dead actor -> the units it was running when it died
         with self._deferred():
             while schedule.active:

@@ -253,3 +253,20 @@ def test_readers_never_fail_nor_lose_rows_while_units_are_committed_and_compacte
     assert failures == [], "\n".join(failures)
     assert min(reads.values()) >= 3, reads
     assert read_manifest(out).generation == 21
+
+
+def test_a_compaction_whose_lease_was_taken_changes_nothing(written):
+    from pipeline.errors import LeaseLostError
+
+    out, _ = written
+    before = tables(out)
+    first = Lease(as_output(out), 600)
+    first.acquire()
+    second = Lease(as_output(out), 600, break_lease=True)
+    second.acquire()
+    with pytest.raises(LeaseLostError, match=r"lost its lease \(generation 1\)"):
+        compact(out, fence=first.fence())
+    assert not (out / MANIFEST).exists() and len(list((out / "samples").glob("*.parquet"))) == 3
+    assert_same(tables(out), before)
+    first.release()
+    second.release()
