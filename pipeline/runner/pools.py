@@ -134,8 +134,8 @@ class LocalPool:
         """Give up on units without progress for ``unit_timeout_s``: their threads are abandoned with the worker
         they block (its device lock), and the others go on on a new worker."""
         worker = self._worker
-        stalled = watch.stalled(worker.idle_seconds())
-        if worker is None or not stalled:
+        stalled = watch.stalled(worker.idle_seconds()) if worker is not None else set()
+        if not stalled:
             return
         self.restarts += 1
         schedule.retire(worker)
