@@ -22,6 +22,7 @@ file systems may log from inside their calls; the driver's exit waits for the he
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -92,12 +93,14 @@ class Lease:
         self._path = output.path(LEASE_FILE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created = False  # the output's folder did not exist before the lease
 
     def current(self) -> dict[str, Any] | None:
         """The lease recorded in the output (holder, host, pid, generation, renewed, ttl_s), or None."""
         return _read(self.output)
 
     def acquire(self) -> None:
+        self._created = not self.output.exists(self.output.root)
         held = self.current()
         now = time.time()
         if held is not None and held.get("holder") not in (None, self.holder) and now < _expiry(held):
@@ -132,17 +135,25 @@ class Lease:
         self.fence().check()
 
     def release(self) -> None:
-        """Stop renewing and mark the lease released (if it is still this driver's); never waits long, never raises:
-        it runs on every way out, a full disk included."""
+        """Stop renewing and mark the lease released (if it is still this driver's); an output that holds nothing
+        but the lease (a run refused by its checks) is left as it was found. Never waits long, never raises: it runs
+        on every way out, a full disk included."""
         if self._thread is None:
             return
         self._stop.set()
         self._thread.join(timeout=5.0)
         self._thread = None
         try:
-            if (held := self.current()) is not None and held.get("holder") == self.holder:
-                record = {"holder": None, "generation": self.generation, "released": time.time()}
-                self.output.put_atomic(self._path, json.dumps(record).encode())
+            if (held := self.current()) is None or held.get("holder") != self.holder:
+                return
+            if self.output.listdir(self.output.root) == [LEASE_FILE]:  # nothing written under it: no trace left
+                self.output.remove(self._path)
+                if self._created and self.output.is_local:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.output.root)
+                return
+            record = {"holder": None, "generation": self.generation, "released": time.time()}
+            self.output.put_atomic(self._path, json.dumps(record).encode())
         except StoreError as e:
             _log.warning("could not release the lease on %s (%s): it expires in %g s", self.output.url, e, self.ttl_s)
 

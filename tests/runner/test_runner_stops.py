@@ -63,8 +63,10 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
 
 
 def released(out: Path) -> bool:
-    """The lease on ``out`` was released: the record stays, holder null, so that its generation only grows."""
-    return json.loads((out / "_lease.json").read_text())["holder"] is None
+    """The lease on ``out`` was released: the record stays, holder null, so that its generation only grows (or it
+    is gone with the folder, where nothing else was written)."""
+    lease = out / "_lease.json"
+    return not lease.exists() or json.loads(lease.read_text())["holder"] is None
 
 
 def two_units_done(out: Path) -> bool:
