@@ -110,7 +110,6 @@ def run_job(
         return _run_leased(
             job, checked, output, lease, stops, address, overwrite, use_ray, fault, progress, redo_changed
         )
-    raise AssertionError("unreachable")
 
 
 def _run_leased(

@@ -106,8 +106,17 @@ def test_second_driver_is_refused_while_the_first_runs_and_a_rerun_after_a_kill_
 
 def blocked_on_fifo(process: subprocess.Popen) -> bool:
     """A thread of ``process`` waits in the open() of a FIFO that has no writer."""
-    tasks = Path(f"/proc/{process.pid}/task")
-    return any((task / "wchan").read_text().strip() == "wait_for_partner" for task in tasks.iterdir())
+
+    def waits(task: Path) -> bool:
+        try:
+            return (task / "wchan").read_text().strip() == "wait_for_partner"
+        except OSError:  # a thread that ended meanwhile
+            return False
+
+    try:
+        return any(waits(task) for task in Path(f"/proc/{process.pid}/task").iterdir())
+    except OSError:  # the process ended
+        return False
 
 
 def test_a_driver_paused_past_its_lease_writes_nothing_when_it_resumes_and_exits_1(hanging_job):
@@ -397,8 +406,10 @@ def test_a_disk_that_fills_after_units_ran_ends_with_exit_1_the_summary_and_the_
                 filler.write(b"\0" * 65536)
                 filler.flush()
 
-        def feed() -> None:  # one shard's bytes for each of the two attempts
+        def feed() -> None:  # one shard's bytes for each of the two attempts, once each waits for them
             for _ in range(2):
+                while not blocked_on_fifo(process):
+                    time.sleep(0.1)
                 with open(shards[2], "wb") as f:
                     f.write(good)
 
