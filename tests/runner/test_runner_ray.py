@@ -170,3 +170,48 @@ def test_an_output_the_actors_cannot_see_is_refused_at_actor_start(cluster, shar
     with pytest.raises(PipelineError, match="is not shared with the worker on node") as raised:
         run_job(job, progress=False)
     assert "\n" not in str(raised.value) and "memory://not-shared/out" in str(raised.value)
+
+
+def test_actors_check_the_lease_themselves_and_the_driver_that_lost_it_stops(cluster, shards, tmp_path):
+    """Another driver takes the lease while an actor's unit waits for a FIFO; fed afterwards, the unit computes but
+    its actor writes no marker, and the driver stops with LeaseLostError, recording no failure."""
+    import os
+    import shutil
+    import threading
+    import time
+
+    from pipeline.errors import LeaseLostError
+    from pipeline.store.lease import Lease
+    from pipeline.store.output import as_output
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    urls = [shutil.copy(url, folder) for url in shards[:2]]
+    fifo = folder / Path(shards[2]).name
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    job = parse_job(job_dict([*urls, str(fifo)], out, **{"workers.lease_ttl_s": 600}))
+    raised: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            run_job(job, progress=False)
+        except BaseException as e:
+            raised.append(e)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    deadline = time.monotonic() + 300
+    while len(list((out / "_done").glob("*.json"))) < 2:
+        assert time.monotonic() < deadline and driver.is_alive()
+        time.sleep(0.2)
+    taker = Lease(as_output(out), 600, break_lease=True)
+    taker.acquire()
+    feeder = threading.Thread(target=lambda: fifo.write_bytes(Path(shards[2]).read_bytes()), daemon=True)
+    feeder.start()
+    driver.join(timeout=300)
+    assert len(raised) == 1 and isinstance(raised[0], LeaseLostError), raised
+    assert "lost its lease (generation 1)" in str(raised[0])
+    assert sorted(p.stem for p in (out / "_done").glob("*.json")) == ["part0-000000", "part1-000000"]
+    assert not list(out.glob("_failed/*.json")) and not list(out.glob("_incomplete/*.json"))
+    taker.release()
