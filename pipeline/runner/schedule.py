@@ -170,7 +170,7 @@ class StallWatch:
         """The units idle for longer than the timeout; warns of those on their way there."""
         assert self.timeout_s is not None
         for unit, seconds in idle.items():
-            level = min(2, int(3 * seconds / self.timeout_s))
+            level = int(3 * seconds / self.timeout_s)  # thirds of the timeout passed
             if 0 < level < 3 and level > self._warned.get(unit, 0):
                 self._warned[unit] = level
                 _log.warning(
