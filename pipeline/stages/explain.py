@@ -19,7 +19,7 @@ from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_stati
 from pipeline.store.bank import load_bank
 from pipeline.store.output import job_output
 from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
-from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
+from pipeline.store.zarr_store import MapLayout, MapStore, round_significant, significant_bits
 
 __all__ = ["ExplainStage"]
 
@@ -53,10 +53,21 @@ class ExplainStage:
         )
         self.num_classes = getattr(model, "num_classes", 0)
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
+        self._maps: MapStore | None = None  # the output's maps.zarr, opened by the first unit
 
-    def open_unit(self, unit: str, url: str) -> UnitState:
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False) -> UnitState:
+        output = job_output(self.job)
+        if self._maps is None:  # one per worker: the root attributes are checked once
+            self._maps = MapStore(output.child("maps.zarr"))
         writer = UnitWriter(
-            job_output(self.job), unit, self.layout, shard=url, job=self.job.name, store_options=self.job.store_options
+            output,
+            unit,
+            self.layout,
+            shard=url,
+            job=self.job.name,
+            store_options=self.job.store_options,
+            maps=self._maps,
+            fresh=fresh,
         )
         generator = None
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit

@@ -1,7 +1,9 @@
-"""The Zarr map store: storage precision and size, layout 2 (one shard per array), layout 1 reads, options."""
+"""The Zarr map store: storage precision and size, layout 3 (one shard per array, consolidated unit metadata with the
+shards' indexes), layout 2 and 1 reads, options."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -115,6 +117,13 @@ def test_store_matches_layout_file(tmp_path, layout, make_batch):
     assert root.attrs["grid"] == [4, 5] and root.attrs["schema_version"] == spec["version"]
     group = root["shard-000000"]
     assert sorted(group.array_keys()) == sorted(spec["arrays"])
+    assert set(group.attrs) == set(spec["unit_group"]["attributes"])
+    assert sorted(group.metadata.consolidated_metadata.metadata) == sorted(spec["arrays"])  # opened in one read
+    indexes = group.attrs["shard_indexes"]
+    for name, array_spec in spec["arrays"].items():
+        key = f"{name}/c" + ".0" * len(array_spec["dims"])
+        shard = (tmp_path / spec["path"] / "shard-000000" / key).read_bytes()
+        assert base64.b64decode(indexes[key]) == shard[-(16 + 4) :]  # one inner chunk: its offset, length, crc32c
     dims = {"sample": 3, **layout.dims()}
     for name, array_spec in spec["arrays"].items():
         array = group[name]
@@ -294,7 +303,7 @@ def test_init_rejects_another_configuration(tmp_path, layout, make_batch):
     root = zarr.open_group(tmp_path / "maps.zarr", mode="a")
     root.attrs["schema_version"] = 1  # an output of an earlier version
     with pytest.raises(
-        StoreError, match=r"layout version 1, this version writes 2; write to a new output or .*--overwrite"
+        StoreError, match=r"layout version 1, this version writes 3; write to a new output or .*--overwrite"
     ):
         MapStore.open(str(tmp_path / "maps.zarr")).init(layout, StoreOptions())
 

@@ -48,7 +48,7 @@ class RecordingStage:
     def __init__(self) -> None:
         self.sinks: dict[str, RecordingSink] = {}
 
-    def open_unit(self, unit, url):
+    def open_unit(self, unit, url, *, fresh=False):
         self.sinks[unit] = RecordingSink()
         return UnitState(self.sinks[unit], torch.Generator().manual_seed(len(unit)))
 
