@@ -113,7 +113,12 @@ class Output:
             if not self.is_local:
                 self.fs.pipe(dict(files))
                 return
-            for folder in dict.fromkeys(path.rsplit("/", 1)[0] for path in files):
+            folders = dict.fromkeys(path.rsplit("/", 1)[0] for path in files)
+            for folder in list(folders):  # folders made here: their parents' entries must be made durable too
+                while not os.path.isdir(folder):
+                    folders[os.path.dirname(folder)] = None
+                    folder = os.path.dirname(folder)
+            for folder in folders:
                 os.makedirs(folder, exist_ok=True)
             for path, data in files.items():
                 temporary = f"{path}.tmp-{uuid.uuid4().hex}"
@@ -122,7 +127,7 @@ class Output:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(temporary, path)
-            for folder in dict.fromkeys(path.rsplit("/", 1)[0] for path in files):
+            for folder in sorted(folders, key=len, reverse=True):  # the deepest first
                 _fsync(folder)
         except OSError as e:
             more = " and more" if len(files) > 1 else ""
