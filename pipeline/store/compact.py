@@ -198,7 +198,7 @@ def table_sources(
         StoreError: a unit has neither a per-unit file nor compacted rows (for a table every unit writes).
     """
     folder = EXPLAIN_PARTS.parts[table].split("/", 1)[0]
-    compacted_all = manifest is not None and manifest.files.get(table) and manifest.units.issuperset(units)
+    compacted_all = manifest is not None and bool(manifest.files.get(table)) and manifest.units.issuperset(units)
     skip = root is not None and folder not in root and compacted_all
     listed = set() if skip else EXPLAIN_PARTS.listed_units(output, table)
     per_unit = {unit: EXPLAIN_PARTS.path(output, table, unit) for unit in units if unit in listed}

@@ -66,7 +66,7 @@ class Results:
         self.output = output
 
     @cached_property
-    def root(self) -> frozenset[str]:
+    def _root(self) -> frozenset[str]:
         """The names at the output's root, listed once (on an object store a folder without files is absent): the
         folders a fully compacted output lacks are not listed again."""
         return frozenset(self.output.listdir(self.output.root))
@@ -74,7 +74,7 @@ class Results:
     @cached_property
     def units(self) -> list[str]:
         """Committed units (complete and incomplete), sorted."""
-        return committed_units(self.output, listed=self.root)
+        return committed_units(self.output, listed=self._root)
 
     def require_units(self) -> list[str]:
         """The committed units; raises when there is none to read.
@@ -274,7 +274,7 @@ class Results:
 
     def _sources(self, table: str, manifest: Manifest | None) -> TableSources:
         optional = table in EXPLAIN_PARTS.optional
-        return table_sources(self.output, table, self.units, manifest, optional=optional, root=self.root)
+        return table_sources(self.output, table, self.units, manifest, optional=optional, root=self._root)
 
     def _scan(
         self, table: str, columns: Sequence[str] | None, filters: Any, *, batches: bool = False, **options: Any
@@ -300,7 +300,7 @@ class Results:
                     parts.append(empty if columns is None else empty.select(list(columns)))
                 return iter(parts)
             except FileNotFoundError:
-                self.__dict__.pop("root", None)  # the root and the committed units, listed again
+                self.__dict__.pop("_root", None)  # the root and the committed units, listed again
                 self.__dict__.pop("units", None)
                 if attempt == 2:
                     raise StoreError(f"the {table} files of {self.output.url} keep changing; retry later") from None
@@ -329,6 +329,6 @@ def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = N
         StoreError: nothing exists at ``path``.
     """
     results = Results(as_output(path, storage_options))
-    if not results.root and not results.output.fs.exists(results.output.root):  # one listing when there is one
+    if not results._root and not results.output.fs.exists(results.output.root):  # one listing when there is one
         raise StoreError(f"no pipeline output at {results.output.url}")
     return results

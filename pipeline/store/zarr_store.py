@@ -172,6 +172,8 @@ def from_storage(stored: np.ndarray, exponent: np.ndarray | None, axes: tuple[in
 SHARD_INDEXES = "shard_indexes"
 """Layout 3's attribute of a unit group: each array's shard key -> the shard's index (base64 of its last bytes)."""
 
+_KEPT_INDEXES = 4096  # shard indexes a reader keeps (a few KB each)
+
 
 class MapStore:
     """``OUT/maps.zarr``: the root attributes and one group per unit.
@@ -242,8 +244,12 @@ class MapStore:
             FileNotFoundError: the unit has no group.
         """
         group = open_group(self.store, path=unit)
-        for key, index in group.attrs.get(SHARD_INDEXES, {}).items():
-            self.store.indexes[f"{unit}/{key}"] = base64.b64decode(index)
+        indexes = self.store.indexes
+        if len(indexes) > _KEPT_INDEXES:  # a long scan keeps a bounded number; a forgotten one costs one read
+            indexes.clear()
+        indexes.update(
+            {f"{unit}/{key}": base64.b64decode(index) for key, index in group.attrs.get(SHARD_INDEXES, {}).items()}
+        )
         return group
 
     def read(self, unit: str, row: int) -> dict[str, np.ndarray | None]:
