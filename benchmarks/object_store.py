@@ -140,9 +140,32 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
+@dataclasses.dataclass
+class Location:
+    """Where a measurement writes: a local folder, or the S3 server behind its proxy (whose counts and server
+    process it reads)."""
+
+    name: str
+    url: str
+    options: dict
+    proxy: DelayProxy | None = None
+    server_pid: int | None = None
+
+    @property
+    def counts(self) -> Counter | None:
+        return None if self.proxy is None else self.proxy.counts
+
+    def server_cpu_s(self) -> float:
+        """CPU seconds the S3 server's process has used (0 for a local folder; Linux's /proc)."""
+        if self.server_pid is None:
+            return 0.0
+        fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def s3_server(latency_s: float) -> Iterator[tuple[dict, DelayProxy]]:
-    """moto's S3 server in a process of its own, behind a :class:`DelayProxy`; yields fsspec options and the proxy."""
+def s3_server(name: str, latency_s: float) -> Iterator[Location]:
+    """moto's S3 server in a process of its own, behind a :class:`DelayProxy`, with a bucket ``bench``."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -162,7 +185,8 @@ def s3_server(latency_s: float) -> Iterator[tuple[dict, DelayProxy]]:
         proxy = DelayProxy(("127.0.0.1", port), latency_s)
         options = {"endpoint_url": f"http://127.0.0.1:{proxy.start()}", "key": "bench", "secret": "bench"}
         try:
-            yield options, proxy
+            Output("s3://bench", options).fs.mkdir("bench")
+            yield Location(name, "s3://bench", options, proxy, server.pid)
         finally:
             proxy.stop()
     finally:
@@ -182,12 +206,15 @@ def unit_writer(out: Output, unit: str, maps: MapStore | None) -> UnitWriter:
     )
 
 
-def write_units(out: Output, batches: list[dict], in_flight: int, counts: Counter | None) -> dict:
+def write_units(location: Location, batches: list[dict], in_flight: int) -> dict:
     """Every unit written (opened, its batch written, committed) by ``in_flight`` threads sharing one maps.zarr, as
-    one worker's commits in flight; requests per unit (one thread only: a unit's own), commit seconds, units/s."""
+    one worker's commits in flight: requests per unit, commit seconds, units/s, CPU seconds per unit of this
+    process (the writer, and the proxy's copying) and of the S3 server."""
+    out = Output(f"{location.url}/out-{in_flight}", location.options)
     maps = MapStore(out.child("maps.zarr")) if "maps" in inspect.signature(UnitWriter).parameters else None
+    counts = location.counts or Counter()
     commit_s: list[float] = []
-    before = Counter(counts or {})
+    before = Counter(counts)
 
     def write(unit: int) -> None:
         writer = unit_writer(out, f"shard-{unit:06d}", maps)
@@ -197,18 +224,19 @@ def write_units(out: Output, batches: list[dict], in_flight: int, counts: Counte
         commit_s.append(time.perf_counter() - start)
 
     write(0)  # the worker's first unit also creates maps.zarr's root: not counted
-    first = Counter(counts or {})
-    start = time.perf_counter()
+    first = Counter(counts)
+    cpu, server_cpu, start = time.process_time(), location.server_cpu_s(), time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
         list(pool.map(write, range(1, len(batches))))
     wall = time.perf_counter() - start
     units = len(batches) - 1
-    per_unit = {kind: n / units for kind, n in (Counter(counts or {}) - first).items()}
     return {
-        "requests": per_unit,
+        "requests": {kind: n / units for kind, n in (Counter(counts) - first).items()},
         "first unit requests": sum((first - before).values()),
         "commit s": float(np.mean(commit_s[1:])),
         "units/s": units / wall,
+        "cpu s": (time.process_time() - cpu) / units,
+        "server cpu s": (location.server_cpu_s() - server_cpu) / units,
     }
 
 
@@ -244,20 +272,15 @@ def timed_requests(action: Callable[[], object], counts: Counter | None) -> tupl
     return time.perf_counter() - start, sum((Counter(counts or {}) - before).values())
 
 
-def measure(url: str, options: dict, counts: Counter | None, args: dict) -> dict:
-    """Every measurement on one location: the explain stage's units at each number of commits in flight, the bank
-    stage's units and the bank file, compaction, one read."""
-    batches = args["batches"]
-    row: dict = {}
-    for in_flight in args["in_flight"]:
-        out = Output(f"{url}/out-{in_flight}", options)
-        written = write_units(out, batches, in_flight, counts)
-        row[in_flight] = written
-    out = Output(f"{url}/out-{args['in_flight'][0]}", options)
-    row["compact"] = timed_requests(lambda: compact(out), counts)
-    key = f"u{len(batches) // 2:06d}_{args['samples'] // 2:05d}"
+def measure_rest(location: Location, args: dict) -> dict:
+    """On one location: compaction of the units written with one commit in flight, one read, the bank stage's units
+    and the bank file they assemble into."""
+    counts = location.counts
+    out = Output(f"{location.url}/out-{args['in_flight'][0]}", location.options)
+    row = {"compact": timed_requests(lambda: compact(out), counts)}
+    key = f"u{len(args['batches']) // 2:06d}_{args['samples'] // 2:05d}"
     row["maps(key)"] = timed_requests(lambda: open_results(out).maps(key), counts)
-    bank_out = Output(f"{url}/ssl", options)
+    bank_out = Output(f"{location.url}/ssl", location.options)
     row["bank units"] = bank_units(bank_out.child("bank"), args["bank_units"], args["samples"], counts)
     job = parse_job(
         {
@@ -266,7 +289,7 @@ def measure(url: str, options: dict, counts: Counter | None, args: dict) -> dict
             "data": {"shards": "unused.tar"},
             "mode": "self-supervised",
             "bank": {"shards": [f"s3://refs/ref-{u:06d}.tar" for u in range(args["bank_units"])]},
-            "output": {"path": bank_out.url, "storage_options": options},
+            "output": {"path": bank_out.url, "storage_options": location.options},
         }
     )
     row["bank file"] = timed_requests(lambda: assemble_bank(job), counts)
@@ -290,51 +313,55 @@ def main(
         "bank_units": bank_units,
     }
     root = Path(tempfile.mkdtemp(dir=workdir))
-    rows: dict[str, dict] = {}
-    kinds: dict[str, Counter] = {}
     try:
-        rows["local disk"] = measure(str(root / "local"), {}, None, args)
-        for latency in dict.fromkeys((0.0, s3_latency_ms)):
-            with s3_server(latency / 1e3) as (options, proxy):
-                Output("s3://bench", options).fs.mkdir("bench")
-                name = f"S3 +{latency:g} ms"
-                rows[name] = measure("s3://bench", options, proxy.counts, args)
-                kinds[name] = Counter(rows[name][in_flight[0]]["requests"])
+        with contextlib.ExitStack() as servers:
+            locations = [Location("local disk", str(root / "local"), {})]
+            for latency in dict.fromkeys((0.0, s3_latency_ms)):
+                locations.append(servers.enter_context(s3_server(f"S3 +{latency:g} ms", latency / 1e3)))
+            rows: dict[str, dict] = {location.name: {} for location in locations}
+            for commits in in_flight:  # the locations one after another at each setting: the same minute's load
+                for location in locations:
+                    rows[location.name][commits] = write_units(location, args["batches"], commits)
+            for location in locations:
+                rows[location.name] |= measure_rest(location, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    report(rows, kinds, args)
+    report(rows, {location.name: location.proxy is not None for location in locations}, args)
 
 
-def report(rows: dict[str, dict], kinds: dict[str, Counter], args: dict) -> None:
+def report(rows: dict[str, dict], remote: dict[str, bool], args: dict) -> None:
     names = list(rows)
     first = args["in_flight"][0]
     print(
         f"{len(args['batches']) - 1} vit_small-shaped units of {args['samples']} images ({', '.join(ARRAYS)}, keys; "
         f"samples and blocks tables) per measurement, after one that opens maps.zarr; the writer alone"
     )
-    print(f"{'':>38} " + " ".join(f"{n:>12}" for n in names))
+    print(f"{'':>40} " + " ".join(f"{n:>12}" for n in names))
 
-    def line(label: str, values: list[str]) -> None:
-        print(f"{label:>38} " + " ".join(f"{v:>12}" for v in values))
+    def line(label: str, value: Callable[[str], str], *, requests: bool = False) -> None:
+        print(f"{label:>40} " + " ".join(f"{value(n) if remote[n] or not requests else '-':>12}" for n in names))
 
-    line("requests per unit", [f"{sum(rows[n][first]['requests'].values()):.1f}" if n in kinds else "-" for n in names])
-    for kind in sorted({k for c in kinds.values() for k in c}):
-        line(f"  {kind}", [f"{kinds[n].get(kind, 0):.1f}" if n in kinds else "-" for n in names])
-    line(
-        "first unit (opens maps.zarr)",
-        [f"{rows[n][first]['first unit requests']}" if n in kinds else "-" for n in names],
-    )
-    line("commit s per unit, one at a time", [f"{rows[n][first]['commit s']:.3f}" for n in names])
-    for in_flight in args["in_flight"]:
-        line(f"units/s, {in_flight} commit(s) in flight", [f"{rows[n][in_flight]['units/s']:.2f}" for n in names])
+    kinds = sorted({kind for n in names for kind in rows[n][first]["requests"]})
+    line("requests per unit", lambda n: f"{sum(rows[n][first]['requests'].values()):.1f}", requests=True)
+    for kind in kinds:
+        line(f"  {kind}", lambda n, k=kind: f"{rows[n][first]['requests'].get(k, 0):.1f}", requests=True)
+    line("first unit (opens maps.zarr)", lambda n: f"{rows[n][first]['first unit requests']}", requests=True)
+    line(f"commit s per unit, {first} in flight", lambda n: f"{rows[n][first]['commit s']:.3f}")
+    for k in args["in_flight"]:
+        line(f"units/s, {k} commit(s) in flight", lambda n, k=k: f"{rows[n][k]['units/s']:.2f}")
     best = {n: max(rows[n][k]["units/s"] for k in args["in_flight"]) for n in names}
-    line("best units/s / local disk's best", [f"{best[n] / best[names[0]]:.2f}" for n in names])
-    line("bank unit: requests", [f"{rows[n]['bank units']['requests']:.1f}" if n in kinds else "-" for n in names])
-    line("bank unit: commit s", [f"{rows[n]['bank units']['commit s']:.3f}" for n in names])
-    for name in ("bank file", "compact", "maps(key)"):
-        label = {"bank file": f"bank file ({args['bank_units']} units)", "compact": "compact"}.get(name, name)
-        line(f"{label}: requests", [f"{rows[n][name][1]}" if n in kinds else "-" for n in names])
-        line(f"{label}: s", [f"{rows[n][name][0]:.3f}" for n in names])
+    line("best units/s / local disk's best", lambda n: f"{best[n] / best[names[0]]:.2f}")
+    line(f"CPU s per unit, {first} in flight: writer", lambda n: f"{rows[n][first]['cpu s']:.3f}")
+    line("S3 server", lambda n: f"{rows[n][first]['server cpu s']:.3f}", requests=True)
+    line("bank unit: requests", lambda n: f"{rows[n]['bank units']['requests']:.1f}", requests=True)
+    line("bank unit: commit s", lambda n: f"{rows[n]['bank units']['commit s']:.3f}")
+    for name, label in (
+        ("bank file", f"bank file ({args['bank_units']} units)"),
+        ("compact", "compact"),
+        ("maps(key)", "maps(key)"),
+    ):
+        line(f"{label}: requests", lambda n, m=name: f"{rows[n][m][1]}", requests=True)
+        line(f"{label}: s", lambda n, m=name: f"{rows[n][m][0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ before a whole object), and none for a shard index its group's metadata already 
 
 from __future__ import annotations
 
-import warnings
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import zarr
 from zarr.abc.store import ByteRequest, OffsetByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.errors import ZarrUserWarning
 from zarr.storage import FsspecStore, LocalStore, MemoryStore, WrapperStore
 
 from pipeline.store.output import Output
@@ -46,9 +45,9 @@ class StagedGroup:
         """Keys of the chunk (or shard) objects encoded so far."""
         return [key for key in self._objects if key.rsplit("/", 1)[-1] != GROUP_METADATA]
 
-    def peek(self, key: str) -> bytes:
-        """One object's bytes, left in place."""
-        return self._objects[key].to_bytes()
+    def tail(self, key: str, size: int) -> bytes:
+        """The last ``size`` bytes of one object, left in place."""
+        return self._objects[key].as_numpy_array()[-size:].tobytes()
 
     def take_chunks(self) -> dict[str, bytes]:
         """The chunk objects encoded so far, removed from memory (a writer of a large group puts them as it goes;
@@ -60,15 +59,25 @@ class StagedGroup:
         puts the objects in order makes the group visible last).
 
         Args:
-            consolidated: The group's ``zarr.json`` holds the metadata of its arrays (a group written whole, once; not
-                a group whose children are written later and apart, as ``maps.zarr``'s root).
+            consolidated: The group's ``zarr.json`` holds the metadata of its arrays, as zarr-python's
+                ``consolidate_metadata`` writes it (a group written whole, once; not a group whose children are
+                written later and apart, as ``maps.zarr``'s root).
         """
-        if consolidated:
-            with warnings.catch_warnings():  # consolidated metadata is zarr-python's extension of Zarr v3: we read it
-                warnings.simplefilter("ignore", ZarrUserWarning)
-                zarr.consolidate_metadata(self.group.store, zarr_format=3)
-        keys = sorted(self._objects, key=lambda key: key == GROUP_METADATA)
-        return {key: self._objects[key].to_bytes() for key in keys}
+        objects = {key: value.to_bytes() for key, value in self._objects.items()}
+        if (
+            consolidated
+        ):  # written here: zarr's own function warns (from its event loop's thread) that it is an extension
+            members = {
+                key.removesuffix(f"/{GROUP_METADATA}"): json.loads(data)
+                for key, data in objects.items()
+                if key.endswith(f"/{GROUP_METADATA}")
+            }
+            if any("/" in name for name in members):
+                raise ValueError(f"a staged group holds arrays only, not nested nodes: {sorted(members)}")
+            group = json.loads(objects[GROUP_METADATA])
+            group["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": members}
+            objects[GROUP_METADATA] = json.dumps(group, indent=2).encode()
+        return dict(sorted(objects.items(), key=lambda item: item[0] == GROUP_METADATA))
 
 
 class ReadStore(WrapperStore):
@@ -116,6 +125,4 @@ def open_group(location: Output | ReadStore, *, path: str | None = None) -> zarr
         FileNotFoundError: no group there (zarr's ``GroupNotFoundError`` is one).
     """
     store = location if isinstance(location, ReadStore) else ReadStore(location)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ZarrUserWarning)
-        return zarr.open_group(store, path=path, mode="r", zarr_format=3, use_consolidated=None)
+    return zarr.open_group(store, path=path, mode="r", zarr_format=3, use_consolidated=None)

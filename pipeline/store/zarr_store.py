@@ -390,7 +390,7 @@ class UnitMapWriter:
                 array[...] = data
         self._pending = []
         index_size = 16 * chunks + 4  # the sharding codec's index: (offset, length) uint64 per chunk, then crc32c
-        indexes = {key: base64.b64encode(staged.peek(key)[-index_size:]).decode() for key in staged.chunk_keys()}
+        indexes = {key: base64.b64encode(staged.tail(key, index_size)).decode() for key in staged.chunk_keys()}
         staged.group.attrs[SHARD_INDEXES] = indexes
         self.written = True
         return staged.objects()
