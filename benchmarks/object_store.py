@@ -288,7 +288,7 @@ def measure_rest(location: Location, args: dict) -> dict:
             "model": {"name": "vit_small_patch16_224"},
             "data": {"shards": "unused.tar"},
             "mode": "self-supervised",
-            "bank": {"shards": [f"s3://refs/ref-{u:06d}.tar" for u in range(args["bank_units"])]},
+            "bank": {"shards": [f"s3://refs/ref-{u:06d}.tar" for u in range(args["bank_units"])], "k": 1},
             "output": {"path": bank_out.url, "storage_options": location.options},
         }
     )
@@ -302,15 +302,25 @@ def measure_rest(location: Location, args: dict) -> dict:
 @click.option("--samples", default=1000, show_default=True, help="Images per unit.")
 @click.option("--in-flight", "in_flight", multiple=True, type=int, default=(1, 2, 4), show_default=True)
 @click.option("--bank-units", default=4, show_default=True, help="Reference units of the bank stage.")
+@click.option(
+    "--rounds", default=3, show_default=True, help="Rounds of the units/s measurements (the median is shown)."
+)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def main(
-    s3_latency_ms: float, units: int, samples: int, in_flight: tuple[int, ...], bank_units: int, workdir: Path | None
+    s3_latency_ms: float,
+    units: int,
+    samples: int,
+    in_flight: tuple[int, ...],
+    bank_units: int,
+    rounds: int,
+    workdir: Path | None,
 ) -> None:
     args = {
         "batches": [rounded_unit_batch(np.random.default_rng(unit), unit, samples) for unit in range(units)],
         "samples": samples,
         "in_flight": in_flight,
         "bank_units": bank_units,
+        "rounds": rounds,
     }
     root = Path(tempfile.mkdtemp(dir=workdir))
     try:
@@ -319,9 +329,15 @@ def main(
             for latency in dict.fromkeys((0.0, s3_latency_ms)):
                 locations.append(servers.enter_context(s3_server(f"S3 +{latency:g} ms", latency / 1e3)))
             rows: dict[str, dict] = {location.name: {} for location in locations}
-            for commits in in_flight:  # the locations one after another at each setting: the same minute's load
-                for location in locations:
-                    rows[location.name][commits] = write_units(location, args["batches"], commits)
+            runs: dict[tuple[str, int], list[dict]] = {}
+            for _ in range(rounds):  # the locations one after another at each setting: the same minute's load
+                for commits in in_flight:
+                    for location in locations:
+                        runs.setdefault((location.name, commits), []).append(
+                            write_units(location, args["batches"], commits)
+                        )
+            for (name, commits), measured in runs.items():  # the round of median units/s
+                rows[name][commits] = sorted(measured, key=lambda run: run["units/s"])[len(measured) // 2]
             for location in locations:
                 rows[location.name] |= measure_rest(location, args)
     finally:
@@ -334,7 +350,8 @@ def report(rows: dict[str, dict], remote: dict[str, bool], args: dict) -> None:
     first = args["in_flight"][0]
     print(
         f"{len(args['batches']) - 1} vit_small-shaped units of {args['samples']} images ({', '.join(ARRAYS)}, keys; "
-        f"samples and blocks tables) per measurement, after one that opens maps.zarr; the writer alone"
+        f"samples and blocks tables) per measurement, after one that opens maps.zarr; the writer alone; units/s: the "
+        f"median of {args['rounds']} rounds"
     )
     print(f"{'':>40} " + " ".join(f"{n:>12}" for n in names))
 

@@ -34,7 +34,7 @@ from pipeline.errors import BankError, one_line
 from pipeline.store.features import read_unit_features, write_strings
 from pipeline.store.output import Output, as_output, job_output
 from pipeline.store.units import done_units, unit_name
-from pipeline.store.zarr_objects import StagedGroup, open_group
+from pipeline.store.zarr_objects import ReadStore, StagedGroup, open_group
 
 __all__ = [
     "assemble_bank",
@@ -222,8 +222,9 @@ def assemble_bank(job: JobConfig) -> MemoryBank:
     missing = sorted(set(units) - set(done_units(output)))
     if missing:
         raise BankError(f"bank units not encoded yet: {missing[:5]}")
+    store = ReadStore(output)  # one store for every thread: one client, on zarr's event loop
     with ThreadPoolExecutor(16, thread_name_prefix="bank-read") as pool:  # an object store's latency, overlapped
-        read = list(pool.map(lambda unit: read_unit_features(output, unit), units))
+        read = list(pool.map(lambda unit: read_unit_features(output, unit, store=store), units))
     features, labels, keys = zip(*read, strict=True)
     labels_all = np.concatenate(labels)
     if job.bank.label_free or (labels_all < 0).all():

@@ -17,7 +17,7 @@ import zarr
 
 from pipeline.store.output import OutputLike, as_output
 from pipeline.store.units import BANK_PARTS, UnitTransaction
-from pipeline.store.zarr_objects import StagedGroup, open_group
+from pipeline.store.zarr_objects import ReadStore, StagedGroup, open_group
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -92,8 +92,17 @@ class FeatureWriter:
         return self._transaction.commit({**(summary or {}), **counts}, incomplete=incomplete)
 
 
-def read_unit_features(out: OutputLike, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A committed bank unit's features ``(n, D)``, labels ``(n,)`` and keys ``(n,)``."""
+def read_unit_features(
+    out: OutputLike, unit: str, *, store: ReadStore | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A committed bank unit's features ``(n, D)``, labels ``(n,)`` and keys ``(n,)``.
+
+    Args:
+        out: The bank stage's output root.
+        unit: Unit name.
+        store: A store of ``out`` to read through (a reader of many units opens one, shared by its threads).
+    """
     output = as_output(out)
-    group = open_group(output.at(BANK_PARTS.path(output, "features", unit)))
+    path = BANK_PARTS.path(output, "features", unit)
+    group = open_group(store or ReadStore(output), path=path.removeprefix(output.root + "/"))
     return group["features"][:], group["labels"][:], group["keys"][:]
