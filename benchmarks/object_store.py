@@ -83,14 +83,28 @@ class DelayProxy:
     def start(self) -> int:
         """Start serving on 127.0.0.1; returns the port."""
         self._thread.start()
+        self._tid = asyncio.run_coroutine_threadsafe(_native_id(), self._loop).result()
         serve = asyncio.start_server(self._connection, "127.0.0.1", 0, limit=1 << 20)
         self._server = asyncio.run_coroutine_threadsafe(serve, self._loop).result()
         return self._server.sockets[0].getsockname()[1]
 
+    def cpu_s(self) -> float:
+        """CPU seconds the proxy's thread has used (Linux's /proc)."""
+        return _cpu_s(f"/proc/self/task/{self._tid}/stat")
+
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
+        self._loop.close()
+
+    async def _close(self) -> None:
+        """Stop serving and end every connection's tasks."""
+        self._server.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _connection(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         upstream, to_upstream = await asyncio.open_connection(*self.upstream, limit=1 << 20)
@@ -132,6 +146,16 @@ class DelayProxy:
                 writer.close()
 
 
+async def _native_id() -> int:
+    return threading.get_native_id()
+
+
+def _cpu_s(stat: str) -> float:
+    """User and system CPU seconds of a process or thread, from its /proc stat file."""
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(ConnectionError, asyncio.CancelledError):
         while data := await reader.read(1 << 20):
@@ -156,11 +180,12 @@ class Location:
         return None if self.proxy is None else self.proxy.counts
 
     def server_cpu_s(self) -> float:
-        """CPU seconds the S3 server's process has used (0 for a local folder; Linux's /proc)."""
-        if self.server_pid is None:
-            return 0.0
-        fields = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds the S3 server's process has used (0 for a local folder)."""
+        return 0.0 if self.server_pid is None else _cpu_s(f"/proc/{self.server_pid}/stat")
+
+    def proxy_cpu_s(self) -> float:
+        """CPU seconds the proxy's thread (in this process) has used (0 for a local folder)."""
+        return 0.0 if self.proxy is None else self.proxy.cpu_s()
 
 
 @contextlib.contextmanager
@@ -208,8 +233,8 @@ def unit_writer(out: Output, unit: str, maps: MapStore | None) -> UnitWriter:
 
 def write_units(location: Location, batches: list[dict], in_flight: int) -> dict:
     """Every unit written (opened, its batch written, committed) by ``in_flight`` threads sharing one maps.zarr, as
-    one worker's commits in flight: requests per unit, commit seconds, units/s, CPU seconds per unit of this
-    process (the writer, and the proxy's copying) and of the S3 server."""
+    one worker's commits in flight: requests per unit, commit seconds, units/s, CPU seconds per unit of the writer
+    (this process less the proxy's thread), the S3 server and the proxy."""
     out = Output(f"{location.url}/out-{in_flight}", location.options)
     maps = MapStore(out.child("maps.zarr")) if "maps" in inspect.signature(UnitWriter).parameters else None
     counts = location.counts or Counter()
@@ -225,7 +250,8 @@ def write_units(location: Location, batches: list[dict], in_flight: int) -> dict
 
     write(0)  # the worker's first unit also creates maps.zarr's root: not counted
     first = Counter(counts)
-    cpu, server_cpu, start = time.process_time(), location.server_cpu_s(), time.perf_counter()
+    cpu, server_cpu, proxy_cpu = time.process_time(), location.server_cpu_s(), location.proxy_cpu_s()
+    start = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
         list(pool.map(write, range(1, len(batches))))
     wall = time.perf_counter() - start
@@ -235,8 +261,9 @@ def write_units(location: Location, batches: list[dict], in_flight: int) -> dict
         "first unit requests": sum((first - before).values()),
         "commit s": float(np.mean(commit_s[1:])),
         "units/s": units / wall,
-        "cpu s": (time.process_time() - cpu) / units,
+        "cpu s": (time.process_time() - cpu - location.proxy_cpu_s() + proxy_cpu) / units,
         "server cpu s": (location.server_cpu_s() - server_cpu) / units,
+        "proxy cpu s": (location.proxy_cpu_s() - proxy_cpu) / units,
     }
 
 
@@ -370,6 +397,7 @@ def report(rows: dict[str, dict], remote: dict[str, bool], args: dict) -> None:
     line("best units/s / local disk's best", lambda n: f"{best[n] / best[names[0]]:.2f}")
     line(f"CPU s per unit, {first} in flight: writer", lambda n: f"{rows[n][first]['cpu s']:.3f}")
     line("S3 server", lambda n: f"{rows[n][first]['server cpu s']:.3f}", requests=True)
+    line("proxy", lambda n: f"{rows[n][first]['proxy cpu s']:.3f}", requests=True)
     line("bank unit: requests", lambda n: f"{rows[n]['bank units']['requests']:.1f}", requests=True)
     line("bank unit: commit s", lambda n: f"{rows[n]['bank units']['commit s']:.3f}")
     for name, label in (
