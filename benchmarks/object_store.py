@@ -138,8 +138,8 @@ class DelayProxy:
                         to_upstream.write(data)
                         length -= len(data)
                 await to_upstream.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the proxy stops
         finally:
             back.cancel()
             for writer in (to_upstream, to_client):
