@@ -222,7 +222,7 @@ class Compaction:
     merged_files: int  # per-unit files merged and removed
 
 
-def compact(out: OutputLike, *, units_per_file: int = 1000) -> Compaction:
+def compact(out: OutputLike, *, units_per_file: int = 1000, keys_per_file: int = _KEY_INDEX_FILE) -> Compaction:
     """Merge the committed units' tables into ``tables/`` and remove the merged per-unit files.
 
     The caller holds the output's lease: no unit is committed meanwhile.
@@ -230,6 +230,7 @@ def compact(out: OutputLike, *, units_per_file: int = 1000) -> Compaction:
     Args:
         out: The output location.
         units_per_file: Units per compacted file.
+        keys_per_file: Keys per key index file (about: a key held by several units is never split).
 
     Raises:
         StoreError: a table cannot be read or written.
@@ -261,11 +262,11 @@ def compact(out: OutputLike, *, units_per_file: int = 1000) -> Compaction:
     if index_parts:
         index = pa.concat_tables(index_parts)
         index = index.take(pc.sort_indices(index, [("key", "ascending"), ("unit", "ascending")]))
-        bounds = _split_between_keys(index["key"].to_numpy(zero_copy_only=False), _KEY_INDEX_FILE)
+        bounds = _split_between_keys(index["key"].to_numpy(zero_copy_only=False), keys_per_file)
         for number, (start, stop) in enumerate(itertools.pairwise(bounds)):
             part = index.slice(start, stop - start)
             sink = io.BytesIO()
-            pq.write_table(part, sink, row_group_size=_KEY_INDEX_FILE, compression="zstd")
+            pq.write_table(part, sink, row_group_size=keys_per_file, compression="zstd")
             key_index[f"{TABLES_DIR}/key_index-{generation:05d}-{number:05d}.parquet"] = sink.getvalue()
             starts.append(str(part["key"][0]))
         output.put_many({output.path(name): data for name, data in key_index.items()})
@@ -280,14 +281,14 @@ def compact(out: OutputLike, *, units_per_file: int = 1000) -> Compaction:
 
 def _split_between_keys(keys: Any, size: int) -> list[int]:
     """Bounds of consecutive runs of about ``size`` rows of sorted ``keys``: each run starts at a new key (a key
-    held by several units is in one run), [0, ..., len(keys)]."""
+    held by several units is in one run), [0, ..., len(keys)] ([0]: no run, no key)."""
     bounds = [0]
     while bounds[-1] + size < len(keys):
         cut = bounds[-1] + size
         while cut < len(keys) and keys[cut] == keys[cut - 1]:
             cut += 1
         bounds.append(cut)
-    if bounds[-1] < len(keys) or len(bounds) == 1:
+    if bounds[-1] < len(keys):
         bounds.append(len(keys))
     return bounds
 
