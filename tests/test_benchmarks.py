@@ -37,6 +37,19 @@ def test_engine_benchmark(tmp_path):
     assert row["ratio"] > 0 and row["floor_peak_mib"] > 0 and row["daam_peak_mib"] > 0
 
 
+def test_evaluation_benchmark(tmp_path):
+    rows = tmp_path / "rows.json"
+    out = run(
+        "evaluation.py", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2", "--rounds", "1",
+        "--explainers", "daam,rollout", "--json-out", str(rows),
+    )  # fmt: skip
+    assert "vit_tiny_patch16_224" in out and "device: cpu" in out
+    (row,) = json.loads(rows.read_text())
+    # 4 maps: deletion/insertion 2 + 2 * 4 * 15 passes per image, perturbation 1 + 2 * 4 * 9 more
+    assert row["maps"] == 4 and row["forward_passes_per_image"]["without perturbation"] == 122
+    assert row["forward_passes_per_image"]["with perturbation"] == 122 + 73 and row["evaluation_ratio"] > 1
+
+
 def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
     tiny = ["--model", "vit_tiny_patch16_224", "--images", "8", "--per-shard", "4", "--batch", "4"]
     out = run("worker.py", *tiny, "--overlap", "auto", "--overlap", "sequential", "--workdir", str(tmp_path))
@@ -53,4 +66,14 @@ def test_storage_benchmark(tmp_path):
         "--workdir", str(tmp_path),
     )  # fmt: skip
     assert "fsyncs/unit" in out and "blocks s after" in out and "2 thread(s)" in out
+    assert not list(tmp_path.iterdir())  # its outputs are removed
+
+
+def test_object_store_benchmark(tmp_path):
+    pytest.importorskip("moto.server")
+    out = run(
+        "object_store.py", "--units", "2", "--samples", "8", "--bank-units", "1", "--s3-latency-ms", "5",
+        "--in-flight", "1", "--in-flight", "2", "--rounds", "1", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert "S3 +5 ms" in out and "units/s, 2 commit(s) in flight" in out and "maps(key): requests" in out
     assert not list(tmp_path.iterdir())  # its outputs are removed

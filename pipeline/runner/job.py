@@ -37,9 +37,11 @@ from pipeline.store.output import JOB_FILE, Output, job_output
 from pipeline.store.units import (
     BANK_PARTS,
     EXPLAIN_PARTS,
+    UnitParts,
     clear,
     committed_units,
     done_units,
+    present_units,
     record_failure,
     sweep_temporaries,
     unit_name,
@@ -208,6 +210,8 @@ def _run(
     start = time.perf_counter()
     build_bank = job.mode == "self-supervised" and job.bank.shards is not None and (bank_todo or not bank_is_built(job))
     if todo or build_bank:
+        fresh = _fresh(output, EXPLAIN_PARTS, todo)
+        bank_fresh = _fresh(banks, BANK_PARTS, bank_todo) if build_bank else set()
         plan = _plan(job, address, max(len(todo), len(bank_todo)), stops) if use_ray else _IN_PROCESS
         pool = (
             RayPool(job, plan, fault, fence=fence, stops=stops)
@@ -217,8 +221,8 @@ def _run(
         summary.actors = plan.count
         with pool:
             try:
-                if not build_bank or _run_bank_stage(job, pool, bank_todo, progress, summary, fence):
-                    _run_explain_stage(job, pool, todo, progress, summary, output, fence, start)
+                if not build_bank or _run_bank_stage(job, pool, bank_todo, bank_fresh, progress, summary, fence):
+                    _run_explain_stage(job, pool, todo, fresh, progress, summary, output, fence, start)
             except LeaseLostError:
                 raise
             except PipelineError as e:  # after units ran: not a user error (exit 1, with the summary)
@@ -235,6 +239,7 @@ def _run_explain_stage(
     job: JobConfig,
     pool: Any,
     todo: list[str],
+    fresh: set[str],
     progress: bool,
     summary: JobSummary,
     output: Output,
@@ -242,7 +247,7 @@ def _run_explain_stage(
     start: float,
 ) -> None:
     bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} explain")
-    for outcome in pool.run("explain", todo):
+    for outcome in pool.run("explain", todo, fresh):
         if outcome.error is not None:
             summary.failed_units[outcome.unit] = outcome.error
             _record_failure(output, outcome.unit, outcome.error, fence)
@@ -322,6 +327,14 @@ def _pending(output: Output, urls: list[str], redo_changed: bool) -> tuple[list[
     return todo + changed, [url for url in done if url not in changed]
 
 
+def _fresh(output: Output, parts: UnitParts, urls: list[str]) -> set[str]:
+    """The units of ``urls`` the output holds nothing of (no part, marker or failure record): they start without
+    removing anything, which on an object store saves a dozen requests per unit."""
+    if not urls:
+        return set()
+    return {unit_name(u) for u in urls} - present_units(output, parts)
+
+
 def _plan(job: JobConfig, address: str | None, units: int, stops: Stops | None = None) -> ActorPlan:
     import ray
 
@@ -330,14 +343,14 @@ def _plan(job: JobConfig, address: str | None, units: int, stops: Stops | None =
 
 
 def _run_bank_stage(
-    job: JobConfig, pool: Any, todo: list[str], progress: bool, summary: JobSummary, fence: Fence
+    job: JobConfig, pool: Any, todo: list[str], fresh: set[str], progress: bool, summary: JobSummary, fence: Fence
 ) -> bool:
     """Encode the reference shards and assemble the bank; False when a unit failed (recorded in the summary)."""
     from pipeline.store.bank import assemble_bank, bank_output
 
     bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} bank")
     failed = {}
-    for outcome in pool.run("bank", todo):
+    for outcome in pool.run("bank", todo, fresh):
         if outcome.error is not None:
             failed[outcome.unit] = outcome.error
             _record_failure(bank_output(job), outcome.unit, outcome.error, fence)

@@ -1,9 +1,11 @@
 """The workers a job runs on: one in this process (:class:`LocalPool`) or Ray actors (:class:`RayPool`).
 
 Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish, and keep
-their books the same way (:class:`UnitSchedule`): ``workers.units_in_flight`` units on every worker (two on a GPU,
-one on the CPU: they take turns on its device, so one unit's commit and the next one's reading and decoding overlap
-the computation); a unit that raises, whose worker dies, or that makes no progress for ``workers.unit_timeout_s``
+their books the same way (:class:`~pipeline.runner.schedule.UnitSchedule`): :func:`~pipeline.worker.unit_slots`
+units on every worker (``workers.units_in_flight`` take turns on its device, the next one's reading and decoding
+overlapping the computation, and ``workers.commits_in_flight`` more commit meanwhile); the units the resume found
+nothing of start fresh on their first attempt; a unit that raises, whose worker dies, or that makes no progress
+for ``workers.unit_timeout_s``
 is retried after a backoff that doubles each time (``workers.retry_backoff_s``), and given up after
 ``workers.max_retries`` extra attempts. The Ray pool replaces an actor that died or stalled. The local pool runs
 each unit in a daemon thread: a stalled unit's thread, blocked in a read that no thread can interrupt, is abandoned
@@ -19,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
@@ -31,7 +33,7 @@ from pipeline.runner.stops import Stops
 from pipeline.store.lease import Fence
 from pipeline.store.output import JOB_FILE, job_output
 from pipeline.store.units import unit_name
-from pipeline.worker import UnitWorker, units_in_flight
+from pipeline.worker import UnitWorker, unit_slots
 
 __all__ = ["LocalPool", "RayPool", "UnitOutcome"]
 
@@ -55,7 +57,7 @@ def _in_daemon_thread(name: str, function: Callable[..., Any], *args: Any, **kwa
 
 class LocalPool:
     """Every unit in this process, on one worker (the model loaded once, on first use), :func:`~pipeline.worker.
-    units_in_flight` units at a time as a Ray actor holds them, each in a daemon thread; a unit that raises is
+    unit_slots` units at a time as a Ray actor holds them, each in a daemon thread; a unit that raises is
     retried, then fails alone, and the job goes on.
 
     Args:
@@ -84,15 +86,20 @@ class LocalPool:
         self._stops = stops
         self._worker = worker  # built on first use unless given
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
+        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet."""
         if not urls:
             return
         if self._worker is None:
             self._worker = self._new_worker()
         workers = self.job.workers
-        per_worker = units_in_flight(self.job, self._worker.device)
         schedule = UnitSchedule(
-            urls, [self._worker], per_worker, max_retries=workers.max_retries, backoff_s=workers.retry_backoff_s
+            urls,
+            [self._worker],
+            unit_slots(self.job, self._worker.device),
+            max_retries=workers.max_retries,
+            backoff_s=workers.retry_backoff_s,
+            fresh=fresh,
         )
         watch = StallWatch(workers.unit_timeout_s)
         try:
@@ -100,7 +107,8 @@ class LocalPool:
                 while (slot := schedule.next()) is not None:
                     worker, unit = slot
                     name = f"unit-{unit_name(unit.url)}"
-                    schedule.started(_in_daemon_thread(name, worker.run, stage, unit.url, attempt=unit.attempt), *slot)
+                    attempt = dict(attempt=unit.attempt, fresh=unit.fresh)
+                    schedule.started(_in_daemon_thread(name, worker.run, stage, unit.url, **attempt), *slot)
                 done = _wait_futures(schedule)
                 if self._stops is not None:
                     self._stops.check()
@@ -199,8 +207,8 @@ def _unit_actor_class():
         def ready(self) -> int:
             return os.getpid()
 
-        def process(self, stage: str, url: str, attempt: int) -> dict[str, Any]:
-            return self.worker.run(stage, url, attempt=attempt)
+        def process(self, stage: str, url: str, attempt: int, fresh: bool = False) -> dict[str, Any]:
+            return self.worker.run(stage, url, attempt=attempt, fresh=fresh)
 
         @ray.method(concurrency_group="monitor")  # answers while every unit thread is busy (or hung)
         def stalled_units(self, timeout_s: float) -> list[str]:
@@ -274,7 +282,7 @@ class RayPool:
         self._fault = fault
         self._fence = fence
         self._stops = stops
-        self._per_actor = units_in_flight(job, self._device)
+        self._per_actor = unit_slots(job, self._device)
         self._live: list[Any] = []
         self._logs = job_output(job)
 
@@ -335,10 +343,17 @@ class RayPool:
         except PipelineError:
             _log.debug("could not write %s", path)
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
+        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet
+        (their first dispatch starts them fresh; a later one, after a death or a cancellation, clears first)."""
         workers = self.job.workers
         schedule = UnitSchedule(
-            urls, self._live, self._per_actor, max_retries=workers.max_retries, backoff_s=workers.retry_backoff_s
+            urls,
+            self._live,
+            self._per_actor,
+            max_retries=workers.max_retries,
+            backoff_s=workers.retry_backoff_s,
+            fresh=fresh,
         )
         watch = StallWatch(workers.unit_timeout_s)
         died_with: dict[Any, int] = {}  # a dead actor -> the units it was running when it died
@@ -346,7 +361,7 @@ class RayPool:
             while schedule.active:
                 while (slot := schedule.next()) is not None:
                     actor, unit = slot
-                    schedule.started(actor.process.remote(stage, unit.url, unit.attempt), actor, unit)
+                    schedule.started(actor.process.remote(stage, unit.url, unit.attempt, unit.fresh), actor, unit)
                 if schedule.running:
                     ready, _ = self._ray.wait(schedule.running, num_returns=1, timeout=1.0)
                 else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,12 +38,14 @@ class UnitOutcome:
 class _Pending:
     """A unit waiting for a worker: ``attempt`` counts its failures so far; ``alone`` asks for a worker running
     nothing else (after an actor died holding several units, each is retried alone to find the one that kills it);
-    ``not_before`` is the monotonic time its retry's backoff ends."""
+    ``not_before`` is the monotonic time its retry's backoff ends; ``fresh``: nothing of it exists in the output (its
+    first dispatch only: an attempt that ran may have left parts)."""
 
     url: str
     attempt: int = 0
     alone: bool = False
     not_before: float = 0.0
+    fresh: bool = False
 
 
 class UnitSchedule:
@@ -56,15 +59,23 @@ class UnitSchedule:
         per_worker: Units a worker holds at once.
         max_retries: Extra attempts of a unit that failed.
         backoff_s: The first retry's wait; each next one waits twice as long.
+        fresh: The units the resume found nothing of: their first dispatch starts them fresh.
     """
 
     def __init__(
-        self, urls: list[str], workers: list[Any], per_worker: int, *, max_retries: int, backoff_s: float
+        self,
+        urls: list[str],
+        workers: list[Any],
+        per_worker: int,
+        *,
+        max_retries: int,
+        backoff_s: float,
+        fresh: Collection[str] = (),
     ) -> None:
         self.per_worker = per_worker
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self._queue = deque(_Pending(url) for url in urls)
+        self._queue = deque(_Pending(url, fresh=unit_name(url) in fresh) for url in urls)
         self._running: dict[Any, tuple[Any, _Pending]] = {}  # a running unit's handle -> its worker, the unit
         self._load = dict.fromkeys(workers, 0)
 
@@ -121,7 +132,7 @@ class UnitSchedule:
 
     def requeue(self, unit: _Pending, *, alone: bool = False) -> None:
         """Put a unit that failed through no fault of its own first in the queue, with no attempt charged."""
-        self._queue.appendleft(replace(unit, alone=alone, not_before=0.0))
+        self._queue.appendleft(replace(unit, alone=alone, not_before=0.0, fresh=False))
 
     def holding(self) -> dict[Any, set[str]]:
         """Each worker running units, and their names."""

@@ -42,8 +42,8 @@ class BankStage:
         self.dim = dim
         self.autocast = compute_dtype(job.dtype)
 
-    def open_unit(self, unit: str, url: str, fence: Fence | None = None) -> UnitState:
-        return UnitState(FeatureWriter(bank_output(self.job), unit, self.dim, fence=fence))
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False, fence: Fence | None = None) -> UnitState:
+        return UnitState(FeatureWriter(bank_output(self.job), unit, self.dim, fresh=fresh, fence=fence))
 
     def reject(self, sample: DecodedSample) -> str | None:
         return None

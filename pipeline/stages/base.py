@@ -49,8 +49,9 @@ class Stage(Protocol):
 
     name: str
 
-    def open_unit(self, unit: str, url: str, fence: Fence | None = None) -> UnitState:
-        """Start a unit afresh; its writes are fenced by the driver's lease (None: unfenced)."""
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False, fence: Fence | None = None) -> UnitState:
+        """Start a unit afresh; ``fresh``: nothing of it exists in the output yet, so nothing is removed; its writes
+        are fenced by the driver's lease (None: unfenced)."""
 
     def reject(self, sample: DecodedSample) -> str | None:
         """Why a decoded sample cannot be computed by this stage (its error message), or None."""

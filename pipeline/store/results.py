@@ -32,6 +32,7 @@ from pipeline.store.compact import (
     ChangingFilesError,
     Manifest,
     TableSources,
+    key_index_rows,
     manifest_generation,
     read_manifest,
     snapshot_sources,
@@ -80,9 +81,15 @@ class Results:
         self.output = output
 
     @cached_property
+    def _root(self) -> frozenset[str]:
+        """The names at the output's root, listed once (on an object store a folder without files is absent): the
+        folders a fully compacted output lacks are not listed again."""
+        return frozenset(self.output.listdir(self.output.root))
+
+    @cached_property
     def units(self) -> list[str]:
         """Committed units (complete and incomplete), sorted."""
-        return committed_units(self.output)
+        return committed_units(self.output, listed=self._root)
 
     def require_units(self) -> list[str]:
         """The committed units; raises when there is none to read.
@@ -112,7 +119,7 @@ class Results:
     def attrs(self) -> dict[str, Any]:
         """Root attributes of ``maps.zarr`` (model, layout, storage); empty before any unit was written."""
         try:
-            return self._map_store().attrs
+            return self._maps.attrs
         except StoreError:
             return {}
 
@@ -136,13 +143,19 @@ class Results:
         """Per-block statistics of the comparison explainers (rollout, attention), where the job ran them."""
         return self.read("explainer_blocks")
 
+    @cached_property
+    def sanity(self) -> pd.DataFrame:
+        """Map similarities under cascading randomisation (one row per sample, explainer, step and block), where the
+        job ran the sanity check."""
+        return self.read("sanity")
+
     def read(self, table: str, columns: Sequence[str] | None = None, filters: Any = None) -> pd.DataFrame:
         """One table of the committed units, read with column selection and filters pushed into the files.
 
         Rows come in unit order, each unit's rows in the order they were written.
 
         Args:
-            table: ``samples``, ``blocks``, ``evaluation`` or ``explainer_blocks``.
+            table: ``samples``, ``blocks``, ``evaluation``, ``explainer_blocks`` or ``sanity``.
             columns: The columns to read (default: all).
             filters: Rows to keep: a ``pyarrow.compute`` expression or pyarrow's list-of-tuples form, e.g.
                 ``[("block", "==", 11), ("status", "==", "ok")]``.
@@ -197,6 +210,7 @@ class Results:
                     read |= units
                 return
             except FileNotFoundError:
+                self.__dict__.pop("_root", None)
                 self.__dict__.pop("units", None)
                 if time.monotonic() >= deadline:
                     raise StoreError(f"the {table} files of {self.output.url} kept changing; retry later") from None
@@ -224,7 +238,7 @@ class Results:
         """
         found = self._locate_each([key], unit)
         unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
-        return SampleMaps(key=key, unit=unit, row=row, **self._map_store().read(unit, row))
+        return SampleMaps(key=key, unit=unit, row=row, **self._maps.read(unit, row))
 
     def locate(self, keys: Sequence[str], unit: str | None = None) -> pd.DataFrame:
         """Unit and row of the ok samples with these keys (a key held by several units has a row for each).
@@ -241,8 +255,7 @@ class Results:
             sources = self._sources("samples", manifest)
             parts = []
             if manifest is not None and manifest.key_index and sources.compacted_units:
-                index = ds.dataset(self.output.path(manifest.key_index), format="parquet", filesystem=self.output.fs)
-                found = index.to_table(filter=wanted)
+                found = key_index_rows(self.output, manifest, keys, wanted)
                 parts.append(found.filter(pc.is_in(found["unit"], pa.array(sorted(sources.compacted_units)))))
             if sources.per_unit:
                 files = ds.dataset(list(sources.per_unit.values()), format="parquet", filesystem=self.output.fs)
@@ -265,7 +278,7 @@ class Results:
         found = self._locate_each(keys, unit)
         position = {k: i for i, k in enumerate(keys)}
         stacked: dict[str, np.ndarray] = {}
-        store = self._map_store()
+        store = self._maps
         for unit_name, rows in found.groupby("unit", sort=True):
             arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
             where = [position[k] for k in rows["key"]]
@@ -298,7 +311,7 @@ class Results:
     def iter_units(self) -> Iterator[tuple[str, list[str], dict[str, np.ndarray]]]:
         """Each committed unit's ok samples: (unit, keys in row order, stacked float32 arrays)."""
         samples = self.read("samples", columns=["key", "unit", "row"], filters=pc.field("status") == "ok")
-        store = self._map_store()
+        store = self._maps
         for unit_name, rows in samples.sort_values(["unit", "row"]).groupby("unit", sort=True):
             arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
             yield str(unit_name), rows["key"].tolist(), {k: v for k, v in arrays.items() if v is not None}
@@ -322,12 +335,13 @@ class Results:
             raise StoreError(f"unit {unit} of {self.output.url} is of Zarr layout 1 (scaled float16): use maps()")
         return dataset.assign_coords(sample=[str(key) for key in dataset["keys"].values]).drop_vars("keys")
 
-    def _map_store(self) -> MapStore:
-        path = self.output.url_of(self.output.path("maps.zarr"))
-        return MapStore.open(path, self.output.storage_options, read_only=True)
+    @cached_property
+    def _maps(self) -> MapStore:
+        return MapStore(self.output.child("maps.zarr"), read_only=True)
 
     def _sources(self, table: str, manifest: Manifest | None) -> TableSources:
-        return snapshot_sources(self.output, table, self.units, manifest, optional=table in EXPLAIN_PARTS.optional)
+        optional = table in EXPLAIN_PARTS.optional
+        return snapshot_sources(self.output, table, self.units, manifest, optional=optional, root=self._root)
 
     def _consistently(self, read: Callable[[Manifest | None], T]) -> T:
         """``read(manifest)`` of one snapshot, taken again after a growing pause while the files change under it: a
@@ -344,7 +358,8 @@ class Results:
             try:
                 return read(manifest)
             except (FileNotFoundError, ChangingFilesError) as e:
-                self.__dict__.pop("units", None)  # committed units, listed again
+                self.__dict__.pop("_root", None)  # the root and the committed units, listed again
+                self.__dict__.pop("units", None)
                 unchanged = (manifest_generation(read_manifest(self.output)), self.units) == (
                     manifest_generation(manifest),
                     units,
@@ -392,7 +407,7 @@ def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = N
     Raises:
         StoreError: nothing exists at ``path``.
     """
-    output = as_output(path, storage_options)
-    if not output.fs.exists(output.root):
-        raise StoreError(f"no pipeline output at {output.url}")
-    return Results(output)
+    results = Results(as_output(path, storage_options))
+    if not results._root and not results.output.fs.exists(results.output.root):  # one listing when there is one
+        raise StoreError(f"no pipeline output at {results.output.url}")
+    return results

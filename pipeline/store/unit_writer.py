@@ -2,11 +2,12 @@
 
 Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
 
-    maps.zarr/<unit>/                  the unit's Zarr group, written at commit (pipeline.store.zarr_store)
+    maps.zarr/<unit>/                  the unit's Zarr group, encoded at commit (pipeline.store.zarr_store)
     samples/<unit>.parquet             one row per sample, ok or failed (pipeline.store.tables)
     blocks/<unit>.parquet              one row per ok sample and block
     evaluation/<unit>.parquet          one row per sample and evaluated method (jobs that evaluate)
     explainer_blocks/<unit>.parquet    comparison explainers' per-block statistics (jobs that run them)
+    sanity/<unit>.parquet              map similarities under cascading randomisation (jobs with evaluate.sanity)
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from numpy.typing import ArrayLike
 
 from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError
-from pipeline.names import METRIC_COLUMNS
+from pipeline.names import METRIC_COLUMNS, SANITY_COLUMNS
 from pipeline.store.output import OutputLike, as_output
-from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, TABLE_SCHEMAS
+from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, SANITY, TABLE_SCHEMAS
 from pipeline.store.tables import build_table, parquet_bytes
 from pipeline.store.units import EXPLAIN_PARTS, UnitTransaction
-from pipeline.store.zarr_store import MapLayout, MapStore
+from pipeline.store.zarr_store import MapLayout, MapStore, UnitMapWriter
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -58,6 +59,9 @@ class ExplainedBatch:
         explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of the per-block comparison explainers.
         evaluation: ``{method: {metric: (B,)}}`` when the job evaluates, else empty; metrics a job does not
             compute are absent (stored as NaN).
+        sanity: ``{explainer: {"spearman"|"ssim": (S, K, L')}}`` of the batch's first ``S`` samples under
+            cascading randomisation (``evaluate.sanity``), else empty: ``K`` steps (1 .. K blocks randomised from
+            the top), ``L'`` blocks of the explainer's maps (1 for a single map, compared at the last block).
         rounded: ``arrays`` are already rounded to the storage precision (``output.dtype``; the explain stage rounds
             on the device), so the writer skips that pass.
     """
@@ -69,6 +73,7 @@ class ExplainedBatch:
     block_stats: Mapping[str, Tensor | np.ndarray]
     explainer_block_stats: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
     evaluation: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
+    sanity: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
     rounded: bool = False
 
 
@@ -76,7 +81,8 @@ class UnitWriter:
     """Writes one unit of the explain stage: maps, samples and statistics of its batches, then the commit.
 
     Creating the writer starts the unit afresh (:class:`~pipeline.store.units.UnitTransaction`) and makes sure
-    ``maps.zarr`` exists with this job's attributes.
+    ``maps.zarr`` exists with this job's attributes. Nothing is written before :meth:`commit`, which puts every
+    object of the unit at once, then its marker.
 
     Args:
         out: The output location.
@@ -85,6 +91,9 @@ class UnitWriter:
         shard: URL of the input shard (samples column ``shard``).
         job: Job name (samples column ``job``).
         store_options: How the maps are stored.
+        maps: The output's ``maps.zarr``, kept by a worker across its units (its root attributes are then checked
+            once); default: opened and checked for this unit.
+        fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
         fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
 
     Raises:
@@ -101,16 +110,17 @@ class UnitWriter:
         shard: str,
         job: str,
         store_options: StoreOptions | None = None,
+        maps: MapStore | None = None,
+        fresh: bool = False,
         fence: Fence | None = None,
     ) -> None:
         self.output = as_output(out)
         self.unit = unit
         self.layout = layout
-        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit, fence=fence)
+        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit, fresh=fresh, fence=fence)
         options = store_options or StoreOptions()
-        maps = MapStore.open(self.output.url_of(self.output.path("maps.zarr")), self.output.storage_options)
-        maps.init(layout, options)
-        self._maps = maps.unit_writer(unit, layout, options)
+        (maps or MapStore(self.output.child("maps.zarr"))).init(layout, options)
+        self._maps = UnitMapWriter(unit, layout, options)
         self._fixed = {"shard": shard, "unit": unit, "model": layout.model, "job": job}
         self._tables: dict[str, list[pa.Table]] = {part: [] for part in TABLE_SCHEMAS}
         self.failed = 0
@@ -161,9 +171,29 @@ class UnitWriter:
             values = {m: np.asarray(metrics.get(m, np.full(n, np.nan)), np.float32) for m in METRIC_COLUMNS}
             table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values}
             tables.append(("evaluation", build_table(table, EVALUATION)))
+        for explainer, values in result.sanity.items():
+            tables.append(("sanity", self._sanity_table(keys, explainer, values)))
         self._maps.append(keys, result.arrays, rounded=result.rounded)  # last check: nothing of a bad batch is kept
         for part, table in tables:
             self._tables[part].append(table)
+
+    def _sanity_table(self, keys: list[str], explainer: str, values: Mapping[str, ArrayLike]) -> pa.Table:
+        """One row per sample, randomisation step and block of an explainer's similarities ``(S, K, L)``."""
+        arrays = {name: np.asarray(values[name], np.float32) for name in SANITY_COLUMNS}
+        samples, steps, blocks = arrays[SANITY_COLUMNS[0]].shape
+        if samples > len(keys) or any(a.shape != (samples, steps, blocks) for a in arrays.values()):
+            raise SchemaError(f"unit {self.unit!r}: sanity values of {explainer!r} do not fit {len(keys)} keys")
+        first_block = self.layout.n_blocks - blocks  # a single map sits at the last block
+        grid = np.indices((samples, steps, blocks)).reshape(3, -1)
+        columns = {
+            "key": np.asarray(keys[:samples])[grid[0]],
+            "unit": [self.unit] * grid.shape[1],
+            "explainer": [explainer] * grid.shape[1],
+            "randomised": grid[1] + 1,
+            "block": grid[2] + first_block,
+            **{name: array.reshape(-1) for name, array in arrays.items()},
+        }
+        return build_table(columns, SANITY)
 
     def _block_table(
         self, keys: list[str], labels: Mapping[str, Any], stats: Mapping[str, ArrayLike], schema: pa.Schema
@@ -197,7 +227,7 @@ class UnitWriter:
         self.failed += len(samples)
 
     def commit(self, summary: Mapping[str, Any] | None = None, *, incomplete: str | None = None) -> dict[str, Any]:
-        """Flush the maps, write the tables, make them durable, then write the unit's marker.
+        """Encode the maps and the tables, put them all at once (durable when done), then write the unit's marker.
 
         Args:
             summary: Extra JSON-serialisable facts for the marker (timings, device, ...).
@@ -208,17 +238,21 @@ class UnitWriter:
             The marker's content: ``unit``, ``committed_at``, ``complete``, the counts ``samples``, ``ok`` and
             ``failed``, and the summary.
         """
-        self._maps.flush()
+        paths = self._transaction.paths
+        ok = self._maps.rows
+        files = {f"{paths['maps']}/{key}": data for key, data in self._maps.objects().items()}
         for part, schema in TABLE_SCHEMAS.items():
             tables = self._tables[part]
             if part in EXPLAIN_PARTS.optional and not tables:
                 continue
             table = pa.concat_tables(tables) if tables else schema.empty_table()
-            self._transaction.put(part, parquet_bytes(table, schema))
-        self._transaction.sync("maps")
+            files[paths[part]] = parquet_bytes(table, schema)
+        self._tables = {part: [] for part in TABLE_SCHEMAS}  # what the files hold now: the batches are released
+        self._transaction.write(files)
+        del files
         counts = {
-            "samples": self._maps.rows + self.failed,
-            "ok": self._maps.rows,
+            "samples": ok + self.failed,
+            "ok": ok,
             "failed": self.failed,
         }
         marker = self._transaction.commit({**(summary or {}), **counts}, incomplete=incomplete)
