@@ -184,7 +184,7 @@ class SlowStorageStage(RecordingStage):
         self.log: list[str] = []
         self.computed = {}  # shard prefix (s0, s1, ...) -> set when its unit first computes
 
-    def open_unit(self, unit, url, *, fresh=False):
+    def open_unit(self, unit, url, *, fresh=False, fence=None):
         state = super().open_unit(unit, url, fresh=fresh)
         sink, stage = state.sink, self
 
