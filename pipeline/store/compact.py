@@ -16,9 +16,9 @@ compaction rewrites every table (O(rows), one pass, ``units_per_file`` units in 
 the output's lease (:class:`~pipeline.store.lease.Lease`; its :class:`~pipeline.store.lease.Fence` is checked
 before the manifest and before anything is removed).
 
-Readers see a consistent snapshot (:func:`snapshot_sources`): the manifest, the listing of a table's per-unit
-files, then the manifest again; a compaction that replaced the manifest in between, a committed unit without its
-files (merged and removed meanwhile, or started over by a job) or a file gone before it was read
+Readers see a consistent snapshot (:func:`table_sources` with ``snapshot``): the manifest, the listing of a
+table's per-unit files, then the manifest again; a compaction that replaced the manifest in between, a committed
+unit without its files (merged and removed meanwhile, or started over by a job) or a file gone before it was read
 (:class:`ChangingFilesError`, ``FileNotFoundError``) make the reader take a new snapshot, after a pause
 (:meth:`~pipeline.store.results.Results.read`). The files of a generation stay until the compaction after the
 next one starts, so a reader that took its snapshot before a compaction finishes its read in peace.
@@ -63,7 +63,6 @@ __all__ = [
     "key_index_rows",
     "manifest_generation",
     "read_manifest",
-    "snapshot_sources",
     "table_sources",
 ]
 
@@ -156,8 +155,7 @@ class TableSources:
     """Where the rows of one table of the committed units are: per-unit files and compacted files.
 
     ``compacted_units`` are the units to take from ``compacted_files``; the files may also hold others
-    (``stale_units``: units no longer committed, or redone since and read from their per-unit files). ``listed``:
-    the per-unit folder was listed (not for a fully compacted output).
+    (``stale_units``: units no longer committed, or redone since and read from their per-unit files).
     """
 
     table: str
@@ -165,7 +163,6 @@ class TableSources:
     compacted_files: list[str]
     compacted_units: frozenset[str]
     stale_units: frozenset[str]
-    listed: bool = True
 
     def scans(self, output: Output, schema: pa.Schema) -> list[tuple[ds.Dataset, pc.Expression | None]]:
         """Datasets to scan, each with the filter its rows need; together exactly the committed units' rows."""
@@ -227,15 +224,20 @@ def table_sources(
     *,
     optional: bool,
     root: Collection[str] | None = None,
+    snapshot: bool = False,
 ) -> TableSources:
     """The files holding ``table``'s rows of ``units`` (committed units), after one listing of its folder.
 
     Args:
         root: The names at the output's root, when the caller listed it: when the table's folder is not there and
             the manifest holds every unit, the folder is not listed (a fully compacted output).
+        snapshot: A reader's consistent view: ``manifest`` was read before the listing, and is read again after it
+            (sources from the manifest alone, of a fully compacted output, need no second look).
 
     Raises:
-        ChangingFilesError: a unit has neither a per-unit file nor compacted rows (for a table every unit writes).
+        ChangingFilesError: a unit has neither a per-unit file nor compacted rows (for a table every unit writes),
+            or, with ``snapshot``, a compaction replaced the manifest meanwhile (an optional table's units would be
+            missed silently).
     """
     folder = EXPLAIN_PARTS.parts[table].split("/", 1)[0]
     compacted_all = manifest is not None and bool(manifest.files.get(table)) and manifest.units.issuperset(units)
@@ -249,29 +251,9 @@ def table_sources(
         raise ChangingFilesError(f"committed unit {missing[0]} of {output.url} lacks its {table} table")
     wanted = frozenset(rest) & compacted
     files = [output.path(name) for name in manifest.files.get(table, [])] if manifest is not None else []
-    return TableSources(table, per_unit, files, wanted, stale_units=compacted - wanted, listed=not skip)
-
-
-def snapshot_sources(
-    output: Output,
-    table: str,
-    units: Sequence[str],
-    manifest: Manifest | None,
-    *,
-    optional: bool,
-    root: Collection[str] | None = None,
-) -> TableSources:
-    """:func:`table_sources` from one consistent view: ``manifest`` was read before the listing, and is read again
-    after it (sources from the manifest alone, of a fully compacted output, need no second look).
-
-    Raises:
-        ChangingFilesError: a compaction replaced the manifest meanwhile (an optional table's units would be
-            missed silently), or a committed unit lacks its files.
-    """
-    sources = table_sources(output, table, units, manifest, optional=optional, root=root)
-    if sources.listed and manifest_generation(read_manifest(output)) != manifest_generation(manifest):
+    if snapshot and not skip and manifest_generation(read_manifest(output)) != manifest_generation(manifest):
         raise ChangingFilesError(f"the tables of {output.url} were compacted while they were listed")
-    return sources
+    return TableSources(table, per_unit, files, wanted, stale_units=compacted - wanted)
 
 
 def compaction_pending(out: OutputLike) -> bool:

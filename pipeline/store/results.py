@@ -2,8 +2,9 @@
 
 Only committed units are read (complete ones, and incomplete ones whose shard ended early: their rows are real);
 parts of units being written are ignored. Every read is of one consistent snapshot of the files
-(:func:`~pipeline.store.compact.snapshot_sources`), taken again, after a pause, when a compaction or a running job
-changes the files under it: a reader never fails nor loses rows because a job or a compaction runs.
+(:func:`~pipeline.store.compact.table_sources` with ``snapshot``), taken again, after a pause, when a compaction
+or a running job changes the files under it: a reader never fails nor loses rows because a job or a compaction
+runs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pipeline.store.compact import (
     key_index_rows,
     manifest_generation,
     read_manifest,
-    snapshot_sources,
+    table_sources,
 )
 from pipeline.store.lease import live_holder
 from pipeline.store.output import JOB_FILE, Output, OutputLike, as_output
@@ -341,7 +342,9 @@ class Results:
 
     def _sources(self, table: str, manifest: Manifest | None) -> TableSources:
         optional = table in EXPLAIN_PARTS.optional
-        return snapshot_sources(self.output, table, self.units, manifest, optional=optional, root=self._root)
+        return table_sources(
+            self.output, table, self.units, manifest, optional=optional, root=self._root, snapshot=True
+        )
 
     def _consistently(self, read: Callable[[Manifest | None], T]) -> T:
         """``read(manifest)`` of one snapshot, taken again after a growing pause while the files change under it: a
