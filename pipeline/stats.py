@@ -27,6 +27,8 @@ __all__ = [
     "boxes_to_grid_mask",
     "explainer_statistics",
     "pointing_hit",
+    "rank_correlation",
+    "top_iou",
 ]
 
 TOP_MASS_FRACTION = 0.1  # map_/daam_top10_mass: share of the patches whose mass is summed
@@ -210,15 +212,72 @@ def _accumulation_statistics(daam: Tensor) -> dict[str, Tensor]:
     final = flat[:, -1:]
     mass = flat.sum(-1)
     cos = (flat * final).sum(-1) / (flat.norm(dim=-1) * final.norm(dim=-1))  # 0/0 = NaN for all-zero maps
-    k = math.ceil(IOU_FRACTION * flat.shape[-1])
-    top = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k, dim=-1).indices, True)
-    top_final = top[:, -1:]
-    iou = (top & top_final).sum(-1).float() / (top | top_final).sum(-1).float()
-    iou = iou.masked_fill((mass == 0) | (mass[:, -1:] == 0), math.nan)
+    top = _top_set(flat)
+    iou = _set_iou(top, top[:, -1:]).masked_fill((mass == 0) | (mass[:, -1:] == 0), math.nan)
     p = flat / mass[..., None]
     change = (p[:, 1:] - p[:, :-1]).abs().sum(-1)
     change = torch.cat([torch.full_like(mass[:, :1], math.nan), change], dim=1)
     return {"daam_cos_final": cos, "daam_iou_final": iou, "daam_change": change}
+
+
+def _top_set(flat: Tensor) -> Tensor:
+    """Which patches of each flat map ``(..., n)`` are among its ``ceil(IOU_FRACTION * n)`` highest."""
+    k = math.ceil(IOU_FRACTION * flat.shape[-1])
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k, dim=-1).indices, True)
+
+
+def _set_iou(a: Tensor, b: Tensor) -> Tensor:
+    return (a & b).sum(-1).float() / (a | b).sum(-1).float()
+
+
+@torch.no_grad()
+def top_iou(maps: Tensor, others: Tensor) -> Tensor:
+    """IoU of the top-20% patches (:data:`IOU_FRACTION`) of two sets of maps on the same grid, pairwise: the
+    formula of ``daam_iou_final``, for maps of two models.
+
+    Args:
+        maps: ``(..., h, w)`` non-negative maps.
+        others: Maps of the same shape.
+
+    Returns:
+        ``(...)`` float32; NaN where either map is all zero.
+    """
+    a, b = maps.float().flatten(-2), others.float().flatten(-2)
+    undefined = (a.sum(-1) == 0) | (b.sum(-1) == 0)
+    return _set_iou(_top_set(a), _top_set(b)).masked_fill(undefined, math.nan)
+
+
+@torch.no_grad()
+def rank_correlation(maps: Tensor, others: Tensor) -> Tensor:
+    """Spearman's rank correlation of the patches of two sets of maps on the same grid, pairwise: the Pearson
+    correlation of their patches' ranks, tied patches sharing their average rank.
+
+    Args:
+        maps: ``(..., h, w)`` maps.
+        others: Maps of the same shape.
+
+    Returns:
+        ``(...)`` float32; NaN where either map is constant (all zero) or holds a NaN.
+    """
+    a, b = (_average_ranks(m.double().flatten(-2)) for m in (maps, others))
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    rho = (a * b).sum(-1) / ((a * a).sum(-1) * (b * b).sum(-1)).sqrt()  # 0/0 = NaN for a constant map
+    return rho.float()
+
+
+def _average_ranks(flat: Tensor) -> Tensor:
+    """Ranks 1..n of each row of ``(..., n)``; equal values share the mean of their ranks; NaN rows stay NaN."""
+    values, order = flat.sort(dim=-1, stable=True)
+    n = flat.shape[-1]
+    position = torch.arange(n, device=flat.device).expand_as(values)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[..., 1:] = values[..., 1:] != values[..., :-1]  # a run of equal values starts here
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, position, 0).cummax(-1).values  # where this value's run starts
+    last = (n - 1) - torch.where(ends, (n - 1) - position, 0).flip(-1).cummax(-1).values.flip(-1)  # where it ends
+    ranks = torch.empty_like(values).scatter_(-1, order, (first + last).to(values.dtype) / 2 + 1)
+    return ranks.masked_fill(flat.isnan().any(-1, keepdim=True), math.nan)
 
 
 def _broadcast_mask(box_mask: Tensor, maps: Tensor) -> Tensor:
