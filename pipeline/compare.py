@@ -34,7 +34,15 @@ from pipeline.store.output import OutputLike
 from pipeline.store.results import Results, open_results
 from pipeline.summaries import RANKING_IOU, first_stable_block, label_accuracy, ranking_reached, summarise
 
-__all__ = ["CURVE_STATISTICS", "Comparison", "compare", "comparison_tables", "final_maps", "relative_depth"]
+__all__ = [
+    "CURVE_STATISTICS",
+    "UNSHARED_NOTE",
+    "Comparison",
+    "compare",
+    "comparison_tables",
+    "final_maps",
+    "relative_depth",
+]
 
 _SAMPLE = ["unit", "key"]
 _POSITIONS = ("peak_row", "peak_col", "centroid_row", "centroid_col")
@@ -42,6 +50,7 @@ CURVE_STATISTICS = tuple(s for s in STATISTICS if not s.endswith(_POSITIONS))
 """Statistics of the blocks table drawn per block (patch coordinates are left out: they do not compare across
 grids)."""
 _SPREADS = ("map_spread", "daam_spread")  # in patches: divided by sqrt(h w) when the grids differ
+UNSHARED_NOTE = "{} and {} share no sample key: only their dataset-level tables are compared"
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,17 @@ class Comparison:
     def names(self) -> list[str]:
         """The models' names, in order."""
         return list(self.models.index)
+
+    @property
+    def resampled(self) -> bool:
+        """Whether the patch grids differ (the final maps were area-averaged onto :attr:`grid`)."""
+        return self.models["grid"].nunique() > 1
+
+    @property
+    def unshared(self) -> list[tuple[str, str]]:
+        """The pairs of outputs that share no sample key."""
+        shared = set(self.agreement_summary.index)
+        return [pair for pair in itertools.combinations(self.names, 2) if pair not in shared]
 
 
 def relative_depth(block: pd.Series | np.ndarray | int, blocks: int) -> pd.Series | np.ndarray | float:
@@ -349,7 +369,7 @@ def _agreement(results: dict[str, Results], grid: tuple[int, int], notes: list[s
     for a, b in itertools.combinations(results, 2):
         shared = keys[a].index.intersection(keys[b].index).sort_values()
         if not len(shared):
-            notes.append(f"{a} and {b} share no sample key: only their dataset-level tables are compared")
+            notes.append(UNSHARED_NOTE.format(a, b))
             continue
         left = maps[a][1][maps[a][0].get_indexer(shared)]
         right = maps[b][1][maps[b][0].get_indexer(shared)]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.compare import Comparison
+from pipeline.compare import UNSHARED_NOTE, Comparison
 from pipeline.errors import PipelineError
 from pipeline.store.schemas import BLOCKS
 from pipeline.summaries import RANKING_IOU
@@ -125,7 +125,7 @@ def _outputs(comparison: Comparison, jobs: list[dict | None]) -> str:
             "the outputs preprocess differently: their maps cover different windows of the images ('crop' is the "
             "centre crop, 'resize' the whole image); agreement compares them patch by patch all the same"
         )
-    if not any("grids differ" in note for note in notes):
+    if not comparison.resampled:
         notes.append(f"every output has the {comparison.models['grid'].iloc[0]} patch grid: no map is resampled")
     listed = "".join(f"<li>{escape(note)}</li>" for note in notes)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -200,17 +200,17 @@ def _histogram(agreement: pd.DataFrame, column: str, bins: np.ndarray, title: st
 def _agreement(comparison: Comparison, count: int, size: int, names: dict[int, str], progress: bool) -> str:
     parts = ["<h2>Agreement of the final maps</h2>"]
     agreement = comparison.agreement
-    unshared = [note for note in comparison.notes if "share no sample key" in note]
+    unshared = [_note(escape(UNSHARED_NOTE.format(*pair))) for pair in comparison.unshared]
     if agreement.empty:
-        return "".join([*parts, _note(escape(unshared[0] if unshared else "The outputs share no sample key."))])
+        return "".join([*parts, *unshared])
     parts += [
         _note(
             "On the samples two outputs share (ok in both, matched by key): the IoU of the top-20% patches of their "
             "final maps D_L and the rank (Spearman) correlation of all their patches, on the common "
             f"{comparison.grid[0]}x{comparison.grid[1]} grid"
-            + (" (finer maps area-averaged onto it)." if any("grids differ" in n for n in comparison.notes) else ".")
+            + (" (finer maps area-averaged onto it)." if comparison.resampled else ".")
         ),
-        *(_note(escape(note)) for note in unshared),
+        *unshared,
         _table(comparison.agreement_summary.reset_index().set_index("model")),
         '<div class="charts">',
         _histogram(agreement, "top20_iou", _IOU_BINS, "top-20% IoU of the final maps"),
