@@ -24,7 +24,7 @@ from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
 from matplotlib.transforms import ScaledTranslation
 
-__all__ = ["PALETTE", "Bars", "BlockAxis", "Line", "bar_chart", "line_chart"]
+__all__ = ["PALETTE", "Bars", "Line", "bar_chart", "line_chart"]
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 _PX_PER_INCH = 96  # the SVG's size is in points: a figure of w/96 inches shows w CSS pixels wide
@@ -61,15 +61,6 @@ class Line:
 
 
 @dataclass(frozen=True)
-class BlockAxis:
-    """An axis above a chart on relative depth: the blocks ``0 .. blocks - 1`` of one model, each at its depth
-    ``(block + 1) / blocks``, so models of different depth share the x axis and keep their block numbers."""
-
-    name: str
-    blocks: int
-
-
-@dataclass(frozen=True)
 class Bars:
     """One group of a bar chart: a value per category."""
 
@@ -86,7 +77,7 @@ def line_chart(
     ylabel: str,
     width: int = 340,
     height: int = 220,
-    block_axes: Sequence[BlockAxis] = (),
+    block_axes: Sequence[int] = (),
 ) -> str:
     """Lines over a shared ``x`` with optional bands; NaN values leave gaps.
 
@@ -99,8 +90,10 @@ def line_chart(
         ylabel: y axis label.
         width: Width in CSS pixels.
         height: Height in CSS pixels, without the legend and the block axes.
-        block_axes: For a chart over relative depth (x in (0, 1]): one axis of block numbers per model above the
-            chart, coloured in :data:`PALETTE` order like the lines (pass them in the lines' order).
+        block_axes: For a chart over relative depth (x in (0, 1]), the number of blocks L of each model, in the
+            lines' order: one axis per model above the chart, in its line's colour, numbering its blocks
+            ``0 .. L - 1`` at their depths ``(block + 1) / L``, so models of different depth share the x axis and
+            keep their block numbers.
 
     Returns:
         An ``<svg>`` element, its title in ``aria-label``.
@@ -116,7 +109,7 @@ def line_chart(
         )
         for line in lines
     ]
-    axes = [(axis.name, axis.blocks) for axis in block_axes]
+    axes = [int(blocks) for blocks in block_axes]
 
     def draw(ax: Axes) -> None:
         for i, (name, y, low, high, at) in enumerate(series):
@@ -128,7 +121,7 @@ def line_chart(
         ax.set_xticks(xs[::step], [f"{v:g}" for v in xs[::step]])
         if axes:
             ax.set_xlim(0.0, 1.03)
-        for i, (_, blocks) in enumerate(axes):
+        for i, blocks in enumerate(axes):
             _block_axis(ax, blocks, PALETTE[i % len(PALETTE)], offset_px=i * _BLOCK_AXIS_PX)
 
     content = (xs, series, axes)

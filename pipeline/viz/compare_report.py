@@ -25,7 +25,7 @@ from pipeline.compare import UNSHARED_NOTE, Comparison
 from pipeline.errors import PipelineError
 from pipeline.store.schemas import BLOCKS
 from pipeline.summaries import RANKING_IOU
-from pipeline.viz.charts import Bars, BlockAxis, Line, bar_chart, line_chart
+from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
 from pipeline.viz.render import iter_flows
 from pipeline.viz.report import _STYLE, _class_name, _metric_descriptions, _png, _table
 from pipeline.viz.source import ClassNames, read_job, resolve_class_names
@@ -95,7 +95,7 @@ def _note(text: str) -> str:
 
 def _depth_lines(
     comparison: Comparison, table: pd.DataFrame, y: str, band: tuple[str, str] | None = None
-) -> tuple[list[Line], list[BlockAxis]]:
+) -> tuple[list[Line], list[int]]:
     """One line per model of a table indexed by ``(model, block)`` with a ``depth`` column, and its block axes."""
     lines, axes = [], []
     for name, blocks in comparison.models["blocks"].items():
@@ -104,7 +104,7 @@ def _depth_lines(
         rows = table.loc[name]
         low, high = (rows[band[0]], rows[band[1]]) if band else (None, None)
         lines.append(Line(f"{name} (L={blocks})", rows[y], low, high, x=rows["depth"]))
-        axes.append(BlockAxis(name, int(blocks)))
+        axes.append(int(blocks))
     return lines, axes
 
 
