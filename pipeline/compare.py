@@ -9,11 +9,10 @@ decision settles, and where the models agree on the samples they share.
 - The *settle block* of a sample is the project's one definition (:func:`pipeline.summaries.first_stable_block`
   over ``daam_iou_final`` at :data:`pipeline.summaries.RANKING_IOU`, as ``summary`` and the report use it): the
   first block from which the top-20% patches of D_l stay within IoU 0.9 of the final map's.
-- *Agreement* of two models on a sample compares their final maps D_L: the IoU of their top-20% patches and the
-  rank (Spearman) correlation of their patches (:func:`pipeline.stats.top_iou`,
-  :func:`pipeline.stats.rank_correlation`). Samples are matched by key (ok samples whose key is unique in each
-  output). When the patch grids differ, every final map is first area-averaged onto the common grid, the smallest
-  height and width among the outputs.
+- *Agreement* of two models on a sample compares their final maps D_{L-1}: the IoU of their top-20% patches and the
+  rank (Spearman) correlation of their patches (:func:`pipeline.stats.top_iou`, :func:`pipeline.sanity.spearman`).
+  Samples are matched by key (ok samples whose key is unique in each output). When the patch grids differ, every
+  final map is first area-averaged onto the common grid, the smallest height and width among the outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, StoreError
-from pipeline.stats import STATISTICS, rank_correlation, top_iou
+from pipeline.sanity import spearman
+from pipeline.stats import STATISTICS, top_iou
 from pipeline.store.output import OutputLike
 from pipeline.store.results import Results, open_results
 from pipeline.summaries import RANKING_IOU, first_stable_block, label_accuracy, ranking_reached, summarise
@@ -312,9 +312,9 @@ def _class_differences(classes: pd.DataFrame, names: Sequence[str]) -> pd.DataFr
 
 
 def final_maps(results: Results, keys: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """The final accumulated maps D_L of the ok samples with these keys, read unit by unit (``iter_units``).
+    """The final accumulated maps D_{L-1} of the ok samples with these keys, read unit by unit (``iter_units``).
 
-    D_L is the stored ``daam[L - 1]``, or the sum of the stored block maps where the output keeps no ``daam``.
+    D_{L-1} is the stored ``daam[L - 1]``, or the sum of the stored block maps where the output keeps no ``daam``.
 
     Returns:
         The keys found, in unit and row order, and their ``(n, h, w)`` float32 maps.
@@ -378,7 +378,7 @@ def _agreement(results: dict[str, Results], grid: tuple[int, int], notes: list[s
                 "unit": keys[a].loc[shared, "unit"].to_numpy(),
                 "other_unit": keys[b].loc[shared, "unit"].to_numpy(),
                 "top20_iou": top_iou(left, right).numpy().astype(float),
-                "rank_correlation": rank_correlation(left, right).numpy().astype(float),
+                "rank_correlation": spearman(left.flatten(1), right.flatten(1)).numpy().astype(float),
             },
             index=shared.rename("key"),
         )

@@ -206,7 +206,7 @@ def _agreement(comparison: Comparison, count: int, size: int, names: dict[int, s
     parts += [
         _note(
             "On the samples two outputs share (ok in both, matched by key): the IoU of the top-20% patches of their "
-            "final maps D_L and the rank (Spearman) correlation of all their patches, on the common "
+            "final maps D_{L-1} and the rank (Spearman) correlation of all their patches, on the common "
             f"{comparison.grid[0]}x{comparison.grid[1]} grid"
             + (" (finer maps area-averaged onto it)." if comparison.resampled else ".")
         ),
