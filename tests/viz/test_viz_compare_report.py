@@ -12,7 +12,7 @@ from browser import CHROMIUM, Chromium
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.compare import UNSHARED_NOTE, compare, comparison_tables
+from pipeline.compare import CURVE_STATISTICS, UNSHARED_NOTE, compare, comparison_tables
 from pipeline.viz.compare_report import compare_report
 
 SECTIONS = [
@@ -23,12 +23,13 @@ SECTIONS = [
     "Per class",
     "Evaluation metrics",
 ]
-CURVE_CHARTS = 15  # the 5 statistics of M_l, 8 of D_l and 2 of c_l the tiny outputs have values of
+CURVE_CHARTS = 21  # every statistic of CURVE_STATISTICS: the tiny outputs have boxes and masks
 
 
 @pytest.fixture(scope="module")
 def compare_page(crop_output, other_output, tmp_path_factory) -> Path:
     comparison = compare(crop_output, other_output, names=["deep", "fine"])
+    assert comparison.curves.index.unique("statistic").tolist() == list(CURVE_STATISTICS)
     return compare_report(comparison, tmp_path_factory.mktemp("compare") / "c.html", disagreements=2, progress=False)
 
 
