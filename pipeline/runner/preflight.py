@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import JobConfig, expand_shards, is_url
-from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError, raise_all
+from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError, StoreError, one_line, raise_all
 from pipeline.store.output import job_output
 from pipeline.store.units import unit_name
 
-__all__ = ["CheckedJob", "preflight"]
+__all__ = ["CheckedJob", "check_shards", "check_worker_inputs", "preflight"]
 
 _log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class CheckedJob:
 
 
 def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
-    """Check a job before running it: shards, output, model, checkpoint, labels and bank.
+    """Check a job before running it: output, shards, model, checkpoint, labels and bank.
 
     Every check runs, so one run of ``validate`` lists every problem found (a check that needs what an earlier one
     found missing is left out: the labels of shards that do not exist).
@@ -46,6 +46,57 @@ def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
             several.
     """
     problems: list[PipelineError] = []
+    checked = check_shards(job, problems)
+    check_worker_inputs(job, checked, model=model, problems=problems)
+    raise_all(problems, f"job {job.name}")
+    return checked
+
+
+def check_shards(job: JobConfig, problems: list[PipelineError] | None = None) -> CheckedJob:
+    """The cheap half of :func:`preflight`, before anything is written: the output location (its bucket) and the
+    shards.
+
+    Args:
+        job: The validated job.
+        problems: Where the problems found go; None: they are raised at the end (:func:`~pipeline.errors.raise_all`).
+
+    Raises:
+        PipelineError: an output location that cannot be opened, shards that are missing or share a unit name.
+    """
+    found: list[PipelineError] = [] if problems is None else problems
+    check = _collecting(found)
+    check(lambda: _check_output(job))
+    urls = check(lambda: _check_shards(job.shard_urls(), "data.shards")) or []
+    bank_urls = []
+    if job.mode == "self-supervised" and job.bank.shards is not None:
+        bank_urls = check(lambda: _check_shards(expand_shards(job.bank.shards, "bank.shards"), "bank.shards")) or []
+    if problems is None:
+        raise_all(found, f"job {job.name}")
+    return CheckedJob(urls, bank_urls)
+
+
+def check_worker_inputs(
+    job: JobConfig, checked: CheckedJob, *, model: bool = True, problems: list[PipelineError] | None = None
+) -> None:
+    """The other half, under the driver's lease: the model (built on the CPU, checkpoint loaded), labels and bank.
+
+    Args:
+        problems: As for :func:`check_shards`.
+
+    Raises:
+        PipelineError: the problems found, naming the file or field.
+    """
+    found: list[PipelineError] = [] if problems is None else problems
+    if model:
+        _check_model(job, found)
+    if job.target == "label" and checked.urls:
+        _collecting(found)(lambda: _check_labels(checked.urls[0]))
+    if problems is None:
+        raise_all(found, f"job {job.name}")
+
+
+def _collecting(problems: list[PipelineError]) -> Callable[[Callable[[], Any]], Any]:
+    """A runner of checks that appends what a check raises to ``problems`` (and gives None) instead of raising."""
 
     def check(what: Callable[[], Any]) -> Any:
         try:
@@ -54,17 +105,23 @@ def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
             problems.append(e)
             return None
 
-    check(lambda: job_output(job))
-    urls = check(lambda: _check_shards(job.shard_urls(), "data.shards")) or []
-    bank_urls = []
-    if job.mode == "self-supervised" and job.bank.shards is not None:
-        bank_urls = check(lambda: _check_shards(expand_shards(job.bank.shards, "bank.shards"), "bank.shards")) or []
-    if model:
-        _check_model(job, problems)
-    if job.target == "label" and urls:
-        check(lambda: _check_labels(urls[0]))
-    raise_all(problems, f"job {job.name}")
-    return CheckedJob(urls, bank_urls)
+    return check
+
+
+def _check_output(job: JobConfig) -> None:
+    """An output on an object store goes into a bucket that exists: writing creates no bucket."""
+    output = job_output(job)
+    if output.bucket is None:
+        return
+    try:
+        found = output.fs.exists(output.bucket)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"output.path: cannot reach {job.output.path}: {one_line(e)}") from None
+    if not found:
+        raise StoreError(
+            f"output.path: the bucket {output.bucket!r} of {job.output.path} does not exist (or cannot be reached "
+            "with output.storage_options); create it first"
+        )
 
 
 def _check_shards(urls: list[str], field: str) -> list[str]:
@@ -107,27 +164,21 @@ def _check_model(job: JobConfig, problems: list[PipelineError]) -> None:
 
     spec = job.model
     found = len(problems)
-    try:
-        check_model_source(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint)
-    except PipelineError as e:
-        problems.append(e)
+    check = _collecting(problems)
+    check(lambda: check_model_source(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint))
     if not known_model(spec.name):
         return  # nothing to build
-    try:
-        model = create_job_model(spec, weights=len(problems) == found)
-    except PipelineError as e:
-        problems.append(e)
-        model = create_job_model(spec, weights=False)  # the checkpoint does not fit: check the rest without it
-    try:
+    model = check(lambda: create_job_model(spec, weights=len(problems) == found))
+    if model is None:  # the checkpoint does not fit: check the rest without it
+        model = create_job_model(spec, weights=False)
+
+    def explainable() -> None:
         size = Preprocess.from_data_config(model_data_config(model), job.data.preprocess).size
         ExplainStage(job, model, torch.device("cpu"), size).close()  # [class] token, attention, explainers, grid
-    except PipelineError as e:
-        problems.append(e)
+
+    check(explainable)
     if job.mode == "self-supervised" and job.bank.shards is None:
-        try:
-            check_bank(job, model.num_features)
-        except PipelineError as e:
-            problems.append(e)
+        check(lambda: check_bank(job, model.num_features))
 
 
 def _check_labels(url: str) -> None:
