@@ -158,20 +158,25 @@ EXPLAINER_STATISTICS: tuple[str, ...] = (*_MAP_STATISTICS, "cos_final", "iou_fin
 
 
 @torch.no_grad()
-def explainer_statistics(maps: Tensor, box_mask: Tensor | None = None) -> dict[str, Tensor]:
-    """The blocks-table statistics of a comparison explainer's per-block maps (rollout, raw attention).
+def explainer_statistics(
+    maps: Tensor, box_mask: Tensor | None = None, final: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The blocks-table statistics of a comparison explainer's per-block maps (rollout, raw attention, GAE, LRP).
 
-    The same formulas as D_l's in :func:`block_statistics`, with the explainer's last map as the final one.
+    The same formulas as D_l's in :func:`block_statistics`, with the explainer's last map as the final one unless
+    ``final`` is given.
 
     Args:
-        maps: ``(B, L, h, w)`` per-block maps of the explainer.
+        maps: ``(B, L, h, w)`` non-negative per-block maps of the explainer.
         box_mask: ``(B, h, w)`` or None.
+        final: ``(B, h, w)`` the final map when it is not the last block's (the LRP explainers' input map).
 
     Returns:
         The values named in :data:`EXPLAINER_STATISTICS`, each ``(B, L)``.
     """
     stats = _map_statistics(maps, box_mask, "")
-    stats |= {name.removeprefix("daam_"): value for name, value in _accumulation_statistics(maps).items()}
+    accumulation = _accumulation_statistics(maps, final)
+    stats |= {name.removeprefix("daam_"): value for name, value in accumulation.items()}
     return {name: stats[name] for name in EXPLAINER_STATISTICS}
 
 
@@ -205,20 +210,25 @@ def _map_statistics(maps: Tensor, box_mask: Tensor | None, prefix: str) -> dict[
     return {prefix + name: value for name, value in values.items()}
 
 
-def _accumulation_statistics(daam: Tensor) -> dict[str, Tensor]:
+def _accumulation_statistics(daam: Tensor, final_map: Tensor | None = None) -> dict[str, Tensor]:
     flat = daam.float().flatten(-2)  # (B, L, n)
-    final = flat[:, -1:]
+    final = flat[:, -1:] if final_map is None else final_map.float().flatten(-2)[:, None]
     mass = flat.sum(-1)
     cos = (flat * final).sum(-1) / (flat.norm(dim=-1) * final.norm(dim=-1))  # 0/0 = NaN for all-zero maps
     k = math.ceil(IOU_FRACTION * flat.shape[-1])
-    top = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k, dim=-1).indices, True)
-    top_final = top[:, -1:]
+    top = _top(flat, k)
+    top_final = top[:, -1:] if final_map is None else _top(final, k)
     iou = (top & top_final).sum(-1).float() / (top | top_final).sum(-1).float()
-    iou = iou.masked_fill((mass == 0) | (mass[:, -1:] == 0), math.nan)
+    iou = iou.masked_fill((mass == 0) | (final.sum(-1) == 0), math.nan)
     p = flat / mass[..., None]
     change = (p[:, 1:] - p[:, :-1]).abs().sum(-1)
     change = torch.cat([torch.full_like(mass[:, :1], math.nan), change], dim=1)
     return {"daam_cos_final": cos, "daam_iou_final": iou, "daam_change": change}
+
+
+def _top(flat: Tensor, k: int) -> Tensor:
+    """Where the ``k`` largest values of each row of ``flat`` are."""
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k, dim=-1).indices, True)
 
 
 def _broadcast_mask(box_mask: Tensor, maps: Tensor) -> Tensor:

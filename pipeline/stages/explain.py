@@ -12,10 +12,9 @@ from torch import Tensor, nn
 
 from pipeline.config import JobConfig
 from pipeline.data.decode import DecodedSample
-from pipeline.engine.baselines import Baselines
 from pipeline.engine.daam import DAAM, DAAMResult
+from pipeline.engine.explainers import Explainers
 from pipeline.evaluate import evaluate_batch
-from pipeline.names import PER_BLOCK_EXPLAINERS
 from pipeline.stages.bank import load_bank
 from pipeline.stages.base import compute_dtype, failed_rows
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
@@ -33,7 +32,7 @@ class ExplainedBatch:
 
     Attributes:
         arrays: The stored arrays by name: ``block_maps`` and ``daam`` ``(B, L, h, w)``, ``coefficients``
-            ``(B, L, C)``; per-block comparison explainers ``(B, L, h, w)``, ``gradcam`` ``(B, h, w)``; already
+            ``(B, L, C)``; the comparison explainers' arrays (:data:`pipeline.names.EXPLAINER_ARRAYS`); already
             rounded to the storage precision (``output.dtype``), on the device.
         predicted: ``(B,)`` predicted (or k-NN voted) class; -1 where there is none (a label-free bank).
         score: ``(B,)`` its softmax probability (or vote share); NaN where there is none.
@@ -119,7 +118,7 @@ class ExplainStage:
         self.device = device
         self.input_size = input_size
         self.daam = DAAM(model, autocast_dtype=compute_dtype(job.dtype)).open()
-        self.baselines = Baselines(self.daam, job.comparison_explainers) if job.comparison_explainers else None
+        self.explainers = Explainers(self.daam, job.comparison_explainers) if job.comparison_explainers else None
         self.layout = MapLayout(
             model=job.model.name,
             n_blocks=self.daam.num_blocks,
@@ -163,15 +162,13 @@ class ExplainStage:
         if any(s.boxes is not None and len(s.boxes) for s in samples):
             boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
             box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
-        explainer_maps = self.baselines.maps() if self.baselines else {}
-        final_maps = {}  # each explainer's map, (B, h, w)
-        explainer_stats = {}
-        for name, maps in explainer_maps.items():
-            if name in PER_BLOCK_EXPLAINERS:
-                explainer_stats[name] = explainer_statistics(maps, box_mask)
-                final_maps[name] = maps[:, -1]
-            else:
-                final_maps[name] = maps[:, 0]
+        explained = self.explainers.explain(images, result) if self.explainers else {}
+        final_maps = {name: maps.final for name, maps in explained.items()}  # each explainer's map, (B, h, w)
+        explainer_stats = {
+            name: explainer_statistics(maps.blocks, box_mask, final=maps.final if maps.top_down else None)
+            for name, maps in explained.items()
+            if maps.blocks is not None
+        }
         evaluation = {}
         if self.job.evaluate is not None:
             evaluation = evaluate_batch(
@@ -189,10 +186,7 @@ class ExplainStage:
             "block_maps": result.block_maps,
             "daam": result.daam,
             "coefficients": result.coefficients,
-            **{
-                name: maps if name in PER_BLOCK_EXPLAINERS else final_maps[name]
-                for name, maps in explainer_maps.items()
-            },
+            **{array: values for maps in explained.values() for array, values in maps.arrays.items()},
         }
         bits = significant_bits(self.job.output.dtype)
         stored = {name: computed[name] for name in self.job.store_options.arrays}
@@ -228,6 +222,6 @@ class ExplainStage:
         return result, none, torch.full((len(samples),), float("nan"), device=self.device)
 
     def close(self) -> None:
-        if self.baselines is not None:
-            self.baselines.remove()
+        if self.explainers is not None:
+            self.explainers.remove()
         self.daam.close()
