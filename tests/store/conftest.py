@@ -39,6 +39,8 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
         "attention": block_maps / 3,
         "gae": block_maps / 5,
         "gradcam": block_maps[:, -1],
+        "attnlrp": block_maps - 0.5,  # LRP relevance is signed
+        "attnlrp_input": block_maps[:, 0] - 0.5,
     }
     return {"keys": keys, "arrays": arrays, "columns": columns, "block_stats": stats}
 

@@ -68,7 +68,7 @@ def resize_output(viz_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def explainers_output(viz_shards, tmp_path_factory) -> Path:
-    """A supervised output with every comparison explainer (rollout, attention and gae per block, gradcam one map)
-    and an evaluation table."""
-    explainers = ["daam", "rollout", "attention", "gradcam", "gae"]
+    """A supervised output with every comparison explainer (rollout, attention, gae, attnlrp and cplrp per block,
+    gradcam one map) and an evaluation table."""
+    explainers = ["daam", "rollout", "attention", "gradcam", "gae", "attnlrp", "cplrp"]
     return _run(tmp_path_factory.mktemp("viz_explainers"), viz_shards, explainers=explainers, evaluate={"steps": 4})

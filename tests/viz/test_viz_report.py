@@ -228,7 +228,7 @@ def test_the_explainers_report_shows_every_explainers_curves_in_chromium(explain
     assert "Per-block statistics by explainer" in facts["headings"]
     assert len(facts["charts"]) == 3 * len(CURVES) + 3  # D_l's curves three ways, one per statistic by explainer
     labels = browser_labels(page.read_text(), "Per-block statistics by explainer")
-    assert labels == [["DAAM", "attention", "gae", "rollout"]] * len(CURVES)
+    assert labels == [["DAAM", "attention", "attnlrp", "cplrp", "gae", "rollout"]] * len(CURVES)
 
 
 def browser_labels(html: str, heading: str) -> list[list[str]]:

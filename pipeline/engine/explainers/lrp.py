@@ -39,7 +39,7 @@ from pipeline.engine.explainers.base import Explainer, ExplainerMaps
 from pipeline.errors import UnsupportedModelError
 from pipeline.names import EXPLAINER_ARRAYS
 
-__all__ = ["CPLRP", "LRP", "QKV_GRADIENT", "AttnLRP", "Relevance", "relevance", "relevance_rules"]
+__all__ = ["CPLRP", "LRP", "QKV_GRADIENT", "AttnLRP", "RelevanceTaps", "relevance", "relevance_rules"]
 
 QKV_GRADIENT = {"attnlrp": (0.25, 0.25, 0.5), "cplrp": (0.0, 0.0, 1.0)}
 """The share of the gradient the q, k and v thirds of ``attn.qkv``'s output pass on, by rule set."""
@@ -116,7 +116,7 @@ def _qkv_rule(qkv: nn.Linear, factors: tuple[float, float, float]) -> Callable[[
 
 
 @dataclass
-class Relevance:
+class RelevanceTaps:
     """What the swapped forwards tap during one pass: the tensors whose relevance is read."""
 
     embedding: Tensor | None = None  # the patch embedding's output, a leaf of the pass's graph
@@ -141,7 +141,7 @@ def _check_rules_apply(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def relevance_rules(model: nn.Module, qkv_gradient: tuple[float, float, float]) -> Iterator[Relevance]:
+def relevance_rules(model: nn.Module, qkv_gradient: tuple[float, float, float]) -> Iterator[RelevanceTaps]:
     """The LRP rules on ``model`` for the passes run inside the context, by swapping forwards per module instance.
 
     Nothing global changes: each swapped module gets its own ``forward`` attribute, removed on exit (also on an
@@ -160,7 +160,7 @@ def relevance_rules(model: nn.Module, qkv_gradient: tuple[float, float, float]) 
         UnsupportedModelError: a norm other than LayerNorm or an MLP other than timm's Mlp.
     """
     _check_rules_apply(model)
-    taps = Relevance()
+    taps = RelevanceTaps()
     swapped: list[tuple[nn.Module, Callable | None]] = []  # module, its own forward attribute before (or None)
 
     def swap(module: nn.Module, forward: Callable) -> None:
@@ -230,10 +230,22 @@ def relevance(
                 score = _wide(model.forward_head(features).gather(1, target[:, None])).sum()
             else:
                 score = (_wide(model.forward_head(features, pre_logits=True)) * weights).sum()
-        inputs = [taps.embedding, *taps.block_inputs]
-        grads = torch.autograd.grad(score, inputs)
-        per_token = [(_wide(x) * _wide(g)).sum(dim=-1).flatten(1) for x, g in zip(inputs, grads, strict=True)]
-    return torch.stack(per_token[1:], dim=1).detach(), per_token[0].detach()
+        blocks: list[Tensor | None] = [None] * len(taps.block_inputs)
+        for i, x in enumerate(taps.block_inputs):  # read as the backward pass goes: one (B, N, C) gradient at a time
+            x.register_hook(partial(_read_relevance, blocks, i, x))
+        (grad,) = torch.autograd.grad(score, taps.embedding)
+        embedding = _token_relevance(taps.embedding, grad).flatten(1)
+    return torch.stack(blocks, dim=1), embedding
+
+
+def _token_relevance(x: Tensor, grad: Tensor) -> Tensor:
+    """sum_c x[..., c] * grad[..., c], outside autograd."""
+    with torch.no_grad():
+        return (_wide(x) * _wide(grad)).sum(dim=-1)
+
+
+def _read_relevance(blocks: list[Tensor | None], i: int, x: Tensor, grad: Tensor) -> None:
+    blocks[i] = _token_relevance(x, grad)
 
 
 class LRP(Explainer):
