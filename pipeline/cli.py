@@ -316,7 +316,7 @@ def bank() -> None:
 def bank_import(features, labels, out, k, temperature, overwrite) -> None:
     """Turn a feature dump into a bank at OUT (a job's bank.path): FEATURES (M, D) and LABELS (M,) as torch files
     (DINO's eval_knn.py --dump_features: trainfeat.pth, trainlabels.pth) or .npy files."""
-    from pipeline.store.features import import_feature_dump
+    from pipeline.store.bank import import_feature_dump
 
     built = import_feature_dump(features, labels, out, k=k, temperature=temperature, overwrite=overwrite)
     labelled = f"{built.num_classes} classes" if built.num_classes else "no labels"

@@ -32,6 +32,7 @@ from pipeline.names import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "BankConfig",
     "DataConfig",
     "ErrorPolicy",
@@ -53,6 +54,9 @@ def is_url(path: str) -> bool:
     """Whether a shard or output location is a URL (fsspec's ``proto://`` or WebDataset's ``pipe:``)."""
     return "://" in path or path.startswith("pipe:")
 
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""PIL's ``Image.MAX_IMAGE_PIXELS``: larger images are refused as decompression bombs (``data.max_pixels``)."""
 
 PACKAGE_PREFIX = "package:"
 """Input paths of shipped jobs start with it: ``package:demo/assets/...`` is a file of the installed package."""
@@ -139,7 +143,7 @@ class DataConfig(_Section):
         description="pil: PIL in decode_threads threads; torchvision: JPEGs decoded in batches on the worker's "
         "device (nvjpeg on a GPU), other files through PIL",
     )
-    max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused as bombs")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are refused as bombs")
     prefetch_batches: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
         description="batches read and decoded ahead in a background thread; auto: 2 on a GPU, 0 on the CPU (where "
@@ -162,7 +166,7 @@ class BankConfig(_Section):
     path: str | None = Field(
         None,
         description="bank location: written by the bank stage (default OUTPUT/bank.zarr), or an existing bank "
-        "(MemoryBank.to_zarr, `daam-pipeline bank import`) when bank.shards is not given",
+        "(pipeline.store.bank.write_bank, `daam-pipeline bank import`) when bank.shards is not given",
     )
     k: int = Field(20, ge=1)
     temperature: float = Field(0.07, gt=0)
@@ -333,7 +337,7 @@ class JobConfig(_Section):
 
     @field_validator("explainers")
     @classmethod
-    def _daam_first(cls, value: list[str]) -> list[str]:
+    def _daam_once(cls, value: list[str]) -> list[str]:
         if "daam" not in value:
             raise ValueError("must include 'daam'")
         if len(set(value)) != len(value):

@@ -12,7 +12,7 @@ import io
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.config import DEFAULT_MAX_PIXELS
 from pipeline.data.stream import RawSample
 from pipeline.errors import ConfigError, DecodeError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DecodedBatch",
     "DecodedSample",
     "Preprocess",
     "batches",
@@ -35,7 +37,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 DEFAULT_CROP_PCT = 0.875  # timm's default when a data config has none
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -380,41 +381,55 @@ def decode_stream(
         raise failure
 
 
-def batches(
-    decoded: Iterable[DecodedSample],
-    batch_size: int,
-    *,
-    on_error: Callable[[DecodedSample], None],
-) -> Iterator[tuple[torch.Tensor, list[DecodedSample]]]:
+@dataclass
+class DecodedBatch:
+    """Good samples collated for the model, and the samples that failed since the batch before.
+
+    Attributes:
+        pixels: uint8 ``(b, 3, H, W)`` model-input pixels of ``samples``; None when the batch holds failed samples
+            only (the shard's end, or a long run of failures).
+        samples: The ``b`` good samples, one per row of ``pixels``.
+        failed: Samples that failed (decoding, or rejected by a stage) since the batch before, in shard order.
+    """
+
+    pixels: torch.Tensor | None
+    samples: list[DecodedSample]
+    failed: list[DecodedSample]
+
+
+def batches(decoded: Iterable[DecodedSample], batch_size: int) -> Iterator[DecodedBatch]:
     """Collate decoded samples into batches of ``batch_size`` good samples (the last may be smaller).
 
-    Batches hold good samples only, so every batch but the last has the same shape. Failed samples go to
-    ``on_error`` as they arrive, before the batch that follows them. When ``decoded`` raises, the partial batch
-    comes out first, then the error is re-raised.
+    Batches hold good samples only, so every batch but the last has the same shape; each batch carries the samples
+    that failed since the batch before; a batch of failed samples only comes out when ``batch_size`` of them wait
+    with no good sample, or at the stream's end. When ``decoded`` raises, the partial batch comes out first, then
+    the error is re-raised.
 
     Args:
         decoded: Decoded samples, e.g. :func:`decode_stream`.
         batch_size: Good samples per batch.
-        on_error: Called with each failed sample (e.g. ``failed.append``).
-
-    Yields:
-        (uint8 (b, 3, H, W) pixels, the b samples of its rows).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     group: list[DecodedSample] = []
+    failed: list[DecodedSample] = []
+
+    def collate() -> DecodedBatch:
+        pixels = torch.stack([s.pixels for s in group]) if group else None
+        return DecodedBatch(pixels, group, failed)
+
     try:
         for sample in decoded:
             if sample.error is not None:
-                on_error(sample)
-                continue
-            group.append(sample)
-            if len(group) == batch_size:
-                yield torch.stack([s.pixels for s in group]), group
-                group = []
+                failed.append(sample)
+            else:
+                group.append(sample)
+            if len(group) == batch_size or (not group and len(failed) == batch_size):
+                yield collate()
+                group, failed = [], []
     except Exception:
-        if group:
-            yield torch.stack([s.pixels for s in group]), group
+        if group or failed:
+            yield collate()
         raise
-    if group:
-        yield torch.stack([s.pixels for s in group]), group
+    if group or failed:
+        yield collate()

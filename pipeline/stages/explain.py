@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -15,87 +13,14 @@ from pipeline.data.decode import DecodedSample
 from pipeline.engine.daam import DAAM, DAAMResult
 from pipeline.engine.explainers import Explainers
 from pipeline.evaluate import evaluate_batch
-from pipeline.stages.bank import load_bank
-from pipeline.stages.base import compute_dtype, failed_rows
+from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
-from pipeline.store.output import Output, job_output
-from pipeline.store.unit_writer import UnitWriter
-from pipeline.store.units import EXPLAIN_PARTS
+from pipeline.store.bank import load_bank
+from pipeline.store.output import job_output
+from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
 from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
 
-__all__ = ["ExplainStage", "ExplainedBatch"]
-
-
-@dataclass(frozen=True)
-class ExplainedBatch:
-    """Everything a unit stores of one batch of B samples, on one device.
-
-    Attributes:
-        arrays: The stored arrays by name: ``block_maps`` and ``daam`` ``(B, L, h, w)``, ``coefficients``
-            ``(B, L, C)``; the comparison explainers' arrays (:data:`pipeline.names.EXPLAINER_ARRAYS`); already
-            rounded to the storage precision (``output.dtype``), on the device.
-        predicted: ``(B,)`` predicted (or k-NN voted) class; -1 where there is none (a label-free bank).
-        score: ``(B,)`` its softmax probability (or vote share); NaN where there is none.
-        target: ``(B,)`` explained class, None in self-supervised mode.
-        block_stats: ``{statistic: (B, L)}`` of DAAM (:func:`pipeline.stats.block_statistics`).
-        explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of the per-block comparison explainers.
-        evaluation: ``{method: {metric: (B,)}}`` when the job evaluates, else empty.
-    """
-
-    arrays: dict[str, Tensor]
-    predicted: Tensor
-    score: Tensor
-    target: Tensor | None
-    block_stats: dict[str, Tensor]
-    explainer_block_stats: dict[str, dict[str, Tensor]]
-    evaluation: dict[str, dict[str, Tensor]]
-
-
-class ExplainSink:
-    """One unit of the explain stage: the store's writer, and the unit's own random stream for reference maps."""
-
-    def __init__(self, writer: UnitWriter, generator: torch.Generator | None) -> None:
-        self.writer = writer
-        self.generator = generator
-
-    @property
-    def ok(self) -> int:
-        return self.writer.ok
-
-    @property
-    def failed(self) -> int:
-        return self.writer.failed
-
-    def write(self, samples: Sequence[DecodedSample], result: ExplainedBatch) -> None:
-        predicted, score = result.predicted.numpy(), result.score.numpy()
-        columns = {
-            "label": [s.label for s in samples],
-            "predicted": [int(p) if p >= 0 else None for p in predicted],
-            "score": [None if np.isnan(v) else float(v) for v in score],
-            "target": result.target.tolist() if result.target is not None else [None] * len(samples),
-            "width": [s.size[0] if s.size else None for s in samples],
-            "height": [s.size[1] if s.size else None for s in samples],
-            "n_boxes": [len(s.boxes) if s.boxes is not None else 0 for s in samples],
-        }
-        self.writer.write_batch(
-            [s.key for s in samples],
-            _numpy(result.arrays),
-            columns,
-            _numpy(result.block_stats),
-            {name: _numpy(stats) for name, stats in result.explainer_block_stats.items()},
-            {method: _numpy(metrics) for method, metrics in result.evaluation.items()},
-            rounded=True,  # on the device, by ExplainStage.compute
-        )
-
-    def write_failed(self, samples: Sequence[DecodedSample]) -> None:
-        self.writer.write_failed(failed_rows(samples))
-
-    def commit(self, summary: dict, *, incomplete: str | None = None) -> dict:
-        return self.writer.commit(summary, incomplete=incomplete)
-
-
-def _numpy(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    return {name: tensor.numpy() for name, tensor in tensors.items()}
+__all__ = ["ExplainStage"]
 
 
 class ExplainStage:
@@ -110,7 +35,6 @@ class ExplainStage:
     """
 
     name = "explain"
-    parts = EXPLAIN_PARTS
 
     def __init__(self, job: JobConfig, model: nn.Module, device: torch.device, input_size: tuple[int, int]) -> None:
         self.job = job
@@ -129,18 +53,15 @@ class ExplainStage:
         self.num_classes = getattr(model, "num_classes", 0)
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
 
-    def output(self) -> Output:
-        return job_output(self.job)
-
-    def open_unit(self, unit: str, url: str) -> ExplainSink:
+    def open_unit(self, unit: str, url: str) -> UnitState:
         writer = UnitWriter(
-            self.output(), unit, self.layout, shard=url, job=self.job.name, store_options=self.job.store_options
+            job_output(self.job), unit, self.layout, shard=url, job=self.job.name, store_options=self.job.store_options
         )
         generator = None
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit
             seed = self.job.evaluate.seed + zlib.crc32(unit.encode())
             generator = torch.Generator(self.device).manual_seed(seed)
-        return ExplainSink(writer, generator)
+        return UnitState(writer, generator)
 
     def reject(self, sample: DecodedSample) -> str | None:
         """With target policy 'label', a sample without a usable label cannot be explained."""
@@ -149,7 +70,9 @@ class ExplainStage:
         reason = "has no label" if sample.label is None else f"label {sample.label} outside [0, {self.num_classes})"
         return f"shard {sample.url} key {sample.key}: target policy 'label' but the sample {reason}"
 
-    def compute(self, images: Tensor, samples: Sequence[DecodedSample], sink: ExplainSink) -> ExplainedBatch:
+    def compute(
+        self, images: Tensor, samples: Sequence[DecodedSample], generator: torch.Generator | None
+    ) -> ExplainedBatch:
         if self.job.mode == "self-supervised":
             result, predicted, score = self._explain_features(images, samples)
         else:
@@ -178,7 +101,7 @@ class ExplainStage:
                 result.target,
                 box_mask,
                 self.job.evaluate,
-                generator=sink.generator,
+                generator=generator,
                 autocast_dtype=self.daam.autocast_dtype,
                 explainer_maps=final_maps,
             )
@@ -198,6 +121,7 @@ class ExplainStage:
             block_stats=block_statistics(result.block_maps, result.daam, result.coefficients, box_mask),
             explainer_block_stats=explainer_stats,
             evaluation=evaluation,
+            rounded=True,
         )
 
     def _explain_features(self, images: Tensor, samples: Sequence[DecodedSample]) -> tuple[DAAMResult, Tensor, Tensor]:

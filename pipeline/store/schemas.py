@@ -74,7 +74,7 @@ TABLE_DESCRIPTIONS = {
     ),
     "evaluation": (
         "One row per ok sample and evaluated method, written when the job's `evaluate:` section is set. Methods: "
-        "'daam' (the final accumulated map D_L) and the reference maps 'random' (uniform random, seeded) and "
+        "'daam' (the final accumulated map D_{L-1}) and the reference maps 'random' (uniform random, seeded) and "
         "'centre' (a centre prior); comparison explainers add their own names. Metrics computed by "
         "pipeline/evaluate.py on the device; NaN where undefined (no boxes, all-zero map, metric not configured). "
         "File: OUT/evaluation/<unit>.parquet."
@@ -82,7 +82,7 @@ TABLE_DESCRIPTIONS = {
     "explainer_blocks": (
         "One row per ok sample, comparison explainer with per-block maps, and block: the statistics of the blocks "
         "table (the same formulas, pipeline/stats.py) for the explainer's maps, its final map taking the place of "
-        "D_L: the last block's map, or for attnlrp and cplrp (relevance read from the last block down) the input "
+        "D_{L-1}: the last block's map, or for attnlrp and cplrp (relevance read from the last block down) the input "
         "map. Written when the job's `explainers:` list names rollout, attention, gae, attnlrp or cplrp. File: "
         "OUT/explainer_blocks/<unit>.parquet."
     ),
@@ -268,12 +268,12 @@ BLOCKS = _schema(
         _field(
             "daam_cos_final",
             pa.float32(),
-            "Cosine similarity of D_l and the final D_L (1 at the last block). NaN when either is all zero.",
+            "Cosine similarity of D_l and the final D_{L-1} (1 at the last block). NaN when either is all zero.",
         ),
         _field(
             "daam_iou_final",
             pa.float32(),
-            "IoU of the top-20% patch sets (ceil(0.2 n) largest patches, ties broken arbitrarily) of D_l and D_L. "
+            "IoU of the top-20% patch sets (ceil(0.2 n) largest patches, ties broken arbitrarily) of D_l and D_{L-1}. "
             "NaN when either is all zero.",
         ),
         _field(
@@ -437,12 +437,15 @@ def _map_array(dims: tuple[str, ...], description: str) -> dict[str, Any]:
 
 
 _MAP_ARRAYS = {
-    "block_maps": _map_array(("sample", "block", "row", "col"), "Block maps M_l (METHOD.md step 4)."),
+    "block_maps": _map_array(
+        ("sample", "block", "row", "col"), "Block maps M_l (docs/method.md, per-block quantities)."
+    ),
     "daam": _map_array(
-        ("sample", "block", "row", "col"), "Accumulated maps D_l = sum of M_i for i <= l (METHOD.md step 5)."
+        ("sample", "block", "row", "col"), "Accumulated maps D_l = sum of M_i for i <= l (docs/method.md)."
     ),
     "coefficients": _map_array(
-        ("sample", "block", "channel"), "Channel importance coefficients c_l (METHOD.md step 3), before any ReLU."
+        ("sample", "block", "channel"),
+        "Channel importance coefficients c_l = dY / dT_l[0, :] (docs/method.md), before any ReLU.",
     ),
     "rollout": _map_array(
         ("sample", "block", "row", "col"),

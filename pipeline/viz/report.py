@@ -256,7 +256,7 @@ def _explainer_curves(blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> s
             "<h2>Per-block statistics by explainer</h2>",
             '<p class="note">The statistics above for the maps of every explainer with one map per block, next to '
             f"DAAM's accumulated maps D_l: {escape(', '.join(methods[1:]))}. The same formulas, each explainer's "
-            "final map taking the place of D_L (cos_final, iou_final): its last map, or for AttnLRP and CP-LRP "
+            "final map taking the place of D_{L-1} (cos_final, iou_final): its last map, or for AttnLRP and CP-LRP "
             "(attnlrp, cplrp: the positive relevance at each block's input) the input map. Lines: the median over "
             "samples; bands: the inter-quartile range.</p>",
             f'<div class="charts">{"".join(charts)}</div>',
@@ -278,7 +278,7 @@ def _convergence(convergence: pd.DataFrame, ok: pd.DataFrame) -> str:
     parts = [
         "<h2>Convergence block</h2>",
         f'<p class="note">The convergence block of a sample is the first block from which the cosine similarity of '
-        f"D_l to the final map D_L stays at or above {CONVERGENCE_THRESHOLD} through the last block; undefined "
+        f"D_l to the final map D_{{L-1}} stays at or above {CONVERGENCE_THRESHOLD} through the last block; undefined "
         "for an all-zero final map.</p>",
     ]
     if convergence.empty:

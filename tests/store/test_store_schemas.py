@@ -102,7 +102,7 @@ def test_schemas_keep_what_the_json_described():
 
 def test_written_parquet_carries_the_schemas(tmp_path, layout, make_batch):
     writer = UnitWriter(tmp_path, "shard-000000", layout, shard="a.tar", job="j")
-    writer.write_batch(**make_batch(["a", "b"], seed=0))
+    writer.write_explained(**make_batch(["a", "b"], seed=0))
     writer.commit()
     for name in ("samples", "blocks"):
         written = pq.read_schema(tmp_path / name / "shard-000000.parquet")
