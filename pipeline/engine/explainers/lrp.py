@@ -232,7 +232,7 @@ def relevance(
                 score = (_wide(model.forward_head(features, pre_logits=True)) * weights).sum()
         blocks: list[Tensor | None] = [None] * len(taps.block_inputs)
         for i, x in enumerate(taps.block_inputs):  # read as the backward pass goes: one (B, N, C) gradient at a time
-            x.register_hook(partial(_read_relevance, blocks, i, x))
+            x.register_hook(partial(_read_relevance, blocks, i, x.detach()))  # detached: no cycle through the hook
         (grad,) = torch.autograd.grad(score, taps.embedding)
         embedding = _token_relevance(taps.embedding, grad).flatten(1)
     return torch.stack(blocks, dim=1), embedding
