@@ -73,6 +73,17 @@ def test_the_stored_cplrp_input_map_sums_to_the_logit_in_float32():
     torch.testing.assert_close(maps.arrays["cplrp"][:, 0].sum(dim=(-2, -1)), score, rtol=1e-5, atol=1e-5)
 
 
+def test_the_explainer_explains_daams_self_supervised_score():
+    model = bias_free(num_classes=0).float()
+    x = images(2, (32, 32))
+    weights = torch.rand(2, 48, generator=torch.Generator().manual_seed(3))
+    with DAAM(model) as daam, Explainers(daam, ["cplrp"]) as explainers:
+        result = daam(x, weights=weights)
+        maps = explainers.explain(x, result)["cplrp"]
+    score = (model(x) * weights).sum(-1)
+    torch.testing.assert_close(maps.arrays["cplrp_input"].sum(dim=(-2, -1)), score, rtol=1e-5, atol=1e-5)
+
+
 def test_attnlrp_does_not_conserve_where_the_softmax_absorbs_relevance():
     """AttnLRP's softmax rule is not conservative (Achtibat et al., Prop. 3.1): the two rule sets differ exactly
     there, so on the same model CP-LRP conserves and AttnLRP does not."""
@@ -188,7 +199,10 @@ def lxt():
     ``__init__`` files are stood in for while the three modules load, then taken out of ``sys.modules``."""
     spec = importlib.util.find_spec("lxt")
     if spec is None:
-        pytest.skip("the oracle is the PyPI package `lxt` 2.1; install it with `pip install --no-deps lxt`")
+        pytest.skip(
+            "the oracle is the PyPI package `lxt` 2.1, not in the test extra (it requires transformers, accelerate, "
+            "bitsandbytes and open_clip_torch, none of which these tests use): `pip install --no-deps lxt`"
+        )
     root = Path(spec.origin).parent
     packages = {"lxt": root, "lxt.efficient": root / "efficient", "lxt.efficient.models": root / "efficient" / "models"}
     names = ["lxt.efficient.rules", "lxt.efficient.patches", "lxt.efficient.models.vit_torch"]
