@@ -38,6 +38,19 @@ def test_engine_benchmark(tmp_path):
     assert row["with_explainers"]["time_vs_daam"] > 0 and row["with_explainers"]["peak_mib"] > 0
 
 
+def test_evaluation_benchmark(tmp_path):
+    rows = tmp_path / "rows.json"
+    out = run(
+        "evaluation.py", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2", "--rounds", "1",
+        "--explainers", "daam,rollout", "--json-out", str(rows),
+    )  # fmt: skip
+    assert "vit_tiny_patch16_224" in out and "device: cpu" in out
+    (row,) = json.loads(rows.read_text())
+    # 4 maps: deletion/insertion 2 + 2 * 4 * 15 passes per image, perturbation 1 + 2 * 4 * 9 more
+    assert row["maps"] == 4 and row["forward_passes_per_image"]["without perturbation"] == 122
+    assert row["forward_passes_per_image"]["with perturbation"] == 122 + 73 and row["evaluation_ratio"] > 1
+
+
 def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
     tiny = ["--model", "vit_tiny_patch16_224", "--images", "8", "--per-shard", "4", "--batch", "4"]
     out = run("worker.py", *tiny, "--overlap", "auto", "--overlap", "sequential", "--workdir", str(tmp_path))

@@ -11,13 +11,16 @@ from torch import Tensor, nn
 from pipeline.config import JobConfig
 from pipeline.data.decode import DecodedSample
 from pipeline.engine.daam import DAAM, DAAMResult
-from pipeline.engine.explainers import Explainers
+from pipeline.engine.explainers import ExplainerMaps, Explainers
 from pipeline.evaluate import evaluate_batch
+from pipeline.models import model_data_config
+from pipeline.sanity import CascadingRandomisation, map_similarity
 from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
 from pipeline.store.bank import load_bank
 from pipeline.store.output import job_output
 from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
+from pipeline.store.units import unit_name
 from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
 
 __all__ = ["ExplainStage"]
@@ -51,7 +54,15 @@ class ExplainStage:
             prefix_tokens=self.daam.num_prefix_tokens,
         )
         self.num_classes = getattr(model, "num_classes", 0)
+        data_config = model_data_config(model)
+        self.mean, self.std = tuple(data_config["mean"]), tuple(data_config["std"])  # the worker's normalisation
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
+        evaluate = job.evaluate
+        self.cascade = None
+        if evaluate is not None and evaluate.sanity == "cascading":
+            self.cascade = CascadingRandomisation(model.blocks, evaluate.seed)
+            self._units = [unit_name(url) for url in job.shard_urls()]
+            self._sanity_left: dict[str, int] = {}  # unit -> samples its sanity check still re-explains
 
     def open_unit(self, unit: str, url: str) -> UnitState:
         writer = UnitWriter(
@@ -61,7 +72,25 @@ class ExplainStage:
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit
             seed = self.job.evaluate.seed + zlib.crc32(unit.encode())
             generator = torch.Generator(self.device).manual_seed(seed)
+        if self.cascade is not None:
+            self._sanity_left[unit] = self._sanity_quota(unit)
         return UnitState(writer, generator)
+
+    def _sanity_quota(self, unit: str) -> int:
+        """The unit's share of ``evaluate.sanity_samples``: spread evenly over the units in the job's order, the
+        first units taking one more where it does not divide."""
+        if unit not in self._units:
+            return 0
+        total, index = self.job.evaluate.sanity_samples, self._units.index(unit)
+        return total // len(self._units) + (index < total % len(self._units))
+
+    def _take_sanity(self, samples: Sequence[DecodedSample]) -> int:
+        """How many of a batch's first samples the sanity check re-explains: what is left of their unit's quota
+        (the unit of a batch is its samples' shard), counted as taken."""
+        unit = unit_name(samples[0].url)
+        taken = min(self._sanity_left.get(unit, 0), len(samples))
+        self._sanity_left[unit] = self._sanity_left.get(unit, 0) - taken
+        return taken
 
     def reject(self, sample: DecodedSample) -> str | None:
         """With target policy 'label', a sample without a usable label cannot be explained."""
@@ -75,25 +104,27 @@ class ExplainStage:
     ) -> ExplainedBatch:
         if self.job.mode == "self-supervised":
             result, predicted, score = self._explain_features(images, samples)
+            explained = self.explainers.explain(images, result) if self.explainers else {}
         else:
             target = None
             if self.job.target == "label":
                 target = torch.tensor([s.label for s in samples], device=self.device)
-            result = self.daam(images, target=target)
+            result, explained = self._explain(images, target)
             score, predicted = result.output.softmax(dim=-1).max(dim=-1)
         box_mask = None
         if any(s.boxes is not None and len(s.boxes) for s in samples):
             boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
             box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
-        explained = self.explainers.explain(images, result) if self.explainers else {}
+        masks = self._masks(samples)
         final_maps = {name: maps.final for name, maps in explained.items()}  # each explainer's map, (B, h, w)
         explainer_stats = {
-            name: explainer_statistics(maps.blocks, box_mask, final=maps.final if maps.top_down else None)
+            name: explainer_statistics(maps.blocks, box_mask, masks, final=maps.final if maps.top_down else None)
             for name, maps in explained.items()
             if maps.blocks is not None
         }
         evaluation = {}
         if self.job.evaluate is not None:
+            labels = torch.tensor([-1 if s.label is None else s.label for s in samples], device=self.device)
             evaluation = evaluate_batch(
                 self.model,
                 images,
@@ -104,7 +135,15 @@ class ExplainStage:
                 generator=generator,
                 autocast_dtype=self.daam.autocast_dtype,
                 explainer_maps=final_maps,
+                masks=masks,
+                labels=labels,
+                mean=self.mean,
+                std=self.std,
             )
+        sanity = {}
+        if self.cascade is not None and (count := self._take_sanity(samples)):
+            trained = {"daam": result.daam, **{name: maps.through_final for name, maps in explained.items()}}
+            sanity = self._sanity(images[:count], result.target[:count], {k: v[:count] for k, v in trained.items()})
         computed = {
             "block_maps": result.block_maps,
             "daam": result.daam,
@@ -118,11 +157,37 @@ class ExplainStage:
             predicted=predicted,
             score=score,
             target=result.target,
-            block_stats=block_statistics(result.block_maps, result.daam, result.coefficients, box_mask),
+            block_stats=block_statistics(result.block_maps, result.daam, result.coefficients, box_mask, masks),
             explainer_block_stats=explainer_stats,
             evaluation=evaluation,
+            sanity=sanity,
             rounded=True,
         )
+
+    def _explain(self, images: Tensor, target: Tensor | None) -> tuple[DAAMResult, dict[str, ExplainerMaps]]:
+        """DAAM of the batch and the comparison explainers' maps of the same score."""
+        result = self.daam(images, target=target)
+        return result, self.explainers.explain(images, result) if self.explainers else {}
+
+    def _masks(self, samples: Sequence[DecodedSample]) -> Tensor | None:
+        """``(B, H, W)`` float object masks on the device (NaN for a sample without one), None when none has one."""
+        if all(s.mask is None for s in samples):
+            return None
+        unknown = torch.full(self.input_size, float("nan"))
+        return torch.stack([unknown if s.mask is None else s.mask.float() for s in samples]).to(self.device)
+
+    def _sanity(self, images: Tensor, target: Tensor, trained: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """Cascading randomisation: ``{explainer: {"spearman"|"ssim": (S, L, L')}}``, similarities of the maps
+        after each randomisation step (1 .. L blocks randomised from the top) to the trained model's maps."""
+        steps = []
+        for _ in self.cascade.steps():
+            result, explained = self._explain(images, target)
+            maps = {"daam": result.daam, **{name: maps.through_final for name, maps in explained.items()}}
+            steps.append({name: map_similarity(maps[name], trained[name], self.input_size) for name in trained})
+        return {
+            name: {column: torch.stack([step[name][column] for step in steps], dim=1) for column in steps[0][name]}
+            for name in trained
+        }
 
     def _explain_features(self, images: Tensor, samples: Sequence[DecodedSample]) -> tuple[DAAMResult, Tensor, Tensor]:
         """Self-supervised DAAM: Y = <f, w> with the memory bank's weights, queried inside the same pass."""

@@ -126,13 +126,19 @@ class Results:
         """Per-block statistics of the comparison explainers with per-block maps, where the job ran them."""
         return self.read("explainer_blocks")
 
+    @cached_property
+    def sanity(self) -> pd.DataFrame:
+        """Map similarities under cascading randomisation (one row per sample, explainer, step and block), where the
+        job ran the sanity check."""
+        return self.read("sanity")
+
     def read(self, table: str, columns: Sequence[str] | None = None, filters: Any = None) -> pd.DataFrame:
         """One table of the committed units, read with column selection and filters pushed into the files.
 
         Rows come in unit order, each unit's rows in the order they were written.
 
         Args:
-            table: ``samples``, ``blocks``, ``evaluation`` or ``explainer_blocks``.
+            table: ``samples``, ``blocks``, ``evaluation``, ``explainer_blocks`` or ``sanity``.
             columns: The columns to read (default: all).
             filters: Rows to keep: a ``pyarrow.compute`` expression or pyarrow's list-of-tuples form, e.g.
                 ``[("block", "==", 11), ("status", "==", "ok")]``.

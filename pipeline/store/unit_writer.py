@@ -7,6 +7,7 @@ Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
     blocks/<unit>.parquet              one row per ok sample and block
     evaluation/<unit>.parquet          one row per sample and evaluated method (jobs that evaluate)
     explainer_blocks/<unit>.parquet    comparison explainers' per-block statistics (jobs that run them)
+    sanity/<unit>.parquet              map similarities under cascading randomisation (jobs with evaluate.sanity)
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from numpy.typing import ArrayLike
 
 from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError
-from pipeline.names import METRIC_COLUMNS
+from pipeline.names import METRIC_COLUMNS, SANITY_COLUMNS
 from pipeline.store.output import OutputLike, as_output
-from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, TABLE_SCHEMAS
+from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, SANITY, TABLE_SCHEMAS
 from pipeline.store.tables import build_table, parquet_bytes
 from pipeline.store.units import EXPLAIN_PARTS, UnitTransaction
 from pipeline.store.zarr_store import MapLayout, MapStore
@@ -57,6 +58,9 @@ class ExplainedBatch:
         explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of the per-block comparison explainers.
         evaluation: ``{method: {metric: (B,)}}`` when the job evaluates, else empty; metrics a job does not
             compute are absent (stored as NaN).
+        sanity: ``{explainer: {"spearman"|"ssim": (S, K, L')}}`` of the batch's first ``S`` samples under
+            cascading randomisation (``evaluate.sanity``), else empty: ``K`` steps (1 .. K blocks randomised from
+            the top), ``L'`` blocks of the explainer's maps (1 for a single map, compared at the last block).
         rounded: ``arrays`` are already rounded to the storage precision (``output.dtype``; the explain stage rounds
             on the device), so the writer skips that pass.
     """
@@ -68,6 +72,7 @@ class ExplainedBatch:
     block_stats: Mapping[str, Tensor | np.ndarray]
     explainer_block_stats: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
     evaluation: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
+    sanity: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
     rounded: bool = False
 
 
@@ -157,9 +162,29 @@ class UnitWriter:
             values = {m: np.asarray(metrics.get(m, np.full(n, np.nan)), np.float32) for m in METRIC_COLUMNS}
             table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values}
             tables.append(("evaluation", build_table(table, EVALUATION)))
+        for explainer, values in result.sanity.items():
+            tables.append(("sanity", self._sanity_table(keys, explainer, values)))
         self._maps.append(keys, result.arrays, rounded=result.rounded)  # last check: nothing of a bad batch is kept
         for part, table in tables:
             self._tables[part].append(table)
+
+    def _sanity_table(self, keys: list[str], explainer: str, values: Mapping[str, ArrayLike]) -> pa.Table:
+        """One row per sample, randomisation step and block of an explainer's similarities ``(S, K, L)``."""
+        arrays = {name: np.asarray(values[name], np.float32) for name in SANITY_COLUMNS}
+        samples, steps, blocks = arrays[SANITY_COLUMNS[0]].shape
+        if samples > len(keys) or any(a.shape != (samples, steps, blocks) for a in arrays.values()):
+            raise SchemaError(f"unit {self.unit!r}: sanity values of {explainer!r} do not fit {len(keys)} keys")
+        first_block = self.layout.n_blocks - blocks  # a single map sits at the last block
+        grid = np.indices((samples, steps, blocks)).reshape(3, -1)
+        columns = {
+            "key": np.asarray(keys[:samples])[grid[0]],
+            "unit": [self.unit] * grid.shape[1],
+            "explainer": [explainer] * grid.shape[1],
+            "randomised": grid[1] + 1,
+            "block": grid[2] + first_block,
+            **{name: array.reshape(-1) for name, array in arrays.items()},
+        }
+        return build_table(columns, SANITY)
 
     def _block_table(
         self, keys: list[str], labels: Mapping[str, Any], stats: Mapping[str, ArrayLike], schema: pa.Schema

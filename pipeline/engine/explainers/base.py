@@ -50,6 +50,12 @@ class ExplainerMaps:
     final: Tensor
     top_down: bool = False
 
+    @property
+    def through_final(self) -> Tensor:
+        """The per-block maps when they end at the final map, ``(B, L, h, w)``; else the final map alone,
+        ``(B, 1, h, w)`` (Grad-CAM's one map, the LRP explainers' input map): what the sanity check compares."""
+        return self.final[:, None] if self.blocks is None or self.top_down else self.blocks
+
 
 class Explainer:
     """One comparison method over a DAAM engine; a context manager that removes its hooks on exit.

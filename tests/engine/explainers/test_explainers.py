@@ -123,6 +123,7 @@ def test_supervised_maps_equal_naive(key):
     for m in explained.values():
         assert all(v.dtype == torch.float32 for v in m.arrays.values()) and not m.top_down
         assert m.blocks is None or torch.equal(m.final, m.blocks[:, -1])  # the last block's map is the method's
+        assert torch.equal(m.through_final, m.final[:, None] if m.blocks is None else m.blocks)
     maps = per_map(explained)
     assert maps["gradcam"].sum() > 0 and (maps["gradcam"] >= 0).all()
     for i in range(3):

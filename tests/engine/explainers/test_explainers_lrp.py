@@ -117,6 +117,7 @@ def test_explainer_maps_are_the_relevance_of_the_patch_tokens(key):
         assert torch.equal(maps.arrays[input_array], embedding.unflatten(-1, (h, w)))
         assert torch.equal(maps.blocks, maps.arrays[block_array].clamp_min(0))
         assert torch.equal(maps.final, maps.arrays[input_array].clamp_min(0))
+        assert torch.equal(maps.through_final, maps.final[:, None])  # the sanity check compares the input map
         assert (maps.arrays[input_array] < 0).any()  # signed relevance is stored; statistics take its positive part
 
 
