@@ -50,12 +50,12 @@ def run_benchmark(
     model.register_forward_pre_hook(counter)
     passes = {}
     times: dict[str, list[float]] = {"explain": [], **{name: [] for name in configs}}
-    with DAAM(model) as daam, Explainers(daam, comparison) if comparison else contextlib.nullcontext() as explainers:
+    with DAAM(model) as daam, Explainers(daam, comparison) if comparison else contextlib.nullcontext() as others:
         state: dict = {}
 
         def explain() -> None:
             result = daam(images)
-            maps = explainers.explain(images, result) if comparison else {}
+            maps = others.explain(images, result) if comparison else {}
             state["result"], state["maps"] = result, {name: m.final for name, m in maps.items()}
 
         def evaluate(config: EvaluationConfig) -> Callable[[], None]:
