@@ -14,7 +14,7 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.errors import JobTerminated, PipelineError
+from pipeline.errors import ConfigError, JobTerminated, PipelineError
 
 __all__ = ["main"]
 
@@ -313,6 +313,44 @@ def report(out, dest, gallery, top_classes, size, class_names, quiet) -> None:
     click.echo(str(path))
 
 
+@main.command()
+@click.argument("outs", nargs=-1, required=True, metavar="OUT_A OUT_B [OUT ...]")
+@click.option("--name", "names", multiple=True, metavar="OUT=NAME", help="An output's name in the tables (repeatable).")
+@click.option(
+    "--out", "dest", type=click.Path(dir_okay=False, path_type=Path), default=Path("compare.html"), show_default=True
+)
+@click.option("--disagreements", default=3, show_default=True, help="Samples drawn per pair, those that agree least.")
+@click.option("--size", default=80, show_default=True, help="Picture panel size in pixels.")
+@click.option("--class-names", type=click.Path(dir_okay=False), default=None, help="Text (one per line) or JSON list.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def compare(outs, names, dest, disagreements, size, class_names, quiet) -> None:
+    """Compare the outputs of several models over the same data: print the headline tables and write one HTML
+    report (curves on relative depth, when each model's decision settles, agreement on shared samples, per class,
+    evaluation metrics)."""
+    from pipeline.compare import compare as compare_outputs
+    from pipeline.compare import comparison_tables
+    from pipeline.viz.compare_report import compare_report
+
+    comparison = compare_outputs(*outs, names=_output_names(outs, names))
+    click.echo(comparison_tables(comparison))
+    path = compare_report(
+        comparison, dest, disagreements=disagreements, size=size, class_names=class_names, progress=not quiet
+    )
+    click.echo(str(path))
+
+
+def _output_names(outs: tuple[str, ...], pairs: tuple[str, ...]) -> list[str | None]:
+    """The ``--name OUT=NAME`` of each output (None: the default name)."""
+    names: list[str | None] = [None] * len(outs)
+    for pair in pairs:
+        found = [i for i, out in enumerate(outs) if pair.startswith(f"{out}=")]
+        if not found:
+            raise ConfigError(f"--name {pair}: {pair.partition('=')[0]} is not one of the compared outputs")
+        names[found[0]] = pair[len(outs[found[0]]) + 1 :]
+    return names
+
+
 @main.group()
 def bank() -> None:
     """Memory banks of self-supervised jobs."""
@@ -361,18 +399,19 @@ def schemas(dest, check) -> None:
 
 @main.command("demo-assets")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: the package's.")
-@click.option("--shards-only", is_flag=True, help="Write the shards only; keep the model.")
+@click.option("--shards-only", is_flag=True, help="Write the shards only; keep the models.")
 @_user_errors
 def demo_assets(out, shards_only) -> None:
-    """Regenerate the built-in demo data and retrain the shipped demo model (deterministic)."""
+    """Regenerate the built-in demo data and retrain the shipped demo models (deterministic)."""
     from pipeline.demo.train import ASSETS_DIR, build_demo_assets, write_demo_shards
 
     if shards_only:
         write_demo_shards(out or ASSETS_DIR)
         click.echo(f"demo shards written to {out or ASSETS_DIR}")
         return
-    info = build_demo_assets(out or ASSETS_DIR)
-    click.echo(f"demo assets written to {out or ASSETS_DIR}: validation accuracy {info['val_accuracy']:.3f}")
+    metas = build_demo_assets(out or ASSETS_DIR)
+    accuracies = ", ".join(f"{stem} {meta['val_accuracy']:.3f}" for stem, meta in metas.items())
+    click.echo(f"demo assets written to {out or ASSETS_DIR}: validation accuracy {accuracies}")
 
 
 if __name__ == "__main__":

@@ -261,8 +261,14 @@ class WorkersConfig(_Section):
     )
     units_in_flight: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
-        description="units a worker holds at once, taking turns on its device while the others commit or prefetch; "
-        "auto: 2 on a GPU, 1 on the CPU",
+        description="units a worker reads and computes at once, taking turns on its device while the others "
+        "prefetch; auto: 2 on a GPU, 1 on the CPU",
+    )
+    commits_in_flight: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="units a worker commits at once while it computes the next ones, each held in memory until its "
+        "data is written (at most this many: a worker waits on storage only when they all are); 0 commits before "
+        "the next unit starts. auto: 2 on an object store, 1 on a file system",
     )
 
 

@@ -2,9 +2,10 @@
 
 Per unit: stream the shard -> decode (ahead, in a prefetch thread) -> ``stage.compute`` on the device -> one
 packed copy of the typed result to the host -> ``sink.write`` (in a writer thread) -> ``sink.commit``. A Ray actor
-wraps one worker; the single-process path of the runner uses one directly. On a GPU two units may be processed
-from two threads at once: the device is held by one unit at a time, so the next unit's reading and decoding and
-the previous unit's commit overlap the computation.
+wraps one worker; the single-process path of the runner uses one directly. Units run in threads (:func:`unit_slots`
+of them): ``workers.units_in_flight`` read and compute, taking turns on the device (on a GPU the next unit's
+reading and decoding overlap the computation), and up to ``workers.commits_in_flight`` more commit meanwhile,
+each holding its results until its data is written: a worker waits on storage only when that many are committing.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from pipeline.engine.transfer import move_tree
 from pipeline.errors import DeviceError, ShardError, UnitFailedError, one_line
 from pipeline.models import create_job_model, model_data_config
 from pipeline.stages import BankStage, ExplainStage, Stage, UnitState
+from pipeline.store.output import job_output
 from pipeline.store.units import unit_name
 
-__all__ = ["UnitWorker", "resolve_device", "units_in_flight"]
+__all__ = ["UnitWorker", "commits_in_flight", "resolve_device", "unit_slots", "units_in_flight"]
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +44,20 @@ def units_in_flight(job: JobConfig, device: torch.device | str) -> int:
     the other commits or prefetches; on the CPU one, since there the computation uses the cores that the
     overlapped work would need."""
     return _on_device(job.workers.units_in_flight, device, gpu=2, cpu=1)
+
+
+def commits_in_flight(job: JobConfig) -> int:
+    """Units a worker commits at once while computing the next (``workers.commits_in_flight``). ``auto``: two on an
+    object store, where a commit waits on round trips more than it computes; one on a file system."""
+    value = job.workers.commits_in_flight
+    if value != "auto":
+        return int(value)
+    return 1 if job_output(job).is_local else 2
+
+
+def unit_slots(job: JobConfig, device: torch.device | str) -> int:
+    """Units a worker runs at once, in as many threads: those reading and computing, and those committing."""
+    return units_in_flight(job, device) + commits_in_flight(job)
 
 
 def _on_device(value: int | str, device: torch.device | str, *, gpu: int, cpu: int) -> int:
@@ -114,14 +130,26 @@ class UnitWorker:
         self._fault = _Fault.parse(fault)
         self._writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unit-writer")
         self._device_lock = threading.Lock()  # one unit computes at a time; commits and prefetching overlap it
+        self._computing = threading.Semaphore(units_in_flight(job, self.device))  # units reading and computing
+        commits = commits_in_flight(job)
+        self._committing = threading.Semaphore(commits) if commits else None  # units committing beside them
         self._prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._progress: dict[str, float] = {}  # unit holding the device -> monotonic time of its last progress
 
-    def run(self, stage: str, url: str, *, attempt: int = 0) -> dict[str, Any]:
+    def run(self, stage: str, url: str, *, attempt: int = 0, fresh: bool = False) -> dict[str, Any]:
         """Run ``stage`` (``explain`` or ``bank``) over every sample of the shard at ``url`` and commit the unit.
 
-        Reading and decoding start at once; the computation waits until the device is free; the commit (durable
-        data, then the marker) runs after the device is released. Safe to call from two threads at once.
+        Reading and decoding start once one of ``workers.units_in_flight`` places is free; the computation waits
+        until the device is free; the commit (durable data, then the marker) runs after the device is released,
+        in one of ``workers.commits_in_flight`` places, and frees the unit's place for the next unit. Safe to call
+        from :func:`unit_slots` threads at once.
+
+        Args:
+            stage: The stage's name.
+            url: The unit's shard.
+            attempt: How many attempts of this unit failed before.
+            fresh: Nothing of the unit exists in the output yet (the driver's listing found nothing of it): the
+                unit removes nothing (:class:`~pipeline.store.units.UnitTransaction`).
 
         Returns:
             The commit marker: counts of samples, ok and failed, timings (``seconds``: holding the device;
@@ -133,33 +161,43 @@ class UnitWorker:
         """
         runner = self.stages[stage]
         unit = unit_name(url)
-        arrived = time.perf_counter()
-        with self.prefetch_batches(url, runner) as ready:
-            state = runner.open_unit(unit, url)
-            with self._device_lock:
-                start = time.perf_counter()
-                self._progress[unit] = time.monotonic()
-                try:
-                    compute_s, shard_error = self._compute_unit(runner, state, unit, ready, attempt)
-                finally:
-                    self._progress.pop(unit, None)
-                seconds = time.perf_counter() - start
-        sink = state.sink
-        total = sink.failed + sink.ok
-        if total and sink.failed / total > self.job.errors.max_failed_fraction:
-            raise UnitFailedError(
-                f"unit {unit}: {sink.failed} of {total} samples failed, more than errors.max_failed_fraction="
-                f"{self.job.errors.max_failed_fraction}"
+        self._computing.acquire()
+        try:
+            arrived = time.perf_counter()
+            with self.prefetch_batches(url, runner) as ready:
+                state = runner.open_unit(unit, url, fresh=fresh)
+                with self._device_lock:
+                    start = time.perf_counter()
+                    self._progress[unit] = time.monotonic()
+                    try:
+                        compute_s, shard_error = self._compute_unit(runner, state, unit, ready, attempt)
+                    finally:
+                        self._progress.pop(unit, None)
+                    seconds = time.perf_counter() - start
+            sink = state.sink
+            total = sink.failed + sink.ok
+            if total and sink.failed / total > self.job.errors.max_failed_fraction:
+                raise UnitFailedError(
+                    f"unit {unit}: {sink.failed} of {total} samples failed, more than errors.max_failed_fraction="
+                    f"{self.job.errors.max_failed_fraction}"
+                )
+            summary = dict(
+                url=url,
+                attempt=attempt,
+                seconds=seconds,
+                wait_seconds=start - arrived,
+                compute_seconds=compute_s,
+                device=str(self.device),
             )
-        summary = dict(
-            url=url,
-            attempt=attempt,
-            seconds=seconds,
-            wait_seconds=start - arrived,
-            compute_seconds=compute_s,
-            device=str(self.device),
-        )
-        return sink.commit(summary, incomplete=shard_error)
+            if self._committing is None:  # commits_in_flight 0: the next unit starts after this commit
+                return sink.commit(summary, incomplete=shard_error)
+            self._committing.acquire()  # waits only while every commit place is taken: the bound on memory held
+        finally:
+            self._computing.release()  # the next unit may start reading and computing
+        try:
+            return sink.commit(summary, incomplete=shard_error)
+        finally:
+            self._committing.release()
 
     def process_unit(self, url: str, *, attempt: int = 0) -> dict[str, Any]:
         """Explain one unit: :meth:`run` of the explain stage."""

@@ -1,8 +1,9 @@
 """The workers a job runs on: one in this process (:class:`LocalPool`) or Ray actors (:class:`RayPool`).
 
 Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish. The Ray
-pool keeps ``workers.units_in_flight`` units on every actor (two on a GPU, one on the CPU): they take turns on its
-device, so one unit's commit and the next one's reading and decoding overlap the computation. When an actor dies
+pool keeps :func:`~pipeline.worker.unit_slots` units on every actor: ``workers.units_in_flight`` take turns on its
+device (the next one's reading and decoding overlap the computation), ``workers.commits_in_flight`` more commit
+meanwhile. The units the resume found nothing of start fresh on their first attempt. When an actor dies
 its units go back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies or it
 raises) is given up after ``workers.max_retries`` extra attempts. An error raised in an actor reaches the
 terminal as one line; its full traceback goes to ``OUT/_logs/``.
@@ -14,7 +15,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from pipeline.errors import JobTerminated, PipelineError, StoreError, one_line
 from pipeline.runner.plan import ActorPlan
 from pipeline.store.output import JOB_FILE, job_output
 from pipeline.store.units import unit_name
-from pipeline.worker import UnitWorker, units_in_flight
+from pipeline.worker import UnitWorker, unit_slots
 
 __all__ = ["LocalPool", "RayPool", "UnitOutcome"]
 
@@ -46,7 +47,7 @@ class UnitOutcome:
 
 class LocalPool:
     """Every unit in this process, on one worker (the model loaded once, on first use), :func:`~pipeline.worker.
-    units_in_flight` units at a time as a Ray actor holds them; a unit that raises fails alone, the job goes on."""
+    unit_slots` units at a time as a Ray actor holds them; a unit that raises fails alone, the job goes on."""
 
     actors = 1
     restarts = 0
@@ -56,14 +57,15 @@ class LocalPool:
         self.fault = fault
         self._worker = worker  # built on first use unless given
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
+        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet."""
         if not urls:
             return
         if self._worker is None:
             self._worker = UnitWorker(self.job, fault=self.fault)
         worker = self._worker
-        pool = ThreadPoolExecutor(units_in_flight(self.job, worker.device), thread_name_prefix="unit")
-        futures = deque((url, pool.submit(worker.run, stage, url)) for url in urls)
+        pool = ThreadPoolExecutor(unit_slots(self.job, worker.device), thread_name_prefix="unit")
+        futures = deque((url, pool.submit(worker.run, stage, url, fresh=unit_name(url) in fresh)) for url in urls)
         finished = False
         try:
             while futures:
@@ -122,8 +124,8 @@ def _unit_actor_class():
         def ready(self) -> int:
             return os.getpid()
 
-        def process(self, stage: str, url: str, attempt: int) -> dict[str, Any]:
-            return self.worker.run(stage, url, attempt=attempt)
+        def process(self, stage: str, url: str, attempt: int, fresh: bool = False) -> dict[str, Any]:
+            return self.worker.run(stage, url, attempt=attempt, fresh=fresh)
 
         @ray.method(concurrency_group="monitor")  # answers while every unit thread is busy (or hung)
         def stalled_units(self, timeout_s: float) -> list[str]:
@@ -179,7 +181,7 @@ class RayPool:
         self._device = "cuda" if plan.num_gpus else "cpu"
         self._job_dict = job.model_dump(mode="json", by_alias=True)
         self._fault = fault
-        self._per_actor = units_in_flight(job, self._device)
+        self._per_actor = unit_slots(job, self._device)
         self._live: list[Any] = []
         self._logs = job_output(job)
         self._stop_reason: str | None = None
@@ -229,10 +231,13 @@ class RayPool:
         except PipelineError:
             _log.debug("could not write %s", path)
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
+        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet
+        (their first dispatch starts them fresh; a later one, after a death or a cancellation, clears first)."""
         from ray.exceptions import RayActorError, RayTaskError
 
         ray = self._ray
+        fresh = set(fresh)
         load = dict.fromkeys(self._live, 0)  # units in flight per live actor
         died_with: dict[Any, int] = {}  # dead actor -> units it held when it died
         queue = deque(_Pending(url) for url in urls)
@@ -249,7 +254,9 @@ class RayPool:
                 actor = min(open_actors, key=load.__getitem__)
                 queue.popleft()
                 load[actor] += 1
-                running[actor.process.remote(stage, unit.url, unit.attempt)] = (actor, unit)
+                name = unit_name(unit.url)
+                running[actor.process.remote(stage, unit.url, unit.attempt, name in fresh)] = (actor, unit)
+                fresh.discard(name)
 
         def settle(unit: _Pending, error: str) -> UnitOutcome | None:
             """Queue a failed unit's next attempt; after its last one, its outcome."""

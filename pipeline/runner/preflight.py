@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pipeline.config import JobConfig, expand_shards, is_url
-from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError
+from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError, StoreError, one_line
 from pipeline.store.output import job_output
 from pipeline.store.units import unit_name
 
@@ -29,7 +29,7 @@ class CheckedJob:
 
 
 def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
-    """Check a job before running it: shards, output, model, checkpoint, labels and bank.
+    """Check a job before running it: output, shards, model, checkpoint, labels and bank.
 
     Args:
         job: The validated job.
@@ -39,7 +39,7 @@ def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
         PipelineError: the first problem found (ConfigError, ShardNotFoundError, CheckpointError, BankError, ...);
             the message names the file or field.
     """
-    job_output(job)
+    _check_output(job)
     urls = _check_shards(job.shard_urls(), "data.shards")
     bank_urls = []
     if job.mode == "self-supervised" and job.bank.shards is not None:
@@ -49,6 +49,22 @@ def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
     if job.target == "label":
         _check_labels(urls[0])
     return CheckedJob(urls, bank_urls)
+
+
+def _check_output(job: JobConfig) -> None:
+    """An output on an object store goes into a bucket that exists: writing creates no bucket."""
+    output = job_output(job)
+    if output.bucket is None:
+        return
+    try:
+        found = output.fs.exists(output.bucket)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"output.path: cannot reach {job.output.path}: {one_line(e)}") from None
+    if not found:
+        raise StoreError(
+            f"output.path: the bucket {output.bucket!r} of {job.output.path} does not exist (or cannot be reached "
+            "with output.storage_options); create it first"
+        )
 
 
 def _check_shards(urls: list[str], field: str) -> list[str]:

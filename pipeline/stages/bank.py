@@ -41,8 +41,8 @@ class BankStage:
         self.dim = dim
         self.autocast = compute_dtype(job.dtype)
 
-    def open_unit(self, unit: str, url: str) -> UnitState:
-        return UnitState(FeatureWriter(bank_output(self.job), unit, self.dim))
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False) -> UnitState:
+        return UnitState(FeatureWriter(bank_output(self.job), unit, self.dim, fresh=fresh))
 
     def reject(self, sample: DecodedSample) -> str | None:
         return None

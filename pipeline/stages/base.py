@@ -46,8 +46,8 @@ class Stage(Protocol):
 
     name: str
 
-    def open_unit(self, unit: str, url: str) -> UnitState:
-        """Start a unit afresh."""
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False) -> UnitState:
+        """Start a unit afresh; ``fresh``: nothing of it exists in the output yet, so nothing is removed."""
 
     def reject(self, sample: DecodedSample) -> str | None:
         """Why a decoded sample cannot be computed by this stage (its error message), or None."""

@@ -26,7 +26,7 @@ from pipeline.errors import (
     SampleNotFoundError,
     StoreError,
 )
-from pipeline.store.compact import Manifest, TableSources, read_manifest, table_sources
+from pipeline.store.compact import Manifest, TableSources, key_index_rows, read_manifest, table_sources
 from pipeline.store.lease import live_holder
 from pipeline.store.output import JOB_FILE, Output, OutputLike, as_output
 from pipeline.store.schemas import TABLE_SCHEMAS
@@ -70,9 +70,15 @@ class Results:
         self.output = output
 
     @cached_property
+    def _root(self) -> frozenset[str]:
+        """The names at the output's root, listed once (on an object store a folder without files is absent): the
+        folders a fully compacted output lacks are not listed again."""
+        return frozenset(self.output.listdir(self.output.root))
+
+    @cached_property
     def units(self) -> list[str]:
         """Committed units (complete and incomplete), sorted."""
-        return committed_units(self.output)
+        return committed_units(self.output, listed=self._root)
 
     def require_units(self) -> list[str]:
         """The committed units; raises when there is none to read.
@@ -102,7 +108,7 @@ class Results:
     def attrs(self) -> dict[str, Any]:
         """Root attributes of ``maps.zarr`` (model, layout, storage); empty before any unit was written."""
         try:
-            return self._map_store().attrs
+            return self._maps.attrs
         except StoreError:
             return {}
 
@@ -180,7 +186,7 @@ class Results:
         """
         found = self._locate_each([key], unit)
         unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
-        return SampleMaps(key=key, unit=unit, row=row, **self._map_store().read(unit, row))
+        return SampleMaps(key=key, unit=unit, row=row, **self._maps.read(unit, row))
 
     def locate(self, keys: Sequence[str], unit: str | None = None) -> pd.DataFrame:
         """Unit and row of the ok samples with these keys (a key held by several units has a row for each).
@@ -196,8 +202,7 @@ class Results:
             wanted &= pc.field("unit") == unit
         parts = []
         if manifest is not None and manifest.key_index and sources.compacted_units:
-            index = ds.dataset(self.output.path(manifest.key_index), format="parquet", filesystem=self.output.fs)
-            found = index.to_table(filter=wanted)
+            found = key_index_rows(self.output, manifest, keys, wanted)
             parts.append(found.filter(pc.is_in(found["unit"], pa.array(sorted(sources.compacted_units)))))
         if sources.per_unit:
             files = ds.dataset(list(sources.per_unit.values()), format="parquet", filesystem=self.output.fs)
@@ -216,7 +221,7 @@ class Results:
         found = self._locate_each(keys, unit)
         position = {k: i for i, k in enumerate(keys)}
         stacked: dict[str, np.ndarray] = {}
-        store = self._map_store()
+        store = self._maps
         for unit_name, rows in found.groupby("unit", sort=True):
             arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
             where = [position[k] for k in rows["key"]]
@@ -249,7 +254,7 @@ class Results:
     def iter_units(self) -> Iterator[tuple[str, list[str], dict[str, np.ndarray]]]:
         """Each committed unit's ok samples: (unit, keys in row order, stacked float32 arrays)."""
         samples = self.read("samples", columns=["key", "unit", "row"], filters=pc.field("status") == "ok")
-        store = self._map_store()
+        store = self._maps
         for unit_name, rows in samples.sort_values(["unit", "row"]).groupby("unit", sort=True):
             arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
             yield str(unit_name), rows["key"].tolist(), {k: v for k, v in arrays.items() if v is not None}
@@ -273,12 +278,13 @@ class Results:
             raise StoreError(f"unit {unit} of {self.output.url} is of Zarr layout 1 (scaled float16): use maps()")
         return dataset.assign_coords(sample=[str(key) for key in dataset["keys"].values]).drop_vars("keys")
 
-    def _map_store(self) -> MapStore:
-        path = self.output.url_of(self.output.path("maps.zarr"))
-        return MapStore.open(path, self.output.storage_options, read_only=True)
+    @cached_property
+    def _maps(self) -> MapStore:
+        return MapStore(self.output.child("maps.zarr"), read_only=True)
 
     def _sources(self, table: str, manifest: Manifest | None) -> TableSources:
-        return table_sources(self.output, table, self.units, manifest, optional=table in EXPLAIN_PARTS.optional)
+        optional = table in EXPLAIN_PARTS.optional
+        return table_sources(self.output, table, self.units, manifest, optional=optional, root=self._root)
 
     def _scan(
         self, table: str, columns: Sequence[str] | None, filters: Any, *, batches: bool = False, **options: Any
@@ -304,7 +310,8 @@ class Results:
                     parts.append(empty if columns is None else empty.select(list(columns)))
                 return iter(parts)
             except FileNotFoundError:
-                self.__dict__.pop("units", None)  # committed units, listed again
+                self.__dict__.pop("_root", None)  # the root and the committed units, listed again
+                self.__dict__.pop("units", None)
                 if attempt == 2:
                     raise StoreError(f"the {table} files of {self.output.url} keep changing; retry later") from None
             except (OSError, pa.ArrowInvalid) as e:
@@ -331,7 +338,7 @@ def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = N
     Raises:
         StoreError: nothing exists at ``path``.
     """
-    output = as_output(path, storage_options)
-    if not output.fs.exists(output.root):
-        raise StoreError(f"no pipeline output at {output.url}")
-    return Results(output)
+    results = Results(as_output(path, storage_options))
+    if not results._root and not results.output.fs.exists(results.output.root):  # one listing when there is one
+        raise StoreError(f"no pipeline output at {results.output.url}")
+    return results

@@ -13,6 +13,10 @@ Protocol (:class:`UnitTransaction`): remove the markers first, then every part o
 unit's data, make it durable, then write one marker, which also clears the failure record. A unit without a
 marker is not there for readers and is redone from scratch by the next run, so no row is ever read twice.
 Temporary files of interrupted writes are swept once per job (:func:`sweep_temporaries`).
+
+On an object store every request counts (tens of milliseconds each): a unit the driver's listing found nothing of
+(:func:`present_units`) starts *fresh*, with nothing to remove, before or at its commit; a unit's data is put in one
+concurrent round (:meth:`UnitTransaction.write`), its marker in one PUT.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -43,6 +47,7 @@ __all__ = [
     "failure_records",
     "incomplete_units",
     "is_done",
+    "present_units",
     "record_failure",
     "started_units",
     "sweep_temporaries",
@@ -142,28 +147,43 @@ class UnitTransaction:
         out: The stage's output root.
         parts: The stage's parts.
         unit: Unit name.
+        fresh: Nothing of the unit exists (the driver's listing found no part, marker or failure record of it, and
+            no attempt ran since): nothing is removed, now or at the commit.
 
     Raises:
         StoreError: ``unit`` is not a plain file stem, or the output cannot be written.
     """
 
-    def __init__(self, out: OutputLike, parts: UnitParts, unit: str) -> None:
+    def __init__(self, out: OutputLike, parts: UnitParts, unit: str, *, fresh: bool = False) -> None:
         self.output = as_output(out)
         self.parts = parts
         self.unit = _check_unit(unit)
         self.paths = parts.paths(self.output, unit)
-        for kind in _MARKERS:  # markers first: from here on the unit is not done, whatever else survives
-            self.output.remove(_marker(self.output, kind, unit))
-        for path in self.paths.values():
-            self.output.remove(path)
+        self.fresh = fresh
+        if fresh:
+            return
+        markers = [_marker(self.output, kind, unit) for kind in _MARKERS]
+        if self.output.is_local:
+            for path in [*markers, *self.paths.values()]:  # markers first: from here on the unit is not done
+                self.output.remove(path)
+            return
+        self.output.remove_files(markers)  # one request, then one listing per folder part and one more
+        files = [path for part, path in self.paths.items() if not _is_folder(parts.parts[part])]
+        folders = [path for part, path in self.paths.items() if _is_folder(parts.parts[part])]
+        self.output.remove_files(files + [f for folder in folders for f in self.output.files_under(folder)])
 
     def put(self, part: str, data: bytes) -> None:
         """Write one part's bytes atomically."""
         self.output.put_atomic(self.paths[part], data)
 
-    def sync(self, part: str) -> None:
-        """Make a part written in place (a Zarr group) durable."""
-        self.output.sync(self.paths[part])
+    def write(self, files: Mapping[str, bytes]) -> None:
+        """Write the unit's data, all at once (one concurrent round of PUTs on an object store); durable when it
+        returns.
+
+        Args:
+            files: Path on the output (under the unit's parts) -> bytes.
+        """
+        self.output.put_many(files)
 
     def commit(self, summary: Mapping[str, Any], *, incomplete: str | None = None) -> dict[str, Any]:
         """Write the unit's marker; call it only once the unit's data is durable.
@@ -190,8 +210,14 @@ class UnitTransaction:
         except (TypeError, ValueError) as e:
             raise StoreError(f"summary of unit {self.unit!r} is not JSON-serialisable: {e}") from e
         self.output.put_atomic(_marker(self.output, INCOMPLETE if incomplete else DONE, self.unit), data)
-        self.output.remove(_marker(self.output, FAILED, self.unit))
+        if not self.fresh:
+            self.output.remove_files([_marker(self.output, FAILED, self.unit)])
         return marker
+
+
+def _is_folder(template: str) -> bool:
+    """A part stored as a folder of files (a Zarr group), not one file."""
+    return template.endswith("{unit}")
 
 
 def _units_with(output: Output, kind: str) -> list[str]:
@@ -208,10 +234,16 @@ def incomplete_units(out: OutputLike) -> list[str]:
     return _units_with(as_output(out), INCOMPLETE)
 
 
-def committed_units(out: OutputLike) -> list[str]:
-    """Every unit whose data readers see: complete and incomplete, sorted."""
+def committed_units(out: OutputLike, *, listed: Collection[str] | None = None) -> list[str]:
+    """Every unit whose data readers see: complete and incomplete, sorted.
+
+    Args:
+        out: The stage's output root.
+        listed: The names at the root, when the caller listed it: a marker folder absent there is not listed.
+    """
     output = as_output(out)
-    return sorted({*done_units(output), *incomplete_units(output)})
+    incomplete = incomplete_units(output) if listed is None or INCOMPLETE in listed else []
+    return sorted({*done_units(output), *incomplete})
 
 
 def started_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> list[str]:
@@ -220,6 +252,14 @@ def started_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> list[str
     output = as_output(out)
     found = set().union(*(parts.listed_units(output, part) for part in parts.parts))
     return sorted(found - set(committed_units(output)))
+
+
+def present_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> set[str]:
+    """Units of which anything exists: a part, a marker or a failure record (one listing per folder). The others
+    start fresh (:class:`UnitTransaction`)."""
+    output = as_output(out)
+    found = set().union(*(parts.listed_units(output, part) for part in parts.parts))
+    return found | set(committed_units(output)) | set(_units_with(output, FAILED))
 
 
 def is_done(out: OutputLike, unit: str) -> bool:

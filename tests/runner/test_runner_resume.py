@@ -106,7 +106,7 @@ def test_output_of_an_earlier_zarr_layout_is_refused(shards, tmp_path):
     del job["fingerprint"]["maps.zarr layout version"]  # as versions writing layout 1 left it
     (out / "job.json").write_text(json.dumps(job))
     with pytest.raises(
-        OutputMismatchError, match=r"maps.zarr layout version: null -> 2\. Use a new output.path, or --overwrite"
+        OutputMismatchError, match=r"maps.zarr layout version: null -> 3\. Use a new output.path, or --overwrite"
     ):
         run(shards, out)
 

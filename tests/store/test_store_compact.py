@@ -3,8 +3,11 @@ units are redone after it."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -58,9 +61,49 @@ def test_compaction_merges_every_table_and_reads_the_same(written):
     assert_same(tables(out), before)
     after = open_results(out).maps("b2")
     np.testing.assert_array_equal(after.daam, maps_before.daam)
-    index = pq.read_table(out / manifest.key_index).to_pandas()
+    (path,) = manifest.key_index  # one file: fewer keys than a file holds
+    assert manifest.key_index_starts == ("a0",)
+    index = pq.read_table(out / path).to_pandas()
     assert index["key"].tolist() == ["a0", "a1", "b0", "b1", "b2", "c0"]  # ok samples only, sorted by key
     assert index.loc[index.key == "b2", "row"].item() == 2
+
+
+def test_the_key_index_in_small_files_finds_every_key_in_one_of_them(written, layout, make_batch):
+    out, batches = written
+    write_with_statistics(out, "shard-000003", layout, make_batch, ["b1", "b3"], seed=9)  # b1: in two units
+    before = open_results(out).locate(["a0", "a1", "b0", "b1", "b2", "b3", "c0"])
+    compact(out, keys_per_file=2)
+    manifest = read_manifest(out)
+    files = [pq.read_table(out / path).to_pandas() for path in manifest.key_index]
+    assert [f["key"].tolist() for f in files] == [["a0", "a1"], ["b0", "b1", "b1"], ["b2", "b3"], ["c0"]]
+    assert list(manifest.key_index_starts) == ["a0", "b0", "b2", "c0"]  # a key's rows never split across files
+    results = open_results(out)
+    after = results.locate(["a0", "a1", "b0", "b1", "b2", "b3", "c0"])
+    pd.testing.assert_frame_equal(
+        after.sort_values(["key", "unit"]).reset_index(drop=True),
+        before.sort_values(["key", "unit"]).reset_index(drop=True),
+    )
+    assert sorted(after.loc[after.key == "b1", "unit"]) == ["shard-000001", "shard-000003"]
+    np.testing.assert_allclose(results.maps("b2").daam, batches["shard-000001"]["result"].arrays["daam"][2], rtol=1e-3)
+
+
+def test_a_manifest_of_an_earlier_version_with_one_key_index_file_still_reads(written):
+    out, _ = written
+    compact(out, keys_per_file=2)
+    manifest = json.loads((out / MANIFEST).read_text())
+    merged = pa.concat_tables([pq.read_table(out / path) for path in manifest["key_index"]])
+    pq.write_table(merged, out / "tables" / "key_index-00001.parquet")
+    manifest["key_index"] = "tables/key_index-00001.parquet"  # as compactions before the files were split wrote it
+    del manifest["key_index_starts"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    results = open_results(out)
+    assert results.locate(["b2", "c0"]).sort_values("key")[["unit", "row"]].values.tolist() == [
+        ["shard-000001", 2],
+        ["shard-000002", 0],
+    ]
+    compact(out)  # the next compaction replaces it
+    assert not (out / "tables" / "key_index-00001.parquet").exists()
+    assert results.maps("a1").key == "a1"
 
 
 def test_a_unit_redone_after_compaction_is_read_from_its_new_files(written, layout, make_batch):
