@@ -18,6 +18,7 @@ from pipeline.sanity import CascadingRandomisation, map_similarity
 from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
 from pipeline.store.bank import load_bank
+from pipeline.store.lease import Fence
 from pipeline.store.output import job_output
 from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
 from pipeline.store.units import unit_name
@@ -65,7 +66,7 @@ class ExplainStage:
             self._units = [unit_name(url) for url in job.shard_urls()]
             self._sanity_left: dict[str, int] = {}  # unit -> samples its sanity check still re-explains
 
-    def open_unit(self, unit: str, url: str, *, fresh: bool = False) -> UnitState:
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False, fence: Fence | None = None) -> UnitState:
         output = job_output(self.job)
         if self._maps is None:  # one per worker: the root attributes are checked once
             self._maps = MapStore(output.child("maps.zarr"))
@@ -78,6 +79,7 @@ class ExplainStage:
             store_options=self.job.store_options,
             maps=self._maps,
             fresh=fresh,
+            fence=fence,
         )
         generator = None
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit

@@ -13,7 +13,15 @@ then removes the per-unit files it merged. A reader (:class:`TableSources`) take
 its per-unit file where there is one (the unit was written or redone after the compaction) and otherwise from
 the compacted files, so an output reads the same at every step of a compaction and while a job runs. A
 compaction rewrites every table (O(rows), one pass, ``units_per_file`` units in memory at a time) and must hold
-the output's lease (:class:`~pipeline.store.lease.Lease`).
+the output's lease (:class:`~pipeline.store.lease.Lease`; its :class:`~pipeline.store.lease.Fence` is checked
+before the manifest and before anything is removed).
+
+Readers see a consistent snapshot (:func:`table_sources` with ``snapshot``): the manifest, the listing of a
+table's per-unit files, then the manifest again; a compaction that replaced the manifest in between, a committed
+unit without its files (merged and removed meanwhile, or started over by a job) or a file gone before it was read
+(:class:`ChangingFilesError`, ``FileNotFoundError``) make the reader take a new snapshot, after a pause
+(:meth:`~pipeline.store.results.Results.read`). The files of a generation stay until the compaction after the
+next one starts, so a reader that took its snapshot before a compaction finishes its read in peace.
 
 On an object store each request costs a round trip: the per-unit files are read with one GET each, all at once,
 every file is written with one PUT, the merged files are removed in bulk, and a key's lookup reads one key index
@@ -26,9 +34,9 @@ import bisect
 import io
 import itertools
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,14 +48,20 @@ from pipeline.store.output import Output, OutputLike, as_output
 from pipeline.store.schemas import TABLE_SCHEMAS
 from pipeline.store.units import EXPLAIN_PARTS, committed_units
 
+if TYPE_CHECKING:
+    from pipeline.store.lease import Fence
+
 __all__ = [
     "MANIFEST",
     "TABLES_DIR",
+    "ChangingFilesError",
     "Compaction",
     "Manifest",
     "TableSources",
     "compact",
+    "compaction_pending",
     "key_index_rows",
+    "manifest_generation",
     "read_manifest",
     "table_sources",
 ]
@@ -93,6 +107,16 @@ class Manifest:
             "key_index_starts": list(self.key_index_starts),
         }
         return json.dumps(record, indent=1).encode()
+
+
+class ChangingFilesError(StoreError):
+    """The files a reader listed changed under it (a compaction replaced them, a job started a unit over): a new
+    snapshot reads right. Raised as such only when the output stays the same while it persists."""
+
+
+def manifest_generation(manifest: Manifest | None) -> int:
+    """A manifest's generation; 0 before the first compaction."""
+    return manifest.generation if manifest is not None else 0
 
 
 def key_index_rows(output: Output, manifest: Manifest, keys: Sequence[str], wanted: pc.Expression) -> pa.Table:
@@ -150,6 +174,19 @@ class TableSources:
             scans.append((_dataset(output, list(self.per_unit.values()), schema), None))
         return scans
 
+    def unit_scans(
+        self, output: Output, schema: pa.Schema, skip: set[str]
+    ) -> Iterator[tuple[set[str], ds.Dataset, pc.Expression | None]]:
+        """:meth:`scans` without the units in ``skip``, each per-unit file on its own, with the units it holds:
+        what a reader that read ``skip`` already needs after taking a new snapshot."""
+        compacted = sorted(self.compacted_units - skip)
+        if compacted:
+            wanted = pc.field("unit").isin(compacted) if self.stale_units or skip else None
+            yield set(compacted), _dataset(output, self.compacted_files, schema), wanted
+        for unit, path in self.per_unit.items():
+            if unit not in skip:
+                yield {unit}, _dataset(output, [path], schema), None
+
     def dataset(self, output: Output, schema: pa.Schema) -> ds.Dataset:
         """One pyarrow dataset of exactly the committed units' rows.
 
@@ -187,15 +224,20 @@ def table_sources(
     *,
     optional: bool,
     root: Collection[str] | None = None,
+    snapshot: bool = False,
 ) -> TableSources:
     """The files holding ``table``'s rows of ``units`` (committed units), after one listing of its folder.
 
     Args:
         root: The names at the output's root, when the caller listed it: when the table's folder is not there and
             the manifest holds every unit, the folder is not listed (a fully compacted output).
+        snapshot: A reader's consistent view: ``manifest`` was read before the listing, and is read again after it
+            (sources from the manifest alone, of a fully compacted output, need no second look).
 
     Raises:
-        StoreError: a unit has neither a per-unit file nor compacted rows (for a table every unit writes).
+        ChangingFilesError: a unit has neither a per-unit file nor compacted rows (for a table every unit writes),
+            or, with ``snapshot``, a compaction replaced the manifest meanwhile (an optional table's units would be
+            missed silently).
     """
     folder = EXPLAIN_PARTS.parts[table].split("/", 1)[0]
     compacted_all = manifest is not None and bool(manifest.files.get(table)) and manifest.units.issuperset(units)
@@ -206,10 +248,24 @@ def table_sources(
     compacted = manifest.units if manifest is not None and manifest.files.get(table) else frozenset()
     missing = [unit for unit in rest if unit not in compacted]
     if missing and not optional:
-        raise StoreError(f"committed unit {missing[0]} of {output.url} lacks its {table} table")
+        raise ChangingFilesError(f"committed unit {missing[0]} of {output.url} lacks its {table} table")
     wanted = frozenset(rest) & compacted
     files = [output.path(name) for name in manifest.files.get(table, [])] if manifest is not None else []
+    if snapshot and not skip and manifest_generation(read_manifest(output)) != manifest_generation(manifest):
+        raise ChangingFilesError(f"the tables of {output.url} were compacted while they were listed")
     return TableSources(table, per_unit, files, wanted, stale_units=compacted - wanted)
+
+
+def compaction_pending(out: OutputLike) -> bool:
+    """Whether committed units' rows are not in the compacted tables yet: units committed since the last compaction
+    (or with none), or redone since it."""
+    output = as_output(out)
+    manifest, units = read_manifest(output), set(committed_units(output))
+    if not units:
+        return False
+    if manifest is None or units != manifest.units:
+        return True
+    return bool(units & EXPLAIN_PARTS.listed_units(output, "samples"))
 
 
 @dataclass(frozen=True)
@@ -222,7 +278,13 @@ class Compaction:
     merged_files: int  # per-unit files merged and removed
 
 
-def compact(out: OutputLike, *, units_per_file: int = 1000, keys_per_file: int = _KEY_INDEX_FILE) -> Compaction:
+def compact(
+    out: OutputLike,
+    *,
+    units_per_file: int = 1000,
+    keys_per_file: int = _KEY_INDEX_FILE,
+    fence: Fence | None = None,
+) -> Compaction:
     """Merge the committed units' tables into ``tables/`` and remove the merged per-unit files.
 
     The caller holds the output's lease: no unit is committed meanwhile.
@@ -231,13 +293,28 @@ def compact(out: OutputLike, *, units_per_file: int = 1000, keys_per_file: int =
         out: The output location.
         units_per_file: Units per compacted file.
         keys_per_file: Keys per key index file (about: a key held by several units is never split).
+        fence: The caller's lease, checked before the manifest is written and before anything is removed.
 
     Raises:
         StoreError: a table cannot be read or written.
+        LeaseLostError: another driver took the lease: the output is left as it was.
     """
     output = as_output(out)
+    if fence is not None:
+        fence.check()
+    try:
+        return _compact(output, units_per_file, keys_per_file, fence)
+    except (FileNotFoundError, ChangingFilesError) as e:  # the lease is not ours any more, or a unit vanished
+        if fence is not None:
+            fence.check()
+        raise StoreError(f"cannot compact {output.url}: files changed while it ran ({e})") from e
+
+
+def _compact(output: Output, units_per_file: int, keys_per_file: int, fence: Fence | None) -> Compaction:
     old = read_manifest(output)
-    _remove_unreferenced(output, old)  # of a compaction interrupted before its manifest
+    # Files no manifest names: an interrupted compaction's, and those of the generation before ``old``, which the
+    # last compaction kept for the readers that had read its manifest.
+    _remove_unreferenced(output, old)
     units = committed_units(output)
     generation = (old.generation if old else 0) + 1
     files: dict[str, list[str]] = {}
@@ -271,11 +348,10 @@ def compact(out: OutputLike, *, units_per_file: int = 1000, keys_per_file: int =
             starts.append(str(part["key"][0]))
         output.put_many({output.path(name): data for name, data in key_index.items()})
     manifest = Manifest(generation, frozenset(units), files, tuple(key_index), tuple(starts))
+    if fence is not None:
+        fence.check()
     output.put_atomic(output.path(MANIFEST), manifest.to_json())  # from here on readers use the new files
-    output.remove_files(merged)
-    if old is not None:
-        names = [*(n for names in old.files.values() for n in names), *old.key_index]
-        output.remove_files([output.path(name) for name in names])
+    output.remove_files(merged)  # a reader that listed them before the manifest takes a new snapshot
     return Compaction(generation, len(units), sum(map(len, files.values())), len(merged))
 
 

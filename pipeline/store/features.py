@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from pipeline.data.decode import DecodedBatch
+    from pipeline.store.lease import Fence
 
 __all__ = ["EncodedBatch", "FeatureWriter", "read_unit_features", "write_strings"]
 
@@ -49,12 +50,15 @@ class FeatureWriter:
         unit: Unit name.
         dim: Feature size D (the array's width when the unit has no ok sample).
         fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
+        fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
     """
 
-    def __init__(self, out: OutputLike, unit: str, dim: int, *, fresh: bool = False) -> None:
+    def __init__(
+        self, out: OutputLike, unit: str, dim: int, *, fresh: bool = False, fence: Fence | None = None
+    ) -> None:
         self.output = as_output(out)
         self.unit = unit
-        self._transaction = UnitTransaction(self.output, BANK_PARTS, unit, fresh=fresh)
+        self._transaction = UnitTransaction(self.output, BANK_PARTS, unit, fresh=fresh, fence=fence)
         self._dim = dim
         self._features: list[np.ndarray] = []
         self._labels: list[int] = []

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from pipeline.data.decode import DecodedBatch, DecodedSample
+    from pipeline.store.lease import Fence
 
 __all__ = ["SAMPLE_COLUMNS", "ExplainedBatch", "UnitWriter"]
 
@@ -93,9 +94,11 @@ class UnitWriter:
         maps: The output's ``maps.zarr``, kept by a worker across its units (its root attributes are then checked
             once); default: opened and checked for this unit.
         fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
+        fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
 
     Raises:
         StoreError: the output holds maps of another configuration, or cannot be written.
+        LeaseLostError: the driver's lease was taken by another driver.
     """
 
     def __init__(
@@ -109,11 +112,12 @@ class UnitWriter:
         store_options: StoreOptions | None = None,
         maps: MapStore | None = None,
         fresh: bool = False,
+        fence: Fence | None = None,
     ) -> None:
         self.output = as_output(out)
         self.unit = unit
         self.layout = layout
-        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit, fresh=fresh)
+        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit, fresh=fresh, fence=fence)
         options = store_options or StoreOptions()
         (maps or MapStore(self.output.child("maps.zarr"))).init(layout, options)
         self._maps = UnitMapWriter(unit, layout, options)

@@ -11,7 +11,9 @@ A unit is one input shard, named by :func:`unit_name`. Each stage writes its uni
 
 Protocol (:class:`UnitTransaction`): remove the markers first, then every part of an earlier attempt; write the
 unit's data, make it durable, then write one marker, which also clears the failure record. A unit without a
-marker is not there for readers and is redone from scratch by the next run, so no row is ever read twice.
+marker is not there for readers and is redone from scratch by the next run, so no row is ever read twice. A
+driver's transactions are fenced (:class:`~pipeline.store.lease.Fence`): they check the driver's lease before they
+remove anything and again right before the marker, which records the lease's generation.
 Temporary files of interrupted writes are swept once per job (:func:`sweep_temporaries`).
 
 On an object store every request counts (tens of milliseconds each): a unit the driver's listing found nothing of
@@ -28,10 +30,13 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StoreError
 from pipeline.store.output import Output, OutputLike, as_output
+
+if TYPE_CHECKING:
+    from pipeline.store.lease import Fence
 
 __all__ = [
     "BANK_PARTS",
@@ -48,6 +53,7 @@ __all__ = [
     "incomplete_units",
     "is_done",
     "present_units",
+    "read_marker",
     "record_failure",
     "started_units",
     "sweep_temporaries",
@@ -149,19 +155,26 @@ class UnitTransaction:
         unit: Unit name.
         fresh: Nothing of the unit exists (the driver's listing found no part, marker or failure record of it, and
             no attempt ran since): nothing is removed, now or at the commit.
+        fence: The driver's lease, checked before anything is removed and before the marker; None: unfenced.
 
     Raises:
         StoreError: ``unit`` is not a plain file stem, or the output cannot be written.
+        LeaseLostError: the driver's lease was taken by another driver.
     """
 
-    def __init__(self, out: OutputLike, parts: UnitParts, unit: str, *, fresh: bool = False) -> None:
+    def __init__(
+        self, out: OutputLike, parts: UnitParts, unit: str, *, fresh: bool = False, fence: Fence | None = None
+    ) -> None:
         self.output = as_output(out)
         self.parts = parts
         self.unit = _check_unit(unit)
         self.paths = parts.paths(self.output, unit)
         self.fresh = fresh
+        self.fence = fence
         if fresh:
             return
+        if fence is not None:
+            fence.check()  # before anything is removed (a fresh unit removes nothing)
         markers = [_marker(self.output, kind, unit) for kind in _MARKERS]
         if self.output.is_local:
             for path in [*markers, *self.paths.values()]:  # markers first: from here on the unit is not done
@@ -197,18 +210,22 @@ class UnitTransaction:
 
         Raises:
             StoreError: the summary is not JSON-serialisable or the marker cannot be written.
+            LeaseLostError: the driver's lease was taken by another driver: no marker is written.
         """
         marker = {
             "unit": self.unit,
             "committed_at": datetime.now(UTC).isoformat(),
             "complete": incomplete is None,
             **({"incomplete": incomplete} if incomplete else {}),
+            **({"lease_generation": self.fence.generation} if self.fence is not None else {}),
             **summary,
         }
         try:
             data = json.dumps(marker, indent=1).encode()
         except (TypeError, ValueError) as e:
             raise StoreError(f"summary of unit {self.unit!r} is not JSON-serialisable: {e}") from e
+        if self.fence is not None:
+            self.fence.check()
         self.output.put_atomic(_marker(self.output, INCOMPLETE if incomplete else DONE, self.unit), data)
         if not self.fresh:
             self.output.remove_files([_marker(self.output, FAILED, self.unit)])
@@ -268,9 +285,28 @@ def is_done(out: OutputLike, unit: str) -> bool:
     return output.exists(_marker(output, DONE, unit))
 
 
-def record_failure(out: OutputLike, unit: str, error: str) -> None:
-    """Record a unit that failed after its retries; its next commit clears the record."""
+def read_marker(out: OutputLike, unit: str) -> dict[str, Any] | None:
+    """A committed unit's marker (done, else incomplete), or None."""
     output = as_output(out)
+    for kind in _MARKERS:
+        try:
+            return json.loads(output.fs.cat_file(_marker(output, kind, unit)))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read the marker of unit {unit} in {output.url}: {e}") from e
+    return None
+
+
+def record_failure(out: OutputLike, unit: str, error: str, *, fence: Fence | None = None) -> None:
+    """Record a unit that failed after its retries; its next commit clears the record.
+
+    Raises:
+        StoreError: the record cannot be written. LeaseLostError: ``fence``'s lease was taken: nothing is written.
+    """
+    output = as_output(out)
+    if fence is not None:
+        fence.check()
     output.put_atomic(_marker(output, FAILED, unit), json.dumps({"unit": unit, "error": error}).encode())
 
 

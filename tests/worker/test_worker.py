@@ -51,7 +51,7 @@ class RecordingStage:
     def __init__(self) -> None:
         self.sinks: dict[str, RecordingSink] = {}
 
-    def open_unit(self, unit, url, *, fresh=False):
+    def open_unit(self, unit, url, *, fresh=False, fence=None):
         self.sinks[unit] = RecordingSink()
         return UnitState(self.sinks[unit], torch.Generator().manual_seed(len(unit)))
 
@@ -184,7 +184,7 @@ class SlowStorageStage(RecordingStage):
         self.log: list[str] = []
         self.computed = {}  # shard prefix (s0, s1, ...) -> set when its unit first computes
 
-    def open_unit(self, unit, url, *, fresh=False):
+    def open_unit(self, unit, url, *, fresh=False, fence=None):
         state = super().open_unit(unit, url, fresh=fresh)
         sink, stage = state.sink, self
 
