@@ -201,8 +201,9 @@ def lxt():
     spec = importlib.util.find_spec("lxt")
     if spec is None:
         pytest.skip(
-            "the oracle is the PyPI package `lxt` 2.1, not in the test extra (it requires transformers, accelerate, "
-            "bitsandbytes and open_clip_torch, none of which these tests use): `pip install --no-deps lxt`"
+            "the oracle is the PyPI package `lxt` 2.1, installed without its dependencies by the README's test command "
+            "(they are transformers, accelerate, bitsandbytes and open_clip_torch, none of which these tests use): "
+            "`pip install --no-deps 'lxt==2.1'`"
         )
     root = Path(spec.origin).parent
     packages = {"lxt": root, "lxt.efficient": root / "efficient", "lxt.efficient.models": root / "efficient" / "models"}
