@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, StoreError
-from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS, PER_BLOCK_EXPLAINERS
+from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS, PER_BLOCK_EXPLAINERS, TOP_DOWN_EXPLAINERS
 from pipeline.store.output import JOB_FILE
 from pipeline.store.results import Results, open_results
 
@@ -173,7 +173,10 @@ def _final_maps(stored: dict[str, np.ndarray], job: JobConfig) -> dict[str, np.n
     else:
         raise StoreError("the output stores neither daam nor block_maps (output.arrays): no DAAM map to evaluate")
     for name in job.comparison_explainers:
-        finals[name] = stored[name][:, -1] if name in PER_BLOCK_EXPLAINERS else stored[name]
+        if name in TOP_DOWN_EXPLAINERS:  # the method's map: the positive relevance at the input (stored signed)
+            finals[name] = np.maximum(stored[f"{name}_input"], 0)
+        else:
+            finals[name] = stored[name][:, -1] if name in PER_BLOCK_EXPLAINERS else stored[name]
     return finals
 
 

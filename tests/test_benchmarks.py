@@ -30,11 +30,12 @@ def test_engine_benchmark(tmp_path):
     rows = tmp_path / "rows.json"
     out = run(
         "engine.py", "--model", "vit_tiny_patch16_224", "--batch", "2", "--rounds", "1", "--repeats", "1",
-        "--json-out", str(rows),
+        "--explainers", "daam,gae,cplrp", "--json-out", str(rows),
     )  # fmt: skip
-    assert "vit_tiny_patch16_224" in out and "device: cpu" in out
+    assert "vit_tiny_patch16_224" in out and "device: cpu" in out and "+gae,cplrp (DAAM with them attached)" in out
     (row,) = json.loads(rows.read_text())
     assert row["ratio"] > 0 and row["floor_peak_mib"] > 0 and row["daam_peak_mib"] > 0
+    assert row["with_explainers"]["time_vs_daam"] > 0 and row["with_explainers"]["peak_mib"] > 0
 
 
 def test_evaluation_benchmark(tmp_path):

@@ -48,11 +48,17 @@ def run(shards, out, **overrides):
 
 def test_exact_stored_maps_give_the_tables_values(shards, tmp_path):
     results = run(
-        shards, tmp_path / "out", explainers=["daam", "rollout"], evaluate=EVALUATE, **{"output.dtype": "float32"}
+        shards,
+        tmp_path / "out",
+        explainers=["daam", "rollout", "attnlrp"],
+        evaluate=EVALUATE,
+        **{"output.dtype": "float32"},
     )
     again = evaluate_stored(tmp_path / "out")
     assert list(again.columns) == ["key", "unit", "method", *METRIC_COLUMNS, *CURVE_COLUMNS]
-    assert set(again.method) == {"daam", "rollout"} and len(again) == 2 * 9  # no reference maps: they are not stored
+    assert (
+        set(again.method) == {"daam", "rollout", "attnlrp"} and len(again) == 3 * 9
+    )  # no reference maps: they are not stored
     computed = [c for c in METRIC_COLUMNS if results.evaluation[c].notna().any()]
     assert [c for c in METRIC_COLUMNS if again[c].notna().any()] == computed and "mask_miou" in computed
     table = results.evaluation.set_index(["unit", "key", "method"])

@@ -1,14 +1,14 @@
 """The HTML dataset report of an output: one self-contained file (inline SVG charts drawn with matplotlib by
 :mod:`pipeline.viz.charts`, base64 PNG images, no scripts, no network).
 
-Sections: the job and its counts; what went wrong (failed samples by reason with example keys, failed and
-incomplete units, sample keys held by several units, samples whose final map misses its box); per-block curves of
-the accumulated-map statistics (mean and inter-quartile band), all samples, correct vs wrong and the most frequent
-classes; the same statistics of every comparison explainer with per-block maps (the explainer_blocks table:
-rollout, attention, any other) next to DAAM's (median and inter-quartile band), when the job ran one; the settle
-block (:func:`pipeline.summaries.settle_blocks`, the same figures ``summary`` prints); localisation per block
-(boxes, and masks where the samples have them), the method table (every metric of the evaluation table, mean per
-method, with the sample count) and the mean deletion/insertion and perturbation curves when the output has them;
+Sections: the job and its counts; what went wrong (failed samples by reason with example keys, failed and incomplete
+units, sample keys held by several units, samples whose final map misses its box); per-block curves of the
+accumulated-map statistics (mean and inter-quartile band), all samples, correct vs wrong and the most frequent
+classes; the same statistics of every comparison explainer with per-block maps (the explainer_blocks table: rollout,
+attention, GAE, AttnLRP, CP-LRP, any other) next to DAAM's (median and inter-quartile band), when the job ran one;
+the settle block (:func:`pipeline.summaries.settle_blocks`, the same figures ``summary`` prints); localisation per
+block (boxes, and masks where the samples have them), the method table (every metric of the evaluation table, mean
+per method, with the sample count) and the mean deletion/insertion and perturbation curves when the output has them;
 the sanity check's curves (cascading randomisation: how similar each explainer's final map stays as blocks are
 randomised from the top) when the job ran it; a gallery of the most and least typical samples, by the distance of
 their curve of ``daam_cos_final`` over the blocks to the mean curve, with their boxes, pointing-game mark and a
@@ -333,8 +333,9 @@ def _explainer_curves(blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> s
             "<h2>Per-block statistics by explainer</h2>",
             '<p class="note">The statistics above for the maps of every explainer with one map per block, next to '
             f"DAAM's accumulated maps D_l: {escape(', '.join(methods[1:]))}. The same formulas, each explainer's "
-            "last map taking the place of D_{L-1} (cos_final, iou_final). Lines: the median over samples; bands: the "
-            "inter-quartile range.</p>",
+            "final map taking the place of D_{L-1} (cos_final, iou_final): its last map, or for AttnLRP and CP-LRP "
+            "(attnlrp, cplrp: the positive relevance at each block's input) the input map. Lines: the median over "
+            "samples; bands: the inter-quartile range.</p>",
             f'<div class="charts">{"".join(charts)}</div>',
             '<p class="note">When each of them settles: the section "Settle block".</p>',
         ]
@@ -353,7 +354,9 @@ def _settle(settled: pd.DataFrame, ok: pd.DataFrame, blocks: pd.DataFrame, expla
         f"those of the final map D_{{L-1}} with IoU of at least {RANKING_IOU} at that block and every later one "
         "(<code>daam_iou_final</code>; undefined for an all-zero final map): when the map's ranking of the patches "
         "is settled. <code>summary</code> prints the same table; for comparison explainers with per-block maps, "
-        "their own maps take the place of D_l. Depth: the block + 1 over the number of blocks.</p>",
+        "their own maps take the place of D_l (for AttnLRP and CP-LRP, read from the last block down, the last block "
+        "up to which they agree with their input map at every earlier block). Depth: the block + 1 over the number "
+        "of blocks.</p>",
     ]
     if settled.empty:
         return "".join([*parts, "<p>No ok samples.</p>"])
