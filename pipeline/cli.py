@@ -15,6 +15,7 @@ import click
 import yaml
 
 from pipeline.errors import ConfigError, JobTerminated, LeaseLostError, PipelineError
+from pipeline.names import RENDER_QUERIES, RENDER_QUERY_ALIASES
 
 __all__ = ["main"]
 
@@ -147,12 +148,9 @@ def demo(ssl, out, overwrite, no_ray, quiet) -> None:
 
 
 def _shipped_job(name: str) -> Path:
-    from pipeline.config import package_path
+    from pipeline.examples import shipped_job
 
-    path = Path(package_path(f"jobs/{name.removesuffix('.yaml')}.yaml"))
-    if not path.is_file():
-        raise PipelineError(f"no shipped job {name!r}; `daam-pipeline jobs` lists them")
-    return path
+    return shipped_job(name)
 
 
 @main.group(invoke_without_command=True)
@@ -161,19 +159,28 @@ def jobs(ctx) -> None:
     """List the example jobs shipped with the package (`jobs show NAME` prints one, to copy and edit)."""
     if ctx.invoked_subcommand is not None:
         return
-    from pipeline.config import package_path
+    from pipeline.examples import shipped_jobs
 
-    for path in sorted(Path(package_path("jobs")).glob("*.yaml"), key=lambda p: p.stem):
+    for path in shipped_jobs():
         first = next((line.removeprefix("#").strip() for line in path.read_text().splitlines() if line.strip()), "")
         click.echo(f"{path.stem:10s} {textwrap.shorten(first, 100, placeholder=' ...')}")
 
 
 @jobs.command("show")
 @click.argument("name")
+@click.option(
+    "--data-root",
+    default="data",
+    show_default=True,
+    help="Where the copy reads its inputs (shards, checkpoint): relative to the copy's folder, absolute, or a URL.",
+)
 @_user_errors
-def jobs_show(name) -> None:
-    """Print the shipped job NAME (e.g. `daam-pipeline jobs show dino > my-job.yaml`)."""
-    click.echo(_shipped_job(name).read_text(), nl=False)
+def jobs_show(name, data_root) -> None:
+    """Print the shipped job NAME as a copy for this folder (`daam-pipeline jobs show dino > dino.yaml`): its input
+    paths read DATA_ROOT (data/ beside the copy), and its comments say how to write them there."""
+    from pipeline.examples import job_copy
+
+    click.echo(job_copy(name, data_root), nl=False)
 
 
 def _exit_now(code: int, line: str, stops: Any) -> None:
@@ -286,14 +293,21 @@ def shard(src, out, kind, samples_per_shard, prefix, labels, boxes, masks) -> No
 @click.option("--key", "keys", multiple=True, help="Sample key to draw (repeatable).")
 @click.option(
     "--query",
-    type=click.Choice(["most-converged", "least-converged", "wrong", "random"]),
+    type=click.Choice([*RENDER_QUERIES, *RENDER_QUERY_ALIASES]),
     default=None,
-    help="Pick samples instead of --key.",
+    help="Pick samples instead of --key: by their settle block (the first block from which the top-20% patches of "
+    "D_l stay within IoU 0.9 of the final map's), wrong predictions, or at random.",
 )
 @click.option("--count", default=8, show_default=True, help="Samples a query draws.")
 @click.option("--block-maps", is_flag=True, help="Add a row of the per-block maps M_l.")
 @click.option("--no-animation", is_flag=True, help="PNG grids only.")
-@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "gif", "mp4"]), help="Default: all.")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["png", "gif", "mp4"]),
+    help="Default: all (mp4 where ffmpeg is on the PATH); an explicit mp4 without ffmpeg is an error.",
+)
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: OUT/renders.")
 @click.option("--size", default=224, show_default=True, help="Panel size in pixels.")
 @click.option("--class-names", type=click.Path(dir_okay=False), default=None, help="Text (one per line) or JSON list.")
@@ -313,7 +327,7 @@ def render(out, keys, query, count, block_maps, no_animation, formats, dest, siz
         count=count,
         block_maps=block_maps,
         animation=not no_animation,
-        formats=formats or ("png", "gif", "mp4"),
+        formats=formats or None,  # default: every format this machine can write
         dest=dest,
         size=size,
         class_names=class_names,
@@ -334,13 +348,38 @@ def render(out, keys, query, count, block_maps, no_animation, formats, dest, siz
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def report(out, dest, gallery, top_classes, size, class_names, quiet) -> None:
-    """Write one self-contained HTML report of OUT: per-block curves, convergence, evaluation, gallery."""
+    """Write one self-contained HTML report of OUT: failures, per-block curves, settle blocks, evaluation (with its
+    curves), gallery."""
     from pipeline.viz import report as write_report
 
     path = write_report(
         out, dest, gallery=gallery, top_classes=top_classes, size=size, class_names=class_names, progress=not quiet
     )
     click.echo(str(path))
+
+
+@main.command()
+@click.argument("out")
+@click.option(
+    "--dest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Default: OUT/evaluation_stored.parquet.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def evaluate(out, dest, quiet) -> None:
+    """Evaluate the maps stored in OUT again, with its job's model, shards and evaluate: settings, and compare with
+    the evaluation table (computed from the float32 maps before they were stored)."""
+    from pipeline.reevaluate import default_destination, describe, evaluate_stored
+    from pipeline.store.results import open_results
+
+    results = open_results(out)
+    again = evaluate_stored(out, progress=not quiet)
+    path = dest or default_destination(results)
+    again.to_parquet(path, index=False)
+    click.echo(f"{len(again)} (sample, method) rows evaluated from the stored maps of {out}, written to {path}")
+    click.echo(describe(results.evaluation, again))
 
 
 @main.command()

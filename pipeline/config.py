@@ -25,6 +25,7 @@ from pipeline.names import (
     EXPLAINER_ARRAYS,
     EXPLAINERS,
     MAP_ARRAYS,
+    METRIC_CURVES,
     METRIC_GROUPS,
     PERTURBATION_BASELINES,
     PERTURBATION_PROTOCOLS,
@@ -110,6 +111,17 @@ class ModelConfig(_Section):
     pretrained: bool = Field(False, description="download hub weights (machines with network access only)")
     num_classes: int | None = Field(None, ge=0, description="classifier size; 0 removes the head")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="more timm.create_model keyword arguments")
+    label: str | None = Field(
+        None,
+        min_length=1,
+        description="the model's name in the outputs (samples column `model`, maps.zarr attributes, the report); "
+        "default: name. Name a model built with kwargs for what it is",
+    )
+
+    @property
+    def shown_name(self) -> str:
+        """What the outputs call the model: ``label``, else ``name``."""
+        return self.label or self.name
 
 
 def _check_braces(pattern: str) -> str:
@@ -350,6 +362,11 @@ class EvaluationConfig(_Section):
     def columns(self) -> tuple[str, ...]:
         """The metric columns filled for every evaluated method."""
         return tuple(column for group in self.metrics for column in METRIC_GROUPS[group])
+
+    @property
+    def curve_columns(self) -> tuple[str, ...]:
+        """The curves stored beside those metrics (deletion/insertion and perturbation)."""
+        return tuple(column for group in self.metrics for column in METRIC_CURVES.get(group, ()))
 
 
 class JobConfig(_Section):

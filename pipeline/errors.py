@@ -7,6 +7,8 @@ subclass inherits it too, so callers can catch either. Messages name what is wro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "AmbiguousSampleError",
     "BankError",
@@ -18,6 +20,7 @@ __all__ = [
     "EmptyOutputError",
     "InputChangedError",
     "InputError",
+    "JobProblemsError",
     "JobTerminated",
     "LeaseLostError",
     "OutputInUseError",
@@ -30,9 +33,11 @@ __all__ = [
     "ShardNotFoundError",
     "StoreError",
     "TargetError",
+    "ToolNotFoundError",
     "UnitFailedError",
     "UnsupportedModelError",
     "one_line",
+    "raise_all",
 ]
 
 
@@ -113,6 +118,10 @@ class AmbiguousSampleError(SampleNotFoundError):
     """A sample key that several units of an output hold, asked for without naming the unit."""
 
 
+class ToolNotFoundError(PipelineError, FileNotFoundError):
+    """An external program a command needs (``ffmpeg`` for MP4 animations) is not on the PATH."""
+
+
 class OutputInUseError(PipelineError, RuntimeError):
     """Another driver holds the output's lease (a second run of the same job, or a resubmitted cluster job)."""
 
@@ -132,6 +141,29 @@ class OutputMismatchError(PipelineError, ValueError):
 
 class ClusterError(PipelineError, ConnectionError):
     """The Ray cluster cannot be joined (nothing listening, a timeout, an authentication failure)."""
+
+
+class JobProblemsError(PipelineError, ValueError):
+    """Several problems found by one check of a job (``validate``, and ``run`` before any unit), one line each.
+
+    Attributes:
+        problems: The errors found, in the order they were checked.
+    """
+
+    def __init__(self, problems: Sequence[PipelineError], what: str) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  {one_line(problem)}" for problem in self.problems)
+        super().__init__(f"{len(self.problems)} problems in {what}:\n{lines}")
+
+
+def raise_all(problems: Sequence[PipelineError], what: str) -> None:
+    """Raise what a check found: nothing, the one error, or a :class:`JobProblemsError` listing them all (an
+    error that lists several already contributes each of its own)."""
+    flat = [p for problem in problems for p in getattr(problem, "problems", [problem])]
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise JobProblemsError(flat, what)
 
 
 class JobTerminated(BaseException):

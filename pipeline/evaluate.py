@@ -467,7 +467,8 @@ def evaluate_batch(
 
     Returns:
         ``{method: {metric: (B,) float32}}`` on the images' device: methods ``daam``, then the configured
-        references (``random``, ``centre``), then the explainers; metrics :attr:`EvaluationConfig.columns`.
+        references (``random``, ``centre``), then the explainers; metrics :attr:`EvaluationConfig.columns`, then
+        the curves of those AUCs, :attr:`EvaluationConfig.curve_columns`, each ``(B, points)``.
 
     Raises:
         TargetError: faithfulness or perturbation is configured but ``target`` is None (self-supervised mode).
@@ -486,6 +487,7 @@ def evaluate_batch(
     stacked = torch.stack(list(maps.values()), dim=1)  # (B, M, h, w)
 
     values: dict[str, Tensor] = {}  # metric -> (B, M)
+    curves: dict[str, Tensor] = {}  # curve -> (B, M, points)
     if "localisation" in config.metrics:
         values |= localisation(stacked, box_mask)
     if config.segmentation:
@@ -495,7 +497,7 @@ def evaluate_batch(
             "faithfulness and perturbation need the explained classes; disable them in self-supervised mode"
         )
     if config.faithfulness:
-        curves = deletion_insertion(
+        found = deletion_insertion(
             model,
             images,
             stacked,
@@ -507,10 +509,14 @@ def evaluate_batch(
             mean=mean,
             std=std,
         )
-        values |= {"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}
+        values |= {f"{name}_auc": found[name] for name in ("deletion", "insertion")}
+        curves |= {f"{name}_curve": found[f"{name}_curve"] for name in ("deletion", "insertion")}
     if config.perturbation:
-        values |= _perturbation_aucs(model, images, stacked, target, config, autocast_dtype, labels, mean, std)
-    assert tuple(values) == config.columns
+        found = _perturbation_aucs(model, images, stacked, target, config, autocast_dtype, labels, mean, std)
+        values |= {name: value for name, value in found.items() if name.endswith("_auc")}
+        curves |= {name: value for name, value in found.items() if name.endswith("_curve")}
+    assert tuple(values) == config.columns and tuple(curves) == config.curve_columns
+    values |= curves
     return {method: {metric: value[:, i] for metric, value in values.items()} for i, method in enumerate(maps)}
 
 
@@ -525,15 +531,19 @@ def _perturbation_aucs(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
 ) -> dict[str, Tensor]:
-    """The perturbation columns of ``maps`` ``(B, M, h, w)`` by the job's protocol: patch-level against the
-    explained class with the job's baseline, or Chefer et al.'s, black pixels against the label (samples without a
-    label: NaN)."""
+    """The perturbation columns of ``maps`` ``(B, M, h, w)`` by the job's protocol, each AUC and its curve
+    (``<name>_auc`` ``(B, M)``, ``<name>_curve`` ``(B, M, 10)``): patch-level against the explained class with the
+    job's baseline, or Chefer et al.'s, black pixels against the label (samples without a label: NaN)."""
     names = ("positive", "negative", "positive_top1", "negative_top1")
     options = dict(batch_size=config.batch_size, autocast_dtype=autocast_dtype, mean=mean, std=std)
     if config.protocol == "patch":
         curves = perturbation(model, images, maps, target, baseline=config.baseline, **options)
-        return {f"{name}_auc": curves[name] for name in names}
-    aucs = {f"{name}_auc": torch.full(maps.shape[:2], math.nan, device=maps.device) for name in names}
+        return {f"{name}_auc": curves[name] for name in names} | {
+            f"{name}_curve": curves[f"{name}_curve"] for name in names
+        }
+    points = len(PERTURBATION_FRACTIONS)
+    found = {f"{name}_auc": torch.full(maps.shape[:2], math.nan, device=maps.device) for name in names}
+    found |= {f"{name}_curve": torch.full((*maps.shape[:2], points), math.nan, device=maps.device) for name in names}
     labelled = labels >= 0 if labels is not None else torch.zeros(len(maps), dtype=torch.bool, device=maps.device)
     if labelled.any():
         rows = labelled.nonzero().squeeze(1)
@@ -541,5 +551,6 @@ def _perturbation_aucs(
             model, images[rows], maps[rows], labels[rows], baseline="black", protocol="chefer", **options
         )
         for name in names:
-            aucs[f"{name}_auc"][rows] = curves[name]
-    return aucs
+            found[f"{name}_auc"][rows] = curves[name]
+            found[f"{name}_curve"][rows] = curves[f"{name}_curve"]
+    return found

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.errors import CheckpointError, ConfigError, one_line
+from pipeline.errors import CheckpointError, ConfigError, one_line, raise_all
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig
@@ -25,6 +25,7 @@ __all__ = [
     "check_model_source",
     "create_job_model",
     "create_model",
+    "known_model",
     "load_checkpoint",
     "model_data_config",
     "pooled_features",
@@ -44,23 +45,31 @@ def check_model_source(name: str, *, pretrained: bool = False, checkpoint: str |
     Raises:
         CheckpointError: an unknown timm name (close matches named), hub weights asked for where downloads are
             off (``HF_HUB_OFFLINE=1``, or an ``hf-hub:`` name without ``DAAM_ALLOW_DOWNLOAD=1``), or a checkpoint
-            that does not exist.
+            that does not exist. JobProblemsError: an unknown name and a missing checkpoint, both.
     """
+    problems = []
     hub = name.startswith(("hf-hub:", "hf_hub:"))
-    architecture = name.split(".", 1)[0]
-    if not hub and not timm.is_model(architecture):
+    if not known_model(name):
+        architecture = name.split(".", 1)[0]
         close = difflib.get_close_matches(architecture, timm.list_models(), n=3)
         hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise CheckpointError(f"model.name: unknown timm model {name!r}{hint}")
+        problems.append(CheckpointError(f"model.name: unknown timm model {name!r}{hint}"))
     if checkpoint is not None:
         if not _exists(checkpoint):
-            raise CheckpointError(f"model.checkpoint: {checkpoint} does not exist")
-        return
-    if (pretrained or hub) and not _hub_weights_available(name):
-        raise CheckpointError(
-            f"model: {name} needs weights from the Hugging Face hub, which this machine cannot reach (and they are "
-            "not in its cache); give model.checkpoint (a local .safetensors or torch file)"
+            problems.append(CheckpointError(f"model.checkpoint: {checkpoint} does not exist"))
+    elif (pretrained or hub) and not problems and not _hub_weights_available(name):
+        problems.append(
+            CheckpointError(
+                f"model: {name} needs weights from the Hugging Face hub, which this machine cannot reach (and they "
+                "are not in its cache); give model.checkpoint (a local .safetensors or torch file)"
+            )
         )
+    raise_all(problems, f"the model section of {name!r}")
+
+
+def known_model(name: str) -> bool:
+    """Whether timm can build ``name`` (a hub name counts: only the hub knows it)."""
+    return name.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(name.split(".", 1)[0])
 
 
 def _hub_weights_available(name: str) -> bool:

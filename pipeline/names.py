@@ -9,16 +9,20 @@ __all__ = [
     "COMPARISON_EXPLAINERS",
     "COMPRESSORS",
     "COMPUTE_DTYPES",
+    "CURVE_COLUMNS",
     "ENGINE_ARRAYS",
     "EXPLAINERS",
     "EXPLAINER_ARRAYS",
     "MAP_ARRAYS",
     "METRIC_COLUMNS",
+    "METRIC_CURVES",
     "METRIC_GROUPS",
     "PERTURBATION_BASELINES",
     "PERTURBATION_PROTOCOLS",
     "PER_BLOCK_EXPLAINERS",
     "REFERENCE_MAPS",
+    "RENDER_QUERIES",
+    "RENDER_QUERY_ALIASES",
     "SANITY_CHECKS",
     "SANITY_COLUMNS",
     "STORE_DTYPES",
@@ -68,6 +72,14 @@ METRIC_GROUPS = {
 
 METRIC_COLUMNS = tuple(column for columns in METRIC_GROUPS.values() for column in columns)
 
+METRIC_CURVES = {
+    "faithfulness": ("deletion_curve", "insertion_curve"),
+    "perturbation": ("positive_curve", "negative_curve", "positive_top1_curve", "negative_top1_curve"),
+}
+"""The curves a metric group stores beside its AUCs (each AUC is its curve's trapezoid integral)."""
+
+CURVE_COLUMNS = tuple(column for columns in METRIC_CURVES.values() for column in columns)
+
 REFERENCE_MAPS = ("random", "centre")
 """Reference maps evaluated beside the explainers: a seeded uniform random map and a centre prior."""
 
@@ -83,3 +95,9 @@ SANITY_CHECKS = ("cascading",)
 
 SANITY_COLUMNS = ("spearman", "ssim")
 """What the sanity table holds per map: the similarity of the randomised model's map to the trained model's."""
+
+RENDER_QUERIES = ("earliest-settled", "latest-settled", "wrong", "random")
+"""How ``render`` picks samples without keys (:func:`pipeline.viz.select.select_samples`)."""
+
+RENDER_QUERY_ALIASES = {"most-converged": "earliest-settled", "least-converged": "latest-settled"}
+"""Earlier names of render queries, still accepted."""

@@ -13,23 +13,29 @@ from pipeline.errors import SchemaError
 from pipeline.names import REFERENCE_MAPS, SANITY_COLUMNS, TOP_DOWN_EXPLAINERS
 
 __all__ = [
+    "METHOD_LABELS",
     "RANKING_IOU",
+    "duplicate_keys",
     "first_stable_block",
     "headline_tables",
     "label_accuracy",
+    "method_order",
     "ranking_reached",
+    "settle_blocks",
     "summarise",
     "summarise_blocks",
     "summarise_sanity",
 ]
 
-_SUMMARY_ROWS = {"daam": "DAAM", "random": "random", "centre": "centre prior"}
+METHOD_LABELS = {"daam": "DAAM", "random": "random", "centre": "centre prior"}
+"""How tables and charts name the methods of the evaluation table (other explainers keep their names)."""
 _SUMMARY_COLUMNS = {"pointing_hit": "pointing_accuracy"}  # the mean of hits is the pointing accuracy
 _KEYS = ("key", "unit", "method")
 _SAMPLE = ["unit", "key"]
 
 RANKING_IOU = 0.9
-"""IoU of a block's top-20% patches with the final map's from which a method's ranking counts as reached."""
+"""IoU of a block's top-20% patches with the final map's from which a method's ranking counts as reached: the
+threshold of the *settle block* (:func:`settle_blocks`)."""
 
 
 def label_accuracy(samples: pd.DataFrame) -> float | None:
@@ -47,22 +53,31 @@ def summarise(evaluation: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         One row per method (DAAM first, then the references, then any other explainer); a column per metric
-        column of the table, in its order (every numeric column but ``key``, ``unit``, ``method``; ``pointing_hit``
-        as ``pointing_accuracy``: ``pointing_accuracy``, ``box_energy``, ``deletion_auc``, ``insertion_auc`` and
-        the perturbation AUCs today), then ``samples``, the rows of the method.
+        column of the table that the job computed, in the table's order (every numeric column but ``key``,
+        ``unit``, ``method``; ``pointing_hit`` as ``pointing_accuracy``: ``pointing_accuracy``, ``box_energy``,
+        ``deletion_auc``, ``insertion_auc`` and the perturbation AUCs today), then ``samples``, the rows of the
+        method. A column that is NaN in every row (a metric the job did not compute, such as the faithfulness
+        AUCs of a self-supervised job) is left out.
 
     Raises:
         SchemaError: the table lacks the ``method`` column or every metric column.
     """
-    metrics = [c for c in evaluation.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(evaluation[c])]
-    if "method" not in evaluation or not metrics:
+    numeric = [c for c in evaluation.columns if c not in _KEYS and pd.api.types.is_numeric_dtype(evaluation[c])]
+    if "method" not in evaluation or not numeric:
         raise SchemaError(f"not an evaluation table: columns {list(evaluation.columns)}")
+    metrics = [c for c in numeric if evaluation[c].notna().any()] or numeric
     grouped = evaluation.groupby("method", sort=False)
     table = grouped[metrics].mean().rename(columns=_SUMMARY_COLUMNS)
     table["samples"] = grouped.size()
+    return table.loc[method_order(table.index)].rename(index=METHOD_LABELS).rename_axis("method")
+
+
+def method_order(methods: Any) -> list[str]:
+    """The evaluation table's methods in the order tables show them: DAAM, the reference maps, then any other
+    explainer by name."""
+    present = set(methods)
     first = ("daam", *REFERENCE_MAPS)
-    order = [m for m in first if m in table.index] + sorted(set(table.index) - set(first))
-    return table.loc[order].rename(index=_SUMMARY_ROWS).rename_axis("method")
+    return [m for m in first if m in present] + sorted(present - set(first))
 
 
 def summarise_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
@@ -130,15 +145,28 @@ def first_stable_block(table: pd.DataFrame, column: str, threshold: float, *, to
     return (blocks.max() if top_down else blocks.min()).round().astype("Int16").rename_axis(_SAMPLE)
 
 
+def settle_blocks(blocks: pd.DataFrame, threshold: float = RANKING_IOU) -> pd.Series:
+    """DAAM's *settle block* of each sample: the first block from which the top-20% patches of D_l stay within IoU
+    ``threshold`` of the final map's (``daam_iou_final >= threshold`` there and at every later block).
+
+    The project's one meaning of when a map settles: ``summary``, the report, the render captions and queries use
+    it (:func:`first_stable_block` over ``daam_iou_final`` at :data:`RANKING_IOU`).
+
+    Returns:
+        Nullable Int16 named ``settle_block``, indexed by ``(unit, key)``; NA for an all-zero final map.
+    """
+    return first_stable_block(blocks, "daam_iou_final", threshold).rename("settle_block")
+
+
 def ranking_reached(
     blocks: pd.DataFrame, explainer_blocks: pd.DataFrame, threshold: float = RANKING_IOU
 ) -> pd.DataFrame:
-    """How early each method's final ranking of the patches is reached: per sample, the first block from which the
-    top-20% patches of the method's block-l map overlap those of its final map with IoU >= ``threshold`` at every
-    later block (``daam_iou_final`` for DAAM's D_l, ``iou_final`` for each explainer with per-block maps). For the
-    explainers read from the last block down (:data:`~pipeline.names.TOP_DOWN_EXPLAINERS`, whose final map is the
-    input map), the last block up to which it holds at every earlier block: how deep the input map's ranking is
-    already there.
+    """How early each method settles (its final ranking of the patches is reached): per sample, the first block from
+    which the top-20% patches of the method's block-l map overlap those of its final map with IoU >= ``threshold``
+    at every later block (:func:`settle_blocks` for DAAM's D_l, ``iou_final`` for each explainer with per-block
+    maps). For the explainers read from the last block down (:data:`~pipeline.names.TOP_DOWN_EXPLAINERS`, whose
+    final map is the input map), the last block up to which it holds at every earlier block: how deep the input
+    map's ranking is already there.
 
     Returns:
         One row per method (DAAM first): ``median_block``, ``mean_block``, ``mean_depth`` (the block + 1 over the
@@ -147,7 +175,7 @@ def ranking_reached(
     if blocks.empty:
         return pd.DataFrame(columns=["median_block", "mean_block", "mean_depth", "samples"])
     depth = int(blocks["block"].max()) + 1
-    reached = {"DAAM": first_stable_block(blocks, "daam_iou_final", threshold)}
+    reached = {"DAAM": settle_blocks(blocks, threshold)}
     if len(explainer_blocks):
         for name, rows in explainer_blocks.groupby("explainer", sort=True):
             top_down = name in TOP_DOWN_EXPLAINERS
@@ -164,6 +192,21 @@ def ranking_reached(
         }
     ).T
     return table.astype({"samples": int}).rename_axis("method")
+
+
+def duplicate_keys(samples: pd.DataFrame) -> pd.Series:
+    """Sample keys that several units hold (two shards with samples of the same key).
+
+    Args:
+        samples: Rows with ``key`` and ``unit`` (the samples table).
+
+    Returns:
+        The sorted units holding each such key (a list per key), indexed by ``key`` in key order; empty when every
+        key belongs to one unit.
+    """
+    pairs = samples[["key", "unit"]].drop_duplicates()
+    shared = pairs[pairs.duplicated("key", keep=False)]
+    return shared.groupby("key", sort=True)["unit"].agg(sorted).rename("units")
 
 
 def headline_tables(out: Any) -> str:
@@ -185,7 +228,8 @@ def headline_tables(out: Any) -> str:
         parts.append(per_block.to_string(float_format=lambda v: f"{v:.3f}"))
     if len(blocks):
         parts.append(
-            f"block from which each method's top-20% patches stay within IoU {RANKING_IOU} of its final map's:"
+            f"settle block: the first block from which each method's top-20% patches stay within IoU {RANKING_IOU} "
+            "of its final map's:"
         )
         parts.append(ranking_reached(blocks, results.explainer_blocks).to_string(float_format=lambda v: f"{v:.3f}"))
     evaluation = results.evaluation

@@ -147,6 +147,7 @@ class UnitWorker:
         self._prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._progress: dict[str, float] = {}  # unit holding the device -> monotonic time of its last progress
         self._abandoned: set[str] = set()  # units given up on while their thread was blocked: never committed
+        self._samples: dict[str, int] = {}  # unit reading and computing -> samples it has computed or failed so far
 
     def run(self, stage: str, url: str, *, attempt: int = 0, fresh: bool = False) -> dict[str, Any]:
         """Run ``stage`` (``explain`` or ``bank``) over every sample of the shard at ``url`` and commit the unit.
@@ -177,6 +178,7 @@ class UnitWorker:
         runner = self.stages[stage]
         unit = unit_name(url)
         self._computing.acquire()
+        self._samples[unit] = 0
         try:
             arrived = time.perf_counter()
             stamp, members = shard_stamp(url), MemberDigest()
@@ -213,6 +215,7 @@ class UnitWorker:
                 return sink.commit(summary, incomplete=shard_error)
             self._committing.acquire()  # waits only while every commit place is taken: the bound on memory held
         finally:
+            self._samples.pop(unit, None)
             self._computing.release()  # the next unit may start reading and computing
         try:
             return sink.commit(summary, incomplete=shard_error)
@@ -242,6 +245,7 @@ class UnitWorker:
                     result = move_tree(stage.compute(self.model_input(batch.pixels), batch.samples, state.generator))
                     compute_s += time.perf_counter() - tick
                 self._progress[unit] = time.monotonic()
+                self._samples[unit] = self._samples.get(unit, 0) + len(batch.samples) + len(batch.failed)
                 self._check_abandoned(unit)
                 if pending is not None:
                     pending.result()  # at most one batch waits to be written
@@ -256,6 +260,11 @@ class UnitWorker:
         if pending is not None:
             pending.result()
         return compute_s, shard_error
+
+    def unit_progress(self) -> dict[str, int]:
+        """The units reading and computing and how many of their samples have been computed (or failed) so far: what
+        the driver's progress bar counts between commits."""
+        return dict(self._samples)
 
     def stalled_units(self, timeout_s: float) -> list[str]:
         """Units holding the device that have neither read nor computed a batch for ``timeout_s`` seconds (a hung

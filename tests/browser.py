@@ -32,6 +32,8 @@ PAGE_FACTS = """JSON.stringify({
     return box.width > 0 && box.height > 0 && s.querySelectorAll('path').length > 0;
   }),
   headings: [...document.querySelectorAll('h2')].map(h => h.textContent),
+  subheadings: [...document.querySelectorAll('h3')].map(h => h.textContent),
+  captions: [...document.querySelectorAll('figcaption')].map(f => f.textContent),
   sanity_lines: [...document.querySelectorAll('svg[aria-label$="to the trained map"]')].map(s =>
     [...s.querySelectorAll('path[clip-path]')].filter(p => p.style.strokeWidth === '1.6')
       .map(p => p.getAttribute('d').match(/[ML]/g).length)),

@@ -116,3 +116,24 @@ def assert_same_query(a, b) -> None:
     for name in ("neighbours", "similarities", "weights", "predicted", "vote_share"):
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None and y is None) or torch.equal(x, y)
+
+
+def slow_shard(folder: Path, shard: str, pause_s: float) -> str:
+    """A ``pipe:`` URL that streams the first half of ``shard``, pauses, then the rest (a busy file system)."""
+    import os
+    import stat
+
+    script = folder / "slow-cat"
+    half = os.path.getsize(shard) // 2
+    script.write_text(f'#!/bin/sh\nhead -c {half} "$1"\nsleep {pause_s}\ntail -c +{half + 1} "$1"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return f"pipe:{script} {shard}"
+
+
+def bar_counts(drawn: str, desc: str) -> list[tuple[int, int]]:
+    """(samples, units done) of every frame a stage's progress bar drew, in order."""
+    import re
+
+    frames = [f for f in re.split(r"[\r\n]", drawn) if desc in f]
+    pattern = rf"{re.escape(desc)}: (?:.*\| )?(\d+)(?:sample|/\d+) \[.*units=(\d+)/"
+    return [(int(m.group(1)), int(m.group(2))) for f in frames if (m := re.search(pattern, f))]

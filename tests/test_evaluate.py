@@ -392,8 +392,10 @@ def test_evaluate_batch_with_the_engine():
     with DAAM(model) as explainer:
         result = explainer(images)
         out = evaluate_batch(model, images, result.daam, result.target, mask, config)  # hooks stay quiet
-    assert list(out) == ["daam", "random", "centre"] and all(tuple(m) == config.columns for m in out.values())
-    assert all(v.shape == (4,) and v.dtype == torch.float32 for m in out.values() for v in m.values())
+    columns = (*config.columns, *config.curve_columns)
+    assert list(out) == ["daam", "random", "centre"] and all(tuple(m) == columns for m in out.values())
+    assert all(m[c].shape == (4,) and m[c].dtype == torch.float32 for m in out.values() for c in config.columns)
+    assert [out["daam"][c].shape for c in config.curve_columns] == [(4, 5)] * 2 + [(4, 10)] * 4  # steps + 1, 10
     maps = torch.stack(
         [
             result.daam[:, -1],
@@ -409,6 +411,8 @@ def test_evaluate_batch_with_the_engine():
         torch.testing.assert_close(out[method]["negative_top1_auc"], perturbed["negative_top1"][:, i])
         torch.testing.assert_close(out[method]["deletion_auc"], expected["deletion"][:, i])
         torch.testing.assert_close(out[method]["insertion_auc"], expected["insertion"][:, i])
+        torch.testing.assert_close(out[method]["deletion_curve"], expected["deletion_curve"][:, i])
+        torch.testing.assert_close(out[method]["negative_top1_curve"], perturbed["negative_top1_curve"][:, i])
         assert (
             torch.isnan(out[method]["pointing_hit"][2:]).all() and torch.isfinite(out[method]["box_energy"][:2]).all()
         )

@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.summaries import first_stable_block, ranking_reached, summarise_blocks, summarise_sanity
+from pipeline.names import METRIC_COLUMNS
+from pipeline.summaries import (
+    duplicate_keys,
+    first_stable_block,
+    ranking_reached,
+    summarise,
+    summarise_blocks,
+    summarise_sanity,
+)
 
 
 def per_block(values: dict[str, list[float]], column: str, **extra: str) -> pd.DataFrame:
@@ -45,6 +53,24 @@ def test_ranking_reached_per_method():
     assert table.loc["attention", "mean_block"] == 0 and table.loc["attention", "samples"] == 1
     empty = ranking_reached(blocks.iloc[:0], rollout.iloc[:0])
     assert empty.empty and list(empty.columns) == ["median_block", "mean_block", "mean_depth", "samples"]
+
+
+def test_summarise_leaves_out_the_metrics_a_job_did_not_compute():
+    """A self-supervised job evaluates localisation only: its table's faithfulness columns are NaN throughout."""
+    rows = [
+        {"key": key, "unit": "u", "method": method, **dict.fromkeys(METRIC_COLUMNS, np.nan), **hit}
+        for key in ("a", "b")
+        for method, hit in (("daam", {"pointing_hit": 1.0, "box_energy": 0.5}), ("random", {"pointing_hit": 0.0}))
+    ]
+    table = summarise(pd.DataFrame(rows))
+    assert list(table.columns) == ["pointing_accuracy", "box_energy", "samples"] and not table.isna().all().any()
+    assert table.loc["random", "box_energy"] != table.loc["random", "box_energy"]  # NaN where a method has none
+
+
+def test_duplicate_keys_lists_the_units_of_each_shared_key():
+    samples = pd.DataFrame({"key": ["a", "b", "a", "c", "a"], "unit": ["u1", "u1", "u2", "u2", "u2"]})
+    assert duplicate_keys(samples).to_dict() == {"a": ["u1", "u2"]}
+    assert duplicate_keys(samples.iloc[:2]).empty
 
 
 def test_summarise_blocks_adds_the_mask_columns_where_samples_have_masks():

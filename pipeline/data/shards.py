@@ -34,6 +34,7 @@ __all__ = [
     "SOURCE_KINDS",
     "ShardSample",
     "detect_source",
+    "indexed_samples",
     "mask_values",
     "read_mask",
     "samples_from_image_folder",
@@ -202,6 +203,27 @@ def write_shards(
     _write_json(out / INDEX_NAME, {"shards": written, "total": sum(entry["samples"] for entry in written)})
     logger.info("wrote %d samples into %d shards in %s", len(seen), len(written), out)
     return written
+
+
+def indexed_samples(urls: Iterable[str]) -> int | None:
+    """How many samples the shards hold, from the ``index.json`` that :func:`write_shards` leaves beside them (what a
+    progress bar counts towards); None when a shard is not a local file listed in its folder's index."""
+    counts: dict[Path, dict[str, int]] = {}
+    total = 0
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            return None
+        path = Path(url)
+        if path.parent not in counts:
+            try:
+                index = json.loads((path.parent / INDEX_NAME).read_text())
+                counts[path.parent] = {entry["name"]: int(entry["samples"]) for entry in index["shards"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        if path.name not in counts[path.parent]:
+            return None
+        total += counts[path.parent][path.name]
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -90,16 +90,20 @@ def demo_model_kwargs(
 
 @dataclass(frozen=True)
 class DemoModel:
-    """One shipped demo model: the stem of its files (``<stem>.safetensors``, ``<stem>.json``) and its
-    ``timm.create_model`` arguments."""
+    """One shipped demo model: the stem of its files (``<stem>.safetensors``, ``<stem>.json``), its
+    ``timm.create_model`` arguments (to :data:`MODEL_NAME`) and what it is called in the outputs (its jobs'
+    ``model.label``: the timm name it is built from says another size)."""
 
     stem: str
     kwargs: dict
+    label: str
 
 
 DEMO_MODELS = (
-    DemoModel("demo_vit", demo_model_kwargs()),
-    DemoModel("demo_vit_d4p4", demo_model_kwargs(embed_dim=48, depth=4, num_heads=3, patch_size=4)),
+    DemoModel("demo_vit", demo_model_kwargs(), "vit_demo_patch8_64"),
+    DemoModel(
+        "demo_vit_d4p4", demo_model_kwargs(embed_dim=48, depth=4, num_heads=3, patch_size=4), "vit_demo_d4_patch4_64"
+    ),
 )
 """The shipped demo models: ``jobs/demo.yaml``'s, and ``jobs/demo-compare.yaml``'s (another depth and patch size,
 trained the same way on the same scenes) that ``daam-pipeline compare`` sets beside it."""
@@ -169,6 +173,7 @@ def train_demo_model(
     threads: int | None = 2,
     model_kwargs: Mapping[str, Any] | None = None,
     stem: str = "demo_vit",
+    label: str = "vit_demo_patch8_64",
 ) -> dict[str, Any]:
     """Train a demo ViT and save ``<stem>.safetensors`` and ``<stem>.json`` (default ``demo_vit``) in ``out_dir``.
 
@@ -190,6 +195,7 @@ def train_demo_model(
         threads: torch intra-op threads during training (None leaves the setting alone).
         model_kwargs: ``timm.create_model`` arguments; default :func:`demo_model_kwargs`.
         stem: The files' name stem.
+        label: The model's name in the outputs (``model_label``, its jobs' ``model.label``).
 
     Returns:
         The metadata written to ``<stem>.json``.
@@ -243,6 +249,7 @@ def train_demo_model(
 
     metadata = {
         "model_name": MODEL_NAME,
+        "model_label": label,
         "model_kwargs": model_kwargs,
         "num_classes": len(CLASS_NAMES),
         "class_names": list(CLASS_NAMES),
@@ -292,7 +299,14 @@ def train_demo_models(
     """
     return {
         m.stem: train_demo_model(
-            out_dir, steps=steps, seed=seed, n_val=n_val, threads=threads, model_kwargs=m.kwargs, stem=m.stem
+            out_dir,
+            steps=steps,
+            seed=seed,
+            n_val=n_val,
+            threads=threads,
+            model_kwargs=m.kwargs,
+            stem=m.stem,
+            label=m.label,
         )
         for m in models
     }

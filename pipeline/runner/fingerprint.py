@@ -56,6 +56,7 @@ def fingerprint(job: JobConfig, checkpoint_sha256: str | None) -> dict[str, Any]
     bank_fields = ("shards", "path", "k", "temperature", "label_free", "exclude_self", "storage_dtype")
     return {
         "model.name": job.model.name,
+        **({"model.label": job.model.label} if job.model.label else {}),  # absent: outputs written before labels
         "model.kwargs": data["model"]["kwargs"],
         "model.num_classes": job.model.num_classes,
         "model.pretrained": job.model.pretrained,

@@ -15,8 +15,6 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
-from tqdm import tqdm
-
 from pipeline.config import JobConfig
 from pipeline.errors import (
     ClusterError,
@@ -26,6 +24,7 @@ from pipeline.errors import (
     PipelineError,
     StoreError,
     one_line,
+    raise_all,
 )
 from pipeline.runner.fingerprint import changed_inputs, check_resume, checkpoint_digest, fingerprint
 from pipeline.runner.plan import ActorPlan, describe_plan, plan_actors
@@ -104,7 +103,11 @@ def run_job(
             stops = stack.enter_context(Stops())
         if dry_run:
             return _dry_run(job, address, overwrite, use_ray)
-        checked = check_shards(job)
+        problems: list[PipelineError] = []
+        checked = check_shards(job, problems)
+        if problems:  # stopped before the lease; the model's problems are listed with them
+            check_worker_inputs(job, checked, problems=problems)
+            raise_all(problems, f"job {job.name}")
         output = job_output(job)
         lease = stack.enter_context(Lease(output, job.workers.lease_ttl_s, break_lease=break_lease))
         stops.lease, lease.on_lost = lease, stops.stop
@@ -222,7 +225,7 @@ def _run(
         with pool:
             try:
                 if not build_bank or _run_bank_stage(job, pool, bank_todo, bank_fresh, progress, summary, fence):
-                    _run_explain_stage(job, pool, todo, fresh, progress, summary, output, fence, start)
+                    _run_explain_stage(job, pool, todo, fresh, progress, summary, output, fence)
             except LeaseLostError:
                 raise
             except PipelineError as e:  # after units ran: not a user error (exit 1, with the summary)
@@ -244,24 +247,30 @@ def _run_explain_stage(
     summary: JobSummary,
     output: Output,
     fence: Fence,
-    start: float,
 ) -> None:
-    bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} explain")
-    for outcome in pool.run("explain", todo, fresh):
-        if outcome.error is not None:
-            summary.failed_units[outcome.unit] = outcome.error
-            _record_failure(output, outcome.unit, outcome.error, fence)
-        else:
-            marker = outcome.marker
-            summary.done += 1
-            summary.samples_ok += marker["ok"]
-            summary.samples_failed += marker["failed"]
-            if not marker["complete"]:
-                summary.incomplete_units[outcome.unit] = marker["incomplete"]
-        bar.update(1)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(samples_s=f"{summary.samples_ok / elapsed:.1f}", failed_units=len(summary.failed_units))
-    bar.close()
+    with _progress(f"{job.name} explain", todo, progress) as bar:
+        for outcome in pool.run("explain", todo, fresh, bar.in_flight if progress else None):
+            if outcome.error is not None:
+                summary.failed_units[outcome.unit] = outcome.error
+                _record_failure(output, outcome.unit, outcome.error, fence)
+                bar.failed(outcome.unit)
+            else:
+                marker = outcome.marker
+                summary.done += 1
+                summary.samples_ok += marker["ok"]
+                summary.samples_failed += marker["failed"]
+                if not marker["complete"]:
+                    summary.incomplete_units[outcome.unit] = marker["incomplete"]
+                bar.committed(outcome.unit, marker["samples"])
+
+
+def _progress(desc: str, urls: list[str], shown: bool) -> Any:
+    """A stage's bar over its units' samples (:class:`~pipeline.runner.progress.StageProgress`); their total from
+    the shards' index.json where it lists them."""
+    from pipeline.data.shards import indexed_samples
+    from pipeline.runner.progress import StageProgress
+
+    return StageProgress(desc, len(urls), indexed_samples(urls) if shown else None, enabled=shown)
 
 
 def _record_failure(output: Output, unit: str, error: str, fence: Fence) -> None:
@@ -289,13 +298,21 @@ def _compact(output: Output, fence: Fence) -> None:
         )
 
 
+_DUPLICATE_EXAMPLES = 3
+
+
 def _finish(job: JobConfig, summary: JobSummary, start: float) -> JobSummary:
     summary.seconds = time.perf_counter() - start
-    if job.mode == "self-supervised" and summary.done + summary.skipped:
+    if summary.done + summary.skipped:
         from pipeline.store.results import open_results
-        from pipeline.summaries import label_accuracy
+        from pipeline.summaries import duplicate_keys, label_accuracy
 
-        summary.knn_accuracy = label_accuracy(open_results(job_output(job)).samples)
+        results = open_results(job_output(job))
+        shared = duplicate_keys(results.read("samples", columns=["key", "unit"]))
+        summary.duplicate_keys = len(shared)
+        summary.duplicate_examples = {str(k): list(u) for k, u in shared.head(_DUPLICATE_EXAMPLES).items()}
+        if job.mode == "self-supervised":
+            summary.knn_accuracy = label_accuracy(results.samples)
     return summary
 
 
@@ -348,18 +365,19 @@ def _run_bank_stage(
     """Encode the reference shards and assemble the bank; False when a unit failed (recorded in the summary)."""
     from pipeline.store.bank import assemble_bank, bank_output
 
-    bar = tqdm(total=len(todo), unit="unit", disable=not progress, dynamic_ncols=True, desc=f"{job.name} bank")
     failed = {}
-    for outcome in pool.run("bank", todo, fresh):
-        if outcome.error is not None:
-            failed[outcome.unit] = outcome.error
-            _record_failure(bank_output(job), outcome.unit, outcome.error, fence)
-        elif not outcome.marker["complete"]:
-            failed[outcome.unit] = outcome.marker["incomplete"]
-        else:
-            summary.bank_samples += outcome.marker["ok"]
-        bar.update(1)
-    bar.close()
+    with _progress(f"{job.name} bank", todo, progress) as bar:
+        for outcome in pool.run("bank", todo, fresh, bar.in_flight if progress else None):
+            if outcome.error is not None:
+                failed[outcome.unit] = outcome.error
+                _record_failure(bank_output(job), outcome.unit, outcome.error, fence)
+                bar.failed(outcome.unit)
+                continue
+            if not outcome.marker["complete"]:
+                failed[outcome.unit] = outcome.marker["incomplete"]
+            else:
+                summary.bank_samples += outcome.marker["ok"]
+            bar.committed(outcome.unit, outcome.marker["samples"])
     if failed:
         summary.failed_units |= {f"bank:{unit}": error for unit, error in failed.items()}
         _log.error("the bank stage failed, so nothing is explained: %s", failed)

@@ -1,17 +1,18 @@
 """The workers a job runs on: one in this process (:class:`LocalPool`) or Ray actors (:class:`RayPool`).
 
-Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish, and keep
-their books the same way (:class:`~pipeline.runner.schedule.UnitSchedule`): :func:`~pipeline.worker.unit_slots`
-units on every worker (``workers.units_in_flight`` take turns on its device, the next one's reading and decoding
-overlapping the computation, and ``workers.commits_in_flight`` more commit meanwhile); the units the resume found
-nothing of start fresh on their first attempt; a unit that raises, whose worker dies, or that makes no progress
-for ``workers.unit_timeout_s``
-is retried after a backoff that doubles each time (``workers.retry_backoff_s``), and given up after
-``workers.max_retries`` extra attempts. The Ray pool replaces an actor that died or stalled. The local pool runs
-each unit in a daemon thread: a stalled unit's thread, blocked in a read that no thread can interrupt, is abandoned
-(never waited for, never committing, no obstacle to the process's exit) and the pool goes on with a new worker. An
-error raised in an actor reaches the terminal as one line; its full traceback goes to ``OUT/_logs/``. Both pools
-stop at their next turn (within a second) when the run's :class:`~pipeline.runner.stops.Stops` asks.
+Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish (and, every
+turn, tell ``on_progress`` how many samples each unit in flight has computed), and keep their books the same way
+(:class:`~pipeline.runner.schedule.UnitSchedule`): :func:`~pipeline.worker.unit_slots` units on every worker
+(``workers.units_in_flight`` take turns on its device, the next one's reading and decoding overlapping the
+computation, and ``workers.commits_in_flight`` more commit meanwhile); the units the resume found nothing of start
+fresh on their first attempt; a unit that raises, whose worker dies, or that makes no progress for
+``workers.unit_timeout_s`` is retried after a backoff that doubles each time (``workers.retry_backoff_s``), and
+given up after ``workers.max_retries`` extra attempts. The Ray pool replaces an actor that died or stalled. The
+local pool runs each unit in a daemon thread: a stalled unit's thread, blocked in a read that no thread can
+interrupt, is abandoned (never waited for, never committing, no obstacle to the process's exit) and the pool goes on
+with a new worker. An error raised in an actor reaches the terminal as one line; its full traceback goes to
+``OUT/_logs/``. Both pools stop at their next turn (within a second) when the run's
+:class:`~pipeline.runner.stops.Stops` asks.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
@@ -35,9 +36,12 @@ from pipeline.store.output import JOB_FILE, job_output
 from pipeline.store.units import unit_name
 from pipeline.worker import UnitWorker, unit_slots
 
-__all__ = ["LocalPool", "RayPool", "UnitOutcome"]
+__all__ = ["LocalPool", "ProgressCallback", "RayPool", "UnitOutcome"]
 
 _log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Mapping[str, int]], None]
+"""Told the units in flight and how many samples each has computed so far (a unit's count restarts with a retry)."""
 
 
 def _in_daemon_thread(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
@@ -86,8 +90,11 @@ class LocalPool:
         self._stops = stops
         self._worker = worker  # built on first use unless given
 
-    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
-        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet."""
+    def run(
+        self, stage: str, urls: list[str], fresh: Collection[str] = (), on_progress: ProgressCallback | None = None
+    ) -> Iterator[UnitOutcome]:
+        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet;
+        ``on_progress`` hears how far the units in flight are, every turn (about a second)."""
         if not urls:
             return
         if self._worker is None:
@@ -112,6 +119,8 @@ class LocalPool:
                 done = _wait_futures(schedule)
                 if self._stops is not None:
                     self._stops.check()
+                if on_progress is not None and self._worker is not None:
+                    on_progress(self._worker.unit_progress())
                 for future in done:
                     yield from self._settle(schedule, future)
                 if schedule.running and watch.due():
@@ -213,6 +222,10 @@ def _unit_actor_class():
         @ray.method(concurrency_group="monitor")  # answers while every unit thread is busy (or hung)
         def stalled_units(self, timeout_s: float) -> list[str]:
             return self.worker.stalled_units(timeout_s)
+
+        @ray.method(concurrency_group="monitor")
+        def unit_progress(self) -> dict[str, int]:
+            return self.worker.unit_progress()
 
     return UnitActor
 
@@ -343,9 +356,12 @@ class RayPool:
         except PipelineError:
             _log.debug("could not write %s", path)
 
-    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
+    def run(
+        self, stage: str, urls: list[str], fresh: Collection[str] = (), on_progress: ProgressCallback | None = None
+    ) -> Iterator[UnitOutcome]:
         """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet
-        (their first dispatch starts them fresh; a later one, after a death or a cancellation, clears first)."""
+        (their first dispatch starts them fresh; a later one, after a death or a cancellation, clears first);
+        ``on_progress`` hears how far the units in flight are, from the actors' latest answers, every turn."""
         workers = self.job.workers
         schedule = UnitSchedule(
             urls,
@@ -357,6 +373,8 @@ class RayPool:
         )
         watch = StallWatch(workers.unit_timeout_s)
         died_with: dict[Any, int] = {}  # a dead actor -> the units it was running when it died
+        polls: dict[Any, Any] = {}  # actor -> its pending unit_progress call (one at a time: never a queue of them)
+        counts: dict[Any, dict[str, int]] = {}  # actor -> its last answer
         with self._deferred():
             while schedule.active:
                 while (slot := schedule.next()) is not None:
@@ -368,6 +386,8 @@ class RayPool:
                     ready = []
                     time.sleep(min(1.0, schedule.seconds_to_next()))
                 self._check_stops()
+                if on_progress is not None:
+                    on_progress(self._poll_progress(polls, counts))
                 for ref in ready:
                     yield from self._settle(schedule, ref, died_with)
                 if schedule.running and watch.due():
@@ -399,6 +419,27 @@ class RayPool:
             return
         if (outcome := schedule.retry(unit, error)) is not None:
             yield outcome
+
+    def _poll_progress(self, polls: dict[Any, Any], counts: dict[Any, dict[str, int]]) -> dict[str, int]:
+        """The samples computed so far by the units in flight on the live actors, from their latest answers; asks
+        each live actor again once it has answered (never waits for one)."""
+        from ray.exceptions import RayActorError
+
+        for actor in [a for a in polls if a not in self._live]:  # replaced actors: their units start over elsewhere
+            del polls[actor]
+        for actor in self._live:
+            polls.setdefault(actor, actor.unit_progress.remote())
+        if not polls:
+            return {}
+        answered, _ = self._ray.wait(list(polls.values()), num_returns=len(polls), timeout=0)
+        for actor, ref in list(polls.items()):
+            if ref in answered:
+                del polls[actor]
+                try:
+                    counts[actor] = self._ray.get(ref)
+                except RayActorError:
+                    counts.pop(actor, None)
+        return {unit: n for actor in self._live for unit, n in counts.get(actor, {}).items()}
 
     def _cancel_stalled(self, schedule: UnitSchedule, timeout: float) -> Iterator[UnitOutcome]:
         """Cancel the units without progress for ``timeout`` s with their actors; the actors' other units are

@@ -14,8 +14,9 @@ class JobSummary:
 
     ``exit_code``: 0 when every sample was explained; 1 when a unit failed after its retries or is incomplete (its
     shard ended early: a rerun redoes it), or the job stopped on an error after units ran (``stopped``); 3 when all
-    units completed but some samples failed (corrupt images, ...; their rows say why). The CLI adds 2 (a user error,
-    found before any unit ran), 130 (interrupted) and 143 (terminated).
+    units completed but some samples failed (corrupt images, ...; their rows say why) or some sample keys are held by
+    several units (two shards with samples of the same key). The CLI adds 2 (a user error, found before any unit
+    ran), 130 (interrupted) and 143 (terminated).
     """
 
     job: str
@@ -33,12 +34,14 @@ class JobSummary:
     bank_samples: int = 0
     knn_accuracy: float | None = None
     stopped: str | None = None  # an error that ended the job after units ran (not a user's: exit code 1)
+    duplicate_keys: int = 0
+    duplicate_examples: dict[str, list[str]] = field(default_factory=dict)  # a few keys -> the units holding each
 
     @property
     def exit_code(self) -> int:
         if self.failed_units or self.incomplete_units or self.stopped:
             return 1
-        return 3 if self.samples_failed else 0
+        return 3 if self.samples_failed or self.duplicate_keys else 0
 
     @property
     def throughput(self) -> float:
@@ -65,4 +68,11 @@ class JobSummary:
         lines += [f"INCOMPLETE unit {unit} (a rerun redoes it): {why}" for unit, why in self.incomplete_units.items()]
         if self.samples_failed:
             lines.append(f"{self.samples_failed} samples failed: see the `error` column of the samples table")
+        if self.duplicate_keys:
+            examples = "; ".join(f"{key} in {', '.join(units)}" for key, units in self.duplicate_examples.items())
+            more = ", ..." if self.duplicate_keys > len(self.duplicate_examples) else ""
+            lines.append(
+                f"{self.duplicate_keys} sample keys are held by several units (e.g. {examples}{more}): two shards "
+                "hold samples of the same key; read their maps with maps(key, unit=...)"
+            )
         return "\n".join(lines)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import JobConfig
+from pipeline.config import EvaluationConfig, JobConfig
 from pipeline.data.decode import DecodedSample
 from pipeline.engine.daam import DAAM, DAAMResult
 from pipeline.engine.explainers import ExplainerMaps, Explainers
@@ -48,7 +48,7 @@ class ExplainStage:
         self.daam = DAAM(model, autocast_dtype=compute_dtype(job.dtype)).open()
         self.explainers = Explainers(self.daam, job.comparison_explainers) if job.comparison_explainers else None
         self.layout = MapLayout(
-            model=job.model.name,
+            model=job.model.shown_name,
             n_blocks=self.daam.num_blocks,
             grid=self.daam.grid_size(input_size),
             channels=self.daam.num_heads * self.daam.head_dim,
@@ -124,10 +124,7 @@ class ExplainStage:
                 target = torch.tensor([s.label for s in samples], device=self.device)
             result, explained = self._explain(images, target)
             score, predicted = result.output.softmax(dim=-1).max(dim=-1)
-        box_mask = None
-        if any(s.boxes is not None and len(s.boxes) for s in samples):
-            boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
-            box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
+        box_mask = self._box_mask(samples)
         masks = self._masks(samples)
         final_maps = {name: maps.final for name, maps in explained.items()}  # each explainer's map, (B, h, w)
         explainer_stats = {
@@ -137,22 +134,8 @@ class ExplainStage:
         }
         evaluation = {}
         if self.job.evaluate is not None:
-            labels = torch.tensor([-1 if s.label is None else s.label for s in samples], device=self.device)
-            evaluation = evaluate_batch(
-                self.model,
-                images,
-                result.daam,
-                result.target,
-                box_mask,
-                self.job.evaluate,
-                generator=generator,
-                autocast_dtype=self.daam.autocast_dtype,
-                explainer_maps=final_maps,
-                masks=masks,
-                labels=labels,
-                mean=self.mean,
-                std=self.std,
-            )
+            options = dict(generator=generator, box_mask=box_mask, masks=masks)
+            evaluation = self.evaluate(images, samples, result.daam, result.target, final_maps, **options)
         sanity = {}
         if self.cascade is not None and (count := self._take_sanity(samples)):
             trained = {"daam": result.daam, **{name: maps.through_final for name, maps in explained.items()}}
@@ -176,6 +159,56 @@ class ExplainStage:
             sanity=sanity,
             rounded=True,
         )
+
+    def evaluate(
+        self,
+        images: Tensor,
+        samples: Sequence[DecodedSample],
+        daam: Tensor,
+        target: Tensor | None,
+        final_maps: dict[str, Tensor],
+        *,
+        config: EvaluationConfig | None = None,
+        generator: torch.Generator | None = None,
+        box_mask: Tensor | None = None,
+        masks: Tensor | None = None,
+    ) -> dict[str, dict[str, Tensor]]:
+        """The job's evaluation of a batch's final maps (:func:`~pipeline.evaluate.evaluate_batch`): what
+        :meth:`compute` stores, and what ``daam-pipeline evaluate`` computes again from stored maps.
+
+        Args:
+            images: The batch's model input.
+            samples: Its samples (boxes, masks and labels come from them).
+            daam: ``(B, L, h, w)``, of which ``daam[:, -1]`` is evaluated.
+            target: The explained classes (None in self-supervised mode).
+            final_maps: The comparison explainers' final maps ``(B, h, w)``.
+            config: Default the job's ``evaluate:`` section.
+            generator: The unit's random stream (the random reference maps).
+            box_mask, masks: Already made from ``samples`` (made here when None).
+        """
+        labels = torch.tensor([-1 if s.label is None else s.label for s in samples], device=self.device)
+        return evaluate_batch(
+            self.model,
+            images,
+            daam,
+            target,
+            box_mask if box_mask is not None else self._box_mask(samples),
+            config or self.job.evaluate,
+            generator=generator,
+            autocast_dtype=self.daam.autocast_dtype,
+            explainer_maps=final_maps,
+            masks=masks if masks is not None else self._masks(samples),
+            labels=labels,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def _box_mask(self, samples: Sequence[DecodedSample]) -> Tensor | None:
+        """``(B, h, w)`` patches inside each sample's boxes, None when no sample has a box."""
+        if not any(s.boxes is not None and len(s.boxes) for s in samples):
+            return None
+        boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
+        return boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
 
     def _explain(self, images: Tensor, target: Tensor | None) -> tuple[DAAMResult, dict[str, ExplainerMaps]]:
         """DAAM of the batch and the comparison explainers' maps of the same score."""

@@ -166,7 +166,8 @@ class Results:
                 ``[("block", "==", 11), ("status", "==", "ok")]``.
 
         Raises:
-            OutputLookupError: an unknown table. StoreError: the files cannot be read.
+            OutputLookupError: an unknown table, or a filter on blocks the output's model does not have (``block``
+                ``==`` or ``in`` values outside 0 .. L-1). StoreError: the files cannot be read.
         """
         schema, wanted = self._table(table, filters)
 
@@ -340,6 +341,23 @@ class Results:
             raise StoreError(f"unit {unit} of {self.output.url} is of Zarr layout 1 (scaled float16): use maps()")
         return dataset.assign_coords(sample=[str(key) for key in dataset["keys"].values]).drop_vars("keys")
 
+    def _check_block_filters(self, table: str, filters: Any) -> None:
+        """A filter that asks for blocks this output's model does not have (``("block", "==", 11)`` on a 6-block
+        model) would read nothing, silently: it is an error naming the blocks there are."""
+        n_blocks = self.attrs.get("n_blocks")
+        if n_blocks is None or filters is None or isinstance(filters, pc.Expression):
+            return
+        terms = [t for group in filters for t in (group if isinstance(group, list) else [group])]
+        for column, op, value in (t for t in terms if isinstance(t, tuple) and len(t) == 3):
+            if column != "block" or op not in ("==", "=", "in"):
+                continue
+            asked = list(value) if op == "in" else [value]
+            if asked and not any(isinstance(b, int | np.integer) and 0 <= b < n_blocks for b in asked):
+                raise OutputLookupError(
+                    f"{table} filter {(column, op, value)!r}: {self.output.url} has blocks 0 .. {n_blocks - 1} "
+                    f"(its model has {n_blocks}); the last block is {n_blocks - 1}"
+                )
+
     @cached_property
     def _maps(self) -> MapStore:
         return MapStore(self.output.child("maps.zarr"), read_only=True)
@@ -388,7 +406,10 @@ class Results:
         """
         if table not in TABLE_SCHEMAS:
             raise OutputLookupError(f"no table {table!r}; tables: {', '.join(TABLE_SCHEMAS)}")
-        return TABLE_SCHEMAS[table], None if filters is None else _expression(filters)
+        schema = TABLE_SCHEMAS[table]
+        if "block" in schema.names:
+            self._check_block_filters(table, filters)
+        return schema, None if filters is None else _expression(filters)
 
 
 def _expression(filters: Any) -> pc.Expression:

@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike
 
 from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError
-from pipeline.names import METRIC_COLUMNS, SANITY_COLUMNS
+from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS, SANITY_COLUMNS
 from pipeline.store.output import OutputLike, as_output
 from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, SANITY, TABLE_SCHEMAS
 from pipeline.store.tables import build_table, parquet_bytes
@@ -58,7 +58,8 @@ class ExplainedBatch:
         block_stats: ``{statistic: (B, L)}`` of DAAM (:func:`pipeline.stats.block_statistics`).
         explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of the per-block comparison explainers.
         evaluation: ``{method: {metric: (B,)}}`` when the job evaluates, else empty; metrics a job does not
-            compute are absent (stored as NaN).
+            compute are absent (stored as NaN); the curves of the AUCs (``deletion_curve``, ...) are
+            ``(B, points)`` (absent: stored as null).
         sanity: ``{explainer: {"spearman"|"ssim": (S, K, L')}}`` of the batch's first ``S`` samples under
             cascading randomisation (``evaluate.sanity``), else empty: ``K`` steps (1 .. K blocks randomised from
             the top), ``L'`` blocks of the explainer's maps (1 for a single map, compared at the last block).
@@ -165,11 +166,14 @@ class UnitWriter:
                 ("explainer_blocks", self._block_table(keys, {"explainer": explainer}, stats, EXPLAINER_BLOCKS))
             )
         for method, metrics in result.evaluation.items():
-            unknown = set(metrics) - set(METRIC_COLUMNS)
+            unknown = set(metrics) - {*METRIC_COLUMNS, *CURVE_COLUMNS}
             if unknown:
                 raise SchemaError(f"unit {self.unit!r}: unknown evaluation metrics {sorted(unknown)}")
             values = {m: np.asarray(metrics.get(m, np.full(n, np.nan)), np.float32) for m in METRIC_COLUMNS}
-            table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values}
+            curves = {
+                c: list(np.asarray(metrics[c], np.float32)) if c in metrics else [None] * n for c in CURVE_COLUMNS
+            }
+            table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values, **curves}
             tables.append(("evaluation", build_table(table, EVALUATION)))
         for explainer, values in result.sanity.items():
             tables.append(("sanity", self._sanity_table(keys, explainer, values)))

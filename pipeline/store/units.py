@@ -50,6 +50,7 @@ __all__ = [
     "committed_units",
     "done_units",
     "failure_records",
+    "incomplete_records",
     "incomplete_units",
     "is_done",
     "present_units",
@@ -318,6 +319,18 @@ def failure_records(out: OutputLike) -> dict[str, str]:
         try:
             records[unit] = json.loads(output.fs.cat_file(_marker(output, FAILED, unit)))["error"]
         except (FileNotFoundError, ValueError, KeyError):
+            continue
+    return records
+
+
+def incomplete_records(out: OutputLike) -> dict[str, str]:
+    """The units committed as incomplete and why their shard ended early: unit -> reason."""
+    output = as_output(out)
+    records = {}
+    for unit in incomplete_units(output):
+        try:
+            records[unit] = json.loads(output.fs.cat_file(_marker(output, INCOMPLETE, unit))).get("incomplete", "")
+        except (FileNotFoundError, ValueError):
             continue
     return records
 

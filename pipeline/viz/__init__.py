@@ -6,6 +6,6 @@
 from pipeline.viz.display import overlay
 from pipeline.viz.render import render
 from pipeline.viz.report import report
-from pipeline.viz.select import convergence_blocks, select_samples
+from pipeline.viz.select import select_samples, settle_table
 
-__all__ = ["convergence_blocks", "overlay", "render", "report", "select_samples"]
+__all__ = ["overlay", "render", "report", "select_samples", "settle_table"]

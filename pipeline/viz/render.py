@@ -3,7 +3,9 @@
 The grid shows the image (with the model's input window outlined when it does not cover the whole image), then
 one panel per block ``l`` (0-based, as the blocks table): the display mapping of ``D_l`` over the image
 (:mod:`pipeline.viz.display`); optionally a second row with the block maps ``M_l``, scaled by their largest value
-over all blocks instead of ``max(D_{L-1})``. The animation has one frame per block, ``D_0`` to ``D_{L-1}``.
+over all blocks instead of ``max(D_{L-1})``. The ground-truth boxes are outlined on every panel, the final map's
+peak patch is marked (a green ring inside a box: a pointing-game hit; a red cross: a miss), and a colour scale
+under the title says what the colours mean. The animation has one frame per block, ``D_0`` to ``D_{L-1}``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.data.decode import DEFAULT_MAX_PIXELS
-from pipeline.errors import ConfigError, StoreError
+from pipeline.errors import ConfigError, StoreError, ToolNotFoundError
 from pipeline.store.results import Results, SampleMaps, open_results
-from pipeline.viz.display import overlay
+from pipeline.viz.display import jet, overlay
 from pipeline.viz.select import select_samples
 from pipeline.viz.source import ClassNames, Picture, job_preprocess, load_pictures, read_job, resolve_class_names
 
@@ -41,7 +43,11 @@ _PAD = 6
 _BACKGROUND = (255, 255, 255)
 _INK = (20, 20, 20)
 _WINDOW_OUTLINE = (255, 210, 0)
+_BOX_OUTLINE = (255, 255, 255)
+_HIT, _MISS, _NO_BOXES = (0, 200, 0), (230, 0, 0), (255, 255, 255)
 _MAX_COLUMNS = 13
+_SCALE_WIDTH = 120
+SCALE_NOTE = "each panel from its lowest to its highest value (display mapping, docs/method.md)"
 
 
 @functools.cache
@@ -60,7 +66,7 @@ class Flow:
     """Everything drawn for one sample.
 
     Attributes:
-        row: The sample's row of the samples table (with ``convergence_block`` when selected by
+        row: The sample's row of the samples table (with ``settle_block`` and ``point_hit`` when selected by
             :func:`~pipeline.viz.select.select_samples`).
         maps: Its stored maps.
         picture: Its original image at display size and the maps' window.
@@ -73,8 +79,15 @@ class Flow:
     names: dict[int, str]
 
     @property
+    def point_hit(self) -> bool | None:
+        """Whether the final map's peak lies in a ground-truth box (the blocks table's last ``daam_point_hit``,
+        when the row has ``point_hit``); None when unknown or the sample has no boxes."""
+        value = self.row.get("point_hit")
+        return None if value is None or pd.isna(value) else bool(value)
+
+    @property
     def title(self) -> list[str]:
-        """Two title lines: the sample, then its classes, score and convergence block."""
+        """Two title lines: the sample, then its classes, score, settle block and pointing game."""
         row = self.row
         first = f"{row['key']}   (unit {row['unit']})"
         parts = [f"label {_class(row['label'], self.names)}", f"predicted {_class(row['predicted'], self.names)}"]
@@ -84,8 +97,10 @@ class Flow:
             parts.append(f"explained {_class(row['target'], self.names)}")
         if not pd.isna(row["score"]):
             parts.append(f"score {row['score']:.3f}")
-        if "convergence_block" in row and not pd.isna(row["convergence_block"]):
-            parts.append(f"converged at block {int(row['convergence_block'])}")
+        if "settle_block" in row and not pd.isna(row["settle_block"]):
+            parts.append(f"settles at block {int(row['settle_block'])}")
+        if self.point_hit is not None:
+            parts.append("pointing: hit" if self.point_hit else "pointing: MISS")
         return [first, "   ".join(parts)]
 
     def _daam(self) -> np.ndarray:
@@ -112,12 +127,45 @@ class Flow:
         return overlay(block_maps, self.picture.pixels, window=self.picture.window, reference=float(block_maps.max()))
 
     def grid(self, *, block_maps: bool = False, font_size: int = 13) -> Image.Image:
-        """The PNG grid: title, the image and one panel per block of ``D_l``; optionally a row of ``M_l``."""
-        sections = [("accumulated maps D_l (DAAM)", [self._framed_image(), *self.overlays])]
+        """The PNG grid: title, colour scale, the image and one panel per block of ``D_l`` (boxes outlined, the
+        final map's peak marked); optionally a row of ``M_l``."""
+        panels = [self._with_boxes(p) for p in self.overlays]
+        panels[-1] = self._with_peak(panels[-1])
+        sections = [("accumulated maps D_l (DAAM)", [self._with_boxes(self._framed_image()), *panels])]
         if block_maps:
-            sections.append(("block maps M_l", [None, *self.block_overlays()]))
+            sections.append(("block maps M_l", [None, *(self._with_boxes(p) for p in self.block_overlays())]))
         captions = ["image", *(f"block {b}" for b in range(len(sections[0][1]) - 1))]
         return _grid(self.title, sections, captions, font_size)
+
+    def _with_boxes(self, pixels: np.ndarray) -> np.ndarray:
+        if not self.picture.boxes:
+            return pixels
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        for x0, y0, x1, y1 in self.picture.boxes:
+            draw.rectangle((round(x0), round(y0), round(x1) - 1, round(y1) - 1), outline=_BOX_OUTLINE, width=1)
+        return np.asarray(image)
+
+    def _with_peak(self, pixels: np.ndarray) -> np.ndarray:
+        """The final map's peak patch (first in row-major order on ties, as the pointing game) marked: a ring for a
+        hit, a cross for a miss, white when there are no boxes."""
+        final = self._daam()[-1]
+        if not final.max() > 0:
+            return pixels
+        row, col = np.unravel_index(int(np.argmax(final)), final.shape)
+        x0, y0, x1, y1 = self.picture.window
+        x = x0 + (col + 0.5) * (x1 - x0) / final.shape[1]
+        y = y0 + (row + 0.5) * (y1 - y0) / final.shape[0]
+        r = max(3.0, min(pixels.shape[:2]) / 24)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        hit = self.point_hit
+        if hit is False:
+            draw.line((x - r, y - r, x + r, y + r), fill=_MISS, width=2)
+            draw.line((x - r, y + r, x + r, y - r), fill=_MISS, width=2)
+        else:
+            draw.ellipse((x - r, y - r, x + r, y + r), outline=_HIT if hit else _NO_BOXES, width=2)
+        return np.asarray(image)
 
     def frames(self, *, font_size: int = 13) -> list[Image.Image]:
         """One animation frame per block: ``D_l`` over the image with a caption bar."""
@@ -160,12 +208,15 @@ def _grid(
     columns = min(count, _MAX_COLUMNS)
     rows = math.ceil(count / columns)
     section_h = line + rows * (cell_h + line + _PAD)
-    width = max(_PAD + columns * (cell_w + _PAD), round(max(font.getlength(t) for t in title)) + 2 * _PAD)
-    canvas = Image.new("RGB", (width, _PAD + len(title) * line + len(sections) * section_h), _BACKGROUND)
+    texts = [*(font.getlength(t) for t in title), _scale_width(font)]
+    width = max(_PAD + columns * (cell_w + _PAD), round(max(texts)) + 2 * _PAD)
+    canvas = Image.new("RGB", (width, _PAD + (len(title) + 1) * line + len(sections) * section_h), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     for i, text in enumerate(title):
         draw.text((_PAD, _PAD + i * line), text, fill=_INK, font=font)
     top = _PAD + len(title) * line
+    _colour_scale(canvas, draw, (_PAD, top), font, font_size)
+    top += line
     for heading, panels in sections:
         draw.text((_PAD, top + _PAD // 2), heading, fill=_INK, font=font)
         for i, (panel, caption) in enumerate(zip(panels, captions, strict=True)):
@@ -177,6 +228,23 @@ def _grid(
             draw.text((x + (cell_w - font.getlength(caption)) / 2, y + cell_h + 2), caption, fill=_INK, font=font)
         top += section_h
     return canvas
+
+
+def _scale_width(font: Any) -> float:
+    return font.getlength("low ") + 2 + _SCALE_WIDTH + 4 + font.getlength(f"high: {SCALE_NOTE}")
+
+
+def _colour_scale(
+    canvas: Image.Image, draw: ImageDraw.ImageDraw, at: tuple[int, int], font: Any, font_size: int
+) -> None:
+    """The jet colour scale of the panels, 'low' to 'high', and what low and high mean."""
+    x, y = at
+    draw.text((x, y), "low", fill=_INK, font=font)
+    x += round(font.getlength("low ")) + 2
+    strip = jet(np.linspace(0.0, 1.0, _SCALE_WIDTH))[None].repeat(max(font_size - 3, 4), axis=0)
+    canvas.paste(Image.fromarray(strip.astype(np.uint8)), (x, y + 2))
+    x += _SCALE_WIDTH + 4
+    draw.text((x, y), f"high: {SCALE_NOTE}", fill=_INK, font=font)
 
 
 def iter_flows(
@@ -222,7 +290,7 @@ def render(
     count: int = 8,
     block_maps: bool = False,
     animation: bool = True,
-    formats: Iterable[str] = FORMATS,
+    formats: Iterable[str] | None = None,
     dest: str | Path | None = None,
     progress: bool = True,
     size: int = 224,
@@ -234,13 +302,13 @@ def render(
     Args:
         out: The output location (local path or fsspec URL).
         keys: Sample keys to draw; or None and a ``query``.
-        query: ``most-converged``, ``least-converged``, ``wrong`` or ``random``
+        query: ``earliest-settled``, ``latest-settled``, ``wrong`` or ``random``
             (:func:`~pipeline.viz.select.select_samples`).
         count: Most samples a query draws.
         block_maps: Add a row of the block maps ``M_l`` to the grid.
         animation: Write the animations (``gif``, ``mp4`` of ``formats``).
-        formats: Any of ``png``, ``gif``, ``mp4``. MP4 needs ``ffmpeg`` on the PATH; without it MP4 is skipped
-            with a logged note.
+        formats: Any of ``png``, ``gif``, ``mp4``; MP4 needs ``ffmpeg`` on the PATH. Default: all three, MP4 only
+            where ``ffmpeg`` is found (else skipped with a logged note).
         dest: Folder for the files; default ``OUT/renders`` (``./renders`` for a remote output).
         progress: Show a progress bar.
         size: Longest side of each panel and of the animation, in pixels.
@@ -255,17 +323,24 @@ def render(
         SampleNotFoundError: unknown keys or query.
         EmptyOutputError: no committed unit in ``out`` yet.
         ConfigError: unknown formats.
+        ToolNotFoundError: MP4 asked for in ``formats`` and ``ffmpeg`` is not on the PATH.
         ShardNotFoundError: a shard moved since the job ran (the originals are read from the shards).
     """
-    formats = tuple(formats)
-    unknown = [f for f in formats if f not in FORMATS]
+    chosen = tuple(FORMATS if formats is None else formats)
+    unknown = [f for f in chosen if f not in FORMATS]
     if unknown:
         raise ConfigError(f"render formats: {unknown} are not among {list(FORMATS)}")
     if not animation:
-        formats = tuple(f for f in formats if f == "png")
-    if "mp4" in formats and shutil.which("ffmpeg") is None:
-        logger.warning("ffmpeg is not on the PATH: MP4 animations are skipped (GIFs are written)")
-        formats = tuple(f for f in formats if f != "mp4")
+        chosen = tuple(f for f in chosen if f == "png")
+    if "mp4" in chosen and shutil.which("ffmpeg") is None:
+        if formats is not None:
+            raise ToolNotFoundError(
+                "render --format mp4 needs the ffmpeg program, which is not on the PATH: install it (e.g. apt-get "
+                "install ffmpeg, conda install ffmpeg), or render --format png --format gif"
+            )
+        logger.warning("ffmpeg is not on the PATH: no MP4 animations (install ffmpeg for them)")
+        chosen = tuple(f for f in chosen if f != "mp4")
+    formats = chosen
     results = open_results(out)
     results.require_units()
     rows = select_samples(results, keys, query=query, count=count, seed=seed)

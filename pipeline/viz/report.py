@@ -1,15 +1,18 @@
 """The HTML dataset report of an output: one self-contained file (inline SVG charts drawn with matplotlib by
 :mod:`pipeline.viz.charts`, base64 PNG images, no scripts, no network).
 
-Sections: the job and its counts; per-block curves of the accumulated-map statistics (mean and inter-quartile
-band), all samples, correct vs wrong and the most frequent classes; the same statistics of every comparison
-explainer with per-block maps (the explainer_blocks table: rollout, attention, GAE, AttnLRP, CP-LRP, any other) next
-to DAAM's (median and inter-quartile band), when the job ran one; the distribution of the convergence block
-(:mod:`pipeline.viz.select`); localisation per block (boxes, and masks where the samples have them) and the method
-table (every metric of the evaluation table, mean per method, with the sample count) when the output has them; the
-sanity check's curves (cascading randomisation: how similar each explainer's final map stays as blocks are
+Sections: the job and its counts; what went wrong (failed samples by reason with example keys, failed and incomplete
+units, sample keys held by several units, samples whose final map misses its box); per-block curves of the
+accumulated-map statistics (mean and inter-quartile band), all samples, correct vs wrong and the most frequent
+classes; the same statistics of every comparison explainer with per-block maps (the explainer_blocks table: rollout,
+attention, GAE, AttnLRP, CP-LRP, any other) next to DAAM's (median and inter-quartile band), when the job ran one;
+the settle block (:func:`pipeline.summaries.settle_blocks`, the same figures ``summary`` prints); localisation per
+block (boxes, and masks where the samples have them), the method table (every metric of the evaluation table, mean
+per method, with the sample count) and the mean deletion/insertion and perturbation curves when the output has them;
+the sanity check's curves (cascading randomisation: how similar each explainer's final map stays as blocks are
 randomised from the top) when the job ran it; a gallery of the most and least typical samples, by the distance of
-their convergence curve (``daam_cos_final`` over the blocks) to the mean curve.
+their curve of ``daam_cos_final`` over the blocks to the mean curve, with their boxes, pointing-game mark and a
+colour scale.
 """
 
 from __future__ import annotations
@@ -30,13 +33,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.names import SANITY_COLUMNS
+from pipeline.names import CURVE_COLUMNS, SANITY_COLUMNS
 from pipeline.store.results import Results, open_results
 from pipeline.store.schemas import BLOCKS, EVALUATION, SANITY
-from pipeline.summaries import RANKING_IOU, ranking_reached, summarise, summarise_blocks, summarise_sanity
+from pipeline.store.units import failure_records, incomplete_records
+from pipeline.summaries import (
+    METHOD_LABELS,
+    RANKING_IOU,
+    duplicate_keys,
+    method_order,
+    ranking_reached,
+    summarise,
+    summarise_blocks,
+    summarise_sanity,
+)
 from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
-from pipeline.viz.render import iter_flows
-from pipeline.viz.select import CONVERGENCE_THRESHOLD, convergence_blocks
+from pipeline.viz.render import SCALE_NOTE, iter_flows
+from pipeline.viz.select import final_point_hits, settle_table
 from pipeline.viz.source import ClassNames, read_job, resolve_class_names
 
 __all__ = ["CURVES", "report", "typical_samples"]
@@ -46,6 +59,8 @@ logger = logging.getLogger(__name__)
 CURVES = ("daam_entropy", "daam_top10_mass", "daam_cos_final", "daam_iou_final", "daam_change", "daam_spread")
 _SAMPLE = ["unit", "key"]
 _ERROR_WHERE = r"^(\w+: )?shard \S+ key \S+: "  # the shard and key that errors start with
+_EXAMPLES = 3  # example keys per reason, per list
+_LISTED = 10  # rows of a list of units or samples
 _STYLE = """
 body { font-family: sans-serif; margin: 24px auto; max-width: 1180px; color: #222; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ccc; }
@@ -61,7 +76,7 @@ dl.stats { font-size: 13px; } dl.stats dt { font-weight: bold; } dl.stats dd { m
 
 
 def typical_samples(blocks: pd.DataFrame) -> pd.Series:
-    """Distance of each sample's convergence curve to the mean curve.
+    """Distance of each sample's curve of ``daam_cos_final`` to the mean curve.
 
     The curve is ``daam_cos_final`` over the blocks; the distance is the root mean square difference to the
     mean curve over the blocks where both are defined.
@@ -113,16 +128,18 @@ def report(
     names = resolve_class_names(job, class_names)
     samples, blocks = results.samples, results.blocks
     ok = samples[samples["status"] == "ok"]
-    convergence = convergence_blocks(blocks)
+    settled = settle_table(blocks)
+    hits = final_point_hits(blocks)
     table = blocks.merge(ok[[*_SAMPLE, "label", "predicted"]], on=_SAMPLE, how="left")
     sections = [
         _summary(results, job, samples),
+        _failures(results, samples, hits),
         _curves(table, names, top_classes),
         _explainer_curves(blocks, results.explainer_blocks),
-        _convergence(convergence, ok),
+        _settle(settled, ok, blocks, results.explainer_blocks),
         _localisation(results, blocks),
         _sanity(results.sanity),
-        _gallery(results, ok, blocks, convergence, gallery, size, names, progress),
+        _gallery(results, ok, blocks, settled.join(hits), gallery, size, names, progress),
     ]
     title = f"DAAM report: {job['name'] if job else results.output.url}"
     html = (
@@ -137,10 +154,12 @@ def report(
     return dest
 
 
-def _table(frame: pd.DataFrame, *, index: bool = True) -> str:
+def _table(frame: pd.DataFrame, *, index: bool = True, decimals: int | None = None) -> str:
+    """An HTML table; floats with 4 significant digits, or ``decimals`` places (as ``summary`` prints them)."""
     if index:  # the index as an ordinary first column: one header row
         frame = frame.rename_axis(frame.index.name or "").reset_index()
-    return frame.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}", na_rep="–")
+    shown = (lambda v: f"{v:.{decimals}f}") if decimals is not None else (lambda v: f"{v:.4g}")
+    return frame.to_html(index=False, border=0, float_format=shown, na_rep="–")
 
 
 def _facts(rows: Sequence[tuple[str, Any]]) -> str:
@@ -171,8 +190,21 @@ def _summary(results: Results, job: dict[str, Any] | None, samples: pd.DataFrame
         name = "k-NN accuracy" if mode == "self-supervised" else "top-1 accuracy"
         rows.append((name, f"{accuracy:.4f} over {len(labelled)} labelled samples"))
     rows.append(("report written", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")))
-    parts = ["<h2>Dataset</h2>", _facts(rows)]
+    return "".join(["<h2>Dataset</h2>", _facts(rows)])
+
+
+def _failures(results: Results, samples: pd.DataFrame, hits: pd.Series) -> str:
+    """What went wrong: failed samples by reason, failed and incomplete units, keys held by several units, and the
+    samples whose final map misses its box (the pointing game of D_{L-1})."""
+    parts = [
+        "<h2>Failures</h2>",
+        '<p class="note">Samples that have no maps, units that were not committed whole, and explained samples '
+        "whose final map D_{L-1} peaks outside every ground-truth box (a miss of the pointing game).</p>",
+    ]
+    found = False
+    failed = samples[samples["status"] == "failed"]
     if len(failed):
+        found = True
         reasons = (
             failed["error"]
             .fillna("unknown")
@@ -180,12 +212,53 @@ def _summary(results: Results, job: dict[str, Any] | None, samples: pd.DataFrame
             .str.split(r"[:(]", n=1, regex=True)
             .str[0]
             .str.strip()
-            .value_counts()
         )
-        parts.append("<p>Failed samples by reason:</p>")
-        parts.append(_table(reasons.rename_axis("reason").rename("samples").to_frame()))
-        parts.append(f"<p>First {min(10, len(failed))} failed samples:</p>")
-        parts.append(_table(failed[["unit", "key", "error"]].head(10), index=False))
+        by_reason = failed.assign(reason=reasons).groupby("reason", sort=False)
+        table = pd.DataFrame(
+            {"samples": by_reason.size(), "example keys": by_reason["key"].agg(lambda k: ", ".join(k[:_EXAMPLES]))}
+        ).sort_values("samples", ascending=False, kind="stable")
+        parts += [f"<h3>{len(failed)} failed samples, by reason</h3>", _table(table)]
+        parts += [
+            f"<p>First {min(_LISTED, len(failed))} failed samples:</p>",
+            _table(failed[["unit", "key", "error"]].head(_LISTED), index=False),
+        ]
+    for title, records in (
+        ("failed units (no data: a rerun tries them again)", failure_records(results.output)),
+        (
+            "incomplete units (their shard ended early: the rows read are shown, a rerun redoes them)",
+            incomplete_records(results.output),
+        ),
+    ):
+        if records:
+            found = True
+            frame = pd.DataFrame({"unit": list(records), "why": list(records.values())})
+            parts += [f"<h3>{len(records)} {title}</h3>", _table(frame.head(_LISTED), index=False)]
+    shared = duplicate_keys(samples)
+    if len(shared):
+        found = True
+        frame = shared.map(", ".join).rename("units").reset_index()
+        parts += [
+            f"<h3>{len(shared)} sample keys held by several units</h3>",
+            '<p class="note">Two shards hold samples of the same key: read their maps with '
+            "<code>maps(key, unit=...)</code>.</p>",
+            _table(frame.head(_LISTED), index=False),
+        ]
+    misses = hits[hits == 0]
+    if len(misses):
+        found = True
+        ok = samples[samples["status"] == "ok"].set_index(_SAMPLE)
+        listed = ok.loc[misses.index, ["label", "predicted", "score"]].head(_LISTED).reset_index()
+        parts += [
+            f"<h3>{len(misses)} of {int(hits.notna().sum())} samples with boxes: the final map misses the box</h3>",
+            '<p class="note">The largest patch of D_{L-1} has its centre outside every box (blocks table: '
+            "<code>daam_point_hit == 0</code> at the last block).</p>",
+            _table(listed, index=False),
+        ]
+    if not found:
+        parts.append(
+            "<p>Nothing: every sample explained, every unit complete, no key in two units, and every final "
+            "map of a sample with boxes peaks inside one.</p>"
+        )
     return "".join(parts)
 
 
@@ -264,12 +337,7 @@ def _explainer_curves(blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> s
             "(attnlrp, cplrp: the positive relevance at each block's input) the input map. Lines: the median over "
             "samples; bands: the inter-quartile range.</p>",
             f'<div class="charts">{"".join(charts)}</div>',
-            "<h3>How early each method reaches its final ranking</h3>",
-            f'<p class="note">Per sample, the first block from which the top-20% patches of the method\'s map '
-            f"overlap those of its final map with IoU of at least {RANKING_IOU} at every later block; for AttnLRP "
-            "and CP-LRP, read from the last block down, the last block up to which they do at every earlier block. "
-            "Depth: that block + 1 over the number of blocks.</p>",
-            _table(ranking_reached(blocks, explainer_blocks)),
+            '<p class="note">When each of them settles: the section "Settle block".</p>',
         ]
     )
 
@@ -278,19 +346,24 @@ def _class_name(value: int, names: dict[int, str]) -> str:
     return f"{value} {names[value]}" if value in names else f"class {value}"
 
 
-def _convergence(convergence: pd.DataFrame, ok: pd.DataFrame) -> str:
+def _settle(settled: pd.DataFrame, ok: pd.DataFrame, blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> str:
+    """The settle block's distribution (all, correct, wrong) and the table ``summary`` prints, per method."""
     parts = [
-        "<h2>Convergence block</h2>",
-        f'<p class="note">The convergence block of a sample is the first block from which the cosine similarity of '
-        f"D_l to the final map D_{{L-1}} stays at or above {CONVERGENCE_THRESHOLD} through the last block; undefined "
-        "for an all-zero final map.</p>",
+        "<h2>Settle block</h2>",
+        f'<p class="note">A sample\'s settle block is the first block from which the top-20% patches of D_l overlap '
+        f"those of the final map D_{{L-1}} with IoU of at least {RANKING_IOU} at that block and every later one "
+        "(<code>daam_iou_final</code>; undefined for an all-zero final map): when the map's ranking of the patches "
+        "is settled. <code>summary</code> prints the same table; for comparison explainers with per-block maps, "
+        "their own maps take the place of D_l (for AttnLRP and CP-LRP, read from the last block down, the last block "
+        "up to which they agree with their input map at every earlier block). Depth: the block + 1 over the number "
+        "of blocks.</p>",
     ]
-    if convergence.empty:
+    if settled.empty:
         return "".join([*parts, "<p>No ok samples.</p>"])
-    table = convergence.join(ok.set_index(_SAMPLE)[["label", "predicted"]])
-    blocks = table["convergence_block"]
-    n_blocks = int(blocks.max()) + 1 if blocks.notna().any() else 0
-    categories = [str(b) for b in range(n_blocks)] + (["undefined"] if blocks.isna().any() else [])
+    table = settled.join(ok.set_index(_SAMPLE)[["label", "predicted"]])
+    values = table["settle_block"]
+    n_blocks = int(blocks["block"].max()) + 1
+    categories = [str(b) for b in range(n_blocks)] + (["undefined"] if values.isna().any() else [])
     groups = [("all", table)]
     labelled = table[table["label"].notna() & table["predicted"].notna()]
     if len(labelled):
@@ -298,13 +371,13 @@ def _convergence(convergence: pd.DataFrame, ok: pd.DataFrame) -> str:
         groups += [("correct", labelled[correct]), ("wrong", labelled[~correct])]
     bars = []
     for name, part in groups:
-        counts = part["convergence_block"].value_counts().reindex(range(n_blocks), fill_value=0).tolist()
+        counts = part["settle_block"].value_counts().reindex(range(n_blocks), fill_value=0).tolist()
         if "undefined" in categories:
-            counts.append(int(part["convergence_block"].isna().sum()))
+            counts.append(int(part["settle_block"].isna().sum()))
         bars.append(Bars(f"{name} (n={len(part)})", counts))
-    chart = bar_chart(categories, bars, title="convergence block", xlabel="block", ylabel="samples", width=520)
-    stats = blocks.astype("Float64").describe()[["count", "mean", "50%", "min", "max"]].rename({"50%": "median"})
-    return "".join([*parts, f'<div class="charts">{chart}</div>', _table(stats.rename("convergence block").to_frame())])
+    chart = bar_chart(categories, bars, title="settle block", xlabel="block", ylabel="samples", width=520)
+    reached = ranking_reached(blocks, explainer_blocks)
+    return "".join([*parts, f'<div class="charts">{chart}</div>', _table(reached, decimals=3)])
 
 
 def _localisation(results: Results, blocks: pd.DataFrame) -> str:
@@ -314,10 +387,13 @@ def _localisation(results: Results, blocks: pd.DataFrame) -> str:
         methods = summarise(evaluation)
         parts += [
             '<p class="note">Per method (DAAM\'s final map, the reference maps and the comparison explainers the '
-            "job ran): the mean over samples of every metric of the evaluation table (NaN skipped: a dash where "
-            "the job did not compute a metric), and the number of samples.</p>",
+            "job ran): the mean over samples of every metric of the evaluation table that the job computed (NaN "
+            "skipped: a dash where a metric is undefined for every sample of a method), and the number of samples. "
+            "The AUCs were computed on the float32 maps before storage; <code>daam-pipeline evaluate OUT</code> "
+            "evaluates the stored maps again.</p>",
             _metric_descriptions(methods.columns),
             _table(methods),
+            _evaluation_curves(evaluation),
         ]
     has_boxes = not blocks.empty and blocks["daam_box_energy"].notna().any()
     has_masks = not blocks.empty and "daam_mask_miou" in blocks and blocks["daam_mask_miou"].notna().any()
@@ -349,6 +425,48 @@ def _localisation(results: Results, blocks: pd.DataFrame) -> str:
     if evaluation.empty and not has_boxes and not has_masks:
         parts.append("<p>This output has no evaluation table and no ground-truth boxes or masks.</p>")
     return "".join(parts)
+
+
+_CURVE_AXES = {
+    "deletion": "share of the top patches replaced by the baseline",
+    "insertion": "share of the top patches revealed on the baseline",
+    "positive": "share of the most relevant patches removed",
+    "negative": "share of the least relevant patches removed",
+}
+
+
+def _evaluation_curves(evaluation: pd.DataFrame) -> str:
+    """The mean of each stored curve of the evaluation table per method (each AUC of the method table is the area
+    under its mean curve); nothing for outputs without curves."""
+    charts = []
+    for column in CURVE_COLUMNS:
+        if column not in evaluation or evaluation[column].isna().all():
+            continue
+        rows = evaluation[evaluation[column].notna()]
+        lines = []
+        for method in method_order(rows["method"]):
+            values = np.stack(rows.loc[rows["method"] == method, column].to_numpy())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN point (all-zero maps): a gap
+                mean = np.nanmean(values, axis=0)
+            lines.append(Line(f"{METHOD_LABELS.get(method, method)} (n={len(values)})", mean))
+        points = len(lines[0].y)
+        name = column.removesuffix("_curve")
+        # deletion/insertion: steps + 1 points over [0, 1]; perturbation: 0, 0.1, ..., 0.9
+        x = np.linspace(0.0, 1.0, points) if name in ("deletion", "insertion") else np.arange(points) / 10
+        ylabel = "top-1 correct" if name.endswith("top1") else "target probability"
+        xlabel = _CURVE_AXES[name.removesuffix("_top1")]
+        charts.append(line_chart(x, lines, title=name.replace("_", " "), xlabel=xlabel, ylabel=ylabel, width=340))
+    if not charts:
+        return ""
+    return "".join(
+        [
+            "<h3>Deletion, insertion and perturbation curves</h3>",
+            '<p class="note">The mean curve of each method over its samples (<code>deletion_curve</code>, ... of the '
+            "evaluation table): each AUC above is the area under its mean curve.</p>",
+            f'<div class="charts">{"".join(charts)}</div>',
+        ]
+    )
 
 
 def _sanity(sanity: pd.DataFrame) -> str:
@@ -418,7 +536,7 @@ def _gallery(
     results: Results,
     ok: pd.DataFrame,
     blocks: pd.DataFrame,
-    convergence: pd.DataFrame,
+    marks: pd.DataFrame,
     count: int,
     size: int,
     names: dict[int, str],
@@ -431,21 +549,32 @@ def _gallery(
     atypical = distance.drop(typical.index).tail(count // 2)[::-1]
     chosen = pd.concat([typical, atypical])
     rows = ok.set_index(_SAMPLE).loc[chosen.index].reset_index()
-    rows = rows.join(convergence, on=_SAMPLE)
+    rows = rows.join(marks, on=_SAMPLE)
     parts = [
         "<h2>Gallery</h2>",
-        '<p class="note">The most typical samples (convergence curve closest to the mean curve) first, then the '
-        "least typical (farthest). Each grid shows the image and the display mapping of D_l per block.</p>",
+        '<p class="note">The most typical samples (the curve of <code>daam_cos_final</code> over the blocks closest '
+        "to the mean curve) first, then the least typical (farthest). Each grid shows the image and the display "
+        "mapping of D_l per block, the ground-truth boxes outlined in white; on the last block the peak of the "
+        "final map is marked: a green ring when it lies in a box (a pointing-game hit), a red cross when it does "
+        f"not. Colours (jet, blue to dark red): {escape(SCALE_NOTE)}.</p>",
     ]
     try:
         flows = iter_flows(results, rows, size=size, class_names=names)
         for flow in tqdm(flows, total=len(rows), desc="report gallery", unit="image", disable=not progress):
             sample = (flow.row["unit"], flow.row["key"])
             kind = "typical" if sample in typical.index else "atypical"
+            facts = [f"{kind}: {sample[1]}"]
+            if not pd.isna(flow.row.get("settle_block")):
+                facts.append(f"settles at block {int(flow.row['settle_block'])}")
+            if flow.point_hit is not None:
+                facts.append(
+                    "pointing: hit" if flow.point_hit else "pointing: MISS, the final map peaks outside the box"
+                )
+            facts.append(f"distance {chosen[sample]:.4f}")
             parts.append(
                 f'<figure><img class="flow" alt="{escape(str(sample[1]))}" '
-                f'src="data:image/png;base64,{_png(flow.grid())}"><figcaption>{kind}: {escape(str(sample[1]))}, '
-                f"distance {chosen[sample]:.4f}</figcaption></figure>"
+                f'src="data:image/png;base64,{_png(flow.grid())}"><figcaption>{escape(", ".join(facts))}'
+                "</figcaption></figure>"
             )
     except PipelineError as e:
         logger.warning("report gallery of %s: %s", results.output.url, e)

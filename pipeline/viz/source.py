@@ -45,12 +45,15 @@ class Picture:
         window: ``(x0, y0, x1, y1)`` of the model's input in ``pixels`` coordinates.
         original_size: ``(width, height)`` of the decoded original.
         label_name: The shard's ``label_name`` metadata, if any.
+        boxes: The sample's ground-truth boxes ``(x0, y0, x1, y1)`` in ``pixels`` coordinates (the shard's ``boxes``
+            metadata, scaled to the display size); empty when it has none.
     """
 
     pixels: np.ndarray
     window: Window
     original_size: tuple[int, int]
     label_name: str | None = None
+    boxes: tuple[Window, ...] = ()
 
 
 def read_job(results: Results) -> dict[str, Any] | None:
@@ -164,7 +167,8 @@ def load_pictures(
                 if raw.image is None:
                     raise DecodeError(f"shard {shard} key {raw.key}: {raw.error}", shard=shard, key=raw.key)
                 image = decode_image(raw.image, shard=shard, key=raw.key, max_pixels=max_pixels)
-                pictures[wanted.pop(raw.key), raw.key] = _picture(image, preprocess, size, raw.meta.get("label_name"))
+                picture = _picture(image, preprocess, size, raw.meta.get("label_name"), raw.meta.get("boxes"))
+                pictures[wanted.pop(raw.key), raw.key] = picture
                 if not wanted:
                     break
         if wanted:
@@ -172,10 +176,17 @@ def load_pictures(
     return pictures
 
 
-def _picture(image: Image.Image, preprocess: Preprocess | None, size: int, label_name: str | None) -> Picture:
+def _picture(
+    image: Image.Image, preprocess: Preprocess | None, size: int, label_name: str | None, boxes: Any = None
+) -> Picture:
     width, height = image.size
     scale = size / max(width, height)
     shown = image.resize((max(round(width * scale), 1), max(round(height * scale), 1)), Image.Resampling.LANCZOS)
     sx, sy = shown.width / width, shown.height / height
     x0, y0, x1, y1 = input_window(preprocess, (width, height))
-    return Picture(np.asarray(shown), (x0 * sx, y0 * sy, x1 * sx, y1 * sy), (width, height), label_name)
+    try:  # the same boxes the decoder maps to the model input (pipeline.data.decode); malformed ones are not drawn
+        shown_boxes = tuple((bx0 * sx, by0 * sy, bx1 * sx, by1 * sy) for bx0, by0, bx1, by1 in boxes or ())
+    except (TypeError, ValueError):
+        shown_boxes = ()
+    window = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    return Picture(np.asarray(shown), window, (width, height), label_name, shown_boxes)

@@ -128,6 +128,7 @@ def test_demo_jobs_describe_the_shipped_models(stem, jobs):
     for name in jobs:
         job = load_job(ASSETS.parents[2] / "jobs" / name)
         assert job.model.name == meta["model_name"] and job.model.num_classes == meta["num_classes"]
+        assert job.model.shown_name == meta["model_label"] == next(m.label for m in DEMO_MODELS if m.stem == stem)
         assert job.model.kwargs == meta["model_kwargs"]
         assert job.model.checkpoint == str(ASSETS / meta["checkpoint"])
         assert all(Path(url).is_file() for url in job.shard_urls())

@@ -85,3 +85,17 @@ def test_loading_a_job_imports_neither_torch_nor_pandas():
     code = "import sys, pipeline.config; print(sorted({'torch', 'pandas', 'pyarrow'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout
+
+
+def test_every_problem_of_a_job_is_listed_in_one_run(shards, tmp_path):
+    """The shipped DINO job's three rounds of fixes (data.shards, then bank.shards, then model.checkpoint), in one."""
+    val = shards[0].replace("/shards/", "/val/").replace("part0-000000", "part{0..1}-000000")
+    bank = shards[0].replace("/shards/", "/train/")
+    job = job_dict(val, tmp_path / "out", mode="self-supervised", bank={"shards": bank})
+    job["model"] |= {"num_classes": 0, "checkpoint": str(tmp_path / "checkpoints" / "dino.pth")}
+    assert refused(tmp_path, job) == [
+        "error: 3 problems in job tiny:",
+        f"  data.shards: shard {val.replace('{0..1}', '0')} does not exist (and 1 more)",
+        f"  bank.shards: shard {bank} does not exist",
+        f"  model.checkpoint: {tmp_path / 'checkpoints' / 'dino.pth'} does not exist",
+    ]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from builders import job_dict, make_shards
+from builders import bar_counts, job_dict, make_shards, slow_shard
 
 from pipeline import open_results
 from pipeline.config import parse_job
@@ -175,6 +177,20 @@ def test_an_output_the_actors_cannot_see_is_refused_at_actor_start(cluster, shar
     with pytest.raises(PipelineError, match="is not shared with the worker on node") as raised:
         run_job(job, progress=False)
     assert "\n" not in str(raised.value) and "memory://not-shared/out" in str(raised.value)
+
+
+def test_actors_report_the_samples_of_the_unit_they_hold(cluster, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    (shard,) = make_shards(tmp_path / "shards", shards=1, per_shard=16)
+    job = job_dict([slow_shard(tmp_path, shard, 4)], tmp_path / "out", batch_size=2, **{"workers.cpu_actors": 1})
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert run_job(parse_job(job), progress=True).done == 1
+    shown = bar_counts(sys.stderr.getvalue(), "tiny explain")
+    assert any(units == 0 and 0 < samples < 16 for samples, units in shown), shown  # from the actor, mid-unit
+    assert shown[-1] == (16, 1)
 
 
 def test_actors_check_the_lease_themselves_and_the_driver_that_lost_it_stops(cluster, shards, tmp_path):

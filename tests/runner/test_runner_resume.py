@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from pipeline import open_results
 from pipeline.config import parse_job
 from pipeline.data.shards import write_shards
-from pipeline.errors import InputChangedError, OutputMismatchError, ShardNotFoundError
+from pipeline.errors import AmbiguousSampleError, InputChangedError, OutputMismatchError, ShardNotFoundError
 from pipeline.models import create_model
 from pipeline.runner import run_job
 from pipeline.store.compact import read_manifest
@@ -185,6 +185,31 @@ def test_a_duplicate_key_is_one_ok_row_and_one_failed_row(tmp_path):
     samples = open_results(tmp_path / "out").samples
     failed = samples[samples.status == "failed"]
     assert list(failed.key) == ["s0_0000"] and "duplicate key s0_0000" in failed.error.iloc[0]
+
+
+def test_a_key_in_two_units_is_reported_by_the_run_and_maps_asks_for_the_unit(tmp_path):
+    (path,) = make_shards(tmp_path / "shards", shards=1, per_shard=3)
+    twin = shutil.copy(path, tmp_path / "shards" / "copy-000000.tar")  # another shard holding the same keys
+    summary = run([path, str(twin)], tmp_path / "out")
+    assert (summary.samples_ok, summary.samples_failed, summary.duplicate_keys, summary.exit_code) == (6, 0, 3, 3)
+    assert summary.render().splitlines()[-1] == (
+        "3 sample keys are held by several units (e.g. s0_0000 in copy-000000, part0-000000; s0_0001 in copy-000000, "
+        "part0-000000; s0_0002 in copy-000000, part0-000000): two shards hold samples of the same key; read their "
+        "maps with maps(key, unit=...)"
+    )
+    results = open_results(tmp_path / "out")
+    with pytest.raises(AmbiguousSampleError, match=r"maps\('s0_0000', unit='copy-000000'\)"):
+        results.maps("s0_0000")
+    assert results.maps("s0_0000", unit="part0-000000").unit == "part0-000000"
+
+
+def test_the_outputs_call_the_model_by_its_label(tmp_path):
+    (path,) = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    run([path], tmp_path / "out", **{"model.label": "vit_mini_patch8_32"})
+    results = open_results(tmp_path / "out")
+    assert set(results.samples.model) == {"vit_mini_patch8_32"} and results.attrs["model"] == "vit_mini_patch8_32"
+    with pytest.raises(OutputMismatchError, match=r'model.label: "vit_mini_patch8_32" -> null'):
+        run([path], tmp_path / "out")
 
 
 def test_shards_of_the_same_names_with_other_samples_are_refused_naming_the_units_or_redone(shards, tmp_path):

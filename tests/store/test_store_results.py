@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from builders import write_with_statistics
 
-from pipeline.errors import AmbiguousSampleError, SampleNotFoundError, StoreError
+from pipeline.errors import AmbiguousSampleError, OutputLookupError, SampleNotFoundError, StoreError
 from pipeline.store.results import open_results
 from pipeline.store.schemas import BLOCKS, SAMPLES
 
@@ -66,3 +66,16 @@ def test_empty_and_missing_outputs(tmp_path):
     assert results.units == [] and results.attrs == {}
     assert results.samples.empty and list(results.samples.columns) == SAMPLES.names
     assert results.blocks.empty and list(results.blocks.columns) == BLOCKS.names
+
+
+def test_a_filter_on_a_block_the_model_does_not_have_says_so(tmp_path, layout, make_batch):
+    write_with_statistics(tmp_path, "shard-000000", layout, make_batch, ["a0", "a1"], seed=0)
+    results = open_results(tmp_path)
+    last = layout.n_blocks - 1
+    assert results.read("blocks", columns=["key"], filters=[("block", "==", last)])["key"].tolist() == ["a0", "a1"]
+    assert len(results.read("blocks", filters=[("block", "in", [last, 11])])) == 2  # one of them exists
+    assert len(results.read("blocks", filters=[("block", ">", 11)])) == 0  # a range may be empty
+    with pytest.raises(OutputLookupError, match=rf"has blocks 0 \.\. {last} \(its model has {layout.n_blocks}\)"):
+        results.read("blocks", filters=[("block", "==", 11)])
+    with pytest.raises(OutputLookupError, match="blocks filter"):
+        next(results.batches("blocks", filters=[[("key", "==", "a0"), ("block", "in", [11, 12])]]))

@@ -20,6 +20,7 @@ from pipeline.store.schemas import (
     SCHEMAS_DIR,
     TABLE_SCHEMAS,
     ZARR_LAYOUT,
+    arrow_type,
     export_schemas,
     render_schemas,
     stale_schemas,
@@ -53,7 +54,7 @@ def test_export_reads_back_as_the_schemas():
         fields = [
             pa.field(
                 f["name"],
-                pa.type_for_alias(f["type"]),
+                arrow_type(f["type"]),
                 f["nullable"],
                 {"description": f["description"], **({"enum": json.dumps(f["enum"])} if "enum" in f else {})},
             )
@@ -66,8 +67,8 @@ def test_export_reads_back_as_the_schemas():
 
 def test_schemas_keep_what_the_json_described():
     assert SAMPLES.metadata == {b"name": b"samples", b"version": b"1"}
-    # + perturbation, + segmentation against masks
-    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SANITY)] == [15, 32, 14, 19, 7]
+    # + perturbation, + segmentation against masks, + the curves of the AUCs
+    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SANITY)] == [15, 32, 20, 19, 7]
     assert SAMPLES.names[:3] == ["key", "shard", "unit"] and SAMPLES.names[-2:] == ["model", "job"]
     key, label, status, score = (SAMPLES.field(n) for n in ("key", "label", "status", "score"))
     assert (key.type, key.nullable) == (pa.string(), False)
@@ -80,7 +81,8 @@ def test_schemas_keep_what_the_json_described():
     assert sum(b"enum" in f.metadata for s in TABLE_SCHEMAS.values() for f in s) == 1
     assert BLOCKS.field("block").type == pa.int16() and BLOCKS.field("map_peak_row").type == pa.int16()
     assert BLOCKS.field("daam_cos_final").type == pa.float32()
-    assert not any(f.nullable for s in (BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SANITY) for f in s)
+    nullable = [f.name for s in (BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SANITY) for f in s if f.nullable]
+    assert nullable == [c for c in EVALUATION.names if c.endswith("_curve")] and len(nullable) == 6  # old outputs
     assert EVALUATION.names == [
         "key",
         "unit",
@@ -96,7 +98,10 @@ def test_schemas_keep_what_the_json_described():
         "negative_auc",
         "positive_top1_auc",
         "negative_top1_auc",
+        *(f"{name}_curve" for name in ("deletion", "insertion", "positive", "negative", "positive_top1")),
+        "negative_top1_curve",
     ]
+    assert EVALUATION.field("deletion_curve").type == pa.list_(pa.float32())
     assert EXPLAINER_BLOCKS.field("explainer").type == pa.string()
     arrays = ZARR_LAYOUT["arrays"]
     assert list(arrays) == ["keys", *MAP_ARRAYS]

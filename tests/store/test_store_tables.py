@@ -13,7 +13,7 @@ import pytest
 from fakes import failed_samples
 
 from pipeline.errors import SchemaError
-from pipeline.store.schemas import BLOCKS, SAMPLES, SCHEMAS_DIR, TABLE_SCHEMAS
+from pipeline.store.schemas import BLOCKS, SAMPLES, SCHEMAS_DIR, TABLE_SCHEMAS, arrow_type
 from pipeline.store.tables import build_table, parquet_bytes, validate_table
 from pipeline.store.unit_writer import UnitWriter
 
@@ -48,7 +48,7 @@ def test_schemas_match_committed_files_with_descriptions():
         spec = schema_file(f"{name}.schema.json")
         assert schema.names == [f["name"] for f in spec["fields"]]
         for field, f in zip(schema, spec["fields"], strict=True):
-            assert field.type == pa.type_for_alias(f["type"]) and field.nullable == f["nullable"]
+            assert field.type == arrow_type(f["type"]) and field.nullable == f["nullable"]
             assert field.metadata[b"description"].decode() == f["description"]
         assert schema.metadata[b"version"] == b"1"
     assert SAMPLES.field("label").type == pa.int32()
@@ -130,5 +130,5 @@ def test_writer_columns_equal_schema_files(tmp_path, layout, make_batch):
         written = pq.read_schema(tmp_path / kind / "shard-000000.parquet")
         spec = schema_file(f"{kind}.schema.json")["fields"]
         assert [(f.name, str(f.type), f.nullable) for f in written] == [
-            (f["name"], str(pa.type_for_alias(f["type"])), f["nullable"]) for f in spec
+            (f["name"], str(arrow_type(f["type"])), f["nullable"]) for f in spec
         ]

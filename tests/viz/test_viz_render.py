@@ -15,12 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from click.testing import CliRunner
 from PIL import Image
 
 from pipeline import open_results
+from pipeline.cli import main
 from pipeline.errors import SampleNotFoundError
 from pipeline.viz.render import iter_flows, render
-from pipeline.viz.select import convergence_blocks, select_samples
+from pipeline.viz.select import select_samples, settle_table
 from pipeline.viz.source import input_window, job_preprocess, read_job, resolve_class_names
 
 KEY = "img0_01"
@@ -95,6 +97,20 @@ def test_render_writes_a_grid_and_a_gif_with_one_frame_per_block(crop_output, tm
     assert 2 * 140 < grid.height < 2 * (140 + 80)  # two sections: D_l and M_l
 
 
+def test_the_grid_outlines_the_boxes_and_marks_the_final_maps_peak_as_hit_or_miss(resize_output):
+    results = open_results(resize_output)
+    rows = select_samples(results, query="random", count=9)
+    assert set(rows["point_hit"]) == {0.0, 1.0}  # the fixture holds hits and misses
+    for flow in iter_flows(results, rows, size=SIZE):
+        meta_box = np.array(flow.picture.boxes[0]) / 3.5  # display pixels back to the 64x40 original's
+        assert len(flow.picture.boxes) == 1 and (meta_box[2:] - meta_box[:2]).tolist() == pytest.approx([16, 16])
+        grid = np.asarray(flow.grid())
+        hit = flow.row["point_hit"] == 1
+        assert flow.title[1].endswith("pointing: hit" if hit else "pointing: MISS")
+        ring, cross = ((grid == c).all(-1).sum() for c in ((0, 200, 0), (230, 0, 0)))
+        assert (ring > 0, cross > 0) == (hit, not hit)
+
+
 def test_titles_name_classes_from_shards_and_class_name_sources(resize_output, tmp_path):
     results = open_results(resize_output)
     flows = list(iter_flows(results, select_samples(results, query="random", count=3), size=32))
@@ -112,24 +128,25 @@ def test_titles_name_classes_from_shards_and_class_name_sources(resize_output, t
     assert resolve_class_names({"model": {}}) == {}
 
 
-def test_convergence_block_is_the_first_block_that_stays_close_to_the_final_map():
-    curves = {"a": [0.5, 0.96, 0.9, 1.0], "b": [0.96, 0.97, 0.99, 1.0], "c": [np.nan] * 4, "d": [0.2, 0.5, 0.951, 1]}
+def test_settle_block_is_the_first_block_whose_top_patches_stay_with_the_final_maps():
+    curves = {"a": [0.5, 0.95, 0.8, 1.0], "b": [0.9, 0.92, 0.99, 1.0], "c": [np.nan] * 4, "d": [0.2, 0.5, 0.91, 1]}
     blocks = pd.DataFrame(
-        [{"unit": "u", "key": k, "block": b, "daam_cos_final": v} for k, c in curves.items() for b, v in enumerate(c)]
+        [{"unit": "u", "key": k, "block": b, "daam_iou_final": v} for k, c in curves.items() for b, v in enumerate(c)]
     ).sample(frac=1, random_state=0)  # order must not matter
-    table = convergence_blocks(blocks)
-    assert table["convergence_block"].tolist() == [3, 0, pd.NA, 2]
-    assert table.loc[("u", "b"), "mean_cos_final"] == pytest.approx(0.98, abs=1e-6)
+    table = settle_table(blocks)
+    assert table["settle_block"].tolist() == [3, 0, pd.NA, 2]
+    assert table.loc[("u", "b"), "mean_iou_final"] == pytest.approx(0.9525, abs=1e-6)
 
 
 def test_queries(crop_output):
     results = open_results(crop_output)
     ok = results.samples[results.samples.status == "ok"]
-    most = select_samples(results, query="most-converged", count=3)
-    least = select_samples(results, query="least-converged", count=100)
-    assert len(most) == 3 and len(least) == len(ok) == 9
-    assert most["convergence_block"].iloc[0] == least["convergence_block"].min()
-    assert least["convergence_block"].is_monotonic_decreasing
+    early = select_samples(results, query="earliest-settled", count=3)
+    late = select_samples(results, query="latest-settled", count=100)
+    assert len(early) == 3 and len(late) == len(ok) == 9
+    assert early["settle_block"].iloc[0] == late["settle_block"].min()
+    assert late["settle_block"].is_monotonic_decreasing
+    assert select_samples(results, query="least-converged", count=100)["key"].tolist() == late["key"].tolist()
     wrong = select_samples(results, query="wrong", count=100)
     assert len(wrong) == int((ok.predicted != ok.label).sum()) and (wrong.predicted != wrong.label).all()
     assert wrong["score"].is_monotonic_decreasing
@@ -172,6 +189,17 @@ def test_mp4_is_skipped_with_a_note_without_ffmpeg(crop_output, tmp_path, monkey
         written = render(crop_output, [KEY], dest=tmp_path / "r", progress=False)
     assert [p.suffix for p in written] == [".png", ".gif"]
     assert "ffmpeg is not on the PATH" in caplog.text
+
+
+def test_asking_for_mp4_without_ffmpeg_exits_2_saying_why(crop_output, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = CliRunner().invoke(main, ["render", str(crop_output), "--key", KEY, "--format", "mp4", "--quiet"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: render --format mp4 needs the ffmpeg program, which is not on the PATH: install it (e.g. apt-get "
+        "install ffmpeg, conda install ffmpeg), or render --format png --format gif"
+    ]
+    assert not (crop_output / "renders" / f"part0-000000__{KEY}.mp4").exists()
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no ffmpeg on the PATH")

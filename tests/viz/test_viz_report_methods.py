@@ -65,8 +65,9 @@ def html(explainers_output, tmp_path_factory) -> str:
 
 def test_a_chart_per_statistic_with_a_line_per_explainer_with_blocks(html):
     headings = re.findall(r"<h2>(.*?)</h2>", html)
-    assert headings[:3] == [
+    assert headings[:4] == [
         "Dataset",
+        "Failures",
         "Per-block statistics of the accumulated maps D_l",
         "Per-block statistics by explainer",
     ]
