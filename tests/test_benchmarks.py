@@ -48,7 +48,8 @@ def test_evaluation_benchmark(tmp_path):
     (row,) = json.loads(rows.read_text())
     # 4 maps: deletion/insertion 2 + 2 * 4 * 15 passes per image, perturbation 1 + 2 * 4 * 9 more
     assert row["maps"] == 4 and row["forward_passes_per_image"]["without perturbation"] == 122
-    assert row["forward_passes_per_image"]["with perturbation"] == 122 + 73 and row["evaluation_ratio"] > 1
+    assert row["forward_passes_per_image"]["with perturbation"] == 122 + 73
+    assert row["evaluation_ratio"] > 0  # a time ratio: printed, never asserted on (it moves with the machine's load)
 
 
 def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
