@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from builders import job_dict, make_shards, write_job
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from pipeline import open_results
 from pipeline.cli import main
@@ -55,6 +55,12 @@ def start(job: Path, *args: str) -> subprocess.Popen:
     return process
 
 
+def run_here(job: Path) -> Result:
+    """``daam-pipeline run JOB --quiet --no-ray`` in this process: a second driver or a rerun beside the driver under
+    test, which must be a process of its own (a new interpreter would import torch and timm again)."""
+    return CliRunner().invoke(main, ["run", str(job), "--quiet", "--no-ray"])
+
+
 def wait_for(condition, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -68,9 +74,9 @@ def two_units_done(out: Path) -> bool:
 
 def repair_and_resume(job: Path, fifo: Path, good: Path) -> None:
     os.replace(good, fifo)
-    result = subprocess.run([CLI, "run", str(job), "--quiet", "--no-ray"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "1 units explained, 2 already done" in result.stdout
+    result = run_here(job)
+    assert result.exit_code == 0, result.output
+    assert "1 units explained, 2 already done" in result.output
     samples = open_results(job.parent / "out").samples
     assert len(samples) == 12 and samples.key.is_unique
 
@@ -81,9 +87,9 @@ def test_second_driver_is_refused_while_the_first_runs_and_accepted_after_its_le
     first = start(job, "--no-ray")
     wait_for(lambda: two_units_done(out), "the first driver's two good units")
 
-    second = subprocess.run([CLI, "run", str(job), "--quiet", "--no-ray"], capture_output=True, text=True)
-    assert second.returncode == 2
-    lines = second.stderr.strip().splitlines()
+    second = run_here(job)
+    assert second.exit_code == 2
+    lines = second.output.strip().splitlines()
     assert len(lines) == 1 and "is in use by driver" in lines[0] and f":{first.pid}:" in lines[0]
 
     first.kill()  # SIGKILL: no chance to release the lease
@@ -123,7 +129,7 @@ def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job):
     repair_and_resume(job, fifo, good)
 
 
-def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(tmp_path):
+def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(no_ray_in_process, tmp_path):
     shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
     job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out", **{"workers.connect_timeout_s": 2}))
     start_time = time.monotonic()
@@ -159,7 +165,9 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
     try:
         address = f"127.0.0.1:{port}"
         command = [CLI, "run", str(job), "--quiet", "--address", address]
-        wrong = subprocess.run(command, env={**head_env, "RAY_AUTH_TOKEN": "b" * 32}, capture_output=True, text=True)
+        # Ray retries the refused handshake once a second, 20 times by default; the first refusal says it all
+        wrong_env = {**head_env, "RAY_AUTH_TOKEN": "b" * 32, "RAY_NUM_REDIS_GET_RETRIES": "3"}
+        wrong = subprocess.run(command, env=wrong_env, capture_output=True, text=True)
         assert wrong.returncode == 2, wrong.stderr
         assert wrong.stderr.strip().splitlines() == [
             f"error: cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
