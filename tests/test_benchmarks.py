@@ -27,6 +27,7 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_engine_benchmark(tmp_path):
     rows = tmp_path / "rows.json"
     out = run(
@@ -38,6 +39,7 @@ def test_engine_benchmark(tmp_path):
     assert row["ratio"] > 0 and row["floor_peak_mib"] > 0 and row["daam_peak_mib"] > 0
 
 
+@pytest.mark.slow
 def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
     tiny = ["--model", MODEL, "--images", "8", "--per-shard", "4", "--batch", "4"]
     out = run("worker.py", *tiny, "--overlap", "auto", "--overlap", "sequential", "--workdir", str(tmp_path))

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 # The installed package's processes see neither this checkout nor its egg-info (`build` writes one into it), which a
 # PYTHONPATH naming the checkout would add to every child process.

@@ -16,7 +16,7 @@ from pipeline.runner import plan_actors, run_job
 
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 _VOLATILE = ["shard", "error"]  # name the shard URL, whose folder differs between runs (status is compared)
 

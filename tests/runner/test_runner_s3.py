@@ -72,6 +72,7 @@ def test_run_resume_and_read_on_s3(shards, s3, local):
     assert (again.done, again.skipped) == (0, 3)
 
 
+@pytest.mark.slow
 def test_ray_actors_write_to_s3_with_the_jobs_storage_options(ray_cluster, shards, s3, local):
     summary = run_job(s3_job(shards, s3, "ray", **{"workers.cpu_actors": 1}), progress=False)
     assert (summary.done, summary.samples_ok) == (3, 11)

@@ -81,6 +81,7 @@ def repair_and_resume(job: Path, fifo: Path, good: Path) -> None:
     assert len(samples) == 12 and samples.key.is_unique
 
 
+@pytest.mark.slow
 def test_second_driver_is_refused_while_the_first_runs_and_accepted_after_its_lease_expired(hanging_job):
     job, fifo, good = hanging_job
     out = job.parent / "out"
@@ -101,6 +102,7 @@ def test_second_driver_is_refused_while_the_first_runs_and_accepted_after_its_le
     assert not (out / "_lease.json").exists()
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
     job, fifo, good = hanging_job
     out = job.parent / "out"
@@ -114,6 +116,7 @@ def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
     repair_and_resume(job, fifo, good)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job):
     job, fifo, good = hanging_job
@@ -148,6 +151,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_joins(tmp_path):
     """A head started with Ray's token authentication; a driver with another token gets one line saying so."""
     pytest.importorskip("ray._private.authentication", reason="this Ray has no token authentication")
