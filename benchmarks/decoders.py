@@ -9,7 +9,7 @@ them). For each ``data.decoder``, in one process:
 
 1. decode alone: every shard into batches of model-input pixels on the device (read, decode, resize, crop, copy);
 2. engine alone: DAAM on those batches, already resident on the device;
-3. worker loop: UnitWorker.run_units over the shards (decode, engine, statistics, writes, commit).
+3. worker loop: the units through the worker (LocalPool) (decode, engine, statistics, writes, commit).
 
 It prints images/s of each, worker loop / engine alone, and how far the two decoders' pixels are apart (mean
 absolute difference in grey levels; resampler rounding, and nvjpeg's IDCT on a GPU).

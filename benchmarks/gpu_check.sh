@@ -81,6 +81,8 @@ done
 step "worker loop vs engine: $MODEL $DTYPE, $THREADS PIL threads" 120 "$PY" benchmarks/worker.py --model "$MODEL" \
   --dtype "$DTYPE" --batch "$BATCH" --images "$IMAGES" --per-shard "$PER_SHARD" --decode-threads "$THREADS" \
   --overlap auto --overlap sequential --workdir "$WORK"
+step "evaluation with and without perturbation: $MODEL" 120 "$PY" benchmarks/evaluation.py --model "$MODEL" \
+  --batch 16 --rounds 2 --json-out "$OUT/evaluation-$MODEL.json"
 step "decoders: PIL x$THREADS vs torchvision" 150 "$PY" benchmarks/decoders.py --model "$MODEL" --dtype "$DTYPE" \
   --batch "$BATCH" --images "$IMAGES" --per-shard "$PER_SHARD" --pil-threads "$THREADS" --workdir "$WORK"
 

@@ -12,6 +12,7 @@ The issue's targets at 1,000 units: .samples <= 0.1 s, .blocks <= 0.6 s, maps(ke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -21,19 +22,22 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from pipeline.config import StoreOptions
+from pipeline.data.decode import DecodedSample
 from pipeline.store.compact import compact
 from pipeline.store.results import open_results
 from pipeline.store.schemas import BLOCKS
-from pipeline.store.unit_writer import UnitWriter
+from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
 from pipeline.store.zarr_store import MapLayout, round_significant
 
 LAYOUT = MapLayout(model="vit_small_patch16_224", n_blocks=12, grid=(14, 14), channels=384, prefix_tokens=1)
 
 
 def unit_batch(rng: np.random.Generator, unit: int, samples: int) -> dict:
-    """One unit's ``write_batch`` arguments: random maps and statistics of the right shapes and types."""
+    """One unit's ``UnitWriter.write_explained`` arguments: samples, random maps and statistics of the right shapes
+    and types."""
     n, layers, (h, w) = samples, LAYOUT.n_blocks, LAYOUT.grid
     block_maps = np.maximum(rng.standard_normal((n, layers, h, w), dtype=np.float32), 0)
     coefficients = rng.standard_normal((n, layers, LAYOUT.channels), dtype=np.float32)
@@ -42,18 +46,20 @@ def unit_batch(rng: np.random.Generator, unit: int, samples: int) -> dict:
         for f in BLOCKS
         if f.name not in ("key", "unit", "block")
     }
-    columns = {
-        "label": rng.integers(0, 1000, n).tolist(),
-        "predicted": rng.integers(0, 1000, n).tolist(),
-        "score": rng.random(n).tolist(),
-        "target": rng.integers(0, 1000, n).tolist(),
-        "width": [500] * n,
-        "height": [375] * n,
-        "n_boxes": [1] * n,
-    }
-    keys = [f"u{unit:06d}_{i:05d}" for i in range(n)]
+    box = torch.zeros(1, 4)
+    labels = rng.integers(0, 1000, n).tolist()
+    records = [
+        DecodedSample(f"u{unit:06d}_{i:05d}", "s.tar", labels[i], {}, None, box, None, (500, 375)) for i in range(n)
+    ]
     arrays = {"block_maps": block_maps, "daam": np.cumsum(block_maps, axis=1), "coefficients": coefficients}
-    return {"keys": keys, "arrays": arrays, "columns": columns, "block_stats": stats}
+    result = ExplainedBatch(
+        arrays=arrays,
+        predicted=rng.integers(0, 1000, n),
+        score=rng.random(n).astype(np.float32),
+        target=rng.integers(0, 1000, n),
+        block_stats=stats,
+    )
+    return {"samples": records, "result": result}
 
 
 class FsyncCounter:
@@ -106,7 +112,7 @@ def measure(out: Path, units: int, samples: int, arrays: tuple[str, ...]) -> dic
             writer = UnitWriter(
                 out, f"shard-{unit:06d}", LAYOUT, shard=f"s{unit}.tar", job="bench", store_options=options
             )
-            writer.write_batch(**batch)
+            writer.write_explained(**batch)
             writer.commit()
             write_s += time.perf_counter() - start
     key = f"u{units // 2:06d}_{samples // 2:05d}"
@@ -143,13 +149,14 @@ def writer_throughput(root: Path, units: int, samples: int, arrays: tuple[str, .
     batches = []
     for unit in range(units):
         batch = unit_batch(rng, unit, samples)
-        batch["arrays"] = {name: round_significant(values, 11) for name, values in batch["arrays"].items()}
+        arrays = {name: round_significant(values, 11) for name, values in batch["result"].arrays.items()}
+        batch["result"] = dataclasses.replace(batch["result"], arrays=arrays, rounded=True)
         batches.append(batch)
     out = root / f"writer-{threads}"
 
     def write(unit: int) -> None:
         writer = UnitWriter(out, f"shard-{unit:06d}", LAYOUT, shard="s.tar", job="bench", store_options=options)
-        writer.write_batch(**batches[unit], rounded=True)
+        writer.write_explained(**batches[unit])
         writer.commit()
 
     start = time.perf_counter()

@@ -4,9 +4,9 @@
 
 Writes local WebDataset shards of ImageNet-size JPEGs (500x375, textured, ~100 KB), then in one process:
 1. engine alone: DAAM on already decoded, preprocessed batches resident on the device (the same batches);
-2. worker loop: UnitWorker.run_units over the shards, as the runner drives a worker (read, decode, preprocess,
-   copy, DAAM, statistics on the device, one packed copy to the host, Zarr and Parquet writes, commit; the next
-   unit's decoding and the last one's commit overlap the computation).
+2. worker loop: the units through the worker as the runner drives it in one process (LocalPool): read, decode,
+   preprocess, copy, DAAM, statistics on the device, one packed copy to the host, Zarr and Parquet writes, commit;
+   the next unit's decoding and the last one's commit overlap the computation.
 It prints images/s of both, their ratio, and the bytes per image of the outputs (maps.zarr and the Parquet tables).
 """
 
@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline.config import JobConfig, parse_job
 from pipeline.data.shards import ShardSample, write_shards
+from pipeline.runner.pools import LocalPool
 from pipeline.worker import UnitWorker
 
 
@@ -100,14 +101,14 @@ def make_job(
 def measure(job: JobConfig, shards: list[str], device: str) -> dict:
     with UnitWorker(job, device) as worker:
         sync = torch.cuda.synchronize if worker.device.type == "cuda" else (lambda: None)
-        with worker.prefetch_batches(shards[0], []) as ready:  # warm-up: decoder start (nvjpeg), threads
+        with worker.prefetch_batches(shards[0]) as ready:  # warm-up: decoder start (nvjpeg), threads
             next(ready)
 
         start = time.perf_counter()
         resident = []
         for url in shards:
-            with worker.prefetch_batches(url, []) as ready:
-                resident += [pixels.to(worker.device, non_blocking=True) for pixels, _ in ready]
+            with worker.prefetch_batches(url) as ready:
+                resident += [batch.pixels.to(worker.device, non_blocking=True) for batch in ready]
         sync()
         decode_s = time.perf_counter() - start
         images = [worker.model_input(pixels) for pixels in resident]
@@ -122,7 +123,7 @@ def measure(job: JobConfig, shards: list[str], device: str) -> dict:
         engine_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        markers = [marker for _, marker, _ in worker.run_units("explain", shards)]
+        markers = [outcome.marker for outcome in LocalPool(job, worker=worker).run("explain", shards)]
         sync()
         loop_s = time.perf_counter() - start
     n = sum(len(p) for p in resident)

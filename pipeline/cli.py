@@ -228,13 +228,26 @@ def validate(job_file, no_inputs, sets) -> None:
 @click.option("--prefix", default="shard", show_default=True)
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help="ImageNet-val labels.")
 @click.option("--boxes", type=click.Path(exists=True, file_okay=False), default=None, help="Folder of box XMLs.")
+@click.option(
+    "--masks",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of object masks laid out like SRC (<stem>.png: one channel, 0 background, 1 object).",
+)
 @_user_errors
-def shard(src, out, kind, samples_per_shard, prefix, labels, boxes) -> None:
+def shard(src, out, kind, samples_per_shard, prefix, labels, boxes, masks) -> None:
     """Write WebDataset shards of SRC (ImageFolder tree, ImageNet-val folder or path,label list) into OUT."""
     from pipeline.data.shards import shard_source
 
     index = shard_source(
-        src, out, kind=kind, samples_per_shard=samples_per_shard, prefix=prefix, labels=labels, boxes=boxes
+        src,
+        out,
+        kind=kind,
+        samples_per_shard=samples_per_shard,
+        prefix=prefix,
+        labels=labels,
+        boxes=boxes,
+        masks=masks,
     )
     total = sum(entry["samples"] for entry in index)
     click.echo(f"wrote {total} samples in {len(index)} shard(s) to {out} (index: {out / 'index.json'})")
@@ -318,7 +331,7 @@ def bank() -> None:
 def bank_import(features, labels, out, k, temperature, overwrite) -> None:
     """Turn a feature dump into a bank at OUT (a job's bank.path): FEATURES (M, D) and LABELS (M,) as torch files
     (DINO's eval_knn.py --dump_features: trainfeat.pth, trainlabels.pth) or .npy files."""
-    from pipeline.store.features import import_feature_dump
+    from pipeline.store.bank import import_feature_dump
 
     built = import_feature_dump(features, labels, out, k=k, temperature=temperature, overwrite=overwrite)
     labelled = f"{built.num_classes} classes" if built.num_classes else "no labels"
@@ -350,11 +363,16 @@ def schemas(dest, check) -> None:
 
 @main.command("demo-assets")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: the package's.")
+@click.option("--shards-only", is_flag=True, help="Write the shards only; keep the model.")
 @_user_errors
-def demo_assets(out) -> None:
+def demo_assets(out, shards_only) -> None:
     """Regenerate the built-in demo data and retrain the shipped demo model (deterministic)."""
-    from pipeline.demo.train import ASSETS_DIR, build_demo_assets
+    from pipeline.demo.train import ASSETS_DIR, build_demo_assets, write_demo_shards
 
+    if shards_only:
+        write_demo_shards(out or ASSETS_DIR)
+        click.echo(f"demo shards written to {out or ASSETS_DIR}")
+        return
     info = build_demo_assets(out or ASSETS_DIR)
     click.echo(f"demo assets written to {out or ASSETS_DIR}: validation accuracy {info['val_accuracy']:.3f}")
 

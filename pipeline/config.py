@@ -26,11 +26,14 @@ from pipeline.names import (
     MAP_ARRAYS,
     METRIC_GROUPS,
     PERTURBATION_BASELINES,
+    PERTURBATION_PROTOCOLS,
     REFERENCE_MAPS,
+    SANITY_CHECKS,
     STORE_DTYPES,
 )
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "BankConfig",
     "DataConfig",
     "ErrorPolicy",
@@ -52,6 +55,9 @@ def is_url(path: str) -> bool:
     """Whether a shard or output location is a URL (fsspec's ``proto://`` or WebDataset's ``pipe:``)."""
     return "://" in path or path.startswith("pipe:")
 
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""PIL's ``Image.MAX_IMAGE_PIXELS``: larger images are refused as decompression bombs (``data.max_pixels``)."""
 
 PACKAGE_PREFIX = "package:"
 """Input paths of shipped jobs start with it: ``package:demo/assets/...`` is a file of the installed package."""
@@ -138,7 +144,7 @@ class DataConfig(_Section):
         description="pil: PIL in decode_threads threads; torchvision: JPEGs decoded in batches on the worker's "
         "device (nvjpeg on a GPU), other files through PIL",
     )
-    max_pixels: int = Field(89_478_485, ge=1, description="images with more pixels are refused as bombs")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="images with more pixels are refused as bombs")
     prefetch_batches: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
         description="batches read and decoded ahead in a background thread; auto: 2 on a GPU, 0 on the CPU (where "
@@ -161,7 +167,7 @@ class BankConfig(_Section):
     path: str | None = Field(
         None,
         description="bank location: written by the bank stage (default OUTPUT/bank.zarr), or an existing bank "
-        "(MemoryBank.to_zarr, `daam-pipeline bank import`) when bank.shards is not given",
+        "(pipeline.store.bank.write_bank, `daam-pipeline bank import`) when bank.shards is not given",
     )
     k: int = Field(20, ge=1)
     temperature: float = Field(0.07, gt=0)
@@ -266,24 +272,51 @@ class ErrorPolicy(_Section):
     )
 
 
+DEFAULT_METRIC_GROUPS = ("localisation", "segmentation", "faithfulness")
+"""The metric groups of an ``evaluate:`` section that names none: every group but ``perturbation``, whose forward
+passes make an evaluating job about 1.55 times as long (README, "Evaluation cost")."""
+
+
 class EvaluationConfig(_Section):
-    """What the evaluation computes per batch (:func:`pipeline.evaluate.evaluate_batch`)."""
+    """What the evaluation computes per batch (:func:`pipeline.evaluate.evaluate_batch`) and which sanity check the
+    job runs (:mod:`pipeline.sanity`)."""
 
     section: ClassVar[str] = "evaluate"
     steps: int = Field(16, ge=1, strict=True, description="deletion/insertion steps; the curves have steps + 1 points")
     baseline: Literal[PERTURBATION_BASELINES] = Field(
-        "blur", description="what removed patches become (pipeline.evaluate.baseline_images)"
+        "blur",
+        description="what removed patches become in deletion/insertion and patch-level perturbation "
+        "(pipeline.evaluate.baseline_images): blur, zero (the normalised image's zero: the dataset mean colour), "
+        "mean (the image's mean colour) or black (zero of the unnormalised [0, 1] image)",
+    )
+    protocol: Literal[PERTURBATION_PROTOCOLS] = Field(
+        "patch",
+        description="positive/negative perturbation: patch (whole patches of the map's grid replaced by `baseline`, "
+        "the explained class followed) or chefer (Chefer et al.'s published code: pixels of the bilinearly "
+        "upsampled map set to black, top-1 scored against the shard's label)",
     )
     batch_size: int = Field(64, ge=1, strict=True, description="perturbed images per forward pass")
     metrics: tuple[Literal[tuple(METRIC_GROUPS)], ...] = Field(
-        tuple(METRIC_GROUPS),
-        description="localisation (pointing game, box energy), faithfulness (deletion/insertion), perturbation "
-        "(positive/negative perturbation AUC, Chefer et al. 2021)",
+        DEFAULT_METRIC_GROUPS,
+        description="localisation (pointing game, box energy), segmentation (pixel accuracy, mIoU and mAP against "
+        "the shards' masks), faithfulness (deletion/insertion), perturbation (positive/negative perturbation AUC, "
+        "Chefer et al. 2021; opt-in: it adds 1 + 18 M forward passes per image for M maps to deletion/insertion's "
+        "2 + 30 M, about 1.55 times an evaluating job's time, benchmarks/evaluation.py)",
     )
     references: tuple[Literal[REFERENCE_MAPS], ...] = Field(
         REFERENCE_MAPS, description="reference maps evaluated beside the explainers"
     )
-    seed: int = Field(0, strict=True, description="seed of the random reference maps (one stream per unit)")
+    seed: int = Field(
+        0, strict=True, description="seed of the random reference maps (one stream per unit) and the randomised weights"
+    )
+    sanity: Literal[SANITY_CHECKS] | None = Field(
+        None,
+        description="cascading: re-explain `sanity_samples` samples with the model's blocks randomised from the top "
+        "down, one more block at a time, and store how similar each map stays (Adebayo et al. 2018)",
+    )
+    sanity_samples: int = Field(
+        32, ge=1, strict=True, description="samples the sanity check re-explains, the first ok ones of each unit"
+    )
 
     @field_validator("metrics", "references")
     @classmethod
@@ -298,6 +331,10 @@ class EvaluationConfig(_Section):
     @property
     def perturbation(self) -> bool:
         return "perturbation" in self.metrics
+
+    @property
+    def segmentation(self) -> bool:
+        return "segmentation" in self.metrics
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -322,7 +359,9 @@ class JobConfig(_Section):
     output: OutputConfig
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     errors: ErrorPolicy = Field(default_factory=ErrorPolicy)
-    evaluate: EvaluationConfig | None = Field(None, description="localisation and deletion/insertion scores")
+    evaluate: EvaluationConfig | None = Field(
+        None, description="localisation, segmentation, deletion/insertion and perturbation scores; sanity checks"
+    )
     explainers: list[Literal[EXPLAINERS]] = Field(
         default_factory=lambda: ["daam"],
         description="daam, plus comparison explainers computed in the same pass: " + ", ".join(COMPARISON_EXPLAINERS),
@@ -331,7 +370,7 @@ class JobConfig(_Section):
 
     @field_validator("explainers")
     @classmethod
-    def _daam_first(cls, value: list[str]) -> list[str]:
+    def _daam_once(cls, value: list[str]) -> list[str]:
         if "daam" not in value:
             raise ValueError("must include 'daam'")
         if len(set(value)) != len(value):
@@ -349,7 +388,12 @@ class JobConfig(_Section):
                 raise ValueError(
                     "evaluate.metrics: deletion/insertion ('faithfulness') and positive/negative perturbation "
                     "('perturbation') follow the probability of an explained class, and a self-supervised job "
-                    "explains <f, w>; use metrics: [localisation]"
+                    "explains <f, w>; use metrics: [localisation, segmentation]"
+                )
+            if self.evaluate is not None and self.evaluate.sanity is not None:
+                raise ValueError(
+                    "evaluate.sanity: the sanity check explains the trained model's class with randomised blocks; a "
+                    "self-supervised job's <f, w> comes from a memory bank of the trained model's features"
                 )
         elif self.bank is not None:
             raise ValueError("bank: a `bank:` section is only used in mode 'self-supervised'")

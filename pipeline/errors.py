@@ -8,6 +8,7 @@ subclass inherits it too, so callers can catch either. Messages name what is wro
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousSampleError",
     "BankError",
     "CheckpointError",
     "ClusterError",
@@ -18,6 +19,7 @@ __all__ = [
     "InputError",
     "JobTerminated",
     "OutputInUseError",
+    "OutputLookupError",
     "OutputMismatchError",
     "PipelineError",
     "SampleNotFoundError",
@@ -28,6 +30,7 @@ __all__ = [
     "TargetError",
     "UnitFailedError",
     "UnsupportedModelError",
+    "one_line",
 ]
 
 
@@ -96,8 +99,16 @@ class UnitFailedError(PipelineError, RuntimeError):
     """A unit of work (one input shard) that failed after all retries."""
 
 
-class SampleNotFoundError(PipelineError, LookupError):
+class OutputLookupError(PipelineError, LookupError):
+    """A table, unit or sample that an output does not hold."""
+
+
+class SampleNotFoundError(OutputLookupError):
     """Sample keys or a query that select no stored sample of an output."""
+
+
+class AmbiguousSampleError(SampleNotFoundError):
+    """A sample key that several units of an output hold, asked for without naming the unit."""
 
 
 class OutputInUseError(PipelineError, RuntimeError):
@@ -114,3 +125,16 @@ class ClusterError(PipelineError, ConnectionError):
 
 class JobTerminated(BaseException):
     """SIGTERM reached the driver: the job stops, in-flight units are abandoned to be redone by a rerun."""
+
+
+def one_line(error: BaseException, *, with_type: bool = False) -> str:
+    """An exception's message as one line: its first non-empty line (the type's name when it has none).
+
+    Args:
+        error: Any exception.
+        with_type: Prefix the type's name (``OSError: No space left on device``), for errors of unknown kind.
+    """
+    line = next((text.strip() for text in str(error).splitlines() if text.strip()), "")
+    if not line:
+        return type(error).__name__
+    return f"{type(error).__name__}: {line}" if with_type else line

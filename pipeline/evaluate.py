@@ -4,7 +4,10 @@
   (:func:`~pipeline.stats.pointing_hit`, :func:`~pipeline.stats.box_energy`) on the patch grid.
 - Faithfulness: deletion and insertion AUC (Petsiuk et al., "RISE", BMVC 2018) on the patch grid.
 - Perturbation: positive and negative perturbation AUC (Chefer, Gur & Wolf, "Transformer Interpretability Beyond
-  Attention Visualization", CVPR 2021), of the target's probability and of top-1 correctness, on the same path.
+  Attention Visualization", CVPR 2021), of the target's probability and of top-1 correctness: on the patch grid
+  (``protocol="patch"``), or exactly as their published code removes pixels (``protocol="chefer"``).
+- Segmentation: pixel accuracy, mIoU and mAP of the thresholded map against object masks
+  (:func:`pipeline.stats.segmentation_scores`, their ImageNet-Segmentation evaluation).
 - Reference maps for comparison rows: a seeded uniform random map and a centre prior.
 
 Undefined values are NaN, as in :mod:`pipeline.stats`: box metrics of a sample without boxes, and every metric of
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from pipeline.config import EvaluationConfig
 from pipeline.errors import InputError, TargetError
-from pipeline.stats import box_energy, pointing_hit
+from pipeline.stats import box_energy, pointing_hit, segmentation_scores, upsample
 
 __all__ = [
     "baseline_images",
@@ -83,7 +86,13 @@ def localisation(maps: Tensor, box_mask: Tensor | None) -> dict[str, Tensor]:
 
 
 # -- faithfulness -------------------------------------------------------------------------------------------------
-def baseline_images(images: Tensor, baseline: str) -> Tensor:
+def baseline_images(
+    images: Tensor,
+    baseline: str,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Tensor:
     """What deletion puts in place of removed patches and insertion starts from.
 
     Args:
@@ -91,16 +100,28 @@ def baseline_images(images: Tensor, baseline: str) -> Tensor:
         baseline: ``"blur"``: a Gaussian blur with an odd kernel of about a quarter of the image size per side
             (``(H // 4) | 1`` by ``(W // 4) | 1``, 57 x 57 for 224 x 224) and torchvision's default sigma for
             that kernel (``0.3 * ((k - 1) / 2 - 1) + 0.8``, 8.9 for 57); ``"zero"``: zeros in normalised space,
-            i.e. the dataset mean colour; ``"mean"``: each image's per-channel mean.
+            i.e. the dataset mean colour; ``"mean"``: each image's per-channel mean; ``"black"``: zeros of the
+            unnormalised [0, 1] image, ``-mean / std`` in normalised space (what Chefer et al.'s code removes
+            pixels with).
+        mean: The normalisation's per-channel mean of [0, 1] pixels; needed for ``"black"``.
+        std: Its per-channel standard deviation; needed for ``"black"``.
 
     Returns:
         ``(B, 3, H, W)`` like ``images``.
+
+    Raises:
+        InputError: ``"black"`` without ``mean`` and ``std``.
     """
     EvaluationConfig(baseline=baseline)  # the job's rule for baselines, raising ConfigError
     if baseline == "zero":
         return torch.zeros_like(images)
     if baseline == "mean":
         return images.mean(dim=(-2, -1), keepdim=True).expand_as(images).contiguous()
+    if baseline == "black":
+        if mean is None or std is None:
+            raise InputError("baseline 'black' needs the normalisation's mean and std")
+        black = -torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)
+        return black.to(images.device, images.dtype).view(1, -1, 1, 1).expand_as(images).contiguous()
     height, width = images.shape[-2:]
     return gaussian_blur(images, kernel_size=[(width // 4) | 1, (height // 4) | 1])
 
@@ -116,6 +137,8 @@ def deletion_insertion(
     baseline: str = "blur",
     batch_size: int = 64,
     autocast_dtype: torch.dtype | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict[str, Tensor]:
     """Deletion and insertion AUC of maps on the patch grid (RISE), batched on the device.
 
@@ -139,6 +162,7 @@ def deletion_insertion(
         baseline: See :func:`baseline_images`.
         batch_size: Images per forward pass; does not change the result.
         autocast_dtype: Run the model under ``torch.autocast`` with this dtype; probabilities are float32.
+        mean, std: The images' normalisation, for the ``"black"`` baseline.
 
     Returns:
         ``deletion`` and ``insertion``: ``(B,)`` or ``(B, M)`` AUCs; ``deletion_curve`` and ``insertion_curve``:
@@ -154,9 +178,9 @@ def deletion_insertion(
     batch, num_maps, h, w = maps.shape
     n = h * w
     keep = _keep_masks(maps.flatten(-2), steps)  # (B, Q, n)
-    probs, _ = _target_probabilities(
-        model, images, baseline_images(images, baseline), keep, (h, w), target, batch_size, autocast_dtype
-    )
+    base = baseline_images(images, baseline, mean=mean, std=std)
+    masks = _patch_masks(keep, (h, w), images.shape[-2:])
+    probs, _ = _target_probabilities(model, images, base, masks, keep.shape[1], target, batch_size, autocast_dtype)
 
     # Q = [original, baseline, deletion steps 1..steps-1 per map, insertion steps 1..steps-1 per map]
     original, base = probs[:, 0, None, None].expand(-1, num_maps, 1), probs[:, 1, None, None].expand(-1, num_maps, 1)
@@ -183,25 +207,40 @@ def perturbation(
     target: Tensor,
     *,
     baseline: str = "blur",
+    protocol: str = "patch",
     batch_size: int = 64,
     autocast_dtype: torch.dtype | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict[str, Tensor]:
-    """Positive and negative perturbation AUC of maps on the patch grid (Chefer et al. 2021), batched on the device.
+    """Positive and negative perturbation AUC of maps (Chefer et al. 2021), batched on the device.
 
-    Patches are ranked as in :func:`deletion_insertion` (highest first, ties by patch index). At each fraction
-    ``f_i = i / 10`` of :data:`PERTURBATION_FRACTIONS` the ``k_i = floor(i * n / 10)`` patches are replaced by the
-    baseline: for *positive* perturbation the first ``k_i`` of the ranking (most relevant first: a faithful map's
-    curve drops fast, lower AUC is better), for *negative* the last ``k_i`` (least relevant first: higher is
-    better). Two curves follow each: the softmax probability of ``target`` and top-1 correctness (1 where the
-    perturbed image's argmax is ``target``; Chefer et al. report this one, with the prediction as target); the AUCs
-    are their trapezoid integrals over the nominal fractions 0 ... 0.9, as in the protocol's ``auc(arange(0, 1,
-    0.1), curve)``. Chefer et al. zero the removed pixels of the normalised image: ``baseline="zero"``.
+    At each fraction ``f_i = i / 10`` of :data:`PERTURBATION_FRACTIONS` the ``k_i`` most relevant units of the map
+    are replaced by the baseline for *positive* perturbation (a faithful map's curve drops fast: lower AUC is
+    better), the ``k_i`` least relevant for *negative* (higher is better). Two curves follow each: the softmax
+    probability of ``target`` and top-1 correctness (1 where the perturbed image's argmax is ``target``); the AUCs
+    are their trapezoid integrals over the nominal fractions 0 ... 0.9, ``auc(arange(0, 1, 0.1), curve)``, the
+    unperturbed image at 0.
+
+    - ``protocol="patch"``: the units are the ``n`` patches of the grid, ranked as in :func:`deletion_insertion`
+      (highest first, ties by patch index); ``k_i = floor(i * n / 10)``; negative removes the last ``k_i`` of
+      that ranking.
+    - ``protocol="chefer"``: what hila-chefer/Transformer-Explainability's
+      ``baselines/ViT/pertubation_eval_from_hdf5.py`` does. The units are the ``H W`` pixels of the map upsampled
+      bilinearly to the input (:func:`pipeline.stats.upsample`, their ``F.interpolate(..., mode='bilinear')``);
+      ``k_i = int(H W * f_i)`` (their ``int(base_size * perturbation_steps[i])``); positive removes the top
+      ``k_i`` of the map and negative the top ``k_i`` of its negation (their ``torch.topk(vis, k)`` on ``vis`` or
+      ``-vis``, whose choice among tied values torch leaves open: ties go to the lower pixel index here). Their
+      code zeroes the removed pixels of the [0, 1] image (``baseline="black"``) and scores top-1 against the
+      dataset label (pass the labels as ``target``); :func:`evaluate_batch` does both.
 
     The unperturbed image is shared by every curve of a sample, so a sample costs ``1 + 2 * M * 9`` forward passes
     for ``M`` maps, run in chunks of ``batch_size`` images.
 
     Args:
-        model, images, maps, target, baseline, batch_size, autocast_dtype: As for :func:`deletion_insertion`.
+        model, images, maps, target, baseline, batch_size, autocast_dtype, mean, std: As for
+            :func:`deletion_insertion`.
+        protocol: ``"patch"`` or ``"chefer"``.
 
     Returns:
         ``positive``, ``negative`` (probability AUCs), ``positive_top1``, ``negative_top1`` (top-1 correctness
@@ -209,25 +248,29 @@ def perturbation(
         maps.
 
     Raises:
-        InputError, TargetError, ConfigError: as :func:`deletion_insertion`.
+        InputError, TargetError, ConfigError: as :func:`deletion_insertion`, and an unknown ``protocol``.
     """
-    EvaluationConfig(baseline=baseline, batch_size=batch_size)  # the job's rules, raising ConfigError
+    EvaluationConfig(baseline=baseline, batch_size=batch_size, protocol=protocol)  # the job's rules: ConfigError
     single, maps, target = _check_inputs(model, images, maps, target, "perturbation")
     batch, num_maps, h, w = maps.shape
-    n, points = h * w, len(PERTURBATION_FRACTIONS)
-    rank = _ranks(maps.flatten(-2))[:, :, None, :]  # (B, M, 1, n)
-    counts = torch.arange(1, points, device=maps.device)[:, None] * n // points  # (9, 1): k_1 ... k_9
-    keep = torch.cat(
-        [
-            torch.ones(batch, 1, n, dtype=torch.bool, device=maps.device),  # the original
-            (rank >= counts).flatten(1, 2),  # positive: the top k_i removed
-            (rank < n - counts).flatten(1, 2),  # negative: the bottom k_i removed
-        ],
-        dim=1,
-    )
-    probs, correct = _target_probabilities(
-        model, images, baseline_images(images, baseline), keep, (h, w), target, batch_size, autocast_dtype
-    )
+    points = len(PERTURBATION_FRACTIONS)
+    base = baseline_images(images, baseline, mean=mean, std=std)
+    if protocol == "chefer":
+        masks, queries = _pixel_masks(maps, images.shape[-2:])
+    else:
+        n = h * w
+        rank = _ranks(maps.flatten(-2))[:, :, None, :]  # (B, M, 1, n)
+        counts = torch.arange(1, points, device=maps.device)[:, None] * n // points  # (9, 1): k_1 ... k_9
+        keep = torch.cat(
+            [
+                torch.ones(batch, 1, n, dtype=torch.bool, device=maps.device),  # the original
+                (rank >= counts).flatten(1, 2),  # positive: the top k_i removed
+                (rank < n - counts).flatten(1, 2),  # negative: the bottom k_i removed
+            ],
+            dim=1,
+        )
+        masks, queries = _patch_masks(keep, (h, w), images.shape[-2:]), keep.shape[1]
+    probs, correct = _target_probabilities(model, images, base, masks, queries, target, batch_size, autocast_dtype)
     fractions = torch.tensor(PERTURBATION_FRACTIONS, device=maps.device)
     undefined = (maps.flatten(-2) == 0).all(-1)  # (B, M)
     result = {}
@@ -239,6 +282,58 @@ def perturbation(
             result[name + suffix] = torch.trapezoid(curve, fractions, dim=-1)
             result[f"{name}{suffix}_curve"] = curve
     return {k: v[:, 0] for k, v in result.items()} if single else result
+
+
+MaskMaker = Callable[[int, int], Tensor]
+"""``masks(start, stop)``: which pixels keep the original image in the perturbed images ``start ... stop - 1`` of
+a batch's ``(B, Q)`` perturbed images (row-major), as ``(stop - start, 1, H, W)`` bool."""
+
+
+def _patch_masks(keep: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> MaskMaker:
+    """The pixel masks of keep masks ``(B, Q, n)`` on the ``h x w`` patch grid: nearest upsampling, so whole patches
+    move.
+
+    Raises:
+        InputError: the grid does not divide the images into whole patches.
+    """
+    (height, width), (h, w) = size, grid
+    if height % h or width % w:
+        raise InputError(f"a {h}x{w} patch grid does not divide {height}x{width} images into patches")
+    flat = keep.flatten(0, 1)
+
+    def masks(start: int, stop: int) -> Tensor:
+        chunk = flat[start:stop].view(-1, 1, h, w).float()
+        return F.interpolate(chunk, size=(height, width), mode="nearest").bool()
+
+    return masks
+
+
+def _pixel_masks(maps: Tensor, size: tuple[int, int]) -> tuple[MaskMaker, int]:
+    """The pixel masks of Chefer et al.'s protocol for maps ``(B, M, h, w)``: the original, then per map the
+    positive steps, then per map the negative steps (the query order of :func:`perturbation`), and their number
+    ``Q = 1 + 2 * M * 9`` per sample.
+
+    Only the pixel ranks are held, ``(B, M, H W)`` int32 for each direction; a chunk's masks are made when asked.
+    """
+    num_maps = maps.shape[1]
+    height, width = size
+    pixels = height * width
+    flat = upsample(maps, (height, width)).flatten(-2)  # (B, M, H W)
+    ranks = torch.stack([_ranks(flat), _ranks(-flat)]).to(torch.int32)  # (2, B, M, H W): positive, negative
+    counts = torch.tensor([0] + [int(pixels * f) for f in PERTURBATION_FRACTIONS[1:]], device=maps.device)
+    steps = len(PERTURBATION_FRACTIONS) - 1
+    queries = 1 + 2 * num_maps * steps
+
+    def masks(start: int, stop: int) -> Tensor:
+        index = torch.arange(start, stop, device=maps.device)
+        sample, query = index // queries, index % queries
+        inner = (query - 1).clamp(min=0)  # 0 for the original, whose count is 0: nothing removed
+        direction, rest = inner // (num_maps * steps), inner % (num_maps * steps)
+        step = torch.where(query == 0, 0, rest % steps + 1)
+        rank = ranks[direction, sample, rest // steps]  # (c, H W)
+        return (rank >= counts[step, None]).view(-1, 1, height, width)
+
+    return masks, queries
 
 
 def _check_inputs(
@@ -294,19 +389,16 @@ def _target_probabilities(
     model: nn.Module,
     images: Tensor,
     baseline: Tensor,
-    keep: Tensor,
-    grid: tuple[int, int],
+    masks: MaskMaker,
+    queries: int,
     target: Tensor,
     batch_size: int,
     autocast_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax probability of ``target`` and top-1 correctness (argmax == ``target``, 0 or 1) for every perturbed
-    image of ``keep`` ``(B, Q, n)``; each ``(B, Q)`` float32."""
-    batch, queries, _ = keep.shape
-    height, width = images.shape[-2:]
-    if height % grid[0] or width % grid[1]:
-        raise InputError(f"a {grid[0]}x{grid[1]} patch grid does not divide {height}x{width} images into patches")
-    flat_keep = keep.flatten(0, 1)
+    image: ``queries`` per sample, the pixels ``masks`` keeps from the image and the others from ``baseline``;
+    each ``(B, queries)`` float32."""
+    batch = images.shape[0]
     sample = torch.arange(batch, device=images.device).repeat_interleave(queries)
     probs = torch.empty(batch * queries, device=images.device)
     correct = torch.empty(batch * queries, device=images.device)
@@ -317,8 +409,7 @@ def _target_probabilities(
     )
     for start in range(0, batch * queries, batch_size):
         rows = sample[start : start + batch_size]
-        chunk_keep = flat_keep[start : start + batch_size].view(-1, 1, *grid).to(images.dtype)
-        pixels = F.interpolate(chunk_keep, size=(height, width), mode="nearest").bool()
+        pixels = masks(start, start + len(rows))
         with autocast:
             logits = model(torch.where(pixels, images[rows], baseline[rows]))
         if start == 0:
@@ -348,6 +439,10 @@ def evaluate_batch(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     explainer_maps: Mapping[str, Tensor] | None = None,
+    masks: Tensor | None = None,
+    labels: Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     """Every configured metric of a batch's final DAAM map, the reference maps and other explainers' maps.
 
@@ -356,7 +451,7 @@ def evaluate_batch(
             works: its hooks capture nothing outside a DAAM call).
         images: ``(B, 3, H, W)`` normalised images.
         daam: ``(B, L, h, w)`` accumulated maps; the final map ``daam[:, -1]`` is evaluated.
-        target: ``(B,)`` explained classes; required for faithfulness.
+        target: ``(B,)`` explained classes; required for faithfulness and patch-level perturbation.
         box_mask: ``(B, h, w)`` from :func:`pipeline.stats.boxes_to_grid_mask`, or None (box metrics are NaN).
         config: What to compute; default ``EvaluationConfig()``.
         generator: Draws the random reference maps, on the images' device. Default: a new generator seeded with
@@ -364,6 +459,11 @@ def evaluate_batch(
             independent maps per batch.
         autocast_dtype: Passed to :func:`deletion_insertion` and :func:`perturbation`.
         explainer_maps: Final maps ``(B, h, w)`` of comparison explainers by name, evaluated like DAAM's.
+        masks: ``(B, H, W)`` object masks for segmentation (see :func:`pipeline.stats.segmentation_scores`), or
+            None (segmentation metrics are NaN).
+        labels: ``(B,)`` the shards' labels, -1 where a sample has none: the target of ``protocol: chefer``
+            perturbation (NaN for samples without a label).
+        mean, std: The images' normalisation (the ``black`` baseline, which ``protocol: chefer`` uses).
 
     Returns:
         ``{method: {metric: (B,) float32}}`` on the images' device: methods ``daam``, then the configured
@@ -388,6 +488,8 @@ def evaluate_batch(
     values: dict[str, Tensor] = {}  # metric -> (B, M)
     if "localisation" in config.metrics:
         values |= localisation(stacked, box_mask)
+    if config.segmentation:
+        values |= {f"mask_{name}": value for name, value in segmentation_scores(stacked, masks).items()}
     if (config.faithfulness or config.perturbation) and target is None:
         raise TargetError(
             "faithfulness and perturbation need the explained classes; disable them in self-supervised mode"
@@ -402,18 +504,42 @@ def evaluate_batch(
             baseline=config.baseline,
             batch_size=config.batch_size,
             autocast_dtype=autocast_dtype,
+            mean=mean,
+            std=std,
         )
         values |= {"deletion_auc": curves["deletion"], "insertion_auc": curves["insertion"]}
     if config.perturbation:
-        curves = perturbation(
-            model,
-            images,
-            stacked,
-            target,
-            baseline=config.baseline,
-            batch_size=config.batch_size,
-            autocast_dtype=autocast_dtype,
-        )
-        values |= {f"{name}_auc": curves[name] for name in ("positive", "negative", "positive_top1", "negative_top1")}
+        values |= _perturbation_aucs(model, images, stacked, target, config, autocast_dtype, labels, mean, std)
     assert tuple(values) == config.columns
     return {method: {metric: value[:, i] for metric, value in values.items()} for i, method in enumerate(maps)}
+
+
+def _perturbation_aucs(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Tensor,
+    config: EvaluationConfig,
+    autocast_dtype: torch.dtype | None,
+    labels: Tensor | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> dict[str, Tensor]:
+    """The perturbation columns of ``maps`` ``(B, M, h, w)`` by the job's protocol: patch-level against the
+    explained class with the job's baseline, or Chefer et al.'s, black pixels against the label (samples without a
+    label: NaN)."""
+    names = ("positive", "negative", "positive_top1", "negative_top1")
+    options = dict(batch_size=config.batch_size, autocast_dtype=autocast_dtype, mean=mean, std=std)
+    if config.protocol == "patch":
+        curves = perturbation(model, images, maps, target, baseline=config.baseline, **options)
+        return {f"{name}_auc": curves[name] for name in names}
+    aucs = {f"{name}_auc": torch.full(maps.shape[:2], math.nan, device=maps.device) for name in names}
+    labelled = labels >= 0 if labels is not None else torch.zeros(len(maps), dtype=torch.bool, device=maps.device)
+    if labelled.any():
+        rows = labelled.nonzero().squeeze(1)
+        curves = perturbation(
+            model, images[rows], maps[rows], labels[rows], baseline="black", protocol="chefer", **options
+        )
+        for name in names:
+            aucs[f"{name}_auc"][rows] = curves[name]
+    return aucs

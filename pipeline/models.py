@@ -8,16 +8,26 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import timm
 import torch
 from torch import nn
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, one_line
 
-__all__ = ["check_model_source", "create_model", "load_checkpoint", "model_data_config", "pooled_features"]
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
+
+__all__ = [
+    "check_model_source",
+    "create_job_model",
+    "create_model",
+    "load_checkpoint",
+    "model_data_config",
+    "pooled_features",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -114,6 +124,22 @@ def create_model(
     return model
 
 
+def create_job_model(spec: ModelConfig, *, weights: bool = True) -> nn.Module:
+    """A job's model (its ``model:`` section), in eval mode with frozen parameters.
+
+    Args:
+        spec: The job's model section.
+        weights: Load the checkpoint (or hub weights); False builds the architecture only (its data config).
+    """
+    return create_model(
+        spec.name,
+        checkpoint=spec.checkpoint if weights else None,
+        pretrained=spec.pretrained and weights,
+        num_classes=spec.num_classes,
+        model_kwargs=spec.kwargs,
+    )
+
+
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, through timm's reader (safetensors, or torch files with ``weights_only=True``); an
     fsspec URL is copied to a local cache first; wrappers of training scripts (``teacher``, ...) are unwrapped."""
@@ -124,9 +150,9 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError as e:
         raise CheckpointError(f"model.checkpoint: {path} not found") from e
     except Exception as e:  # unpickling refusals and damaged files come in many types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"model.checkpoint: {path} cannot be loaded safely (safetensors, or torch with weights_only=True): {reason}"
+            f"model.checkpoint: {path} cannot be loaded safely (safetensors, or torch with weights_only=True): "
+            f"{one_line(e)}"
         ) from None
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _STATE_DICT_KEYS if k in obj), None)

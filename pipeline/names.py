@@ -15,8 +15,11 @@ __all__ = [
     "METRIC_COLUMNS",
     "METRIC_GROUPS",
     "PERTURBATION_BASELINES",
+    "PERTURBATION_PROTOCOLS",
     "PER_BLOCK_EXPLAINERS",
     "REFERENCE_MAPS",
+    "SANITY_CHECKS",
+    "SANITY_COLUMNS",
     "STORE_DTYPES",
 ]
 
@@ -44,6 +47,7 @@ COMPRESSORS = ("zstd", "blosc", "none")
 
 METRIC_GROUPS = {
     "localisation": ("pointing_hit", "box_energy"),
+    "segmentation": ("mask_pixel_accuracy", "mask_miou", "mask_ap"),
     "faithfulness": ("deletion_auc", "insertion_auc"),
     "perturbation": ("positive_auc", "negative_auc", "positive_top1_auc", "negative_top1_auc"),
 }
@@ -54,5 +58,15 @@ METRIC_COLUMNS = tuple(column for columns in METRIC_GROUPS.values() for column i
 REFERENCE_MAPS = ("random", "centre")
 """Reference maps evaluated beside the explainers: a seeded uniform random map and a centre prior."""
 
-PERTURBATION_BASELINES = ("blur", "zero", "mean")
-"""What deletion/insertion put in place of removed patches."""
+PERTURBATION_BASELINES = ("blur", "zero", "mean", "black")
+"""What deletion/insertion and patch-level perturbation put in place of removed patches."""
+
+PERTURBATION_PROTOCOLS = ("patch", "chefer")
+"""How positive/negative perturbation removes relevance: whole patches of the map's grid, or the pixels of the
+bilinearly upsampled map as Chefer et al.'s published code does."""
+
+SANITY_CHECKS = ("cascading",)
+"""Model-randomisation sanity checks (Adebayo et al. 2018) a job may run: ``evaluate.sanity``."""
+
+SANITY_COLUMNS = ("spearman", "ssim")
+"""What the sanity table holds per map: the similarity of the randomised model's map to the trained model's."""

@@ -5,7 +5,13 @@ non-negative (docs/method.md: M_l is a ReLU, D_l a sum of them). A map's *mass* 
 by the mass. Coordinates are in patch units: patch ``(i, j)`` sits at row ``i``, column ``j`` of the ``h x w`` grid.
 
 Undefined values: every float statistic of an all-zero map is NaN, its peak row/column is -1; box statistics are
-NaN for a sample without boxes (an all-False row of ``box_mask``) or without a box mask.
+NaN for a sample without boxes (an all-False row of ``box_mask``) or without a box mask; mask statistics are NaN for a
+sample without a segmentation mask.
+
+Segmentation against object masks follows the ImageNet-Segmentation evaluation of Chefer et al.'s published code
+(hila-chefer/Transformer-Explainability, ``baselines/ViT/imagenet_seg_eval.py``), which AttnLRP reuses: the map is
+upsampled bilinearly to the input size and min-max normalised; its pixels above the normalised map's mean are the
+predicted object.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
@@ -21,12 +28,16 @@ from pipeline.errors import TargetError
 
 __all__ = [
     "EXPLAINER_STATISTICS",
+    "MASK_STATISTICS",
     "STATISTICS",
+    "average_precision",
     "block_statistics",
     "box_energy",
     "boxes_to_grid_mask",
     "explainer_statistics",
     "pointing_hit",
+    "segmentation_scores",
+    "upsample",
 ]
 
 TOP_MASS_FRACTION = 0.1  # map_/daam_top10_mass: share of the patches whose mass is summed
@@ -42,6 +53,9 @@ _MAP_STATISTICS = (
     "spread",
     "box_energy",
     "point_hit",
+    "mask_pixel_accuracy",
+    "mask_miou",
+    "mask_ap",
 )
 STATISTICS: tuple[str, ...] = (
     *(f"map_{name}" for name in _MAP_STATISTICS),
@@ -127,9 +141,115 @@ def pointing_hit(maps: Tensor, box_mask: Tensor) -> Tensor:
     return hit.masked_fill(undefined, math.nan)
 
 
+MASK_STATISTICS = ("pixel_accuracy", "miou", "ap")
+"""Names of :func:`segmentation_scores`' values (``mask_<name>`` in the tables)."""
+
+_SEGMENTATION_ELEMENTS = 1 << 22  # upsampled pixels per chunk of maps in segmentation_scores (memory bound)
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Maps on the patch grid upsampled bilinearly to pixels, as Chefer et al.'s code does (``F.interpolate(...,
+    mode='bilinear')``, ``align_corners=False``).
+
+    Args:
+        maps: ``(..., h, w)`` maps.
+        size: ``(H, W)`` of the model input.
+
+    Returns:
+        ``(..., H, W)`` float32.
+    """
+    h, w = maps.shape[-2:]
+    up = F.interpolate(maps.float().reshape(-1, 1, h, w), size=tuple(size), mode="bilinear", align_corners=False)
+    return up.view(*maps.shape[:-2], *size)
+
+
+def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """Average precision of each row's scores against its binary labels, as scikit-learn's
+    ``average_precision_score``: ``sum_k (R_k - R_{k-1}) P_k`` over the distinct scores taken as thresholds, highest
+    first (tied scores enter together).
+
+    Args:
+        scores: ``(R, N)`` scores.
+        labels: ``(R, N)`` bool labels.
+
+    Returns:
+        ``(R,)`` float32; NaN for a row without a positive label.
+    """
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranked = scores.gather(-1, order)
+    true_positives = labels.gather(-1, order).float().cumsum(-1)
+    last_of_ties = torch.ones_like(ranked, dtype=torch.bool)
+    last_of_ties[:, :-1] = ranked[:, 1:] != ranked[:, :-1]
+    at_threshold = torch.where(last_of_ties, true_positives, 0.0)
+    before = torch.cat([torch.zeros_like(at_threshold[:, :1]), at_threshold.cummax(-1).values[:, :-1]], dim=-1)
+    precision = true_positives / torch.arange(1, ranked.shape[-1] + 1, device=scores.device)
+    gain = torch.where(last_of_ties, (true_positives - before) * precision, 0.0).sum(-1)
+    return gain / true_positives[:, -1]  # 0/0 = NaN without positives
+
+
+def segmentation_scores(maps: Tensor, masks: Tensor | None) -> dict[str, Tensor]:
+    """Pixel accuracy, mIoU and mAP of each map thresholded against its sample's object mask, as Chefer et al.'s
+    ImageNet-Segmentation evaluation computes them.
+
+    Each map is upsampled bilinearly to the mask's size (:func:`upsample`) and min-max normalised to ``r`` in
+    [0, 1]; the predicted object is ``r > mean(r)`` (the threshold of their code: parameter-free, per image).
+
+    - ``pixel_accuracy``: share of pixels where the prediction equals the mask.
+    - ``miou``: mean of the object's and the background's IoU (prediction against mask) on this image; a class
+      absent from both is left out of the mean. Their script pools intersections and unions over the dataset
+      before dividing; this is the per-image value, so that each sample has its row.
+    - ``ap``: average precision (:func:`average_precision`) of the ``2 H W`` scores ``1 - r`` for the background
+      and ``r`` for the object against the one-hot mask, as their ``get_ap_scores`` on ``(1 - r, r)``.
+
+    A constant non-zero map (no threshold) predicts background everywhere and scores 0 on both channels, as their
+    NaN handling does; an all-zero map is undefined (NaN), as every metric of the project.
+
+    Args:
+        maps: ``(B, ..., h, w)`` maps on the patch grid.
+        masks: ``(B, H, W)`` float object masks at the input size: 1 on the object, 0 on the background, NaN on
+            every pixel of a sample without a mask; None when no sample has one.
+
+    Returns:
+        :data:`MASK_STATISTICS`, each ``(B, ...)`` float32 on the maps' device; NaN without a mask.
+    """
+    lead = maps.shape[:-2]
+    if masks is None:
+        nan = torch.full(lead, math.nan, device=maps.device)
+        return {name: nan.clone() for name in MASK_STATISTICS}
+    batch, (h, w), size = maps.shape[0], maps.shape[-2:], tuple(masks.shape[-2:])
+    flat = maps.float().reshape(batch, -1, h, w)  # (B, K, h, w)
+    count = flat.shape[1]
+    rows = flat.flatten(0, 1)  # (B K, h, w), row r of sample r // K
+    objects = masks.flatten(1).nan_to_num(0.0) > 0.5  # (B, H W)
+    pixels = objects.shape[-1]
+    scores = {name: torch.empty(batch * count, device=maps.device) for name in MASK_STATISTICS}
+    step = max(1, _SEGMENTATION_ELEMENTS // pixels)
+    for start in range(0, rows.shape[0], step):
+        up = upsample(rows[start : start + step], size).flatten(1)  # (c, H W)
+        truth = objects[torch.arange(start, start + len(up), device=maps.device) // count]
+        low, high = up.min(-1, keepdim=True).values, up.max(-1, keepdim=True).values
+        defined = high > low
+        r = torch.where(defined, (up - low) / (high - low), math.nan)
+        predicted = r > r.mean(-1, keepdim=True)  # NaN compares False: all background
+        scores["pixel_accuracy"][start : start + step] = (predicted == truth).float().mean(-1)
+        ious = torch.stack([_iou(predicted, truth), _iou(~predicted, ~truth)], dim=-1)
+        scores["miou"][start : start + step] = ious.nanmean(-1)
+        channels = torch.cat([torch.where(defined, 1 - r, 0.0), torch.where(defined, r, 0.0)], dim=-1)
+        scores["ap"][start : start + step] = average_precision(channels, torch.cat([~truth, truth], dim=-1))
+    undefined = (flat == 0).flatten(-2).all(-1) | masks.flatten(1).isnan().any(-1)[:, None]  # (B, K)
+    return {
+        name: value.view(batch, count).masked_fill(undefined, math.nan).view(lead) for name, value in scores.items()
+    }
+
+
+def _iou(predicted: Tensor, truth: Tensor) -> Tensor:
+    """``(c,)`` IoU of two ``(c, n)`` bool sets; NaN where both are empty."""
+    return (predicted & truth).sum(-1).float() / (predicted | truth).sum(-1).float()
+
+
 @torch.no_grad()
 def block_statistics(
-    block_maps: Tensor, daam: Tensor, coefficients: Tensor, box_mask: Tensor | None = None
+    block_maps: Tensor, daam: Tensor, coefficients: Tensor, box_mask: Tensor | None = None, masks: Tensor | None = None
 ) -> dict[str, Tensor]:
     """All per-block statistics of a batch, on the maps' device.
 
@@ -138,13 +258,15 @@ def block_statistics(
         daam: ``(B, L, h, w)`` accumulated maps D_l.
         coefficients: ``(B, L, C)`` channel coefficients c_l.
         box_mask: ``(B, h, w)`` from :func:`boxes_to_grid_mask`, or None (box statistics are then NaN).
+        masks: ``(B, H, W)`` object masks at the input size (see :func:`segmentation_scores`), or None (mask
+            statistics are then NaN).
 
     Returns:
         The values named in :data:`STATISTICS`, in that order, each ``(B, L)``: float32, int16 for peaks.
     """
     stats = {
-        **_map_statistics(block_maps, box_mask, "map_"),
-        **_map_statistics(daam, box_mask, "daam_"),
+        **_map_statistics(block_maps, box_mask, masks, "map_"),
+        **_map_statistics(daam, box_mask, masks, "daam_"),
         **_accumulation_statistics(daam),
         "coef_l1": coefficients.float().abs().sum(-1),
         "coef_pos_frac": (coefficients > 0).float().mean(-1),
@@ -158,7 +280,9 @@ EXPLAINER_STATISTICS: tuple[str, ...] = (*_MAP_STATISTICS, "cos_final", "iou_fin
 
 
 @torch.no_grad()
-def explainer_statistics(maps: Tensor, box_mask: Tensor | None = None) -> dict[str, Tensor]:
+def explainer_statistics(
+    maps: Tensor, box_mask: Tensor | None = None, masks: Tensor | None = None
+) -> dict[str, Tensor]:
     """The blocks-table statistics of a comparison explainer's per-block maps (rollout, raw attention).
 
     The same formulas as D_l's in :func:`block_statistics`, with the explainer's last map as the final one.
@@ -166,16 +290,17 @@ def explainer_statistics(maps: Tensor, box_mask: Tensor | None = None) -> dict[s
     Args:
         maps: ``(B, L, h, w)`` per-block maps of the explainer.
         box_mask: ``(B, h, w)`` or None.
+        masks: ``(B, H, W)`` object masks or None.
 
     Returns:
         The values named in :data:`EXPLAINER_STATISTICS`, each ``(B, L)``.
     """
-    stats = _map_statistics(maps, box_mask, "")
+    stats = _map_statistics(maps, box_mask, masks, "")
     stats |= {name.removeprefix("daam_"): value for name, value in _accumulation_statistics(maps).items()}
     return {name: stats[name] for name in EXPLAINER_STATISTICS}
 
 
-def _map_statistics(maps: Tensor, box_mask: Tensor | None, prefix: str) -> dict[str, Tensor]:
+def _map_statistics(maps: Tensor, box_mask: Tensor | None, masks: Tensor | None, prefix: str) -> dict[str, Tensor]:
     h, w = maps.shape[-2:]
     n = h * w
     flat = maps.float().flatten(-2)  # (B, L, n)
@@ -201,6 +326,7 @@ def _map_statistics(maps: Tensor, box_mask: Tensor | None, prefix: str) -> dict[
         "spread": spread,
         "box_energy": energy,
         "point_hit": hit,
+        **{f"mask_{name}": value for name, value in segmentation_scores(maps, masks).items()},
     }
     return {prefix + name: value for name, value in values.items()}
 

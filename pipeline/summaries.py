@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.errors import SchemaError
-from pipeline.names import REFERENCE_MAPS
+from pipeline.names import REFERENCE_MAPS, SANITY_COLUMNS
 
 __all__ = [
     "RANKING_IOU",
@@ -20,6 +20,7 @@ __all__ = [
     "ranking_reached",
     "summarise",
     "summarise_blocks",
+    "summarise_sanity",
 ]
 
 _SUMMARY_ROWS = {"daam": "DAAM", "random": "random", "centre": "centre prior"}
@@ -65,11 +66,13 @@ def summarise(evaluation: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
-    """Localisation per block from the blocks table: mean pointing accuracy and box energy (NaN skipped).
+    """Localisation per block from the blocks table: mean pointing accuracy and box energy (NaN skipped), and the
+    accumulated maps' segmentation scores where the samples have masks.
 
     Returns:
         One row per ``block``; columns ``map_pointing_accuracy``, ``map_box_energy`` (block maps M_l) and
-        ``daam_pointing_accuracy``, ``daam_box_energy`` (accumulated maps D_l).
+        ``daam_pointing_accuracy``, ``daam_box_energy`` (accumulated maps D_l); then ``daam_mask_pixel_accuracy``,
+        ``daam_mask_miou`` and ``daam_mask_ap`` when any sample has a mask.
     """
     columns = {
         "map_point_hit": "map_pointing_accuracy",
@@ -80,7 +83,28 @@ def summarise_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in ("block", *columns) if c not in blocks]
     if missing:
         raise SchemaError(f"blocks table lacks columns {missing}")
-    return blocks.groupby("block")[list(columns)].mean().rename(columns=columns)
+    masks = [c for c in _MASK_COLUMNS if c in blocks and blocks[c].notna().any()]
+    return blocks.groupby("block")[[*columns, *masks]].mean().rename(columns=columns)
+
+
+_MASK_COLUMNS = ("daam_mask_pixel_accuracy", "daam_mask_miou", "daam_mask_ap")
+
+
+def summarise_sanity(sanity: pd.DataFrame) -> pd.DataFrame:
+    """How similar each explainer's final map stays as blocks are randomised from the top (the sanity table).
+
+    Returns:
+        One row per explainer (DAAM first) and number of blocks randomised (``randomised``, 1 .. L): the mean
+        ``spearman`` and ``ssim`` (NaN skipped) of the final map (block L-1), and ``samples``.
+    """
+    if sanity.empty:
+        return pd.DataFrame(columns=[*SANITY_COLUMNS, "samples"])
+    final = sanity[sanity["block"] == sanity["block"].max()]
+    grouped = final.groupby(["explainer", "randomised"])
+    table = grouped[list(SANITY_COLUMNS)].mean()
+    table["samples"] = grouped.size()
+    order = sorted(table.index.get_level_values(0).unique(), key=lambda name: (name != "daam", name))
+    return table.reindex(order, level=0)
 
 
 def first_stable_block(table: pd.DataFrame, column: str, threshold: float) -> pd.Series:
@@ -148,7 +172,7 @@ def headline_tables(out: Any) -> str:
     blocks = results.blocks
     if len(blocks) and blocks.daam_box_energy.notna().any():
         per_block = summarise_blocks(blocks)
-        parts.append("localisation per block (boxes), accumulated maps D_l and block maps M_l:")
+        parts.append("localisation per block (boxes, and masks where samples have them), maps D_l and M_l:")
         parts.append(per_block.to_string(float_format=lambda v: f"{v:.3f}"))
     if len(blocks):
         parts.append(
@@ -159,4 +183,10 @@ def headline_tables(out: Any) -> str:
     if len(evaluation):
         parts.append("final map against reference maps:")
         parts.append(summarise(evaluation).to_string(float_format=lambda v: f"{v:.3f}"))
+    sanity = results.sanity
+    if len(sanity):
+        parts.append("sanity check, cascading randomisation: mean similarity of the final map to the trained model's")
+        parts.append("as blocks are randomised from the top (1 .. L blocks):")
+        table = summarise_sanity(sanity)[list(SANITY_COLUMNS)].unstack("randomised")
+        parts.append(table.to_string(float_format=lambda v: f"{v:.3f}"))
     return "\n".join(parts)

@@ -15,8 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +23,13 @@ from typing import Any
 import torch
 
 from pipeline.config import JobConfig
-from pipeline.data.decode import DecodedSample, Preprocess, batches, decode_stream
+from pipeline.data.decode import DecodedBatch, DecodedSample, Preprocess, batches, decode_stream
 from pipeline.data.prefetch import Prefetcher
 from pipeline.data.stream import iter_shard
 from pipeline.engine.transfer import move_tree
-from pipeline.errors import DeviceError, PipelineError, ShardError, UnitFailedError
-from pipeline.models import create_model, model_data_config
-from pipeline.stages import BankStage, ExplainStage, Stage, UnitSink
+from pipeline.errors import DeviceError, ShardError, UnitFailedError, one_line
+from pipeline.models import create_job_model, model_data_config
+from pipeline.stages import BankStage, ExplainStage, Stage, UnitState
 from pipeline.store.units import unit_name
 
 __all__ = ["UnitWorker", "resolve_device", "units_in_flight"]
@@ -70,8 +69,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         torch.zeros(1, device=device).sum().item()
     except (RuntimeError, AssertionError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DeviceError(f"node {node}: GPU {device} cannot be used: {reason}") from None
+        raise DeviceError(f"node {node}: GPU {device} cannot be used: {one_line(e)}") from None
     return device
 
 
@@ -108,14 +106,7 @@ class UnitWorker:
         self.job = job
         self.device = resolve_device(job.device if device is None else device)
         torch.manual_seed(job.seed)
-        spec = job.model
-        self.model = create_model(
-            spec.name,
-            checkpoint=spec.checkpoint,
-            pretrained=spec.pretrained,
-            num_classes=spec.num_classes,
-            model_kwargs=spec.kwargs,
-        ).to(self.device)
+        self.model = create_job_model(job.model).to(self.device)
         self.preprocess = Preprocess.from_data_config(model_data_config(self.model), job.data.preprocess)
         self.stages: dict[str, Stage] = {"explain": ExplainStage(job, self.model, self.device, self.preprocess.size)}
         if job.mode == "self-supervised":
@@ -143,17 +134,17 @@ class UnitWorker:
         runner = self.stages[stage]
         unit = unit_name(url)
         arrived = time.perf_counter()
-        failed: deque[DecodedSample] = deque()
-        with self.prefetch_batches(url, failed, runner) as ready:
-            sink = runner.open_unit(unit, url)
+        with self.prefetch_batches(url, runner) as ready:
+            state = runner.open_unit(unit, url)
             with self._device_lock:
                 start = time.perf_counter()
                 self._progress[unit] = time.monotonic()
                 try:
-                    compute_s, shard_error = self._compute_unit(runner, sink, unit, ready, failed, attempt)
+                    compute_s, shard_error = self._compute_unit(runner, state, unit, ready, attempt)
                 finally:
                     self._progress.pop(unit, None)
                 seconds = time.perf_counter() - start
+        sink = state.sink
         total = sink.failed + sink.ok
         if total and sink.failed / total > self.job.errors.max_failed_fraction:
             raise UnitFailedError(
@@ -175,13 +166,7 @@ class UnitWorker:
         return self.run("explain", url, attempt=attempt)
 
     def _compute_unit(
-        self,
-        stage: Stage,
-        sink: UnitSink,
-        unit: str,
-        ready: Iterator[tuple[torch.Tensor, list[DecodedSample]]],
-        failed: deque[DecodedSample],
-        attempt: int,
+        self, stage: Stage, state: UnitState, unit: str, ready: Iterator[DecodedBatch], attempt: int
     ) -> tuple[float, str | None]:
         """The unit's batches through the stage, their host results handed to the writer thread; holds the device.
 
@@ -192,15 +177,16 @@ class UnitWorker:
         pending: Future | None = None
         compute_s = 0.0
         try:
-            for index, (pixels, samples) in enumerate(ready):
-                tick = time.perf_counter()
-                host = move_tree(stage.compute(self.model_input(pixels), samples, sink))
-                compute_s += time.perf_counter() - tick
+            for index, batch in enumerate(ready):
+                result = None
+                if batch.samples:
+                    tick = time.perf_counter()
+                    result = move_tree(stage.compute(self.model_input(batch.pixels), batch.samples, state.generator))
+                    compute_s += time.perf_counter() - tick
                 self._progress[unit] = time.monotonic()
                 if pending is not None:
                     pending.result()  # at most one batch waits to be written
-                pending = self._writer_thread.submit(sink.write, samples, host)
-                sink.write_failed(_drain(failed))
+                pending = self._writer_thread.submit(state.sink.write, batch, result)
                 if self._fault and attempt == 0 and unit == self._fault.unit and index + 1 >= self._fault.batches:
                     pending.result()
                     _log.error("fault injection: killing worker %d in unit %s", os.getpid(), unit)
@@ -210,7 +196,6 @@ class UnitWorker:
             _log.warning("%s", e)
         if pending is not None:
             pending.result()
-        sink.write_failed(_drain(failed))
         return compute_s, shard_error
 
     def stalled_units(self, timeout_s: float) -> list[str]:
@@ -219,57 +204,28 @@ class UnitWorker:
         now = time.monotonic()
         return [unit for unit, last in list(self._progress.items()) if now - last > timeout_s]
 
-    def run_units(self, stage: str, urls: Sequence[str]) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-        """Run units in order, :func:`units_in_flight` at a time as a Ray actor does (see :meth:`run`).
-
-        Yields:
-            (url, commit marker, None), or (url, None, one-line error message) for a unit that raised.
-        """
-        pool = ThreadPoolExecutor(units_in_flight(self.job, self.device), thread_name_prefix="unit")
-        futures = deque((url, pool.submit(self.run, stage, url)) for url in urls)
-        finished = False
-        try:
-            while futures:
-                url, future = futures.popleft()
-                try:
-                    yield url, future.result(), None
-                except PipelineError as e:
-                    yield url, None, str(e)
-                except Exception as e:  # a full disk, a bug: the unit fails as on a Ray actor, the job goes on
-                    _log.debug("unit %s failed", unit_name(url), exc_info=True)
-                    yield url, None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            finished = True
-        finally:
-            # Left early (an interrupt): queued units are cancelled; a running one may be blocked in a read that
-            # never returns, so it is not waited for.
-            pool.shutdown(wait=finished, cancel_futures=True)
-
-    def prefetch_batches(
-        self, url: str, failed: deque[DecodedSample] | list[DecodedSample], stage: Stage | None = None
-    ) -> Prefetcher[tuple[torch.Tensor, list[DecodedSample]]]:
-        """The unit's batches of good samples, read, decoded and collated.
+    def prefetch_batches(self, url: str, stage: Stage | None = None) -> Prefetcher[DecodedBatch]:
+        """The unit's batches of good samples, read, decoded and collated, each with the samples that failed
+        before it (decoding, or rejected by ``stage``, default the explain stage).
 
         ``data.prefetch_batches`` batches ahead in a background thread started now (``auto``: two on a GPU; none
         on the CPU, where decoding and the model share the cores). On a GPU, host pixels are pinned for the copy
-        and device pixels (the torchvision decoder) are made on a stream of their own. Hand each batch to
-        :meth:`model_input`.
-
-        Samples that failed (decoding, or rejected by ``stage``, default the explain stage) are appended to
-        ``failed`` before the batch that follows them; a :class:`ShardError` (a missing or truncated shard) comes
-        after the batches of the samples read before it. Close the prefetcher (``with``) when leaving early.
+        and device pixels (the torchvision decoder) are made on a stream of their own. Hand each batch's pixels to
+        :meth:`model_input`. A :class:`ShardError` (a missing or truncated shard) comes after the batches of the
+        samples read before it. Close the prefetcher (``with``) when leaving early.
         """
         stream = self._prefetch_stream
         stage = stage or self.stages["explain"]
 
-        def produce() -> Iterator[tuple[torch.Tensor, list[DecodedSample]]]:
+        def produce() -> Iterator[DecodedBatch]:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                decoded = _screen(self._decode(url), stage)
-                for pixels, samples in batches(decoded, self.job.batch_size, on_error=failed.append):
-                    if stream is not None and pixels.device.type == "cpu":
-                        pixels = pixels.pin_memory()
-                    elif stream is not None:
-                        stream.synchronize()  # decoded and collated before the model's stream reads it
-                    yield pixels, samples
+                for batch in batches(_screen(self._decode(url), stage), self.job.batch_size):
+                    if stream is not None and batch.pixels is not None:
+                        if batch.pixels.device.type == "cpu":
+                            batch.pixels = batch.pixels.pin_memory()
+                        else:
+                            stream.synchronize()  # decoded and collated before the model's stream reads it
+                    yield batch
 
         depth = _on_device(self.job.data.prefetch_batches, self.device, gpu=2, cpu=0)
         return Prefetcher(produce(), depth, name=f"prefetch-{unit_name(url)}")
@@ -317,11 +273,3 @@ def _screen(decoded: Iterator[DecodedSample], stage: Stage) -> Iterator[DecodedS
         if sample.error is None and (reason := stage.reject(sample)) is not None:
             sample.error, sample.pixels = reason, None
         yield sample
-
-
-def _drain(failed: deque[DecodedSample] | list[DecodedSample]) -> list[DecodedSample]:
-    """The failed samples the prefetch thread has queued so far, removed from the queue."""
-    if isinstance(failed, list):
-        drained, failed[:] = list(failed), []
-        return drained
-    return [failed.popleft() for _ in range(len(failed))]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from fakes import failed_samples
 from PIL import Image
 
 from pipeline.data.shards import ShardSample, write_shards
@@ -72,8 +74,9 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
 
 
 def with_arrays(batch: dict[str, Any], **arrays: Any) -> dict[str, Any]:
-    """``UnitWriter.write_batch`` arguments with some of their arrays replaced."""
-    return {**batch, "arrays": {**batch["arrays"], **arrays}}
+    """``UnitWriter.write_explained`` arguments with some of their result's arrays replaced."""
+    result = batch["result"]
+    return {**batch, "result": dataclasses.replace(result, arrays={**result.arrays, **arrays})}
 
 
 def write_with_statistics(out, unit, layout, make_batch, keys, seed, failed=()):
@@ -85,10 +88,31 @@ def write_with_statistics(out, unit, layout, make_batch, keys, seed, failed=()):
     from pipeline.store.unit_writer import UnitWriter
 
     batch = make_batch(keys, seed=seed)
-    stats = block_statistics(*(torch.from_numpy(batch["arrays"][k]) for k in ("block_maps", "daam", "coefficients")))
-    batch["block_stats"] = {name: value.numpy() for name, value in stats.items()}
+    arrays = batch["result"].arrays
+    stats = block_statistics(*(torch.from_numpy(arrays[k]) for k in ("block_maps", "daam", "coefficients")))
+    batch["result"] = dataclasses.replace(batch["result"], block_stats={k: v.numpy() for k, v in stats.items()})
     writer = UnitWriter(out, unit, layout, shard=f"s3://b/{unit}.tar", job="demo")
-    writer.write_batch(**batch)
-    writer.write_failed([{"key": k, "error": "DecodeError: truncated", "width": 7} for k in failed])
+    writer.write_explained(**batch)
+    writer.write_failed(failed_samples(failed, size=(7, None)))
     writer.commit()
     return batch
+
+
+def random_bank(seed: int, size: int = 300, dim: int = 24, classes: int = 6):
+    """Features, labels and queries of a random memory bank: (size, dim), (size,), (8, dim)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(size, dim, generator=g) + 0.3
+    labels = torch.randint(0, classes, (size,), generator=g)
+    queries = torch.randn(8, dim, generator=g) + 0.3
+    return features, labels, queries
+
+
+def assert_same_query(a, b) -> None:
+    """Two :class:`~pipeline.engine.bank.BankQuery` results equal bit for bit."""
+    import torch
+
+    for name in ("neighbours", "similarities", "weights", "predicted", "vote_share"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None and y is None) or torch.equal(x, y)

@@ -40,6 +40,20 @@ def test_engine_benchmark(tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluation_benchmark(tmp_path):
+    rows = tmp_path / "rows.json"
+    out = run(
+        "evaluation.py", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2", "--rounds", "1",
+        "--explainers", "daam,rollout", "--json-out", str(rows),
+    )  # fmt: skip
+    assert "vit_tiny_patch16_224" in out and "device: cpu" in out
+    (row,) = json.loads(rows.read_text())
+    # 4 maps: deletion/insertion 2 + 2 * 4 * 15 passes per image, perturbation 1 + 2 * 4 * 9 more
+    assert row["maps"] == 4 and row["forward_passes_per_image"]["without perturbation"] == 122
+    assert row["forward_passes_per_image"]["with perturbation"] == 122 + 73 and row["evaluation_ratio"] > 1
+
+
+@pytest.mark.slow
 def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
     tiny = ["--model", MODEL, "--images", "8", "--per-shard", "4", "--batch", "4"]
     out = run("worker.py", *tiny, "--overlap", "auto", "--overlap", "sequential", "--workdir", str(tmp_path))

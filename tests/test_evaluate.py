@@ -386,7 +386,8 @@ def test_evaluate_batch_localisation_only():
 
 def test_evaluate_batch_with_the_engine():
     model, images = tiny_vit(), randn(4, 3, 32, 32)
-    config = EvaluationConfig(steps=4, baseline="mean", batch_size=16, seed=3)
+    groups = ["localisation", "segmentation", "faithfulness", "perturbation"]
+    config = EvaluationConfig(steps=4, baseline="mean", batch_size=16, seed=3, metrics=groups)
     mask = boxes_to_grid_mask([torch.tensor([[0.0, 0.0, 16.0, 16.0]])] * 2 + [torch.zeros(0, 4)] * 2, (32, 32), (4, 4))
     with DAAM(model) as explainer:
         result = explainer(images)
@@ -421,10 +422,19 @@ def test_config_round_trip_and_errors():
     )
     data = config.model_dump()
     assert data == dict(
-        steps=8, baseline="zero", batch_size=32, metrics=("faithfulness",), references=("centre",), seed=4
+        steps=8,
+        baseline="zero",
+        protocol="patch",
+        batch_size=32,
+        metrics=("faithfulness",),
+        references=("centre",),
+        seed=4,
+        sanity=None,
+        sanity_samples=32,
     )
     assert EvaluationConfig.model_validate(data) == config
     assert EvaluationConfig.model_validate({}) == EvaluationConfig()
+    assert EvaluationConfig().metrics == ("localisation", "segmentation", "faithfulness")  # perturbation: opt-in
     assert config.columns == ("deletion_auc", "insertion_auc")
     assert EvaluationConfig(metrics=["faithfulness", "localisation", "localisation"]).metrics == (
         "localisation",
@@ -434,7 +444,10 @@ def test_config_round_trip_and_errors():
         ({"step": 3}, "evaluate.step: unknown key"),
         ({"steps": 0}, "evaluate.steps"),
         ({"batch_size": 2.5}, "evaluate.batch_size"),
-        ({"baseline": "black"}, "evaluate.baseline"),
+        ({"baseline": "grey"}, "evaluate.baseline"),
+        ({"protocol": "pixels"}, "evaluate.protocol"),
+        ({"sanity": "independent"}, "evaluate.sanity"),
+        ({"sanity_samples": 0}, "evaluate.sanity_samples"),
         ({"metrics": ["pointing"]}, "evaluate.metrics"),
         ({"references": "random"}, "evaluate.references"),
         ({"seed": "x"}, "evaluate.seed"),

@@ -1,11 +1,13 @@
-"""Dataset-level tables: how early each method reaches its final ranking."""
+"""Dataset-level tables: how early each method reaches its final ranking; segmentation per block; the sanity
+check's curves."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from pipeline.summaries import first_stable_block, ranking_reached
+from pipeline.summaries import first_stable_block, ranking_reached, summarise_blocks, summarise_sanity
 
 
 def per_block(values: dict[str, list[float]], column: str, **extra: str) -> pd.DataFrame:
@@ -43,3 +45,29 @@ def test_ranking_reached_per_method():
     assert table.loc["attention", "mean_block"] == 0 and table.loc["attention", "samples"] == 1
     empty = ranking_reached(blocks.iloc[:0], rollout.iloc[:0])
     assert empty.empty and list(empty.columns) == ["median_block", "mean_block", "mean_depth", "samples"]
+
+
+def test_summarise_blocks_adds_the_mask_columns_where_samples_have_masks():
+    blocks = per_block({"a": [1.0, 0.0], "b": [0.0, 1.0]}, "map_point_hit")
+    for column in ("map_box_energy", "daam_point_hit", "daam_box_energy"):
+        blocks[column] = 0.5
+    assert list(summarise_blocks(blocks).columns)[-1] == "daam_box_energy"
+    blocks["daam_mask_miou"] = [0.2, 0.4, np.nan, 0.8]  # sample b has no mask at block 0
+    blocks["daam_mask_ap"] = np.nan  # no sample has it: left out
+    table = summarise_blocks(blocks)
+    assert list(table.columns)[-1] == "daam_mask_miou" and table["daam_mask_miou"].tolist() == pytest.approx([0.2, 0.6])
+
+
+def test_summarise_sanity_takes_the_final_map_per_step():
+    rows = [
+        {"unit": "u", "key": key, "explainer": name, "randomised": k, "block": block, "spearman": value, "ssim": value}
+        for key, offset in (("a", 0.0), ("b", 0.2))
+        for name in ("rollout", "daam")
+        for k in (1, 2)
+        for block, value in ((0, 9.0), (1, 1.0 - 0.4 * k + offset))
+    ]
+    table = summarise_sanity(pd.DataFrame(rows))
+    assert list(table.index) == [("daam", 1), ("daam", 2), ("rollout", 1), ("rollout", 2)]
+    assert table["spearman"].tolist() == pytest.approx([0.7, 0.3, 0.7, 0.3])  # block 1, the last: mean of a and b
+    assert table["samples"].tolist() == [2] * 4
+    assert summarise_sanity(pd.DataFrame(columns=rows[0].keys())).empty

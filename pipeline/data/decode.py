@@ -12,7 +12,7 @@ import io
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,21 +21,24 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.data.shards import MASK_EXT, mask_values
 from pipeline.data.stream import RawSample
-from pipeline.errors import ConfigError, DecodeError
+from pipeline.errors import ConfigError, DecodeError, ShardError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DecodedBatch",
     "DecodedSample",
     "Preprocess",
     "batches",
     "decode_image",
+    "decode_mask",
     "decode_stream",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 DEFAULT_CROP_PCT = 0.875  # timm's default when a data config has none
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -230,21 +233,40 @@ class Preprocess:
         Returns:
             uint8 tensor (3, H, W).
         """
+        # padding: zeros as torchvision's center crop, the mean colour in timm's "border" mode
+        fill = tuple(round(255 * m) for m in self.mean) if self.crop_mode == "border" else (0, 0, 0)
+        img = self._fit(img, _INTERPOLATIONS[self.interpolation], fill)
+        # numpy's copy: a torch copy would start intra-op threads inside every decoder thread
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+    def mask_to_uint8(self, mask: np.ndarray) -> torch.Tensor:
+        """An object mask brought to the model input as its image is: the same resize and crop, with nearest
+        interpolation (as Chefer et al.'s ``Resize(..., Image.NEAREST)`` of the labels), padding as background.
+
+        Args:
+            mask: ``(height, width)`` uint8 of 0 and 1, the size of the decoded image.
+
+        Returns:
+            uint8 tensor (H, W) of 0 and 1.
+        """
+        img = self._fit(Image.fromarray(mask, mode="L"), Image.Resampling.NEAREST, 0)
+        return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+    def _fit(self, img: Image.Image, resample: Image.Resampling, fill: Any) -> Image.Image:
+        """``img`` resized and cropped (or padded with ``fill``) to the model input by :meth:`geometry`."""
         out_h, out_w = self.size
         geo = self.geometry(*img.size)
         if (geo.width, geo.height) != img.size:
-            img = img.resize((geo.width, geo.height), _INTERPOLATIONS[self.interpolation])
+            img = img.resize((geo.width, geo.height), resample)
         window = (geo.left, geo.top, geo.left + out_w, geo.top + out_h)
         if window != (0, 0, *img.size):
             if geo.left >= 0 and geo.top >= 0 and window[2] <= img.width and window[3] <= img.height:
                 img = img.crop(window)
-            else:  # padding: zeros as torchvision's center crop, the mean colour in timm's "border" mode
-                fill = tuple(round(255 * m) for m in self.mean) if self.crop_mode == "border" else (0, 0, 0)
-                canvas = Image.new("RGB", (out_w, out_h), fill)
+            else:
+                canvas = Image.new(img.mode, (out_w, out_h), fill)
                 canvas.paste(img, (-geo.left, -geo.top))
                 img = canvas
-        # numpy's copy: a torch copy would start intra-op threads inside every decoder thread
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+        return img
 
     def map_boxes(self, boxes: Sequence[Sequence[float]] | torch.Tensor, orig_size: tuple[int, int]) -> torch.Tensor:
         """Boxes in model-input pixel coordinates.
@@ -293,6 +315,8 @@ class DecodedSample:
         boxes: float32 (k, 4) boxes in model-input pixels, None when the sample has none (or failed).
         error: Why the sample failed ("shard X key Y: reason"), None when it did not.
         size: (width, height) of the decoded, upright original image; None when it was not decoded.
+        mask: uint8 (H, W) object mask at the model input (0 background, 1 object), on the host; None when the
+            sample has none (or failed).
     """
 
     key: str
@@ -303,6 +327,43 @@ class DecodedSample:
     boxes: torch.Tensor | None
     error: str | None
     size: tuple[int, int] | None = None
+    mask: torch.Tensor | None = None
+
+
+def decode_mask(data: bytes, size: tuple[int, int], preprocess: Preprocess, *, shard: str, key: str) -> torch.Tensor:
+    """A sample's object mask (``.mask.png``) at the model input.
+
+    Args:
+        data: The mask's PNG bytes.
+        size: ``(width, height)`` of the sample's decoded, upright image; the mask must have it.
+        preprocess: The image's preprocessing (:meth:`Preprocess.mask_to_uint8`).
+        shard: Shard URL, for the error message.
+        key: Sample key, for the error message.
+
+    Returns:
+        uint8 (H, W) of 0 and 1.
+
+    Raises:
+        DecodeError: an unreadable mask, one of another size, or not one channel of 0 and 1; names shard and key.
+    """
+
+    def fail(reason: str) -> DecodeError:
+        return DecodeError(f"shard {shard} key {key}: {reason}", shard=shard, key=key)
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != tuple(size):  # before any pixel is decoded
+                raise fail(f"mask is {img.size[0]}x{img.size[1]}, the image {size[0]}x{size[1]}")
+            values = mask_values(img, f"{key}.{MASK_EXT}")
+    except ShardError as e:
+        raise fail(str(e).split(": ", 1)[-1]) from None
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise fail(f"{key}.{MASK_EXT} is not a recognised image ({len(data)} bytes starting {data[:8]!r})") from None
+    except Exception as e:  # any failure of untrusted bytes is this sample's
+        raise fail(f"unreadable {key}.{MASK_EXT}: {type(e).__name__}: {e}") from e
+    return preprocess.mask_to_uint8(values)
 
 
 def _decode_one(raw: RawSample, preprocess: Preprocess, max_pixels: int) -> DecodedSample:
@@ -323,6 +384,13 @@ def _decode_one(raw: RawSample, preprocess: Preprocess, max_pixels: int) -> Deco
         except (TypeError, ValueError, RuntimeError) as e:
             out.pixels = None
             out.error = f"shard {raw.url} key {raw.key}: invalid meta boxes {raw.meta['boxes']!r}: {e}"
+            return out
+    if raw.mask is not None:
+        try:
+            out.mask = decode_mask(raw.mask, img.size, preprocess, shard=raw.url, key=raw.key)
+        except DecodeError as e:
+            out.pixels, out.boxes = None, None
+            out.error = str(e)
     return out
 
 
@@ -380,41 +448,55 @@ def decode_stream(
         raise failure
 
 
-def batches(
-    decoded: Iterable[DecodedSample],
-    batch_size: int,
-    *,
-    on_error: Callable[[DecodedSample], None],
-) -> Iterator[tuple[torch.Tensor, list[DecodedSample]]]:
+@dataclass
+class DecodedBatch:
+    """Good samples collated for the model, and the samples that failed since the batch before.
+
+    Attributes:
+        pixels: uint8 ``(b, 3, H, W)`` model-input pixels of ``samples``; None when the batch holds failed samples
+            only (the shard's end, or a long run of failures).
+        samples: The ``b`` good samples, one per row of ``pixels``.
+        failed: Samples that failed (decoding, or rejected by a stage) since the batch before, in shard order.
+    """
+
+    pixels: torch.Tensor | None
+    samples: list[DecodedSample]
+    failed: list[DecodedSample]
+
+
+def batches(decoded: Iterable[DecodedSample], batch_size: int) -> Iterator[DecodedBatch]:
     """Collate decoded samples into batches of ``batch_size`` good samples (the last may be smaller).
 
-    Batches hold good samples only, so every batch but the last has the same shape. Failed samples go to
-    ``on_error`` as they arrive, before the batch that follows them. When ``decoded`` raises, the partial batch
-    comes out first, then the error is re-raised.
+    Batches hold good samples only, so every batch but the last has the same shape; each batch carries the samples
+    that failed since the batch before; a batch of failed samples only comes out when ``batch_size`` of them wait
+    with no good sample, or at the stream's end. When ``decoded`` raises, the partial batch comes out first, then
+    the error is re-raised.
 
     Args:
         decoded: Decoded samples, e.g. :func:`decode_stream`.
         batch_size: Good samples per batch.
-        on_error: Called with each failed sample (e.g. ``failed.append``).
-
-    Yields:
-        (uint8 (b, 3, H, W) pixels, the b samples of its rows).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     group: list[DecodedSample] = []
+    failed: list[DecodedSample] = []
+
+    def collate() -> DecodedBatch:
+        pixels = torch.stack([s.pixels for s in group]) if group else None
+        return DecodedBatch(pixels, group, failed)
+
     try:
         for sample in decoded:
             if sample.error is not None:
-                on_error(sample)
-                continue
-            group.append(sample)
-            if len(group) == batch_size:
-                yield torch.stack([s.pixels for s in group]), group
-                group = []
+                failed.append(sample)
+            else:
+                group.append(sample)
+            if len(group) == batch_size or (not group and len(failed) == batch_size):
+                yield collate()
+                group, failed = [], []
     except Exception:
-        if group:
-            yield torch.stack([s.pixels for s in group]), group
+        if group or failed:
+            yield collate()
         raise
-    if group:
-        yield torch.stack([s.pixels for s in group]), group
+    if group or failed:
+        yield collate()

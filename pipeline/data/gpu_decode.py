@@ -9,7 +9,8 @@ ending with the EOI marker, at most ``max_pixels``, shrunk at most 24 times alon
 resize refuses large factors). Everything else (other formats, CMYK, truncated or unreadable files, bombs, invalid
 boxes, extreme downscales), and any file the batched decode rejects, goes through the PIL path, so every sample
 ends decoded or failed exactly as there, a failure with the same reason naming shard and key. EXIF orientation is
-read from the header and applied on the device (nvjpeg ignores it).
+read from the header and applied on the device (nvjpeg ignores it). Object masks (``.mask.png``) are decoded on the
+host on both paths.
 
 On a GPU the worker runs this in its prefetch thread on a stream of its own (see
 :meth:`pipeline.worker.UnitWorker.prefetch_batches`): nvjpeg's hardware decoder does not follow stream order, so
@@ -33,9 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.data.decode import DEFAULT_MAX_PIXELS, DecodedSample, Preprocess, decode_stream
+from pipeline.data.decode import DEFAULT_MAX_PIXELS, DecodedSample, Preprocess, decode_mask, decode_stream
 from pipeline.data.stream import RawSample
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DecodeError
 
 __all__ = ["BatchDecoder", "decode_batched"]
 
@@ -66,12 +67,14 @@ _TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of Torc
 
 @dataclass(frozen=True)
 class _Jpeg:
-    """A sample on the fast path: its chunk position, encoded bytes, orientation and upright boxes."""
+    """A sample on the fast path: its chunk position, encoded bytes, orientation, upright boxes and its object mask
+    at the model input (decoded on the host)."""
 
     index: int
     data: torch.Tensor
     orientation: int
     boxes: torch.Tensor | None
+    mask: torch.Tensor | None
 
 
 class BatchDecoder:
@@ -128,7 +131,7 @@ class BatchDecoder:
                 raw = raws[job.index]
                 size = (upright[row].shape[-1], upright[row].shape[-2])  # (width, height), as PIL reports it
                 out[job.index] = DecodedSample(
-                    raw.key, raw.url, raw.label, raw.meta, pixels[row], job.boxes, None, size
+                    raw.key, raw.url, raw.label, raw.meta, pixels[row], job.boxes, None, size, job.mask
                 )
         slow = [i for i, sample in enumerate(out) if sample is None]
         self.fast += len(done)
@@ -166,7 +169,13 @@ class BatchDecoder:
                 boxes = self.preprocess.map_boxes(raw.meta["boxes"], size)
             except (TypeError, ValueError, RuntimeError):
                 return None  # the PIL path fails the sample, naming the boxes
-        return _Jpeg(index, torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, boxes)
+        mask = None
+        if raw.mask is not None:
+            try:
+                mask = decode_mask(raw.mask, size, self.preprocess, shard=raw.url, key=raw.key)
+            except DecodeError:
+                return None  # the PIL path fails the sample, naming the mask
+        return _Jpeg(index, torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, boxes, mask)
 
     def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """(3, h, w) uint8 images on the device; None for a file the decoder rejects."""

@@ -1,14 +1,16 @@
 """Building WebDataset tar shards from image folders, ImageNet-style validation folders and list files.
 
-A shard is a plain tar whose members are grouped by key, the members of one sample adjacent:
-``<key>.<ext>`` (the original image bytes, unchanged), ``<key>.cls`` (the label as an ASCII integer, absent
-when unknown) and ``<key>.json`` (the sample's metadata). Writing is webdataset's ``TarWriter`` and
+A shard is a plain tar whose members are grouped by key, the members of one sample adjacent: ``<key>.<ext>`` (the
+original image bytes, unchanged), ``<key>.cls`` (the label as an ASCII integer, absent when unknown), ``<key>.json``
+(the sample's metadata) and ``<key>.mask.png`` (the object mask, absent when the sample has none: a one-channel PNG
+of the image's size, 0 background and 1 object, bytes unchanged). Writing is webdataset's ``TarWriter`` and
 byte-deterministic: the same samples give the same bytes (fixed mtime, owner and mode; samples in input order, a
 sample's members in name order). ``index.json`` beside the shards lists each shard's sample count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from pipeline.errors import ShardError, ShardNotFoundError
@@ -27,9 +30,12 @@ from pipeline.errors import ShardError, ShardNotFoundError
 __all__ = [
     "IMAGE_EXTS",
     "INDEX_NAME",
+    "MASK_EXT",
     "SOURCE_KINDS",
     "ShardSample",
     "detect_source",
+    "mask_values",
+    "read_mask",
     "samples_from_image_folder",
     "samples_from_imagenet_val",
     "samples_from_list",
@@ -41,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "gif")
 INDEX_NAME = "index.json"
+MASK_EXT = "mask.png"
+"""The extension of a sample's object-mask member, ``<key>.mask.png``."""
 SOURCE_KINDS = ("imagefolder", "imagenet-val", "list")
 
 _MEMBER_MODE = 0o644
@@ -61,6 +69,7 @@ class ShardSample:
         meta: JSON-able metadata: ``source`` (original path), ``width``, ``height`` (None when the header is
             unreadable), optionally ``label_name``, ``boxes`` ([x0, y0, x1, y1] in original-image pixels) and
             ``box_names``.
+        mask: PNG bytes of the object mask (one channel, the image's size, 0 background / 1 object), or None.
     """
 
     key: str
@@ -68,6 +77,7 @@ class ShardSample:
     ext: str
     label: int | None
     meta: dict[str, Any] = field(default_factory=dict)
+    mask: bytes | None = None
 
 
 def _check_sample(sample: ShardSample, seen: set[str]) -> None:
@@ -111,7 +121,9 @@ class _ShardFile:
         members = {"__key__": sample.key, sample.ext: sample.image, "json": _meta_bytes(sample)}
         if sample.label is not None:
             members["cls"] = str(sample.label).encode("ascii")
-        self._tar.write(members)  # members in name order: .cls, .json, then the image
+        if sample.mask is not None:
+            members[MASK_EXT] = sample.mask
+        self._tar.write(members)  # members in name order: .cls, .json, .mask.png, then the image
         self.count += 1
 
     def commit(self) -> dict[str, Any]:
@@ -234,7 +246,76 @@ def _read_sample(path: Path, key: str, ext: str, label: int | None, meta: dict[s
     return ShardSample(key, data, ext, label, {"source": str(path), "width": width, "height": height, **meta})
 
 
-def samples_from_image_folder(root: str | os.PathLike[str]) -> Iterator[ShardSample]:
+def read_mask(path: Path, image_size: tuple[int | None, int | None] | None = None) -> bytes:
+    """The bytes of an object-mask file, checked: a PNG with one channel whose values are 0 (background) and 1
+    (object), of the image's size when it is known.
+
+    Args:
+        path: The mask file.
+        image_size: ``(width, height)`` of its image (either None: not checked).
+
+    Raises:
+        ShardNotFoundError: the file is missing. ShardError: not such a mask (names the file and why).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise ShardNotFoundError(f"mask {path} does not exist") from e
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG":
+                raise ShardError(f"mask {path} is a {im.format}, not a PNG")
+            values = mask_values(im, str(path))
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ShardError(f"mask {path} is not a readable image: {e}") from e
+    if image_size is not None and None not in image_size and values.shape[::-1] != tuple(image_size):
+        width, height = image_size
+        raise ShardError(f"mask {path} is {values.shape[1]}x{values.shape[0]}, its image {width}x{height}")
+    return data
+
+
+def mask_values(image: Image.Image, where: str) -> np.ndarray:
+    """The values of a decoded object mask as a ``(height, width)`` uint8 array of 0 and 1.
+
+    Raises:
+        ShardError: more than one channel, or values other than 0 and 1 (``where`` names the mask).
+    """
+    if len(image.getbands()) != 1:
+        raise ShardError(f"{where}: a mask has one channel (0 background, 1 object), this one is {image.mode}")
+    values = np.asarray(image)
+    if values.max(initial=0) > 1 or values.min(initial=0) < 0:
+        found = sorted(int(v) for v in np.unique(values)[:8])
+        raise ShardError(f"{where}: mask values must be 0 (background) or 1 (object), found {found}")
+    return values.astype(np.uint8)
+
+
+def _find_mask(masks: Path | None, relative: Path) -> Path | None:
+    """The mask of the image at ``relative`` (to its source): ``masks/<relative with .png>``, or None."""
+    if masks is None:
+        return None
+    path = masks / relative.with_suffix(".png")
+    return path if path.is_file() else None
+
+
+def _with_mask(sample: ShardSample, mask: Path | None) -> ShardSample:
+    if mask is None:
+        return sample
+    size = (sample.meta.get("width"), sample.meta.get("height"))
+    return dataclasses.replace(sample, mask=read_mask(mask, size))
+
+
+def _masks_folder(masks: str | os.PathLike[str] | None) -> Path | None:
+    if masks is None:
+        return None
+    folder = Path(masks)
+    if not folder.is_dir():
+        raise ShardNotFoundError(f"masks folder {folder} does not exist or is not a folder")
+    return folder
+
+
+def samples_from_image_folder(
+    root: str | os.PathLike[str], masks: str | os.PathLike[str] | None = None
+) -> Iterator[ShardSample]:
     """Samples of an ImageFolder tree: one sub-folder per class.
 
     Class folders are sorted by name and numbered from 0 (torchvision's ImageFolder order); images are found
@@ -243,14 +324,17 @@ def samples_from_image_folder(root: str | os.PathLike[str]) -> Iterator[ShardSam
 
     Args:
         root: The folder holding the class folders.
+        masks: Optional folder of object masks laid out like ``root``: ``masks/<class>/<relative path>.png`` (the
+            image's suffix replaced by ``.png``); images without one have no mask.
 
     Raises:
-        ShardNotFoundError: ``root`` is not a folder.
-        ShardError: ``root`` has no class folders.
+        ShardNotFoundError: ``root`` or ``masks`` is not a folder.
+        ShardError: ``root`` has no class folders; a mask that is not one (:func:`read_mask`).
     """
     base = Path(root)
     if not base.is_dir():
         raise ShardNotFoundError(f"image folder {base} does not exist or is not a folder")
+    mask_dir = _masks_folder(masks)
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not _is_hidden(p))
     if not classes:
         raise ShardError(f"image folder {base} has no class sub-folders")
@@ -264,7 +348,8 @@ def samples_from_image_folder(root: str | os.PathLike[str]) -> Iterator[ShardSam
         )
         for rel in files:
             key = keys.make(f"{name}_{rel.with_suffix('').as_posix()}")
-            yield _read_sample(class_dir / rel, key, _image_ext(rel), label, {"label_name": name})
+            sample = _read_sample(class_dir / rel, key, _image_ext(rel), label, {"label_name": name})
+            yield _with_mask(sample, _find_mask(mask_dir, Path(name) / rel))
 
 
 def _number(text: str | None, where: str) -> int | float:
@@ -332,6 +417,7 @@ def samples_from_imagenet_val(
     images_dir: str | os.PathLike[str],
     labels_file: str | os.PathLike[str] | None,
     boxes_dir: str | os.PathLike[str] | None = None,
+    masks_dir: str | os.PathLike[str] | None = None,
 ) -> Iterator[ShardSample]:
     """Samples of a flat folder of images (ImageNet validation style), sorted by file name.
 
@@ -346,10 +432,12 @@ def samples_from_imagenet_val(
         labels_file: The labels file, or None for unlabelled samples.
         boxes_dir: Optional folder of Pascal-VOC XML files ``<stem>.xml``; their boxes go into meta ``boxes``
             (as written in the XML) and their object names into ``box_names``.
+        masks_dir: Optional folder of object masks ``<stem>.png`` (:func:`read_mask`; e.g. the ImageNet-Segmentation
+            masks of Guillaumin et al.); images without one have no mask.
 
     Raises:
         ShardNotFoundError: A missing folder or labels file.
-        ShardError: A labels file that does not match the images, an unparsable XML file.
+        ShardError: A labels file that does not match the images, an unparsable XML file, a mask that is not one.
     """
     base = Path(images_dir)
     if not base.is_dir():
@@ -361,6 +449,7 @@ def samples_from_imagenet_val(
     boxes_base = Path(boxes_dir) if boxes_dir is not None else None
     if boxes_base is not None and not boxes_base.is_dir():
         raise ShardNotFoundError(f"bounding boxes folder {boxes_base} does not exist or is not a folder")
+    mask_dir = _masks_folder(masks_dir)
     keys = _Keys()
     for i, path in enumerate(files):
         meta: dict[str, Any] = {}
@@ -368,7 +457,8 @@ def samples_from_imagenet_val(
         if xml is not None and xml.is_file():
             meta["boxes"], meta["box_names"] = _read_voc_boxes(xml)
         label = labels[i] if labels is not None else None
-        yield _read_sample(path, keys.make(path.stem), _image_ext(path), label, meta)
+        sample = _read_sample(path, keys.make(path.stem), _image_ext(path), label, meta)
+        yield _with_mask(sample, _find_mask(mask_dir, Path(path.name)))
 
 
 def samples_from_list(list_file: str | os.PathLike[str]) -> Iterator[ShardSample]:
@@ -451,6 +541,7 @@ def shard_source(
     prefix: str = "shard",
     labels: str | os.PathLike[str] | None = None,
     boxes: str | os.PathLike[str] | None = None,
+    masks: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Write the shards of a source (what ``daam-pipeline shard SRC OUT`` runs).
 
@@ -462,22 +553,27 @@ def shard_source(
         prefix: Shard file name prefix.
         labels: Labels file (imagenet-val only).
         boxes: Folder of Pascal-VOC XML boxes (imagenet-val only).
+        masks: Folder of object masks beside the images, laid out like ``src`` with ``.png`` files
+            (imagenet-val: ``<stem>.png``; imagefolder: ``<class>/<relative path>.png``).
 
     Returns:
         The shards written, as :func:`write_shards` returns them.
 
     Raises:
-        ShardError: An unknown kind, labels/boxes given for another kind, or any source or writer error.
+        ShardError: An unknown kind, labels/boxes/masks given for a kind that has none, or any source or writer
+            error.
     """
     kind = kind or detect_source(src)
     if kind not in SOURCE_KINDS:
         raise ShardError(f"unknown source kind {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
     if kind != "imagenet-val" and (labels is not None or boxes is not None):
         raise ShardError(f"labels and boxes files apply to imagenet-val sources only, not {kind} ({src})")
+    if kind == "list" and masks is not None:
+        raise ShardError(f"a masks folder applies to imagefolder and imagenet-val sources, not a list ({src})")
     if kind == "imagefolder":
-        samples = samples_from_image_folder(src)
+        samples = samples_from_image_folder(src, masks)
     elif kind == "imagenet-val":
-        samples = samples_from_imagenet_val(src, labels, boxes)
+        samples = samples_from_imagenet_val(src, labels, boxes, masks)
     else:
         samples = samples_from_list(src)
     return write_shards(samples, out_dir, prefix=prefix, samples_per_shard=samples_per_shard)

@@ -1,7 +1,8 @@
 """Reading the samples of one WebDataset shard (a unit of work) without losing it to one bad sample.
 
 Members are grouped by key as WebDataset does (the key is the member path up to the first dot of its file
-name, the extension the rest, lower-cased; a sample's members are adjacent). A bad sample (no image member,
+name, the extension the rest, lower-cased; a sample's members are adjacent). ``<key>.mask.png`` is the sample's
+object mask, when it has one. A bad sample (no image member,
 an unparsable ``.cls`` or ``.json``, a repeated member) comes out as a :class:`RawSample` with ``error`` set;
 only a shard that cannot be read as a whole raises, after every complete sample before the damage was yielded.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.data.shards import IMAGE_EXTS, INDEX_NAME
+from pipeline.data.shards import IMAGE_EXTS, INDEX_NAME, MASK_EXT
 from pipeline.errors import ShardError, ShardNotFoundError
 
 __all__ = ["RawSample", "count_samples", "iter_shard"]
@@ -39,6 +40,7 @@ class RawSample:
         label: The ``.cls`` label, or None when absent or unparsable.
         meta: The ``.json`` metadata ({} when absent or unparsable).
         error: Why the sample cannot be used ("shard X key Y: reason"), None when it can.
+        mask: The ``.mask.png`` member's bytes (the object mask), or None when there is none.
     """
 
     key: str
@@ -48,6 +50,7 @@ class RawSample:
     label: int | None
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    mask: bytes | None = None
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -83,7 +86,7 @@ def _make_sample(url: str, key: str, members: list[tuple[str, bytes]]) -> RawSam
             problems.append(f"{key}.json is not an object")
             meta = {}
     error = f"shard {url} key {key}: {'; '.join(problems)}" if problems else None
-    return RawSample(key, url, data.get(ext) if ext else None, ext, label, meta, error)
+    return RawSample(key, url, data.get(ext) if ext else None, ext, label, meta, error, data.get(MASK_EXT))
 
 
 class _EndTrackingTarInfo(tarfile.TarInfo):

@@ -7,7 +7,9 @@ recorded box tells whether an explanation points at it. Everything is drawn from
 ``numpy.random.Generator``: the same seed gives the same PNG bytes.
 
 Boxes are ``[x0, y0, x1, y1]`` in pixel coordinates with exclusive ends: the object's pixels are exactly
-those with ``x0 <= x < x1`` and ``y0 <= y < y1`` covered by its mask.
+those with ``x0 <= x < x1`` and ``y0 <= y < y1`` covered by its mask. The shards carry that mask too
+(``<key>.mask.png``: 1 on the object's pixels, 0 elsewhere), drawn from the same random numbers, so adding it
+changes no image, key or label.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ __all__ = [
     "CLASS_NAMES",
     "IMAGE_SIZE",
     "demo_samples",
+    "encode_mask",
     "encode_png",
     "generate_empty_scene",
     "generate_scene",
+    "generate_scene_with_mask",
     "split_rng",
     "split_scenes",
     "write_demo_split",
@@ -125,6 +129,18 @@ def generate_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np
         The image (``size x size x 3``, uint8), the class index into :data:`CLASS_NAMES` and the object's
         box ``[x0, y0, x1, y1]`` (exclusive ends, tight around the object's pixels).
     """
+    image, label, box, _ = generate_scene_with_mask(rng, size)
+    return image, label, box
+
+
+def generate_scene_with_mask(
+    rng: np.random.Generator, size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, int, list[int], np.ndarray]:
+    """Draw one scene, as :func:`generate_scene` (the same random numbers), with the object's mask.
+
+    Returns:
+        The image, the class, the box, and the object's mask (``size x size`` bool, True on its pixels).
+    """
     grey = _background(rng, size)
 
     label = int(rng.integers(len(CLASS_NAMES)))
@@ -138,7 +154,7 @@ def generate_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np
 
     image = _finish(np.where(mask[..., None], colour, grey[..., None]), rng)  # the noise covers the object too
     ys, xs = np.nonzero(mask)
-    return image, label, [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    return image, label, [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], mask
 
 
 def generate_empty_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -157,6 +173,13 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Deterministic PNG bytes of a boolean ``H x W`` mask: one channel, 0 background, 1 object."""
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8), mode="L").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
 def split_rng(split: str, seed: int) -> np.random.Generator:
     """The generator of one split: independent streams for different split names under one seed."""
     return np.random.default_rng([seed, zlib.crc32(split.encode())])
@@ -169,17 +192,21 @@ def split_scenes(split: str, n: int, seed: int) -> Iterator[tuple[np.ndarray, in
         yield generate_scene(rng)
 
 
-def demo_samples(split: str, n: int, seed: int) -> Iterator[ShardSample]:
+def demo_samples(split: str, n: int, seed: int, *, masks: bool = True) -> Iterator[ShardSample]:
     """Yield ``n`` scenes of ``split`` as shard samples (PNG), keyed ``{split}_{i:06d}``.
 
     Args:
         split: Split name (``train``, ``val``, ...); it selects the random stream together with ``seed``.
         n: Number of samples.
         seed: Base seed.
+        masks: Give each sample its object mask (``.mask.png``); images, keys, labels and meta are the same
+            either way.
     """
     if not split.isidentifier():
         raise ValueError(f"split name {split!r} must be an identifier (it becomes part of sample keys)")
-    for i, (image, label, box) in enumerate(split_scenes(split, n, seed)):
+    rng = split_rng(split, seed)
+    for i in range(n):
+        image, label, box, mask = generate_scene_with_mask(rng)
         meta = {
             "source": f"synthetic:{split}:seed={seed}",
             "width": image.shape[1],
@@ -187,10 +214,19 @@ def demo_samples(split: str, n: int, seed: int) -> Iterator[ShardSample]:
             "boxes": [box],
             "label_name": CLASS_NAMES[label],
         }
-        yield ShardSample(key=f"{split}_{i:06d}", image=encode_png(image), ext="png", label=label, meta=meta)
+        yield ShardSample(
+            key=f"{split}_{i:06d}",
+            image=encode_png(image),
+            ext="png",
+            label=label,
+            meta=meta,
+            mask=encode_mask(mask) if masks else None,
+        )
 
 
-def write_demo_split(out_dir: str | Path, split: str, n: int, seed: int, samples_per_shard: int = 128) -> list[dict]:
+def write_demo_split(
+    out_dir: str | Path, split: str, n: int, seed: int, samples_per_shard: int = 128, *, masks: bool = True
+) -> list[dict]:
     """Write ``n`` scenes of ``split`` as WebDataset shards ``shard-000000.tar, ...`` plus ``index.json``.
 
     Args:
@@ -199,9 +235,11 @@ def write_demo_split(out_dir: str | Path, split: str, n: int, seed: int, samples
         n: Number of samples.
         seed: Base seed.
         samples_per_shard: Samples per tar file.
+        masks: Write each sample's object mask (see :func:`demo_samples`).
 
     Returns:
         The shard index entries returned by :func:`pipeline.data.shards.write_shards`.
     """
     logger.info("writing %d %s scenes (seed %d) to %s", n, split, seed, out_dir)
-    return write_shards(demo_samples(split, n, seed), out_dir, prefix="shard", samples_per_shard=samples_per_shard)
+    samples = demo_samples(split, n, seed, masks=masks)
+    return write_shards(samples, out_dir, prefix="shard", samples_per_shard=samples_per_shard)

@@ -49,6 +49,7 @@ __all__ = [
     "demo_model_kwargs",
     "main",
     "train_demo_model",
+    "write_demo_shards",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,22 @@ def train_demo_model(
     return metadata
 
 
+def write_demo_shards(
+    out_dir: str | Path,
+    *,
+    n_val: int = 512,
+    n_train: int = 256,
+    samples_per_shard: int = 128,
+    seed: int = DEFAULT_SEED,
+) -> None:
+    """Write the shipped demo shards: ``val/`` (with the objects' masks) and ``train/`` (the reference set of the
+    self-supervised demo's memory bank, without masks), each with its ``index.json``. The bytes depend only on the
+    arguments."""
+    out_dir = Path(out_dir)
+    write_demo_split(out_dir / "val", "val", n_val, seed, samples_per_shard, masks=True)
+    write_demo_split(out_dir / "train", "train", n_train, seed, samples_per_shard, masks=False)
+
+
 def build_demo_assets(
     out_dir: str | Path,
     *,
@@ -256,17 +273,14 @@ def build_demo_assets(
     seed: int = DEFAULT_SEED,
     threads: int | None = 2,
 ) -> dict[str, Any]:
-    """Regenerate the shipped demo assets: ``val/`` shards with ``index.json``, ``train/`` shards (the reference set
-    of the self-supervised demo's memory bank), the checkpoint and its JSON.
+    """Regenerate the shipped demo assets: the shards (:func:`write_demo_shards`), the checkpoint and its JSON.
 
     The shard bytes depend only on the arguments; the checkpoint also on the torch version and ``threads``.
 
     Returns:
         The model metadata (as written to ``demo_vit.json``).
     """
-    out_dir = Path(out_dir)
-    write_demo_split(out_dir / "val", "val", n_val, seed, samples_per_shard)
-    write_demo_split(out_dir / "train", "train", n_train, seed, samples_per_shard)
+    write_demo_shards(out_dir, n_val=n_val, n_train=n_train, samples_per_shard=samples_per_shard, seed=seed)
     return train_demo_model(out_dir, steps=steps, seed=seed, n_val=n_val, threads=threads)
 
 

@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,12 +32,9 @@ __all__ = ["BankQuery", "MemoryBank"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = "daam-pipeline/memory-bank"
-_FORMAT_VERSION = 1
-_STORAGE_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+_STORAGE_DTYPES = (torch.float32, torch.float16)
 _SIMILARITY_SCALE = 2.0**60  # |f_hat . z| <= ~1, so sums of 2^-60 fixed-point products fit in int64
 _EXACT_TILE_ELEMENTS = 1 << 23  # elements of one (queries, rows, D) product tile in the exact scan
-_ZARR_CHUNK_BYTES = 1 << 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +68,7 @@ class MemoryBank:
         device: Where the bank is stored (default: the device of ``features``). Queries run on their own device.
         num_classes: Number of classes (default: max label + 1).
         dtype: Storage dtype, float32 or float16 (half the memory for ImageNet-scale banks).
-        normalised: The features are already unit rows in ``dtype`` (as :meth:`to_zarr` writes them).
+        normalised: The features are already unit rows in ``dtype`` (as a bank file holds them).
         pin_memory: Pin a host-stored bank for asynchronous copies (default: when CUDA is available).
 
     Raises:
@@ -281,95 +274,6 @@ class MemoryBank:
         if device not in self._label_cache:
             self._label_cache[device] = self._labels.to(device)
         return self._label_cache[device]
-
-    def to_zarr(
-        self,
-        path: str | Path,
-        *,
-        overwrite: bool = False,
-        keys: Sequence[str] | None = None,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        """Write the bank as a Zarr v3 group: ``features`` (M, D), ``labels`` (M,) when labelled, ``keys`` (M,)
-        when given, and attrs. Any such group works as a job's ``bank.path``.
-
-        Args:
-            path: Local directory (or URL that zarr can open) of the new group.
-            overwrite: Replace an existing group at ``path``.
-            keys: The samples' keys, row by row (needed by ``bank.exclude_self``).
-            storage_options: fsspec options for a URL.
-
-        Raises:
-            BankError: The group cannot be written (for example it exists and not ``overwrite``).
-        """
-        import zarr
-
-        feats = self._features
-        rows = max(1, _ZARR_CHUNK_BYTES // (self.dim * feats.element_size()))
-        attrs = {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-            "k": self.k,
-            "temperature": self.temperature,
-            "normalised": True,
-            "num_classes": self.num_classes,
-        }
-        try:
-            mode = "w" if overwrite else "w-"
-            group = zarr.open_group(str(path), mode=mode, attributes=attrs, storage_options=storage_options)
-            array = group.create_array(
-                "features", shape=feats.shape, dtype=_STORAGE_DTYPES[feats.dtype], chunks=(rows, self.dim)
-            )
-            for start in range(0, self.size, rows):
-                array[start : start + rows] = feats[start : start + rows].cpu().numpy()
-            if self._labels is not None:
-                group.create_array("labels", data=self._labels.cpu().numpy(), chunks=(_ZARR_CHUNK_BYTES // 8,))
-            if keys is not None:
-                if len(keys) != self.size:
-                    raise BankError(f"{len(keys)} keys for a bank of {self.size} rows")
-                stored = group.create_array("keys", shape=(self.size,), dtype="str")  # Zarr v3 variable-length
-                if self.size:
-                    stored[:] = np.asarray(keys, dtype=object)
-        except (OSError, ValueError, TypeError) as e:  # zarr's ContainsGroupError is a ValueError
-            raise BankError(f"cannot write memory bank to {path}: {e}") from e
-
-    @classmethod
-    def from_zarr(
-        cls, path_or_url: str | Path, *, storage_options: dict[str, Any] | None = None, **kw: Any
-    ) -> MemoryBank:
-        """Read a bank written by :meth:`to_zarr`; keyword arguments override the stored k, temperature, ...
-
-        Args:
-            path_or_url: Local directory or fsspec URL of the group.
-            storage_options: fsspec options for a URL.
-            **kw: Constructor arguments (``k``, ``temperature``, ``chunk_size``, ``device``, ``dtype``, ...).
-
-        Raises:
-            BankError: A missing group or array, or another format.
-        """
-        import zarr
-
-        try:
-            group = zarr.open_group(str(path_or_url), mode="r", storage_options=storage_options)
-            attrs = dict(group.attrs)
-        except (OSError, ValueError) as e:
-            raise BankError(f"cannot open memory bank {path_or_url}: {e}") from e
-        if attrs.get("format") != _FORMAT:
-            raise BankError(f"{path_or_url} is not a memory bank (format attribute {attrs.get('format')!r})")
-        try:
-            features = torch.from_numpy(np.asarray(group["features"][...]))
-            labels = torch.from_numpy(np.asarray(group["labels"][...])) if "labels" in group else None
-        except (OSError, KeyError, ValueError) as e:
-            raise BankError(f"cannot read memory bank arrays from {path_or_url}: {e}") from e
-        options = {
-            "k": attrs["k"],
-            "temperature": attrs["temperature"],
-            "num_classes": attrs["num_classes"],
-            "normalised": attrs["normalised"],
-            "dtype": features.dtype,
-        }
-        options.update(kw)
-        return cls(features, labels, **options)
 
 
 def _check_labels(

@@ -1,8 +1,9 @@
 """docs/method.md as code: ``DAAM(model)(images)`` -> block maps, accumulated maps and coefficients, batched.
 
-One forward pass (timm's fused attention kept) and one backward pass from the explained score down to T_1, the
+One forward pass (timm's fused attention kept) and one backward pass from the explained score down to T_0, the
 input of the first block's ``attn.proj``. Parameters get no gradients. During the backward pass each block's
-gradient hook turns the [class] row of dY/dT_l into the block map with the cheap form of docs/method.md step 4,
+gradient hook turns the [class] row of dY/dT_l into the block map with the cheap form of docs/method.md ("The
+cheap form used in the backward pass"),
 
     M_l[j] = ReLU( sum_h a_l^h[j] * <v_l^h[j, :], c_l^h> ),   c_l -> ReLU(c_l) for supervised models,
 

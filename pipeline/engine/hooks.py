@@ -85,7 +85,7 @@ class BlockCapture:
         self.model = model
         self.on_gradient = on_gradient
         self.blocks = [BlockState() for _ in model.blocks]
-        self.root: torch.Tensor | None = None  # T_1, the tensor the backward pass differentiates down to
+        self.root: torch.Tensor | None = None  # T_0, the tensor the backward pass differentiates down to
         self.active = False  # hooks capture only while True: the model stays usable as usual otherwise
         self._handles: list[RemovableHandle] = []
         for i, block in enumerate(model.blocks):

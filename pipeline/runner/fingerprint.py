@@ -15,12 +15,10 @@ import fsspec
 
 from pipeline.config import JobConfig
 from pipeline.errors import CheckpointError, OutputMismatchError
-from pipeline.store.output import Output
+from pipeline.store.output import JOB_FILE, Output
 from pipeline.store.schemas import ZARR_LAYOUT_VERSION
 
 __all__ = ["check_resume", "checkpoint_digest", "fingerprint", "read_written_job"]
-
-JOB_FILE = "job.json"
 
 
 def checkpoint_digest(url: str | None) -> str | None:

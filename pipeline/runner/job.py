@@ -19,16 +19,16 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from pipeline.config import JobConfig
-from pipeline.errors import ClusterError, JobTerminated, StoreError
-from pipeline.runner.fingerprint import JOB_FILE, check_resume, checkpoint_digest, fingerprint
+from pipeline.errors import ClusterError, JobTerminated, StoreError, one_line
+from pipeline.runner.fingerprint import check_resume, checkpoint_digest, fingerprint
 from pipeline.runner.plan import ActorPlan, describe_plan, plan_actors
 from pipeline.runner.pools import LocalPool, RayPool
 from pipeline.runner.preflight import preflight
 from pipeline.runner.summary import JobSummary
-from pipeline.stages.bank import assemble_bank, bank_is_built, bank_output, bank_storage_options
+from pipeline.store.bank import assemble_bank, bank_is_built, bank_location, bank_output
 from pipeline.store.compact import TABLES_DIR, compact
 from pipeline.store.lease import Lease
-from pipeline.store.output import Output, as_output, job_output
+from pipeline.store.output import JOB_FILE, Output, job_output
 from pipeline.store.units import (
     BANK_PARTS,
     EXPLAIN_PARTS,
@@ -98,7 +98,7 @@ def run_job(
             output.remove(output.path(TABLES_DIR))
             clear(banks, [BANK_PARTS])
             if job.mode == "self-supervised" and job.bank.shards is not None:
-                bank = as_output(job.bank_path(), bank_storage_options(job))
+                bank = bank_location(job)
                 bank.remove(bank.root)
         elif committed_units(output) or committed_units(banks):
             check_resume(output, content)
@@ -271,7 +271,7 @@ def _ensure_ray(address: str | None, job: JobConfig) -> None:
         try:
             ray.init(address="local", **kwargs)  # a new cluster, even beside one that `ray start` left running
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-            raise ClusterError(f"cannot start a local Ray cluster: {_first_line(e)}") from None
+            raise ClusterError(f"cannot start a local Ray cluster: {one_line(e)}") from None
         return
     _wait_reachable(address, job.workers.connect_timeout_s)
     # Ray's client logs each refused attempt to file descriptor 2 from C++: kept out of the terminal, read for the
@@ -295,11 +295,7 @@ def _join_failure(address: str, error: Exception, ray_log: str) -> str:
             f"cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
             "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
         )
-    return f"cannot join the Ray cluster at {address}: {_first_line(error)}"
-
-
-def _first_line(error: Exception) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"cannot join the Ray cluster at {address}: {one_line(error)}"
 
 
 @contextlib.contextmanager

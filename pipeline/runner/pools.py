@@ -15,14 +15,14 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.errors import JobTerminated, PipelineError, StoreError
-from pipeline.runner.fingerprint import JOB_FILE
+from pipeline.errors import JobTerminated, PipelineError, StoreError, one_line
 from pipeline.runner.plan import ActorPlan
-from pipeline.store.output import job_output
+from pipeline.store.output import JOB_FILE, job_output
 from pipeline.store.units import unit_name
 from pipeline.worker import UnitWorker, units_in_flight
 
@@ -45,23 +45,41 @@ class UnitOutcome:
 
 
 class LocalPool:
-    """Every unit in this process, on one worker (the model loaded once, on first use)."""
+    """Every unit in this process, on one worker (the model loaded once, on first use), :func:`~pipeline.worker.
+    units_in_flight` units at a time as a Ray actor holds them; a unit that raises fails alone, the job goes on."""
 
     actors = 1
     restarts = 0
 
-    def __init__(self, job: JobConfig, fault: str | None = None) -> None:
+    def __init__(self, job: JobConfig, fault: str | None = None, *, worker: UnitWorker | None = None) -> None:
         self.job = job
         self.fault = fault
-        self._worker: UnitWorker | None = None
+        self._worker = worker  # built on first use unless given
 
     def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
         if not urls:
             return
         if self._worker is None:
             self._worker = UnitWorker(self.job, fault=self.fault)
-        for url, marker, error in self._worker.run_units(stage, urls):
-            yield UnitOutcome(url, marker, error)
+        worker = self._worker
+        pool = ThreadPoolExecutor(units_in_flight(self.job, worker.device), thread_name_prefix="unit")
+        futures = deque((url, pool.submit(worker.run, stage, url)) for url in urls)
+        finished = False
+        try:
+            while futures:
+                url, future = futures.popleft()
+                try:
+                    yield UnitOutcome(url, future.result())
+                except PipelineError as e:
+                    yield UnitOutcome(url, error=str(e))
+                except Exception as e:  # a full disk, a bug: the unit fails as on a Ray actor, the job goes on
+                    _log.debug("unit %s failed", unit_name(url), exc_info=True)
+                    yield UnitOutcome(url, error=one_line(e, with_type=True))
+            finished = True
+        finally:
+            # Left early (an interrupt): queued units are cancelled; a running one may be blocked in a read that
+            # never returns, so it is not waited for.
+            pool.shutdown(wait=finished, cancel_futures=True)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -127,17 +145,17 @@ def _check_output_is_shared(job: JobConfig) -> None:
         )
 
 
-def one_line(error: BaseException) -> str:
-    """The message of an error raised in an actor, as one line: the original exception's type and first line."""
+def actor_error(error: BaseException) -> str:
+    """The error raised in an actor, as one line: the original exception's type and first line (Ray wraps it, with
+    the actor's traceback in its text)."""
     cause = getattr(error, "cause", None) or error
     while getattr(cause, "cause", None) is not None and cause.cause is not cause:
         cause = cause.cause
     text = str(cause).strip()
     if type(cause).__name__ in ("RayTaskError", "ActorDiedError", "RayActorError") or "Traceback" in text:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        text = next((line for line in reversed(lines) if ":" in line and not line.startswith("File ")), lines[-1])
-        return text
-    return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+        return next((line for line in reversed(lines) if ":" in line and not line.startswith("File ")), lines[-1])
+    return one_line(cause, with_type=True)
 
 
 class RayPool:
@@ -201,7 +219,7 @@ class RayPool:
                 f"{self._ray.cluster_resources()})"
             ) from None
         except (RayActorError, RayTaskError) as e:
-            raise PipelineError(f"a worker failed to start: {one_line(e)}") from None
+            raise PipelineError(f"a worker failed to start: {actor_error(e)}") from None
 
     def _record(self, unit: str, attempt: int, text: str) -> None:
         """The full text of an attempt's error (an actor's traceback), under ``OUT/_logs/``."""
@@ -260,9 +278,9 @@ class RayPool:
                     if died_with[actor] > 1:  # which of its units killed it is unknown: each retries alone, free
                         queue.appendleft(_Pending(unit.url, unit.attempt, alone=True))
                         continue
-                    error = f"worker died: {one_line(e)}"
+                    error = f"worker died: {actor_error(e)}"
                 except RayTaskError as e:
-                    error = one_line(e)
+                    error = actor_error(e)
                     self._record(unit_name(unit.url), unit.attempt, str(e))
                     _log.warning("unit %s attempt %d failed: %s", unit_name(unit.url), unit.attempt, error)
                 else:

@@ -84,36 +84,17 @@ def _check_model(job: JobConfig) -> None:
     import torch
 
     from pipeline.data.decode import Preprocess
-    from pipeline.models import check_model_source, create_model, model_data_config
+    from pipeline.models import check_model_source, create_job_model, model_data_config
     from pipeline.stages import ExplainStage
+    from pipeline.store.bank import check_bank
 
     spec = job.model
     check_model_source(spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint)
-    model = create_model(
-        spec.name,
-        checkpoint=spec.checkpoint,
-        pretrained=spec.pretrained,
-        num_classes=spec.num_classes,
-        model_kwargs=spec.kwargs,
-    )
+    model = create_job_model(spec)
     size = Preprocess.from_data_config(model_data_config(model), job.data.preprocess).size
     ExplainStage(job, model, torch.device("cpu"), size).close()  # [class] token, attention, explainers, grid
     if job.mode == "self-supervised" and job.bank.shards is None:
-        _check_bank(job, model.num_features)
-
-
-def _check_bank(job: JobConfig, dim: int) -> None:
-    from pipeline.errors import BankError
-    from pipeline.stages.bank import bank_is_built, describe_bank
-
-    path = job.bank_path()
-    if not bank_is_built(job):
-        raise BankError(f"bank.path: no memory bank at {path}; give bank.shards so the bank stage builds it")
-    bank_dim, has_keys = describe_bank(job)
-    if bank_dim != dim:
-        raise BankError(f"bank.path: the bank at {path} holds {bank_dim}-d features; {job.model.name} makes {dim}")
-    if job.bank.exclude_self and not has_keys:
-        raise BankError(f"bank.exclude_self: the bank at {path} has no sample keys to exclude")
+        check_bank(job, model.num_features)
 
 
 def _check_labels(url: str) -> None:

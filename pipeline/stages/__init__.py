@@ -1,13 +1,13 @@
 """The stages a worker runs unit by unit: explain (maps and statistics) and bank (memory-bank features).
 
-Each stage turns a batch of decoded samples into a typed result on the device and writes the host copy of that
-result into a per-unit sink, which commits the unit (:mod:`pipeline.store.units`). :class:`~pipeline.worker.
-UnitWorker` owns the loop: stream -> decode -> ``stage.compute`` -> one copy to the host -> ``sink.write`` ->
-``sink.commit``.
+Each stage turns a batch of decoded samples into a typed result on the device; the worker copies it to the host once
+and hands it, with the batch (and its failed samples), to the unit's sink, a writer of :mod:`pipeline.store` that
+commits the unit. :class:`~pipeline.worker.UnitWorker` owns the loop: stream -> decode -> ``stage.compute`` -> one
+copy to the host -> ``sink.write`` -> ``sink.commit``.
 """
 
 from pipeline.stages.bank import BankStage
-from pipeline.stages.base import Stage, UnitSink
-from pipeline.stages.explain import ExplainedBatch, ExplainStage
+from pipeline.stages.base import Stage, UnitSink, UnitState
+from pipeline.stages.explain import ExplainStage
 
-__all__ = ["BankStage", "ExplainStage", "ExplainedBatch", "Stage", "UnitSink"]
+__all__ = ["BankStage", "ExplainStage", "Stage", "UnitSink", "UnitState"]

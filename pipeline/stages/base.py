@@ -1,17 +1,16 @@
-"""What a stage is to the worker: a computation per batch and a sink per unit."""
+"""What a stage is to the worker: a computation per batch, and a unit's state and sink."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from pipeline.data.decode import DecodedSample
-from pipeline.store.output import Output
-from pipeline.store.units import UnitParts
+from pipeline.data.decode import DecodedBatch, DecodedSample
 
-__all__ = ["Stage", "UnitSink", "compute_dtype", "failed_rows"]
+__all__ = ["Stage", "UnitSink", "UnitState", "compute_dtype"]
 
 
 class UnitSink(Protocol):
@@ -20,51 +19,45 @@ class UnitSink(Protocol):
     ok: int
     failed: int
 
-    def write(self, samples: Sequence[DecodedSample], result: Any) -> None:
-        """Write a batch's host result (the stage's typed result after :func:`~pipeline.engine.transfer.
-        move_tree`)."""
-
-    def write_failed(self, samples: Sequence[DecodedSample]) -> None:
-        """Record samples that failed before the computation (decoding, targets)."""
+    def write(self, batch: DecodedBatch, result: Any | None) -> None:
+        """Write a batch: its failed samples, and its host result (the stage's typed result after
+        :func:`~pipeline.engine.transfer.move_tree`; None when the batch holds failed samples only)."""
 
     def commit(self, summary: dict[str, Any], *, incomplete: str | None = None) -> dict[str, Any]:
         """Make the unit durable and write its marker; returns the marker."""
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """A unit started afresh: where its results go, and what its computation keeps across its batches.
+
+    Attributes:
+        sink: The unit's writer.
+        generator: The unit's own random stream on the device (reproducible per unit, whichever worker runs it);
+            None where the stage draws no random numbers.
+    """
+
+    sink: UnitSink
+    generator: torch.Generator | None = None
 
 
 class Stage(Protocol):
     """A computation the worker runs over every unit of a job."""
 
     name: str
-    parts: UnitParts
 
-    def output(self) -> Output:
-        """The stage's output root, where its units are committed."""
-
-    def open_unit(self, unit: str, url: str) -> UnitSink:
-        """Start a unit afresh and return its sink."""
+    def open_unit(self, unit: str, url: str) -> UnitState:
+        """Start a unit afresh."""
 
     def reject(self, sample: DecodedSample) -> str | None:
         """Why a decoded sample cannot be computed by this stage (its error message), or None."""
 
-    def compute(self, images: torch.Tensor, samples: Sequence[DecodedSample], sink: UnitSink) -> Any:
-        """A batch's typed result on the device; ``images`` are the normalised model input."""
+    def compute(self, images: torch.Tensor, samples: Sequence[DecodedSample], generator: torch.Generator | None) -> Any:
+        """A batch's typed result on the device; ``images`` are the normalised model input, ``generator`` the unit's
+        random stream."""
 
     def close(self) -> None:
         """Release what the stage holds on the model (hooks)."""
-
-
-def failed_rows(samples: Sequence[DecodedSample]) -> list[dict[str, Any]]:
-    """The samples-table rows of failed samples: key, error and what is known of them."""
-    return [
-        dict(
-            key=s.key,
-            error=s.error,
-            label=s.label,
-            width=s.size[0] if s.size else None,
-            height=s.size[1] if s.size else None,
-        )
-        for s in samples
-    ]
 
 
 _COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}

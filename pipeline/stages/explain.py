@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -15,88 +13,18 @@ from pipeline.data.decode import DecodedSample
 from pipeline.engine.baselines import Baselines
 from pipeline.engine.daam import DAAM, DAAMResult
 from pipeline.evaluate import evaluate_batch
+from pipeline.models import model_data_config
 from pipeline.names import PER_BLOCK_EXPLAINERS
-from pipeline.stages.bank import load_bank
-from pipeline.stages.base import compute_dtype, failed_rows
+from pipeline.sanity import CascadingRandomisation, map_similarity
+from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
-from pipeline.store.output import Output, job_output
-from pipeline.store.unit_writer import UnitWriter
-from pipeline.store.units import EXPLAIN_PARTS
+from pipeline.store.bank import load_bank
+from pipeline.store.output import job_output
+from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
+from pipeline.store.units import unit_name
 from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
 
-__all__ = ["ExplainStage", "ExplainedBatch"]
-
-
-@dataclass(frozen=True)
-class ExplainedBatch:
-    """Everything a unit stores of one batch of B samples, on one device.
-
-    Attributes:
-        arrays: The stored arrays by name: ``block_maps`` and ``daam`` ``(B, L, h, w)``, ``coefficients``
-            ``(B, L, C)``; per-block comparison explainers ``(B, L, h, w)``, ``gradcam`` ``(B, h, w)``; already
-            rounded to the storage precision (``output.dtype``), on the device.
-        predicted: ``(B,)`` predicted (or k-NN voted) class; -1 where there is none (a label-free bank).
-        score: ``(B,)`` its softmax probability (or vote share); NaN where there is none.
-        target: ``(B,)`` explained class, None in self-supervised mode.
-        block_stats: ``{statistic: (B, L)}`` of DAAM (:func:`pipeline.stats.block_statistics`).
-        explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of the per-block comparison explainers.
-        evaluation: ``{method: {metric: (B,)}}`` when the job evaluates, else empty.
-    """
-
-    arrays: dict[str, Tensor]
-    predicted: Tensor
-    score: Tensor
-    target: Tensor | None
-    block_stats: dict[str, Tensor]
-    explainer_block_stats: dict[str, dict[str, Tensor]]
-    evaluation: dict[str, dict[str, Tensor]]
-
-
-class ExplainSink:
-    """One unit of the explain stage: the store's writer, and the unit's own random stream for reference maps."""
-
-    def __init__(self, writer: UnitWriter, generator: torch.Generator | None) -> None:
-        self.writer = writer
-        self.generator = generator
-
-    @property
-    def ok(self) -> int:
-        return self.writer.ok
-
-    @property
-    def failed(self) -> int:
-        return self.writer.failed
-
-    def write(self, samples: Sequence[DecodedSample], result: ExplainedBatch) -> None:
-        predicted, score = result.predicted.numpy(), result.score.numpy()
-        columns = {
-            "label": [s.label for s in samples],
-            "predicted": [int(p) if p >= 0 else None for p in predicted],
-            "score": [None if np.isnan(v) else float(v) for v in score],
-            "target": result.target.tolist() if result.target is not None else [None] * len(samples),
-            "width": [s.size[0] if s.size else None for s in samples],
-            "height": [s.size[1] if s.size else None for s in samples],
-            "n_boxes": [len(s.boxes) if s.boxes is not None else 0 for s in samples],
-        }
-        self.writer.write_batch(
-            [s.key for s in samples],
-            _numpy(result.arrays),
-            columns,
-            _numpy(result.block_stats),
-            {name: _numpy(stats) for name, stats in result.explainer_block_stats.items()},
-            {method: _numpy(metrics) for method, metrics in result.evaluation.items()},
-            rounded=True,  # on the device, by ExplainStage.compute
-        )
-
-    def write_failed(self, samples: Sequence[DecodedSample]) -> None:
-        self.writer.write_failed(failed_rows(samples))
-
-    def commit(self, summary: dict, *, incomplete: str | None = None) -> dict:
-        return self.writer.commit(summary, incomplete=incomplete)
-
-
-def _numpy(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    return {name: tensor.numpy() for name, tensor in tensors.items()}
+__all__ = ["ExplainStage"]
 
 
 class ExplainStage:
@@ -111,7 +39,6 @@ class ExplainStage:
     """
 
     name = "explain"
-    parts = EXPLAIN_PARTS
 
     def __init__(self, job: JobConfig, model: nn.Module, device: torch.device, input_size: tuple[int, int]) -> None:
         self.job = job
@@ -128,20 +55,43 @@ class ExplainStage:
             prefix_tokens=self.daam.num_prefix_tokens,
         )
         self.num_classes = getattr(model, "num_classes", 0)
+        data_config = model_data_config(model)
+        self.mean, self.std = tuple(data_config["mean"]), tuple(data_config["std"])  # the worker's normalisation
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
+        evaluate = job.evaluate
+        self.cascade = None
+        if evaluate is not None and evaluate.sanity == "cascading":
+            self.cascade = CascadingRandomisation(model.blocks, evaluate.seed)
+            self._units = [unit_name(url) for url in job.shard_urls()]
+            self._sanity_left: dict[str, int] = {}  # unit -> samples its sanity check still re-explains
 
-    def output(self) -> Output:
-        return job_output(self.job)
-
-    def open_unit(self, unit: str, url: str) -> ExplainSink:
+    def open_unit(self, unit: str, url: str) -> UnitState:
         writer = UnitWriter(
-            self.output(), unit, self.layout, shard=url, job=self.job.name, store_options=self.job.store_options
+            job_output(self.job), unit, self.layout, shard=url, job=self.job.name, store_options=self.job.store_options
         )
         generator = None
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit
             seed = self.job.evaluate.seed + zlib.crc32(unit.encode())
             generator = torch.Generator(self.device).manual_seed(seed)
-        return ExplainSink(writer, generator)
+        if self.cascade is not None:
+            self._sanity_left[unit] = self._sanity_quota(unit)
+        return UnitState(writer, generator)
+
+    def _sanity_quota(self, unit: str) -> int:
+        """The unit's share of ``evaluate.sanity_samples``: spread evenly over the units in the job's order, the
+        first units taking one more where it does not divide."""
+        if unit not in self._units:
+            return 0
+        total, index = self.job.evaluate.sanity_samples, self._units.index(unit)
+        return total // len(self._units) + (index < total % len(self._units))
+
+    def _take_sanity(self, samples: Sequence[DecodedSample]) -> int:
+        """How many of a batch's first samples the sanity check re-explains: what is left of their unit's quota
+        (the unit of a batch is its samples' shard), counted as taken."""
+        unit = unit_name(samples[0].url)
+        taken = min(self._sanity_left.get(unit, 0), len(samples))
+        self._sanity_left[unit] = self._sanity_left.get(unit, 0) - taken
+        return taken
 
     def reject(self, sample: DecodedSample) -> str | None:
         """With target policy 'label', a sample without a usable label cannot be explained."""
@@ -150,30 +100,34 @@ class ExplainStage:
         reason = "has no label" if sample.label is None else f"label {sample.label} outside [0, {self.num_classes})"
         return f"shard {sample.url} key {sample.key}: target policy 'label' but the sample {reason}"
 
-    def compute(self, images: Tensor, samples: Sequence[DecodedSample], sink: ExplainSink) -> ExplainedBatch:
+    def compute(
+        self, images: Tensor, samples: Sequence[DecodedSample], generator: torch.Generator | None
+    ) -> ExplainedBatch:
         if self.job.mode == "self-supervised":
             result, predicted, score = self._explain_features(images, samples)
+            explainer_maps = self.baselines.maps() if self.baselines else {}
         else:
             target = None
             if self.job.target == "label":
                 target = torch.tensor([s.label for s in samples], device=self.device)
-            result = self.daam(images, target=target)
+            result, explainer_maps = self._explain(images, target)
             score, predicted = result.output.softmax(dim=-1).max(dim=-1)
         box_mask = None
         if any(s.boxes is not None and len(s.boxes) for s in samples):
             boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
             box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
-        explainer_maps = self.baselines.maps() if self.baselines else {}
+        masks = self._masks(samples)
         final_maps = {}  # each explainer's map, (B, h, w)
         explainer_stats = {}
         for name, maps in explainer_maps.items():
             if name in PER_BLOCK_EXPLAINERS:
-                explainer_stats[name] = explainer_statistics(maps, box_mask)
+                explainer_stats[name] = explainer_statistics(maps, box_mask, masks)
                 final_maps[name] = maps[:, -1]
             else:
                 final_maps[name] = maps[:, 0]
         evaluation = {}
         if self.job.evaluate is not None:
+            labels = torch.tensor([-1 if s.label is None else s.label for s in samples], device=self.device)
             evaluation = evaluate_batch(
                 self.model,
                 images,
@@ -181,10 +135,18 @@ class ExplainStage:
                 result.target,
                 box_mask,
                 self.job.evaluate,
-                generator=sink.generator,
+                generator=generator,
                 autocast_dtype=self.daam.autocast_dtype,
                 explainer_maps=final_maps,
+                masks=masks,
+                labels=labels,
+                mean=self.mean,
+                std=self.std,
             )
+        sanity = {}
+        if self.cascade is not None and (count := self._take_sanity(samples)):
+            trained = {"daam": result.daam, **explainer_maps}
+            sanity = self._sanity(images[:count], result.target[:count], {k: v[:count] for k, v in trained.items()})
         computed = {
             "block_maps": result.block_maps,
             "daam": result.daam,
@@ -201,10 +163,38 @@ class ExplainStage:
             predicted=predicted,
             score=score,
             target=result.target,
-            block_stats=block_statistics(result.block_maps, result.daam, result.coefficients, box_mask),
+            block_stats=block_statistics(result.block_maps, result.daam, result.coefficients, box_mask, masks),
             explainer_block_stats=explainer_stats,
             evaluation=evaluation,
+            sanity=sanity,
+            rounded=True,
         )
+
+    def _explain(self, images: Tensor, target: Tensor | None) -> tuple[DAAMResult, dict[str, Tensor]]:
+        """DAAM of the batch and the comparison explainers' maps from the same pass (``{name: (B, L or 1, h,
+        w)}``)."""
+        result = self.daam(images, target=target)
+        return result, self.baselines.maps() if self.baselines else {}
+
+    def _masks(self, samples: Sequence[DecodedSample]) -> Tensor | None:
+        """``(B, H, W)`` float object masks on the device (NaN for a sample without one), None when none has one."""
+        if all(s.mask is None for s in samples):
+            return None
+        unknown = torch.full(self.input_size, float("nan"))
+        return torch.stack([unknown if s.mask is None else s.mask.float() for s in samples]).to(self.device)
+
+    def _sanity(self, images: Tensor, target: Tensor, trained: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """Cascading randomisation: ``{explainer: {"spearman"|"ssim": (S, L, L')}}``, similarities of the maps
+        after each randomisation step (1 .. L blocks randomised from the top) to the trained model's maps."""
+        steps = []
+        for _ in self.cascade.steps():
+            result, explainer_maps = self._explain(images, target)
+            maps = {"daam": result.daam, **explainer_maps}
+            steps.append({name: map_similarity(maps[name], trained[name], self.input_size) for name in trained})
+        return {
+            name: {column: torch.stack([step[name][column] for step in steps], dim=1) for column in steps[0][name]}
+            for name in trained
+        }
 
     def _explain_features(self, images: Tensor, samples: Sequence[DecodedSample]) -> tuple[DAAMResult, Tensor, Tensor]:
         """Self-supervised DAAM: Y = <f, w> with the memory bank's weights, queried inside the same pass."""

@@ -15,7 +15,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StoreError
 
-__all__ = ["Output", "OutputLike", "as_output", "job_output"]
+__all__ = ["JOB_FILE", "Output", "OutputLike", "as_output", "job_output"]
+
+JOB_FILE = "job.json"
+"""``OUT/job.json``: the job that wrote the output, as validated, with the fingerprint of what it stores."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,11 @@ class Output:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def zarr_options(self) -> dict[str, Any] | None:
+        """The storage options as zarr and xarray take them: None for a local path, which takes none."""
+        return None if self.is_local else dict(self.storage_options)
 
     def path(self, *parts: str) -> str:
         """Path of ``OUT/<parts>`` on :attr:`fs`."""

@@ -19,10 +19,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.errors import EmptyOutputError, StoreError
+from pipeline.errors import (
+    AmbiguousSampleError,
+    EmptyOutputError,
+    OutputLookupError,
+    SampleNotFoundError,
+    StoreError,
+)
 from pipeline.store.compact import Manifest, TableSources, read_manifest, table_sources
 from pipeline.store.lease import live_holder
-from pipeline.store.output import Output, OutputLike, as_output
+from pipeline.store.output import JOB_FILE, Output, OutputLike, as_output
 from pipeline.store.schemas import TABLE_SCHEMAS
 from pipeline.store.units import EXPLAIN_PARTS, committed_units, failure_records, started_units
 from pipeline.store.zarr_store import MapStore
@@ -76,7 +82,7 @@ class Results:
         url = self.output.url
         started, failed = started_units(self.output), failure_records(self.output)
         holder = live_holder(self.output)
-        if not (started or failed or holder or self.output.exists(self.output.path("job.json"))):
+        if not (started or failed or holder or self.output.exists(self.output.path(JOB_FILE))):
             raise EmptyOutputError(f"{url} is not a pipeline output (no job.json, no unit)")
         facts = []
         if started:
@@ -116,19 +122,25 @@ class Results:
         """Per-block statistics of the comparison explainers (rollout, attention), where the job ran them."""
         return self.read("explainer_blocks")
 
+    @cached_property
+    def sanity(self) -> pd.DataFrame:
+        """Map similarities under cascading randomisation (one row per sample, explainer, step and block), where the
+        job ran the sanity check."""
+        return self.read("sanity")
+
     def read(self, table: str, columns: Sequence[str] | None = None, filters: Any = None) -> pd.DataFrame:
         """One table of the committed units, read with column selection and filters pushed into the files.
 
         Rows come in unit order, each unit's rows in the order they were written.
 
         Args:
-            table: ``samples``, ``blocks``, ``evaluation`` or ``explainer_blocks``.
+            table: ``samples``, ``blocks``, ``evaluation``, ``explainer_blocks`` or ``sanity``.
             columns: The columns to read (default: all).
             filters: Rows to keep: a ``pyarrow.compute`` expression or pyarrow's list-of-tuples form, e.g.
                 ``[("block", "==", 11), ("status", "==", "ok")]``.
 
         Raises:
-            KeyError: an unknown table. StoreError: the files cannot be read.
+            OutputLookupError: an unknown table. StoreError: the files cannot be read.
         """
         parts = list(self._scan(table, columns, filters))
         rows = pa.concat_tables(parts)
@@ -159,12 +171,10 @@ class Results:
             unit: The sample's unit; needed only when several units hold the key.
 
         Raises:
-            KeyError: no ok sample with this key (and unit), or the key is in several units and ``unit`` is None.
+            SampleNotFoundError: no ok sample with this key (and unit).
+            AmbiguousSampleError: several units hold the key and ``unit`` is None.
         """
-        found = self.locate([key], unit)
-        if len(found) != 1:
-            where = "no ok sample" if found.empty else f"units {sorted(found['unit'])} hold the"
-            raise KeyError(f"{where} key {key!r} in {self.output.url}")
+        found = self._locate_each([key], unit)
         unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
         return SampleMaps(key=key, unit=unit, row=row, **self._map_store().read(unit, row))
 
@@ -196,18 +206,10 @@ class Results:
         """The stored arrays of many ok samples, stacked in the order of ``keys``, read unit by unit.
 
         Raises:
-            KeyError: a key with no ok sample, or in several units while ``unit`` is None.
+            SampleNotFoundError: a key with no ok sample (in ``unit``).
+            AmbiguousSampleError: a key in several units while ``unit`` is None.
         """
-        found = self.locate(keys, unit)
-        counts = found["key"].value_counts()
-        missing = [k for k in keys if k not in counts.index]
-        if missing or (counts > 1).any():
-            what = (
-                f"no ok sample with key {missing[0]!r}"
-                if missing
-                else f"keys in several units: {list(counts[counts > 1].index)}"
-            )
-            raise KeyError(f"{what} in {self.output.url}")
+        found = self._locate_each(keys, unit)
         position = {k: i for i, k in enumerate(keys)}
         stacked: dict[str, np.ndarray] = {}
         store = self._map_store()
@@ -221,6 +223,24 @@ class Results:
                     stacked[name] = np.empty((len(keys), *values.shape[1:]), values.dtype)
                 stacked[name][where] = values
         return stacked
+
+    def _locate_each(self, keys: Sequence[str], unit: str | None) -> pd.DataFrame:
+        """:meth:`locate`, with exactly one row per key."""
+        found = self.locate(keys, unit)
+        counts = found["key"].value_counts()
+        missing = [k for k in keys if k not in counts.index]
+        where = f" of unit {unit!r}" if unit is not None else ""
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise SampleNotFoundError(f"no ok sample with key {missing[0]!r}{more}{where} in {self.output.url}")
+        if (counts > 1).any():
+            key = str(counts[counts > 1].index[0])
+            units = sorted(found.loc[found["key"] == key, "unit"])
+            raise AmbiguousSampleError(
+                f"key {key!r} is held by units {units} of {self.output.url}: name one, e.g. maps({key!r}, "
+                f"unit={units[0]!r})"
+            )
+        return found
 
     def iter_units(self) -> Iterator[tuple[str, list[str], dict[str, np.ndarray]]]:
         """Each committed unit's ok samples: (unit, keys in row order, stacked float32 arrays)."""
@@ -236,16 +256,15 @@ class Results:
         Needs ``pip install 'daam-pipeline[xarray]'``.
 
         Raises:
-            KeyError: ``unit`` is not committed. StoreError: a unit of Zarr layout 1 (its float16 values are
+            OutputLookupError: ``unit`` is not committed. StoreError: a unit of Zarr layout 1 (its float16 values are
                 scaled per map; read it with :meth:`maps`).
         """
         import xarray as xr
 
         if unit not in self.units:
-            raise KeyError(f"no committed unit {unit!r} in {self.output.url}")
+            raise OutputLookupError(f"no committed unit {unit!r} in {self.output.url}")
         url = self.output.url_of(self.output.path("maps.zarr"))
-        options = dict(self.output.storage_options) if not self.output.is_local else None
-        dataset = xr.open_zarr(url, group=unit, consolidated=False, storage_options=options)
+        dataset = xr.open_zarr(url, group=unit, consolidated=False, storage_options=self.output.zarr_options)
         if any(str(name).endswith("_exponent") for name in dataset.data_vars):
             raise StoreError(f"unit {unit} of {self.output.url} is of Zarr layout 1 (scaled float16): use maps()")
         return dataset.assign_coords(sample=[str(key) for key in dataset["keys"].values]).drop_vars("keys")
@@ -264,7 +283,7 @@ class Results:
         files are listed again if one went away meanwhile (a unit that a running job started over, or files a
         compaction replaced)."""
         if table not in TABLE_SCHEMAS:
-            raise KeyError(f"no table {table!r}; tables: {', '.join(TABLE_SCHEMAS)}")
+            raise OutputLookupError(f"no table {table!r}; tables: {', '.join(TABLE_SCHEMAS)}")
         schema = TABLE_SCHEMAS[table]
         user = None if filters is None else _expression(filters)
         for attempt in range(3):
@@ -302,7 +321,7 @@ def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = N
     """Open a pipeline output for reading.
 
     Args:
-        path: Local path or fsspec URL of the output location (or an :class:`~pipeline.store.commit.Output`).
+        path: Local path or fsspec URL of the output location (or an :class:`~pipeline.store.output.Output`).
         storage_options: fsspec options for a URL.
 
     Raises:

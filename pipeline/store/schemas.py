@@ -24,6 +24,7 @@ __all__ = [
     "EVALUATION",
     "EXPLAINER_BLOCKS",
     "SAMPLES",
+    "SANITY",
     "SCHEMAS_DIR",
     "TABLE_DESCRIPTIONS",
     "TABLE_SCHEMAS",
@@ -64,6 +65,31 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata={"name": name, "version": str(VERSION)})
 
 
+def _mask_fields(prefix: str, subject: str) -> list[pa.Field]:
+    """The segmentation columns of ``subject`` (:func:`pipeline.stats.segmentation_scores`): ``<prefix>mask_*``."""
+    return [
+        _field(
+            f"{prefix}mask_pixel_accuracy",
+            pa.float32(),
+            f"Share of the input's pixels where {subject}, upsampled bilinearly to the input and min-max "
+            "normalised, is above its mean exactly where the sample's object mask is 1 (Chefer et al.'s "
+            "ImageNet-Segmentation evaluation). NaN without a mask or for an all-zero map.",
+        ),
+        _field(
+            f"{prefix}mask_miou",
+            pa.float32(),
+            f"Mean of the object's and the background's IoU between {subject} thresholded at its mean (as in "
+            "mask_pixel_accuracy) and the object mask, on this image. NaN without a mask or for an all-zero map.",
+        ),
+        _field(
+            f"{prefix}mask_ap",
+            pa.float32(),
+            f"Average precision of the normalised pixels of {subject} against the object mask, the background "
+            "scored by 1 - value (Chefer et al.'s get_ap_scores). NaN without a mask or for an all-zero map.",
+        ),
+    ]
+
+
 TABLE_DESCRIPTIONS = {
     "samples": (
         "One row per input sample of a unit of work (one input shard), ok or failed. File: OUT/samples/<unit>.parquet."
@@ -74,15 +100,23 @@ TABLE_DESCRIPTIONS = {
     ),
     "evaluation": (
         "One row per ok sample and evaluated method, written when the job's `evaluate:` section is set. Methods: "
-        "'daam' (the final accumulated map D_L) and the reference maps 'random' (uniform random, seeded) and "
+        "'daam' (the final accumulated map D_{L-1}) and the reference maps 'random' (uniform random, seeded) and "
         "'centre' (a centre prior); comparison explainers add their own names. Metrics computed by "
-        "pipeline/evaluate.py on the device; NaN where undefined (no boxes, all-zero map, metric not configured). "
-        "File: OUT/evaluation/<unit>.parquet."
+        "pipeline/evaluate.py on the device; NaN where undefined (no boxes, no mask, all-zero map, metric not "
+        "configured). The job's evaluate section (job.json) says which perturbation protocol filled the perturbation "
+        "columns. File: OUT/evaluation/<unit>.parquet."
+    ),
+    "sanity": (
+        "Cascading randomisation (Adebayo et al. 2018), written when the job's `evaluate.sanity` is 'cascading': one "
+        "row per re-explained sample (the first ok samples of each unit, `evaluate.sanity_samples` in all), "
+        "explainer, number of blocks randomised from the top down and block of the map: how similar the map of the "
+        "randomised model stays to the trained model's. The explained class is the trained model's. File: "
+        "OUT/sanity/<unit>.parquet."
     ),
     "explainer_blocks": (
         "One row per ok sample, comparison explainer with per-block maps, and block: the statistics of the blocks "
         "table (the same formulas, pipeline/stats.py) for the explainer's maps, the last block's map taking the "
-        "place of D_L. Written when the job's `explainers:` list names rollout, attention or gae. File: "
+        "place of D_{L-1}. Written when the job's `explainers:` list names rollout, attention or gae. File: "
         "OUT/explainer_blocks/<unit>.parquet."
     ),
 }
@@ -213,6 +247,7 @@ BLOCKS = _schema(
             "Pointing game for the block map M_l: 1.0 when its peak patch lies in a box, else 0.0. NaN without "
             "boxes or for an all-zero map.",
         ),
+        *_mask_fields("map_", "the block map M_l"),
         _field(
             "daam_entropy",
             pa.float32(),
@@ -264,15 +299,16 @@ BLOCKS = _schema(
             "Pointing game for the accumulated map D_l: 1.0 when its peak patch lies in a box, else 0.0. NaN "
             "without boxes or for an all-zero map.",
         ),
+        *_mask_fields("daam_", "the accumulated map D_l"),
         _field(
             "daam_cos_final",
             pa.float32(),
-            "Cosine similarity of D_l and the final D_L (1 at the last block). NaN when either is all zero.",
+            "Cosine similarity of D_l and the final D_{L-1} (1 at the last block). NaN when either is all zero.",
         ),
         _field(
             "daam_iou_final",
             pa.float32(),
-            "IoU of the top-20% patch sets (ceil(0.2 n) largest patches, ties broken arbitrarily) of D_l and D_L. "
+            "IoU of the top-20% patch sets (ceil(0.2 n) largest patches, ties broken arbitrarily) of D_l and D_{L-1}. "
             "NaN when either is all zero.",
         ),
         _field(
@@ -302,6 +338,7 @@ EVALUATION = _schema(
             pa.float32(),
             "Fraction of the map's mass on patches whose centre lies inside a box; NaN without boxes.",
         ),
+        *_mask_fields("", "the explainer's map l"),
         _field(
             "deletion_auc",
             pa.float32(),
@@ -319,7 +356,9 @@ EVALUATION = _schema(
             pa.float32(),
             "Positive perturbation (Chefer et al. 2021): area under the target's softmax probability as the map's "
             "most relevant patches are replaced by the baseline first, at removed fractions 0, 0.1, ..., 0.9 "
-            "(trapezoid over [0, 0.9]); lower is more faithful.",
+            "(trapezoid over [0, 0.9]); lower is more faithful. With evaluate.protocol 'chefer' the map's most "
+            "relevant pixels (the map upsampled bilinearly) turn black and the target is the shard's label (NaN "
+            "without one), as Chefer et al.'s code does.",
         ),
         _field(
             "negative_auc",
@@ -330,7 +369,8 @@ EVALUATION = _schema(
             "positive_top1_auc",
             pa.float32(),
             "Positive perturbation of top-1 correctness (1 while the perturbed image's argmax is the target, else 0), "
-            "the protocol's accuracy curve; lower is more faithful.",
+            "the protocol's accuracy curve (against the label with protocol 'chefer': what Chefer et al. report); "
+            "lower is more faithful.",
         ),
         _field(
             "negative_top1_auc",
@@ -403,6 +443,7 @@ EXPLAINER_BLOCKS = _schema(
             "Pointing game for the explainer's map l: 1.0 when its peak patch lies in a box, "
             "else 0.0. NaN without boxes or for an all-zero map.",
         ),
+        *_mask_fields("", "the map"),
         _field(
             "cos_final",
             pa.float32(),
@@ -423,10 +464,49 @@ EXPLAINER_BLOCKS = _schema(
         ),
     ],
 )
+SANITY = _schema(
+    "sanity",
+    [
+        _field("key", pa.string(), "Sample key."),
+        _field("unit", pa.string(), "Unit of work (input shard stem)."),
+        _field(
+            "explainer",
+            pa.string(),
+            "Whose maps: 'daam' (the accumulated maps D_l) or a comparison explainer's name (per-block maps; "
+            "'gradcam' has its one map at the last block).",
+        ),
+        _field(
+            "randomised",
+            pa.int16(),
+            "Blocks randomised, from the top: k randomises blocks L-k .. L-1 (timm's initialisation: Linear weights "
+            "truncated normal with std 0.02, biases zero, norms and layer scales reset), the rest trained.",
+        ),
+        _field("block", pa.int16(), "Block l of the compared map, 0-based (the final map at L-1)."),
+        _field(
+            "spearman",
+            pa.float32(),
+            "Spearman rank correlation (average ranks for ties) of the randomised model's map l and the trained "
+            "model's, both upsampled bilinearly to the input. NaN when either is constant.",
+        ),
+        _field(
+            "ssim",
+            pa.float32(),
+            "Structural similarity of the two maps upsampled to the input and min-max normalised to [0, 1] "
+            "(scikit-image's defaults: 7 x 7 uniform window, K1 0.01, K2 0.03, data range 1). NaN when either is "
+            "constant.",
+        ),
+    ],
+)
 # SPLIT
 
 
-TABLE_SCHEMAS = {"samples": SAMPLES, "blocks": BLOCKS, "evaluation": EVALUATION, "explainer_blocks": EXPLAINER_BLOCKS}
+TABLE_SCHEMAS = {
+    "samples": SAMPLES,
+    "blocks": BLOCKS,
+    "evaluation": EVALUATION,
+    "explainer_blocks": EXPLAINER_BLOCKS,
+    "sanity": SANITY,
+}
 """Each Parquet table under ``OUT/<name>/<unit>.parquet`` and its schema."""
 
 
@@ -435,12 +515,15 @@ def _map_array(dims: tuple[str, ...], description: str) -> dict[str, Any]:
 
 
 _MAP_ARRAYS = {
-    "block_maps": _map_array(("sample", "block", "row", "col"), "Block maps M_l (METHOD.md step 4)."),
+    "block_maps": _map_array(
+        ("sample", "block", "row", "col"), "Block maps M_l (docs/method.md, per-block quantities)."
+    ),
     "daam": _map_array(
-        ("sample", "block", "row", "col"), "Accumulated maps D_l = sum of M_i for i <= l (METHOD.md step 5)."
+        ("sample", "block", "row", "col"), "Accumulated maps D_l = sum of M_i for i <= l (docs/method.md)."
     ),
     "coefficients": _map_array(
-        ("sample", "block", "channel"), "Channel importance coefficients c_l (METHOD.md step 3), before any ReLU."
+        ("sample", "block", "channel"),
+        "Channel importance coefficients c_l = dY / dT_l[0, :] (docs/method.md), before any ReLU.",
     ),
     "rollout": _map_array(
         ("sample", "block", "row", "col"),

@@ -7,13 +7,15 @@ Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
     blocks/<unit>.parquet              one row per ok sample and block
     evaluation/<unit>.parquet          one row per sample and evaluated method (jobs that evaluate)
     explainer_blocks/<unit>.parquet    comparison explainers' per-block statistics (jobs that run them)
+    sanity/<unit>.parquet              map similarities under cascading randomisation (jobs with evaluate.sanity)
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,19 +23,57 @@ from numpy.typing import ArrayLike
 
 from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError
-from pipeline.names import METRIC_COLUMNS
+from pipeline.names import METRIC_COLUMNS, SANITY_COLUMNS
 from pipeline.store.output import OutputLike, as_output
-from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, TABLE_SCHEMAS
+from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, SANITY, TABLE_SCHEMAS
 from pipeline.store.tables import build_table, parquet_bytes
 from pipeline.store.units import EXPLAIN_PARTS, UnitTransaction
 from pipeline.store.zarr_store import MapLayout, MapStore
 
-__all__ = ["SAMPLE_COLUMNS", "UnitWriter"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from pipeline.data.decode import DecodedBatch, DecodedSample
+
+__all__ = ["SAMPLE_COLUMNS", "ExplainedBatch", "UnitWriter"]
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = ("label", "predicted", "score", "target", "width", "height", "n_boxes")
 """Samples columns a stage gives per sample; the writer fills the others (key, shard, unit, status, row, ...)."""
+
+
+@dataclass(frozen=True)
+class ExplainedBatch:
+    """Everything a unit stores of one batch of B samples: made on the device by the explain stage, written from the
+    host (torch tensors or numpy arrays) by :class:`UnitWriter`.
+
+    Attributes:
+        arrays: The stored arrays by name: ``block_maps`` and ``daam`` ``(B, L, h, w)``, ``coefficients``
+            ``(B, L, C)``; per-block comparison explainers ``(B, L, h, w)``, ``gradcam`` ``(B, h, w)``.
+        predicted: ``(B,)`` predicted (or k-NN voted) class; -1 where there is none (a label-free bank).
+        score: ``(B,)`` its softmax probability (or vote share); NaN where there is none.
+        target: ``(B,)`` explained class, None in self-supervised mode.
+        block_stats: ``{statistic: (B, L)}`` of DAAM (:func:`pipeline.stats.block_statistics`).
+        explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of the per-block comparison explainers.
+        evaluation: ``{method: {metric: (B,)}}`` when the job evaluates, else empty; metrics a job does not
+            compute are absent (stored as NaN).
+        sanity: ``{explainer: {"spearman"|"ssim": (S, K, L')}}`` of the batch's first ``S`` samples under
+            cascading randomisation (``evaluate.sanity``), else empty: ``K`` steps (1 .. K blocks randomised from
+            the top), ``L'`` blocks of the explainer's maps (1 for a single map, compared at the last block).
+        rounded: ``arrays`` are already rounded to the storage precision (``output.dtype``; the explain stage rounds
+            on the device), so the writer skips that pass.
+    """
+
+    arrays: Mapping[str, Tensor | np.ndarray]
+    predicted: Tensor | np.ndarray
+    score: Tensor | np.ndarray
+    target: Tensor | np.ndarray | None
+    block_stats: Mapping[str, Tensor | np.ndarray]
+    explainer_block_stats: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
+    evaluation: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
+    sanity: Mapping[str, Mapping[str, Tensor | np.ndarray]] = field(default_factory=dict)
+    rounded: bool = False
 
 
 class UnitWriter:
@@ -81,49 +121,70 @@ class UnitWriter:
         """Samples written with maps so far."""
         return self._maps.rows
 
-    def write_batch(
-        self,
-        keys: Sequence[str],
-        arrays: Mapping[str, ArrayLike | None],
-        columns: Mapping[str, Sequence[Any]],
-        block_stats: Mapping[str, ArrayLike],
-        explainer_block_stats: Mapping[str, Mapping[str, ArrayLike]] | None = None,
-        evaluation: Mapping[str, Mapping[str, ArrayLike]] | None = None,
-        *,
-        rounded: bool = False,
-    ) -> None:
-        """Write a batch of ok samples.
-
-        Args:
-            keys: ``B`` sample keys.
-            arrays: Float32 arrays by name (``block_maps`` ``(B, L, h, w)``, ``daam``, ``coefficients``
-                ``(B, L, C)``, comparison explainers' maps); those the store options do not keep may be absent.
-            columns: The :data:`SAMPLE_COLUMNS`, each ``B`` values (None where null).
-            block_stats: :func:`pipeline.stats.block_statistics` on the host, each ``(B, L)``.
-            rounded: ``arrays`` are already rounded to the storage precision (see :meth:`UnitMapWriter.append`).
-            explainer_block_stats: ``{explainer: {statistic: (B, L)}}`` of per-block comparison explainers.
-            evaluation: ``{method: {metric: (B,)}}``; metrics a job does not compute are absent (stored as NaN).
+    def write(self, batch: DecodedBatch, result: ExplainedBatch | None) -> None:
+        """Write a batch: its failed samples, then its explained samples (``result``: the host copy of the explain
+        stage's result for ``batch.samples``; None when the batch holds failed samples only).
 
         Raises:
-            SchemaError: columns, statistics or arrays that do not match the schemas or the layout.
+            SchemaError: a result that does not match the schemas or the layout.
         """
-        keys = [str(k) for k in keys]
+        self.write_failed(batch.failed)
+        if result is not None:
+            self.write_explained(batch.samples, result)
+
+    def write_explained(self, samples: Sequence[DecodedSample], result: ExplainedBatch) -> None:
+        """Write explained samples: their maps, samples rows, statistics and evaluation.
+
+        Raises:
+            SchemaError: a result that does not match the schemas or the layout.
+        """
+        keys = [str(s.key) for s in samples]
         n, first = len(keys), self._maps.rows
-        self._tables["samples"].append(
-            self._sample_table(keys, columns, status="ok", error=None, row=np.arange(first, first + n, dtype=np.int32))
-        )
-        self._tables["blocks"].append(self._block_table(keys, {}, block_stats, BLOCKS))
-        for explainer, stats in (explainer_block_stats or {}).items():
-            table = self._block_table(keys, {"explainer": explainer}, stats, EXPLAINER_BLOCKS)
-            self._tables["explainer_blocks"].append(table)
-        for method, metrics in (evaluation or {}).items():
+        predicted, score = np.asarray(result.predicted), np.asarray(result.score)
+        columns = {
+            **_known_columns(samples),
+            "predicted": [int(p) if p >= 0 else None for p in predicted],
+            "score": [None if np.isnan(v) else float(v) for v in score],
+            "target": np.asarray(result.target).tolist() if result.target is not None else [None] * n,
+            "n_boxes": [len(s.boxes) if s.boxes is not None else 0 for s in samples],
+        }
+        rows = np.arange(first, first + n, dtype=np.int32)
+        tables = [("samples", self._sample_table(keys, columns, status="ok", error=None, row=rows))]
+        tables.append(("blocks", self._block_table(keys, {}, result.block_stats, BLOCKS)))
+        for explainer, stats in result.explainer_block_stats.items():
+            tables.append(
+                ("explainer_blocks", self._block_table(keys, {"explainer": explainer}, stats, EXPLAINER_BLOCKS))
+            )
+        for method, metrics in result.evaluation.items():
             unknown = set(metrics) - set(METRIC_COLUMNS)
             if unknown:
                 raise SchemaError(f"unit {self.unit!r}: unknown evaluation metrics {sorted(unknown)}")
             values = {m: np.asarray(metrics.get(m, np.full(n, np.nan)), np.float32) for m in METRIC_COLUMNS}
             table = {"key": keys, "unit": [self.unit] * n, "method": [method] * n, **values}
-            self._tables["evaluation"].append(build_table(table, EVALUATION))
-        self._maps.append(keys, arrays, rounded=rounded)
+            tables.append(("evaluation", build_table(table, EVALUATION)))
+        for explainer, values in result.sanity.items():
+            tables.append(("sanity", self._sanity_table(keys, explainer, values)))
+        self._maps.append(keys, result.arrays, rounded=result.rounded)  # last check: nothing of a bad batch is kept
+        for part, table in tables:
+            self._tables[part].append(table)
+
+    def _sanity_table(self, keys: list[str], explainer: str, values: Mapping[str, ArrayLike]) -> pa.Table:
+        """One row per sample, randomisation step and block of an explainer's similarities ``(S, K, L)``."""
+        arrays = {name: np.asarray(values[name], np.float32) for name in SANITY_COLUMNS}
+        samples, steps, blocks = arrays[SANITY_COLUMNS[0]].shape
+        if samples > len(keys) or any(a.shape != (samples, steps, blocks) for a in arrays.values()):
+            raise SchemaError(f"unit {self.unit!r}: sanity values of {explainer!r} do not fit {len(keys)} keys")
+        first_block = self.layout.n_blocks - blocks  # a single map sits at the last block
+        grid = np.indices((samples, steps, blocks)).reshape(3, -1)
+        columns = {
+            "key": np.asarray(keys[:samples])[grid[0]],
+            "unit": [self.unit] * grid.shape[1],
+            "explainer": [explainer] * grid.shape[1],
+            "randomised": grid[1] + 1,
+            "block": grid[2] + first_block,
+            **{name: array.reshape(-1) for name, array in arrays.items()},
+        }
+        return build_table(columns, SANITY)
 
     def _block_table(
         self, keys: list[str], labels: Mapping[str, Any], stats: Mapping[str, ArrayLike], schema: pa.Schema
@@ -142,30 +203,19 @@ class UnitWriter:
             columns[name] = values.reshape(-1)
         return build_table(columns, schema)
 
-    def write_failed(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Record samples that failed before they had maps.
-
-        Args:
-            rows: Dicts with ``key`` and ``error`` (the message), and any of :data:`SAMPLE_COLUMNS` known for the
-                sample (``label``, ``width``, ...); the others are null.
-
-        Raises:
-            SchemaError: a row without key or error, or with other columns.
-        """
-        if not rows:
+    def write_failed(self, samples: Sequence[DecodedSample]) -> None:
+        """Record samples that failed before they had maps, with their error and what is known of them."""
+        if not samples:
             return
-        for r in rows:
-            if "key" not in r or "error" not in r:
-                raise SchemaError(f"unit {self.unit!r}: failed-sample row {dict(r)} needs 'key' and 'error'")
-        keys = [str(r["key"]) for r in rows]
-        columns = {name: [r.get(name) for r in rows] for name in SAMPLE_COLUMNS}
-        extra = {name for r in rows for name in r} - {"key", "error", *SAMPLE_COLUMNS}
-        if extra:
-            raise SchemaError(f"unit {self.unit!r}: failed-sample rows have unknown columns {sorted(extra)}")
-        self._tables["samples"].append(
-            self._sample_table(keys, columns, status="failed", error=[str(r["error"]) for r in rows], row=None)
-        )
-        self.failed += len(rows)
+        columns = {
+            **dict.fromkeys(SAMPLE_COLUMNS, [None] * len(samples)),
+            **_known_columns(samples),
+            "n_boxes": [None] * len(samples),
+        }
+        keys = [str(s.key) for s in samples]
+        errors = [str(s.error) for s in samples]
+        self._tables["samples"].append(self._sample_table(keys, columns, status="failed", error=errors, row=None))
+        self.failed += len(samples)
 
     def commit(self, summary: Mapping[str, Any] | None = None, *, incomplete: str | None = None) -> dict[str, Any]:
         """Flush the maps, write the tables, make them durable, then write the unit's marker.
@@ -199,12 +249,6 @@ class UnitWriter:
     def _sample_table(
         self, keys: list[str], columns: Mapping[str, Sequence[Any]], *, status: str, error: Any, row: Any
     ) -> pa.Table:
-        missing, extra = set(SAMPLE_COLUMNS) - set(columns), set(columns) - set(SAMPLE_COLUMNS)
-        if missing or extra:
-            raise SchemaError(
-                f"unit {self.unit!r}: sample columns lack {sorted(missing)} and have extra {sorted(extra)}; "
-                f"the writer sets {[n for n in SAMPLES.names if n not in SAMPLE_COLUMNS]}"
-            )
         n = len(keys)
         for name in SAMPLE_COLUMNS:
             if len(columns[name]) != n:
@@ -218,3 +262,12 @@ class UnitWriter:
             "row": row if row is not None else [None] * n,
         }
         return build_table(table, SAMPLES)
+
+
+def _known_columns(samples: Sequence[DecodedSample]) -> dict[str, list[Any]]:
+    """The samples columns known of any sample, explained or failed: its label and its original size."""
+    return {
+        "label": [s.label for s in samples],
+        "width": [s.size[0] if s.size else None for s in samples],
+        "height": [s.size[1] if s.size else None for s in samples],
+    }

@@ -76,7 +76,7 @@ class UnitParts:
 
     Args:
         parts: Part name -> path template, e.g. ``{"samples": "samples/{unit}.parquet"}``.
-        optional: Parts written only by some jobs (evaluation, comparison explainers).
+        optional: Parts written only by some jobs (evaluation, comparison explainers, sanity checks).
     """
 
     parts: Mapping[str, str]
@@ -121,8 +121,9 @@ EXPLAIN_PARTS = UnitParts(
         "blocks": "blocks/{unit}.parquet",
         "evaluation": "evaluation/{unit}.parquet",
         "explainer_blocks": "explainer_blocks/{unit}.parquet",
+        "sanity": "sanity/{unit}.parquet",
     },
-    optional=frozenset({"evaluation", "explainer_blocks"}),
+    optional=frozenset({"evaluation", "explainer_blocks", "sanity"}),
 )
 """The explain stage's parts, under ``OUT``."""
 

@@ -1,6 +1,6 @@
-"""The display mapping of METHOD.md ("Display mapping"): maps as jet heat over the image, for pictures only.
+"""The display mapping of docs/method.md ("Display mapping"): maps as jet heat over the image, for pictures only.
 
-For one image's maps ``D`` ``(L, h, w)``: ``x_l = D_l / max(D_L)``, ``x_l = sigmoid(5 x_l) - 0.5``, each map
+For one image's maps ``D`` ``(L, h, w)``: ``x_l = D_l / max(D_{L-1})``, ``x_l = sigmoid(5 x_l) - 0.5``, each map
 min-max normalised to [0, 255] and upsampled bilinearly onto the image; ``overlay = 0.4 jet(map) + 0.8 image``,
 clipped to [0, 255]. The stored arrays are never changed: this works on copies.
 
@@ -47,7 +47,7 @@ def display_heat(
         size: ``(width, height)`` of the picture drawn on.
         window: ``(x0, y0, x1, y1)`` in the picture's pixels that the maps cover (may reach outside the picture:
             padding); default the whole picture.
-        reference: The value that becomes 1 before the sigmoid; default ``max(maps[-1])`` (``max(D_L)``). A
+        reference: The value that becomes 1 before the sigmoid; default ``max(maps[-1])`` (``max(D_{L-1})``). A
             reference <= 0 (all-zero maps) gives zero heat.
 
     Returns:
@@ -82,7 +82,7 @@ def overlay(
     window: Window | None = None,
     reference: float | None = None,
 ) -> np.ndarray:
-    """The METHOD.md overlays of one image's maps: ``0.4 jet(heat) + 0.8 image`` inside the window.
+    """The docs/method.md overlays of one image's maps: ``0.4 jet(heat) + 0.8 image`` inside the window.
 
     Args:
         maps: ``(L, h, w)`` maps of one image.

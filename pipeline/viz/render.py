@@ -3,7 +3,7 @@
 The grid shows the image (with the model's input window outlined when it does not cover the whole image), then
 one panel per block ``l`` (0-based, as the blocks table): the display mapping of ``D_l`` over the image
 (:mod:`pipeline.viz.display`); optionally a second row with the block maps ``M_l``, scaled by their largest value
-over all blocks instead of ``max(D_L)``. The animation has one frame per block, ``D_0`` to ``D_{L-1}``.
+over all blocks instead of ``max(D_{L-1})``. The animation has one frame per block, ``D_0`` to ``D_{L-1}``.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ Sections: the job and its counts; per-block curves of the accumulated-map statis
 band), all samples, correct vs wrong and the most frequent classes; the same statistics of every comparison
 explainer with per-block maps (the explainer_blocks table: rollout, attention, any other) next to DAAM's (median
 and inter-quartile band), when the job ran one; the distribution of the convergence block
-(:mod:`pipeline.viz.select`); localisation per block and the method table (every metric of the evaluation table,
-mean per method, with the sample count) when the output has them; a gallery of the most and least typical
-samples, by the distance of their convergence curve (``daam_cos_final`` over the blocks) to the mean curve.
+(:mod:`pipeline.viz.select`); localisation per block (boxes, and masks where the samples have them) and the method
+table (every metric of the evaluation table, mean per method, with the sample count) when the output has them; the
+sanity check's curves (cascading randomisation: how similar each explainer's final map stays as blocks are
+randomised from the top) when the job ran it; a gallery of the most and least typical samples, by the distance of
+their convergence curve (``daam_cos_final`` over the blocks) to the mean curve.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.names import SANITY_COLUMNS
 from pipeline.store.results import Results, open_results
-from pipeline.store.schemas import BLOCKS, EVALUATION
-from pipeline.summaries import RANKING_IOU, ranking_reached, summarise, summarise_blocks
+from pipeline.store.schemas import BLOCKS, EVALUATION, SANITY
+from pipeline.summaries import RANKING_IOU, ranking_reached, summarise, summarise_blocks, summarise_sanity
 from pipeline.viz.charts import Bars, Line, bar_chart, line_chart
 from pipeline.viz.render import iter_flows
 from pipeline.viz.select import CONVERGENCE_THRESHOLD, convergence_blocks
@@ -118,6 +121,7 @@ def report(
         _explainer_curves(blocks, results.explainer_blocks),
         _convergence(convergence, ok),
         _localisation(results, blocks),
+        _sanity(results.sanity),
         _gallery(results, ok, blocks, convergence, gallery, size, names, progress),
     ]
     title = f"DAAM report: {job['name'] if job else results.output.url}"
@@ -256,7 +260,7 @@ def _explainer_curves(blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> s
             "<h2>Per-block statistics by explainer</h2>",
             '<p class="note">The statistics above for the maps of every explainer with one map per block, next to '
             f"DAAM's accumulated maps D_l: {escape(', '.join(methods[1:]))}. The same formulas, each explainer's "
-            "last map taking the place of D_L (cos_final, iou_final). Lines: the median over samples; bands: the "
+            "last map taking the place of D_{L-1} (cos_final, iou_final). Lines: the median over samples; bands: the "
             "inter-quartile range.</p>",
             f'<div class="charts">{"".join(charts)}</div>',
             "<h3>How early each method reaches its final ranking</h3>",
@@ -276,7 +280,7 @@ def _convergence(convergence: pd.DataFrame, ok: pd.DataFrame) -> str:
     parts = [
         "<h2>Convergence block</h2>",
         f'<p class="note">The convergence block of a sample is the first block from which the cosine similarity of '
-        f"D_l to the final map D_L stays at or above {CONVERGENCE_THRESHOLD} through the last block; undefined "
+        f"D_l to the final map D_{{L-1}} stays at or above {CONVERGENCE_THRESHOLD} through the last block; undefined "
         "for an all-zero final map.</p>",
     ]
     if convergence.empty:
@@ -314,28 +318,79 @@ def _localisation(results: Results, blocks: pd.DataFrame) -> str:
             _table(methods),
         ]
     has_boxes = not blocks.empty and blocks["daam_box_energy"].notna().any()
-    if has_boxes:
+    has_masks = not blocks.empty and "daam_mask_miou" in blocks and blocks["daam_mask_miou"].notna().any()
+    if has_boxes or has_masks:
         per_block = summarise_blocks(blocks)
         x = per_block.index.to_numpy()
+        kinds = ["pointing_accuracy", "box_energy"] if has_boxes else []
+        kinds += ["mask_miou", "mask_ap", "mask_pixel_accuracy"] if has_masks else []
         charts = [
             line_chart(
                 x,
-                [Line(c, per_block[c]) for c in per_block if c.endswith(kind)],
+                [Line(c, per_block[c]) for c in per_block if c.endswith(kind) and per_block[c].notna().any()],
                 title=kind.replace("_", " "),
                 xlabel="block",
                 ylabel=kind.replace("_", " "),
                 width=420,
             )
-            for kind in ("pointing_accuracy", "box_energy")
+            for kind in kinds
         ]
         parts += [
             "<h3>Per block (block maps M_l and accumulated maps D_l)</h3>",
+            '<p class="note">Boxes: pointing game and box energy of M_l and D_l. Masks: pixel accuracy, mIoU and mAP '
+            "of D_l thresholded at its mean against the object masks (the blocks table's daam_mask_* columns).</p>"
+            if has_masks
+            else "",
             f'<div class="charts">{"".join(charts)}</div>',
         ]
         parts.append(_table(per_block))
-    if evaluation.empty and not has_boxes:
-        parts.append("<p>This output has no evaluation table and no ground-truth boxes.</p>")
+    if evaluation.empty and not has_boxes and not has_masks:
+        parts.append("<p>This output has no evaluation table and no ground-truth boxes or masks.</p>")
     return "".join(parts)
+
+
+def _sanity(sanity: pd.DataFrame) -> str:
+    """The cascading randomisation curves: per explainer, the final map's similarity to the trained model's as
+    more blocks are randomised (median over samples, inter-quartile band), and the mean table."""
+    if sanity.empty:
+        return ""
+    final = sanity[sanity["block"] == sanity["block"].max()]
+    steps = np.sort(final["randomised"].unique())
+    methods = sorted(final["explainer"].unique(), key=lambda name: (name != "daam", name))
+    charts = []
+    for column in SANITY_COLUMNS:
+        lines = []
+        for method in methods:
+            grouped = final[final["explainer"] == method].groupby("randomised")[column]
+            stats = pd.DataFrame(
+                {"centre": grouped.median(), "low": grouped.quantile(0.25), "high": grouped.quantile(0.75)}
+            ).reindex(steps)
+            name = "DAAM" if method == "daam" else method
+            count = final.loc[final["explainer"] == method, ["unit", "key"]].drop_duplicates().shape[0]
+            lines.append(Line(f"{name} (n={count})", stats["centre"], stats["low"], stats["high"]))
+        charts.append(
+            line_chart(steps, lines, title=f"{column} to the trained map", xlabel="blocks randomised", ylabel=column)
+        )
+    described = "".join(
+        f"<dt>{c}</dt><dd>{escape(SANITY.field(c).metadata[b'description'].decode())}</dd>" for c in SANITY_COLUMNS
+    )
+    table = summarise_sanity(sanity).reset_index()
+    table["explainer"] = table["explainer"].replace({"daam": "DAAM"})
+    samples = final[["unit", "key"]].drop_duplicates().shape[0]
+    return "".join(
+        [
+            "<h2>Sanity check: cascading randomisation</h2>",
+            '<p class="note">Adebayo et al. (2018): the blocks of the model are randomised from the top down, one '
+            f"more block at a time, and {samples} samples are explained again (the trained model's class). An "
+            "explanation of the model must lose its similarity to the trained model's as its weights go. x: the "
+            "number of blocks randomised (k: blocks L-k .. L-1); lines: the median of the final map's similarity "
+            "over the samples; "
+            "bands: the inter-quartile range.</p>",
+            f'<dl class="stats">{described}</dl>',
+            f'<div class="charts">{"".join(charts)}</div>',
+            _table(table, index=False),
+        ]
+    )
 
 
 def _metric_descriptions(columns: pd.Index) -> str:

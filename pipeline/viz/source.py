@@ -25,6 +25,7 @@ from pipeline.data.decode import DEFAULT_MAX_PIXELS, Preprocess, decode_image
 from pipeline.data.stream import iter_shard
 from pipeline.errors import ConfigError, DecodeError, ShardError
 from pipeline.models import create_model, model_data_config
+from pipeline.store.output import JOB_FILE
 from pipeline.store.results import Results
 from pipeline.viz.display import Window
 
@@ -54,7 +55,7 @@ class Picture:
 
 def read_job(results: Results) -> dict[str, Any] | None:
     """``OUT/job.json`` (the validated job, as the runner wrote it), or None when the output has none."""
-    path = results.output.path("job.json")
+    path = results.output.path(JOB_FILE)
     try:
         return json.loads(results.output.fs.cat_file(path))
     except FileNotFoundError:

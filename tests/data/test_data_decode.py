@@ -93,15 +93,15 @@ def test_shard_of_bad_inputs_is_fully_accounted_for(tmp_path, build):
     build.write_tar(url, members)
     preprocess = Preprocess(size=(16, 24), mean=MEAN, std=STD, interpolation="bilinear")
 
-    failed: list[DecodedSample] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         stream = decode_stream(iter_shard(url), preprocess, threads=2, prefetch=3)
-        got = list(batches(stream, 4, on_error=failed.append))
+        got = list(batches(stream, 4))
+    failed: list[DecodedSample] = [s for batch in got for s in batch.failed]
 
     ok_keys = ["good_jpeg", "good_png", "gray", "cmyk", "palette_alpha", "rgba", "png16", "exif_rotated", "last"]
-    assert [s.key for _, group in got for s in group] == ok_keys
-    assert [(pixels.shape, pixels.dtype) for pixels, _ in got] == [
+    assert [s.key for batch in got for s in batch.samples] == ok_keys
+    assert [(batch.pixels.shape, batch.pixels.dtype) for batch in got] == [
         ((4, 3, 16, 24), torch.uint8),
         ((4, 3, 16, 24), torch.uint8),
         ((1, 3, 16, 24), torch.uint8),
@@ -122,7 +122,7 @@ def test_shard_of_bad_inputs_is_fully_accounted_for(tmp_path, build):
     all_keys = [k for k in odd if k != "txt_only"] + ["txt_only", "bad_cls", "last"]
     assert sorted(ok_keys + list(reasons)) == sorted(all_keys)  # each sample exactly once
 
-    samples = {s.key: (pixels[row], s) for pixels, group in got for row, s in enumerate(group)}
+    samples = {s.key: (batch.pixels[row], s) for batch in got for row, s in enumerate(batch.samples)}
     pixels, good = samples["good_jpeg"]
     assert torch.equal(pixels, good.pixels) and good.label == 0 and good.error is None
     assert torch.allclose(good.boxes, torch.tensor([[0.0, 0.0, 12.0, 8.0]]))  # x * 24/64, y * 16/48
@@ -152,11 +152,28 @@ def test_decode_stream_keeps_order_and_reraises_after_readable(build, threads):
     assert [s.error is None for s in out] == [bool(i % 7) for i in range(20)]
     assert torch.equal(out[1].pixels, torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1).expand(3, 4, 4))
 
-    failed, got = [], []
+    got = []
     with pytest.raises(ShardError, match="truncated"):
-        got.extend(batches(decode_stream(source(), preprocess, threads=threads), 5, on_error=failed.append))
-    assert [len(group) for _, group in got] == [5, 5, 5, 2]  # the partial batch comes out before the error
-    assert [s.key for s in failed] == ["k0", "k7", "k14"]
+        got.extend(batches(decode_stream(source(), preprocess, threads=threads), 5))
+    assert [len(batch.samples) for batch in got] == [5, 5, 5, 2]  # the partial batch comes out before the error
+    assert [[s.key for s in batch.failed] for batch in got] == [["k0"], ["k7"], ["k14"], []]
+
+
+def test_batches_carry_the_samples_that_failed_before_them():
+    def sample(i: int, ok: bool) -> DecodedSample:
+        pixels = torch.full((3, 2, 2), i, dtype=torch.uint8) if ok else None
+        return DecodedSample(f"k{i}", "u.tar", None, {}, pixels, None, None if ok else f"k{i}: bad")
+
+    pattern = [True, False, True, True, False, False, False, True, False, False]  # ok samples: 0, 2, 3, 7
+    got = list(batches([sample(i, ok) for i, ok in enumerate(pattern)], 2))
+    assert [([s.key for s in b.samples], [s.key for s in b.failed]) for b in got] == [
+        (["k0", "k2"], ["k1"]),
+        (["k3", "k7"], ["k4", "k5", "k6"]),  # failures wait for a good sample's batch while one is open
+        ([], ["k8", "k9"]),  # the stream's end: failed samples only, no pixels
+    ]
+    assert got[1].pixels[:, 0, 0, 0].tolist() == [3, 7] and got[2].pixels is None
+    only_failed = list(batches([sample(i, False) for i in range(5)], 2))
+    assert [[s.key for s in b.failed] for b in only_failed] == [["k0", "k1"], ["k2", "k3"], ["k4"]]
 
 
 def test_preprocess_from_data_config():

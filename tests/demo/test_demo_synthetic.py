@@ -19,6 +19,7 @@ from pipeline.demo.synthetic import (
     demo_samples,
     generate_empty_scene,
     generate_scene,
+    generate_scene_with_mask,
     split_scenes,
     write_demo_split,
 )
@@ -82,6 +83,26 @@ def test_samples_carry_png_label_and_meta():
         next(demo_samples("val.x", 1, seed=0))
 
 
+def test_samples_carry_the_object_mask_without_changing_anything_else():
+    samples = list(demo_samples("val", 12, seed=2))
+    bare = list(demo_samples("val", 12, seed=2, masks=False))
+    assert [(s.key, s.image, s.label, s.meta) for s in samples] == [(s.key, s.image, s.label, s.meta) for s in bare]
+    assert all(s.mask is None for s in bare)
+    for sample in samples:
+        mask = Image.open(io.BytesIO(sample.mask))
+        assert mask.mode == "L" and mask.size == (IMAGE_SIZE, IMAGE_SIZE)
+        values = np.asarray(mask)
+        assert set(np.unique(values)) == {0, 1}
+        # the object's pixels are exactly the coloured ones (the background is grey)
+        np.testing.assert_array_equal(
+            values.astype(bool), _colour_mask(np.asarray(Image.open(io.BytesIO(sample.image))))
+        )
+    image, label, box, mask = generate_scene_with_mask(np.random.default_rng(5))
+    same_image, same_label, same_box = generate_scene(np.random.default_rng(5))  # the same random numbers
+    np.testing.assert_array_equal(image, same_image)
+    assert (label, box) == (same_label, same_box) and mask.dtype == bool and mask.any()
+
+
 def test_write_demo_split_round_trips_through_the_shard_reader(tmp_path):
     shards = write_demo_split(tmp_path / "val", "val", 10, seed=1, samples_per_shard=4)
     assert shards == [
@@ -93,8 +114,8 @@ def test_write_demo_split_round_trips_through_the_shard_reader(tmp_path):
     assert index["total"] == 10
     read = [s for entry in shards for s in iter_shard(str(tmp_path / "val" / entry["name"]))]
     expected = list(demo_samples("val", 10, seed=1))
-    assert [(r.key, r.label, r.image, r.meta, r.error) for r in read] == [
-        (e.key, e.label, e.image, e.meta, None) for e in expected
+    assert [(r.key, r.label, r.image, r.meta, r.mask, r.error) for r in read] == [
+        (e.key, e.label, e.image, e.meta, e.mask, None) for e in expected
     ]
     # rewriting gives the same bytes
     write_demo_split(tmp_path / "again", "val", 10, seed=1, samples_per_shard=4)

@@ -7,15 +7,16 @@ import math
 
 import pytest
 import torch
-import zarr
+from builders import assert_same_query as assert_same
+from builders import random_bank
 
 from pipeline.engine import bank as bank_module
-from pipeline.engine.bank import BankQuery, MemoryBank
+from pipeline.engine.bank import MemoryBank
 from pipeline.errors import BankError
 
 
 def reference(features, labels, f, k, temperature, exclude=-1):
-    """One image, straight from METHOD.md "Dimension-wise importance weights", in float64 loops."""
+    """One image, straight from docs/method.md "Dimension-wise importance weights", in float64 loops."""
     z = [row / row.norm() for row in features.double()]
     f_hat = f.double() / f.double().norm()
     sims = {i: float(f_hat @ z[i]) for i in range(len(z)) if i != exclude}
@@ -35,22 +36,6 @@ def reference(features, labels, f, k, temperature, exclude=-1):
     low, high = float(w.min()), float(w.max())
     w = (w - low) / (high - low) if high > low else torch.ones_like(w)
     return w, predicted, share, top, [sims[i] for i in top]
-
-
-def random_bank(seed, size=300, dim=24, classes=6):
-    g = torch.Generator().manual_seed(seed)
-    features = torch.randn(size, dim, generator=g) + 0.3
-    labels = torch.randint(0, classes, (size,), generator=g)
-    queries = torch.randn(8, dim, generator=g) + 0.3
-    return features, labels, queries
-
-
-def assert_same(a: BankQuery, b: BankQuery) -> None:
-    assert torch.equal(a.neighbours, b.neighbours)
-    assert torch.equal(a.similarities, b.similarities)
-    assert torch.equal(a.weights, b.weights)
-    for x, y in ((a.predicted, b.predicted), (a.vote_share, b.vote_share)):
-        assert (x is None and y is None) or torch.equal(x, y)
 
 
 @pytest.mark.parametrize(
@@ -200,34 +185,3 @@ def test_float16_storage_is_unit_norm():
 def test_errors(make, match):
     with pytest.raises(BankError, match=match):
         make()
-
-
-@pytest.mark.parametrize(("dtype", "labelled"), [(torch.float32, True), (torch.float16, False)])
-def test_zarr_round_trip(tmp_path, dtype, labelled):
-    features, labels, queries = random_bank(6)
-    labels = labels if labelled else None
-    bank = MemoryBank(features, labels, k=7, temperature=0.2, dtype=dtype, num_classes=9 if labelled else None)
-    bank.to_zarr(tmp_path / "bank.zarr")
-    group = zarr.open_group(str(tmp_path / "bank.zarr"), mode="r")
-    assert group["features"].shape == (300, 24) and ("labels" in group) == labelled
-    assert group.attrs["normalised"] is True and group.attrs["k"] == 7
-
-    loaded = MemoryBank.from_zarr(tmp_path / "bank.zarr")
-    assert torch.equal(loaded.features, bank.features) and loaded.features.dtype == dtype
-    assert (loaded.k, loaded.temperature, loaded.num_classes) == (7, 0.2, bank.num_classes)
-    if labelled:
-        assert torch.equal(loaded.labels, labels)
-    assert_same(loaded.query(queries), bank.query(queries))
-    assert MemoryBank.from_zarr(tmp_path / "bank.zarr", k=3, chunk_size=5).query(queries).neighbours.shape == (8, 3)
-
-    with pytest.raises(BankError, match="cannot write memory bank"):
-        bank.to_zarr(tmp_path / "bank.zarr")
-    bank.to_zarr(tmp_path / "bank.zarr", overwrite=True)
-
-
-def test_zarr_missing_or_foreign(tmp_path):
-    with pytest.raises(BankError, match=r"nowhere\.zarr"):
-        MemoryBank.from_zarr(tmp_path / "nowhere.zarr")
-    zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
-    with pytest.raises(BankError, match="not a memory bank"):
-        MemoryBank.from_zarr(tmp_path / "other.zarr")

@@ -149,7 +149,7 @@ def test_a_full_disk_in_one_process_fails_the_unit_in_one_line(shards, tmp_path,
     def full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(UnitWriter, "write_batch", full)
+    monkeypatch.setattr(UnitWriter, "write_explained", full)
     summary = run(shards, tmp_path / "out", **{"workers.max_retries": 0})
     assert summary.exit_code == 1 and len(summary.failed_units) == 3
     assert set(summary.failed_units.values()) == {"OSError: [Errno 28] No space left on device"}

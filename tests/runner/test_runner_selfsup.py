@@ -10,6 +10,8 @@ from builders import job_dict, make_shards
 from pipeline import DAAM, MemoryBank, open_results
 from pipeline.config import parse_job
 from pipeline.runner import run_job
+from pipeline.store.bank import read_bank, write_bank
+from pipeline.store.output import as_output
 from pipeline.worker import UnitWorker
 
 
@@ -29,7 +31,7 @@ def test_bank_stage_then_explain_with_the_bank(tmp_path):
     assert (summary.bank_samples, summary.done, summary.samples_ok, summary.samples_failed) == (24, 2, 9, 1)
     assert summary.knn_accuracy is not None and 0 <= summary.knn_accuracy <= 1
 
-    bank = MemoryBank.from_zarr(job.bank_path())
+    bank = read_bank(as_output(job.bank_path()))
     assert (bank.size, bank.dim, bank.k) == (24, 48, 5)
     np.testing.assert_allclose(bank.features.norm(dim=1).numpy(), 1, rtol=1e-5)
 
@@ -40,9 +42,10 @@ def test_bank_stage_then_explain_with_the_bank(tmp_path):
 
     # the stored maps are DAAM with the bank's weights for that image, Y = <f, w>
     with UnitWorker(job) as worker:
-        with worker.prefetch_batches(job.shard_urls()[1], []) as ready:
-            pixels, batch = next(ready)
-        images = worker.preprocess.normalize(pixels)
+        with worker.prefetch_batches(job.shard_urls()[1]) as ready:
+            first = next(ready)
+        batch = first.samples
+        images = worker.preprocess.normalize(first.pixels)
         with DAAM(worker.model) as daam:
             query = {}
             result = daam(images, weights=lambda f: query.setdefault("q", bank.query(f)).weights)
@@ -70,10 +73,10 @@ def bank_free_job(tmp_path, bank_path, **bank):
     return parse_job(job)
 
 
-def test_a_bank_saved_with_to_zarr_drives_a_job(tmp_path):
+def test_a_bank_saved_with_write_bank_drives_a_job(tmp_path):
     generator = torch.Generator().manual_seed(0)
     bank = MemoryBank(torch.randn(12, 48, generator=generator), torch.arange(12) % 3, k=3)
-    bank.to_zarr(tmp_path / "bank.zarr")
+    write_bank(bank, as_output(tmp_path / "bank.zarr"))
     summary = run_job(bank_free_job(tmp_path, tmp_path / "bank.zarr"), use_ray=False, progress=False)
     assert (summary.done, summary.samples_ok, summary.exit_code) == (1, 5, 0)
     assert open_results(tmp_path / "out").samples.predicted.between(0, 2).all()
@@ -102,7 +105,7 @@ def test_a_feature_dump_imported_on_the_command_line_drives_a_job(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert f"memory bank of 10 samples (D=48, 2 classes) written to {bank_path}" in result.output
-    assert MemoryBank.from_zarr(bank_path).size == 10
+    assert read_bank(as_output(bank_path)).size == 10
     summary = run_job(bank_free_job(tmp_path, bank_path), use_ray=False, progress=False)
     assert (summary.done, summary.samples_ok) == (1, 5)
 
@@ -117,7 +120,7 @@ def test_a_feature_dump_imported_on_the_command_line_drives_a_job(tmp_path):
 
 
 def test_a_bank_without_keys_cannot_exclude_self_and_says_why(tmp_path):
-    MemoryBank(torch.randn(8, 48), None, k=3).to_zarr(tmp_path / "bank.zarr")
+    write_bank(MemoryBank(torch.randn(8, 48), None, k=3), as_output(tmp_path / "bank.zarr"))
     job = bank_free_job(tmp_path, tmp_path / "bank.zarr", exclude_self=True, label_free=True)
     from pipeline.errors import BankError
     from pipeline.runner.preflight import preflight

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import Sample, failed_samples
 
 from pipeline.store.schemas import BLOCKS
+from pipeline.store.unit_writer import ExplainedBatch
 from pipeline.store.zarr_store import MapLayout
 
 LAYOUT = MapLayout(model="test_vit", n_blocks=3, grid=(4, 5), channels=8, prefix_tokens=1)
 
 
 def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
-    """``UnitWriter.write_batch`` arguments: ReLU'd block maps, their cumsum, coefficients, explainer maps,
-    sample columns and statistics."""
+    """``UnitWriter.write_explained`` arguments: samples, and a result of ReLU'd block maps, their cumsum,
+    coefficients, explainer maps and statistics."""
     rng = np.random.default_rng(seed)
     n, n_blocks, (h, w), c = len(keys), layout.n_blocks, layout.grid, layout.channels
     block_maps = np.maximum(rng.standard_normal((n, n_blocks, h, w)), 0).astype(np.float32)
@@ -22,15 +24,7 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
         for f in BLOCKS
         if f.name not in ("key", "unit", "block")
     }
-    columns = {
-        "label": [i % 3 for i in range(n)],
-        "predicted": [i % 2 for i in range(n)],
-        "score": [0.5] * n,
-        "target": [i % 2 for i in range(n)],
-        "width": [64] * n,
-        "height": [48] * n,
-        "n_boxes": [0] * n,
-    }
+    samples = [Sample(key, label=i % 3) for i, key in enumerate(keys)]
     arrays = {
         "block_maps": block_maps,
         "daam": block_maps.cumsum(1),
@@ -40,7 +34,14 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
         "gae": block_maps / 5,
         "gradcam": block_maps[:, -1],
     }
-    return {"keys": keys, "arrays": arrays, "columns": columns, "block_stats": stats}
+    result = ExplainedBatch(
+        arrays=arrays,
+        predicted=np.arange(n) % 2,
+        score=np.full(n, 0.5, np.float32),
+        target=np.arange(n) % 2,
+        block_stats=stats,
+    )
+    return {"samples": samples, "result": result}
 
 
 @pytest.fixture
@@ -52,3 +53,9 @@ def layout() -> MapLayout:
 def make_batch():
     """:func:`build_batch`; child processes load it with ``runpy.run_path`` on this file."""
     return build_batch
+
+
+@pytest.fixture
+def make_failed():
+    """:func:`failed_samples`."""
+    return failed_samples

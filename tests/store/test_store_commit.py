@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from fakes import keys_of
 
 from pipeline.config import StoreOptions
 from pipeline.errors import StoreError
@@ -44,7 +45,7 @@ helpers = runpy.run_path(CONFTEST)
 writer = UnitWriter(OUT, "shard-000001", helpers["LAYOUT"], shard="shard-000001.tar", job="j",
                     store_options=StoreOptions(chunk_rows=4))
 for b in range(3):
-    writer.write_batch(**helpers["build_batch"]([f"u1-{b}-{i}" for i in range(5)], seed=b))
+    writer.write_explained(**helpers["build_batch"]([f"u1-{b}-{i}" for i in range(5)], seed=b))
 Path(READY).touch()
 time.sleep(120)
 """
@@ -54,7 +55,7 @@ def write_unit(out, unit, layout, make_batch, n_batches, prefix, options=None):
     writer = UnitWriter(out, unit, layout, shard=f"{unit}.tar", job="j", store_options=options)
     batches = [make_batch([f"{prefix}-{b}-{i}" for i in range(5)], seed=b) for b in range(n_batches)]
     for batch in batches:
-        writer.write_batch(**batch)
+        writer.write_explained(**batch)
     writer.commit({"attempt": 1})
     return batches
 
@@ -84,17 +85,19 @@ def test_killed_unit_is_not_done_and_rerun_writes_rows_once(tmp_path, layout, ma
     assert list(partial.array_keys()) == []  # the killed unit's maps were buffered, never written
     results = open_results(tmp_path)
     assert results.samples["unit"].unique().tolist() == ["shard-000000"] and len(results.samples) == 10
-    np.testing.assert_allclose(results.maps("u0-1-4").daam, first[1]["arrays"]["daam"][4], rtol=1e-3)
+    np.testing.assert_allclose(results.maps("u0-1-4").daam, first[1]["result"].arrays["daam"][4], rtol=1e-3)
 
     rerun = write_unit(tmp_path, "shard-000001", layout, make_batch, 4, "u1", StoreOptions(chunk_rows=4))
     results = open_results(tmp_path)
     assert done_units(tmp_path) == ["shard-000000", "shard-000001"]
     redone = results.samples[results.samples["unit"] == "shard-000001"]
-    assert redone["key"].tolist() == [k for b in rerun for k in b["keys"]]  # 20 rows, each once
+    assert redone["key"].tolist() == [k for b in rerun for k in keys_of(b)]  # 20 rows, each once
     assert redone["row"].tolist() == list(range(20))
     assert len(results.blocks) == (10 + 20) * layout.n_blocks
     assert zarr.open_group(tmp_path / "maps.zarr" / "shard-000001", mode="r")["keys"].shape == (20,)
-    np.testing.assert_allclose(results.maps("u1-3-2").coefficients, rerun[3]["arrays"]["coefficients"][2], rtol=1e-3)
+    np.testing.assert_allclose(
+        results.maps("u1-3-2").coefficients, rerun[3]["result"].arrays["coefficients"][2], rtol=1e-3
+    )
 
 
 def test_interrupted_commit_leaves_no_marker_and_is_ignored(tmp_path, layout, make_batch, monkeypatch):
@@ -141,7 +144,9 @@ def test_memory_url_round_trip_and_clear(layout, make_batch):
     assert b'"ok": 10' in marker and b'"attempt": 1' in marker
     results = open_results(url)
     assert results.attrs["chunk_rows"] == 3
-    np.testing.assert_allclose(results.maps("m-1-0").block_maps, batches[1]["arrays"]["block_maps"][0], rtol=1e-3)
+    np.testing.assert_allclose(
+        results.maps("m-1-0").block_maps, batches[1]["result"].arrays["block_maps"][0], rtol=1e-3
+    )
     clear(url)
     assert done_units(url) == [] and open_results(url).samples.empty
     assert out.fs.ls(out.root, detail=False) == [out.path("job.yaml")]  # other files stay
@@ -161,7 +166,7 @@ def test_incomplete_units_are_read_but_not_done_and_commits_clear_failure_record
     record_failure(tmp_path, "shard-000001", "ShardError: gone")
     assert failure_records(tmp_path) == {"shard-000001": "ShardError: gone"}
     writer = UnitWriter(tmp_path, "shard-000001", layout, shard="shard-000001.tar", job="j")
-    writer.write_batch(**make_batch(["x0", "x1"], seed=3))
+    writer.write_explained(**make_batch(["x0", "x1"], seed=3))
     marker = writer.commit(incomplete="shard shard-000001.tar: truncated at byte 1024")
     assert marker["complete"] is False and "truncated" in marker["incomplete"]
     assert done_units(tmp_path) == ["shard-000000"] and incomplete_units(tmp_path) == ["shard-000001"]

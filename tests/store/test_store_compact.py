@@ -12,6 +12,7 @@ from builders import write_with_statistics
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.errors import OutputLookupError, SampleNotFoundError
 from pipeline.store.compact import MANIFEST, compact, read_manifest
 from pipeline.store.lease import Lease
 from pipeline.store.output import as_output
@@ -69,8 +70,8 @@ def test_a_unit_redone_after_compaction_is_read_from_its_new_files(written, layo
     results = open_results(out)
     assert results.samples.query("unit == 'shard-000001'")["key"].tolist() == ["b0", "b9"]
     assert len(results.blocks.query("unit == 'shard-000001'")) == 2 * layout.n_blocks
-    np.testing.assert_allclose(results.maps("b9").daam, redone["arrays"]["daam"][1], rtol=1e-3)
-    with pytest.raises(KeyError, match="no ok sample"):
+    np.testing.assert_allclose(results.maps("b9").daam, redone["result"].arrays["daam"][1], rtol=1e-3)
+    with pytest.raises(SampleNotFoundError, match="no ok sample"):
         results.maps("b2")  # the old attempt's rows are gone with it
     before = tables(out)
     assert compact(out).generation == 2
@@ -86,7 +87,7 @@ def test_a_unit_being_redone_is_not_read_from_the_compacted_files(written):
     assert results.units == ["shard-000001", "shard-000002"]
     assert set(results.samples["unit"]) == {"shard-000001", "shard-000002"}
     assert set(results.blocks["unit"]) == {"shard-000001", "shard-000002"}
-    with pytest.raises(KeyError):
+    with pytest.raises(SampleNotFoundError, match="no ok sample with key 'a0'"):
         results.maps("a0")
 
 
@@ -112,10 +113,10 @@ def test_columns_filters_dataset_and_bulk_maps(written):
     assert results.read("samples", filters=pc.field("status") == "failed")["key"].str.endswith("-bad").all()
     assert results.dataset("blocks").count_rows() == 6 * 3
     stacked = results.maps_of(["c0", "a1", "b0"])
-    np.testing.assert_allclose(stacked["daam"][0], batches["shard-000002"]["arrays"]["daam"][0], rtol=1e-3)
-    np.testing.assert_allclose(stacked["daam"][1], batches["shard-000000"]["arrays"]["daam"][1], rtol=1e-3)
+    np.testing.assert_allclose(stacked["daam"][0], batches["shard-000002"]["result"].arrays["daam"][0], rtol=1e-3)
+    np.testing.assert_allclose(stacked["daam"][1], batches["shard-000000"]["result"].arrays["daam"][1], rtol=1e-3)
     assert stacked["coefficients"].shape == (3, 3, 8)
-    with pytest.raises(KeyError, match="shard-000000-bad"):
+    with pytest.raises(SampleNotFoundError, match="shard-000000-bad"):
         results.maps_of(["a0", "shard-000000-bad"])
     units = list(results.iter_units())
     assert [(unit, keys) for unit, keys, _ in units] == [(u, k) for u, k in UNITS.items()]
@@ -146,5 +147,5 @@ def test_a_unit_as_an_xarray_dataset(written):
     )
     np.testing.assert_array_equal(dataset.daam.sel(sample="b2").values, results.maps("b2").daam)
     assert dataset.coefficients.dims == ("sample", "block", "channel")
-    with pytest.raises(KeyError, match="no committed unit"):
+    with pytest.raises(OutputLookupError, match="no committed unit"):
         results.xarray("shard-000009")

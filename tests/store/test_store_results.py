@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from builders import write_with_statistics
 
-from pipeline.errors import StoreError
+from pipeline.errors import AmbiguousSampleError, SampleNotFoundError, StoreError
 from pipeline.store.results import open_results
 from pipeline.store.schemas import BLOCKS, SAMPLES
 
@@ -33,13 +33,15 @@ def test_round_trip(tmp_path, layout, make_batch):
     assert list(blocks.columns) == BLOCKS.names and len(blocks) == 5 * layout.n_blocks
     assert blocks["block"].tolist()[:6] == [0, 1, 2, 0, 1, 2]
     for name in ("map_entropy", "daam_iou_final", "coef_l1", "daam_peak_row"):
-        expected = np.concatenate([a["block_stats"][name].reshape(-1), b["block_stats"][name].reshape(-1)])
+        expected = np.concatenate(
+            [a["result"].block_stats[name].reshape(-1), b["result"].block_stats[name].reshape(-1)]
+        )
         np.testing.assert_array_equal(blocks[name].to_numpy(dtype=expected.dtype, na_value=np.nan), expected)
 
     maps = results.maps("b2")
     assert (maps.unit, maps.row) == ("shard-000001", 2)
     for name in ("block_maps", "daam", "coefficients"):
-        original = b["arrays"][name][2]
+        original = b["result"].arrays[name][2]
         np.testing.assert_allclose(getattr(maps, name), original, atol=1e-3 * np.abs(original).max())
 
 
@@ -47,11 +49,13 @@ def test_maps_lookup_errors(tmp_path, layout, make_batch):
     write_with_statistics(tmp_path, "shard-000000", layout, make_batch, ["same", "x"], 0, failed=["broken"])
     second = write_with_statistics(tmp_path, "shard-000001", layout, make_batch, ["same"], seed=1)
     results = open_results(tmp_path)
-    with pytest.raises(KeyError, match="shard-000000', 'shard-000001'"):
+    with pytest.raises(AmbiguousSampleError, match=r"shard-000000', 'shard-000001'.*unit='shard-000000'"):
         results.maps("same")
-    np.testing.assert_allclose(results.maps("same", unit="shard-000001").daam, second["arrays"]["daam"][0], rtol=1e-3)
+    np.testing.assert_allclose(
+        results.maps("same", unit="shard-000001").daam, second["result"].arrays["daam"][0], rtol=1e-3
+    )
     for key in ("broken", "missing"):
-        with pytest.raises(KeyError, match="no ok sample"):
+        with pytest.raises(SampleNotFoundError, match="no ok sample"):
             results.maps(key)
 
 

@@ -16,6 +16,7 @@ from pipeline.store.schemas import (
     EVALUATION,
     EXPLAINER_BLOCKS,
     SAMPLES,
+    SANITY,
     SCHEMAS_DIR,
     TABLE_SCHEMAS,
     ZARR_LAYOUT,
@@ -30,6 +31,7 @@ FILES = [
     "blocks.schema.json",
     "evaluation.schema.json",
     "explainer_blocks.schema.json",
+    "sanity.schema.json",
     "zarr_layout.json",
 ]
 
@@ -64,7 +66,8 @@ def test_export_reads_back_as_the_schemas():
 
 def test_schemas_keep_what_the_json_described():
     assert SAMPLES.metadata == {b"name": b"samples", b"version": b"1"}
-    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS)] == [15, 26, 11, 16]  # + perturbation
+    # + perturbation, + segmentation against masks
+    assert [len(s) for s in (SAMPLES, BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SANITY)] == [15, 32, 14, 19, 7]
     assert SAMPLES.names[:3] == ["key", "shard", "unit"] and SAMPLES.names[-2:] == ["model", "job"]
     key, label, status, score = (SAMPLES.field(n) for n in ("key", "label", "status", "score"))
     assert (key.type, key.nullable) == (pa.string(), False)
@@ -77,13 +80,16 @@ def test_schemas_keep_what_the_json_described():
     assert sum(b"enum" in f.metadata for s in TABLE_SCHEMAS.values() for f in s) == 1
     assert BLOCKS.field("block").type == pa.int16() and BLOCKS.field("map_peak_row").type == pa.int16()
     assert BLOCKS.field("daam_cos_final").type == pa.float32()
-    assert not any(f.nullable for s in (BLOCKS, EVALUATION, EXPLAINER_BLOCKS) for f in s)
+    assert not any(f.nullable for s in (BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SANITY) for f in s)
     assert EVALUATION.names == [
         "key",
         "unit",
         "method",
         "pointing_hit",
         "box_energy",
+        "mask_pixel_accuracy",
+        "mask_miou",
+        "mask_ap",
         "deletion_auc",
         "insertion_auc",
         "positive_auc",
@@ -102,7 +108,7 @@ def test_schemas_keep_what_the_json_described():
 
 def test_written_parquet_carries_the_schemas(tmp_path, layout, make_batch):
     writer = UnitWriter(tmp_path, "shard-000000", layout, shard="a.tar", job="j")
-    writer.write_batch(**make_batch(["a", "b"], seed=0))
+    writer.write_explained(**make_batch(["a", "b"], seed=0))
     writer.commit()
     for name in ("samples", "blocks"):
         written = pq.read_schema(tmp_path / name / "shard-000000.parquet")

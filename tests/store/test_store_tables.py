@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -9,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fakes import failed_samples
 
 from pipeline.errors import SchemaError
 from pipeline.store.schemas import BLOCKS, SAMPLES, SCHEMAS_DIR, TABLE_SCHEMAS
@@ -102,31 +104,27 @@ def test_writer_rejects_drifted_rows_and_statistics(tmp_path, layout, make_batch
     def attempt(edit):
         batch = make_batch(["a", "b"], seed=0)
         edit(batch)
-        writer.write_batch(**batch)
+        writer.write_explained(**batch)
 
-    with pytest.raises(SchemaError, match="extra \\['colour'\\]"):
-        attempt(lambda b: b["columns"].update(colour=[1, 2]))
-    with pytest.raises(SchemaError, match="lack \\['score'\\]"):
-        attempt(lambda b: b["columns"].pop("score"))
-    with pytest.raises(SchemaError, match="1 values of 'label' for 2 keys"):
-        attempt(lambda b: b["columns"].update(label=[1]))
-    with pytest.raises(SchemaError, match="predicted"):
-        attempt(lambda b: b["columns"].update(predicted=["cat", "dog"]))
+    with pytest.raises(SchemaError, match="1 values of 'predicted' for 2 keys"):
+        attempt(lambda b: b.update(result=dataclasses.replace(b["result"], predicted=np.array([1]))))
+    with pytest.raises(SchemaError, match="3 values of 'score' for 2 keys"):
+        attempt(lambda b: b.update(result=dataclasses.replace(b["result"], score=np.zeros(3, np.float32))))
     with pytest.raises(SchemaError, match="daam_spread"):
-        attempt(lambda b: b["block_stats"].pop("daam_spread"))
+        attempt(lambda b: b["result"].block_stats.pop("daam_spread"))
     with pytest.raises(SchemaError, match="map_novel"):
-        attempt(lambda b: b["block_stats"].update(map_novel=np.zeros((2, 3))))
+        attempt(lambda b: b["result"].block_stats.update(map_novel=np.zeros((2, 3))))
     with pytest.raises(SchemaError, match="'coef_l1' has shape"):
-        attempt(lambda b: b["block_stats"].update(coef_l1=np.zeros((2, 4))))
+        attempt(lambda b: b["result"].block_stats.update(coef_l1=np.zeros((2, 4))))
     with pytest.raises(SchemaError, match="'daam' has shape"):
-        attempt(lambda b: b["arrays"].update(daam=np.zeros((2, 3, 5, 4), np.float32)))
+        attempt(lambda b: b["result"].arrays.update(daam=np.zeros((2, 3, 5, 4), np.float32)))
     assert writer.commit()["samples"] == 0  # nothing of the rejected batches was kept
 
 
 def test_writer_columns_equal_schema_files(tmp_path, layout, make_batch):
     writer = UnitWriter(tmp_path, "shard-000000", layout, shard="a.tar", job="j")
-    writer.write_batch(**make_batch(["a", "b"], seed=0))
-    writer.write_failed([{"key": "c", "error": "DecodeError: bad"}])
+    writer.write_explained(**make_batch(["a", "b"], seed=0))
+    writer.write_failed(failed_samples(["c"], "DecodeError: bad"))
     writer.commit()
     for kind in ("samples", "blocks"):
         written = pq.read_schema(tmp_path / kind / "shard-000000.parquet")

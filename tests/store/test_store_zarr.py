@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 from builders import with_arrays
+from fakes import failed_samples, keys_of
 
 from pipeline.config import StoreOptions
 from pipeline.errors import ConfigError, StoreError
@@ -42,7 +43,7 @@ def write_unit(out, layout, make_batch, n=3, outputs=None, options=None):
     """One committed unit ``shard-000000`` of ``n`` samples; ``outputs`` replace the batch's arrays."""
     keys = [f"k{i:03d}" for i in range(n)]
     writer = UnitWriter(out, "shard-000000", layout, shard="shard-000000.tar", job="j", store_options=options)
-    writer.write_batch(**with_arrays(make_batch(keys, seed=1, layout=layout), **(outputs or {})))
+    writer.write_explained(**with_arrays(make_batch(keys, seed=1, layout=layout), **(outputs or {})))
     return writer.commit(), keys
 
 
@@ -67,13 +68,15 @@ def test_float16_default_precision_and_size(tmp_path, make_batch, caplog):
 
 def test_float16_keeps_tiny_and_huge_maps_within_tolerance(tmp_path, layout, make_batch):
     outputs = {
-        k: v.copy() for k, v in make_batch(["a", "b", "c"], seed=0)["arrays"].items() if k in ("block_maps", "daam")
+        k: v.copy()
+        for k, v in make_batch(["a", "b", "c"], seed=0)["result"].arrays.items()
+        if k in ("block_maps", "daam")
     }
     outputs["block_maps"][1] *= 1e-9  # far below float16's normal range
     outputs["daam"][2] *= 1e9  # far above float16's largest value
     batch = with_arrays(make_batch(["a", "b", "c"], seed=0), **outputs)
     writer = UnitWriter(tmp_path, "u", layout, shard="u.tar", job="j")
-    writer.write_batch(**batch)
+    writer.write_explained(**batch)
     writer.commit()
     results = open_results(tmp_path)
     for key, i in (("b", 1), ("c", 2)):
@@ -86,7 +89,7 @@ def test_float16_keeps_tiny_and_huge_maps_within_tolerance(tmp_path, layout, mak
     outputs = {k: v.copy() for k, v in outputs.items()}
     outputs["daam"][0, 0, 0, :2] = [np.inf, np.nan]  # non-finite values are stored as they are
     writer = UnitWriter(tmp_path / "inf", "u", layout, shard="u.tar", job="j")
-    writer.write_batch(**with_arrays(batch, **outputs))
+    writer.write_explained(**with_arrays(batch, **outputs))
     assert "precision_flagged" not in writer.commit()
     stored = open_results(tmp_path / "inf").maps("a").daam
     assert stored[0, 0, 0] == np.inf and np.isnan(stored[0, 0, 1])
@@ -94,9 +97,11 @@ def test_float16_keeps_tiny_and_huge_maps_within_tolerance(tmp_path, layout, mak
     exact = UnitWriter(
         tmp_path / "f32", "u", layout, shard="u.tar", job="j", store_options=StoreOptions(dtype="float32")
     )
-    exact.write_batch(**batch)
+    exact.write_explained(**batch)
     exact.commit()
-    np.testing.assert_array_equal(open_results(tmp_path / "f32").maps("b").block_maps, batch["arrays"]["block_maps"][1])
+    np.testing.assert_array_equal(
+        open_results(tmp_path / "f32").maps("b").block_maps, batch["result"].arrays["block_maps"][1]
+    )
 
 
 def test_store_matches_layout_file(tmp_path, layout, make_batch):
@@ -127,16 +132,16 @@ def test_arrays_are_written_once_at_commit(tmp_path, layout, make_batch):
     for size in (3, 5, 2, 7):
         keys = [f"k{start + i:02d}" for i in range(size)]
         batches.append(make_batch(keys, seed=start))
-        writer.write_batch(**batches[-1])
+        writer.write_explained(**batches[-1])
         start += size
         assert not list(zarr.open_group(tmp_path / "maps.zarr" / "u", mode="r").array_keys())  # buffered
     writer.commit()
     group = zarr.open_group(tmp_path / "maps.zarr" / "u", mode="r")
-    assert group["keys"][:].tolist() == [k for b in batches for k in b["keys"]]
+    assert group["keys"][:].tolist() == [k for b in batches for k in keys_of(b)]
     for name in ("block_maps", "daam", "coefficients"):
         array = group[name]
         assert array.shape[0] == 17 and array.shards == (20, *array.shape[1:])  # one shard: 5 chunks of 4 rows
-        np.testing.assert_array_equal(array[:], np.concatenate([b["arrays"][name] for b in batches]))
+        np.testing.assert_array_equal(array[:], np.concatenate([b["result"].arrays[name] for b in batches]))
     files = sorted(
         p.relative_to(tmp_path / "maps.zarr" / "u").as_posix()
         for p in (tmp_path / "maps.zarr" / "u").rglob("*")
@@ -201,8 +206,7 @@ def test_round_significant():
 
 def test_unit_without_ok_samples_commits_empty_arrays(tmp_path, layout):
     writer = UnitWriter(tmp_path, "u", layout, shard="u.tar", job="j")
-    row = dict.fromkeys(("label", "predicted", "score", "target", "width", "height", "n_boxes"))
-    writer.write_failed([{"key": "a", "error": "decode", **row}])
+    writer.write_failed(failed_samples(["a"], "decode"))
     marker = writer.commit()
     assert (marker["ok"], marker["failed"]) == (0, 1)
     group = zarr.open_group(tmp_path / "maps.zarr" / "u", mode="r")
@@ -237,11 +241,11 @@ def test_other_compressors_and_skipped_arrays(tmp_path, layout, make_batch, comp
     options = StoreOptions(compressor=compressor, arrays=("daam",))
     batch = make_batch(["a", "b"], seed=0)
     writer = UnitWriter(tmp_path, "u", layout, shard="u.tar", job="j", store_options=options)
-    writer.write_batch(**with_arrays(batch, block_maps=None, coefficients=None))
+    writer.write_explained(**with_arrays(batch, block_maps=None, coefficients=None))
     writer.commit()
     maps = open_results(tmp_path).maps("b")
     assert maps.block_maps is None and maps.coefficients is None
-    np.testing.assert_allclose(maps.daam, batch["arrays"]["daam"][1], rtol=1e-3)
+    np.testing.assert_allclose(maps.daam, batch["result"].arrays["daam"][1], rtol=1e-3)
 
 
 def test_options_and_layout_validation():

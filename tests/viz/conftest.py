@@ -1,4 +1,5 @@
-"""Real small outputs for the viz tests: non-square images (64x40) through a 4-block tiny ViT, run in-process."""
+"""Real small outputs for the viz tests: non-square images (64x40) with their object's box and mask through a 4-block
+tiny ViT, run in-process."""
 
 from __future__ import annotations
 
@@ -27,12 +28,18 @@ def _samples(shard: int, count: int, corrupt: tuple[int, ...] = ()) -> list[Shar
         label = int(rng.integers(len(COLOURS)))
         x, y = int(rng.integers(0, WIDTH - 16)), int(rng.integers(0, HEIGHT - 16))
         image[y : y + 16, x : x + 16] = list(COLOURS.values())[label]
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, "PNG")
-        data = b"broken" if i in corrupt else buf.getvalue()
+        mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+        mask[y : y + 16, x : x + 16] = 1
+        data = b"broken" if i in corrupt else _png(image)
         meta = {"boxes": [[x, y, x + 16, y + 16]], "label_name": list(COLOURS)[label]}
-        samples.append(ShardSample(f"img{shard}_{i:02d}", data, "png", label, meta))
+        samples.append(ShardSample(f"img{shard}_{i:02d}", data, "png", label, meta, mask=_png(mask)))
     return samples
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def _run(folder: Path, shards: list[str], **overrides) -> Path:
@@ -68,7 +75,9 @@ def resize_output(viz_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def explainers_output(viz_shards, tmp_path_factory) -> Path:
-    """A supervised output with every comparison explainer (rollout, attention and gae per block, gradcam one map)
-    and an evaluation table."""
+    """A supervised output with every comparison explainer (rollout, attention and gae per block, gradcam one map),
+    an evaluation table and the cascading sanity check on three samples."""
     explainers = ["daam", "rollout", "attention", "gradcam", "gae"]
-    return _run(tmp_path_factory.mktemp("viz_explainers"), viz_shards, explainers=explainers, evaluate={"steps": 4})
+    metrics = ["localisation", "segmentation", "faithfulness", "perturbation"]
+    evaluate = {"steps": 4, "metrics": metrics, "sanity": "cascading", "sanity_samples": 3}
+    return _run(tmp_path_factory.mktemp("viz_explainers"), viz_shards, explainers=explainers, evaluate=evaluate)

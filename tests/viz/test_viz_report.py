@@ -45,6 +45,9 @@ PAGE_FACTS = """JSON.stringify({
     return box.width > 0 && box.height > 0 && s.querySelectorAll('path').length > 0;
   }),
   headings: [...document.querySelectorAll('h2')].map(h => h.textContent),
+  sanity_lines: [...document.querySelectorAll('svg[aria-label$="to the trained map"]')].map(s =>
+    [...s.querySelectorAll('path[clip-path]')].filter(p => p.style.strokeWidth === '1.6')
+      .map(p => p.getAttribute('d').match(/[ML]/g).length)),
 })"""
 
 
@@ -149,8 +152,9 @@ def test_report_is_self_contained_with_every_section(crop_report):
         "Gallery",
     ]
     assert "10: 9 ok, 1 failed" in html and "not a recognised image" in html
-    # six statistics x (all/correct/wrong, classes) + the convergence histogram + two localisation charts
-    assert html.count("<svg") == 2 * len(CURVES) + 1 + 2
+    # six statistics x (all/correct/wrong, classes) + the convergence histogram + two localisation charts (boxes)
+    # + three of the masks (mIoU, mAP, pixel accuracy)
+    assert html.count("<svg") == 2 * len(CURVES) + 1 + 2 + 3
     assert html.count('src="data:image/png;base64,') == 4
     assert all(f"<dt>{c}</dt>" in html for c in CURVES)
     for method in ("DAAM", "random", "centre prior"):
@@ -210,7 +214,7 @@ def test_report_loads_in_headless_chromium_without_errors(crop_report, tmp_path)
     assert requests[0] == crop_report.as_uri() and all(r.startswith("data:") for r in requests[1:])  # no network
     assert facts["title"] == "DAAM report: viz"
     assert len(facts["images"]) == 4 and all(facts["images"])
-    assert len(facts["charts"]) == 2 * len(CURVES) + 3 and all(facts["charts"])
+    assert len(facts["charts"]) == 2 * len(CURVES) + 6 and all(facts["charts"])
     assert facts["headings"][0] == "Dataset"
     # the same checks see a broken page
     assert broken_facts["images"] == [False] and [e["args"][0]["value"] for e in broken_errors] == ["boom"]
@@ -226,9 +230,17 @@ def test_the_explainers_report_shows_every_explainers_curves_in_chromium(explain
         browser.close()
     assert errors == [] and all(facts["charts"])
     assert "Per-block statistics by explainer" in facts["headings"]
-    assert len(facts["charts"]) == 3 * len(CURVES) + 3  # D_l's curves three ways, one per statistic by explainer
+    assert "Sanity check: cascading randomisation" in facts["headings"]
+    # D_l's curves three ways, one per statistic by explainer, convergence, localisation (5), sanity (2)
+    assert len(facts["charts"]) == 3 * len(CURVES) + 1 + 5 + 2
     labels = browser_labels(page.read_text(), "Per-block statistics by explainer")
     assert labels == [["DAAM", "attention", "gae", "rollout"]] * len(CURVES)
+    # the sanity curves: one line per explainer, DAAM first, over the 4 randomisation steps of the 4-block model
+    assert (
+        browser_labels(page.read_text(), "Sanity check: cascading randomisation")
+        == [["DAAM", "attention", "gae", "gradcam", "rollout"]] * 2
+    )
+    assert facts["sanity_lines"] == [[4] * 5] * 2  # five lines drawn through four points each
 
 
 def browser_labels(html: str, heading: str) -> list[list[str]]:

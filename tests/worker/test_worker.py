@@ -1,16 +1,93 @@
-"""One unit through the whole worker: real shards, real model, real stores."""
+"""One unit through the worker: the loop with a recording stage, then with the real stages, model and stores."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from builders import job_dict
 
 from pipeline import DAAM, open_results
 from pipeline.config import parse_job
+from pipeline.stages import UnitState
 from pipeline.store.units import unit_name
 from pipeline.worker import UnitWorker
+
+
+class RecordingSink:
+    """A unit's sink that records what the worker hands it."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[list[str], list[str], object]] = []
+        self.committed: dict | None = None
+
+    @property
+    def ok(self) -> int:
+        return sum(len(keys) for keys, _, _ in self.writes)
+
+    @property
+    def failed(self) -> int:
+        return sum(len(failed) for _, failed, _ in self.writes)
+
+    def write(self, batch, result) -> None:
+        self.writes.append(([s.key for s in batch.samples], [s.key for s in batch.failed], result))
+
+    def commit(self, summary, *, incomplete=None) -> dict:
+        self.committed = {**summary, "incomplete": incomplete, "ok": self.ok, "failed": self.failed}
+        return self.committed
+
+
+class RecordingStage:
+    """A stage that computes each image's mean on the device, rejects one key, and keeps its units' sinks."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, RecordingSink] = {}
+
+    def open_unit(self, unit, url):
+        self.sinks[unit] = RecordingSink()
+        return UnitState(self.sinks[unit], torch.Generator().manual_seed(len(unit)))
+
+    def reject(self, sample):
+        return f"key {sample.key}: rejected" if sample.key.endswith("_0004") else None
+
+    def compute(self, images, samples, generator):
+        assert generator is not None and len(samples) == len(images)
+        return {"mean": images.mean(dim=(1, 2, 3))}
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_loop_hands_each_batch_with_the_samples_that_failed_before_it(tiny_shards, tmp_path):
+    job = parse_job(job_dict(tiny_shards, tmp_path / "out", batch_size=2))
+    with UnitWorker(job) as worker:
+        stage = worker.stages["recording"] = RecordingStage()
+        marker = worker.run("recording", tiny_shards[1])
+    sink = stage.sinks[unit_name(tiny_shards[1])]
+    assert [(keys, failed) for keys, failed, _ in sink.writes] == [
+        (["s1_0000", "s1_0001"], []),
+        (["s1_0003", "s1_0005"], ["s1_0002", "s1_0004"]),  # corrupt, then rejected by the stage
+    ]
+    assert all(result["mean"].shape == (2,) and result["mean"].device.type == "cpu" for *_, result in sink.writes)
+    assert marker is sink.committed and (marker["ok"], marker["failed"], marker["incomplete"]) == (4, 2, None)
+
+
+def test_a_truncated_shard_commits_what_was_read_as_incomplete(tiny_shards, tmp_path):
+    truncated = tmp_path / "cut-000000.tar"
+    data = Path(tiny_shards[0]).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    job = parse_job(job_dict([str(truncated)], tmp_path / "out", batch_size=2))
+    with UnitWorker(job) as worker:
+        stage = worker.stages["recording"] = RecordingStage()
+        marker = worker.run("recording", str(truncated))
+    assert "truncated" in marker["incomplete"] and marker["ok"] == sum(
+        len(k) for k, _, _ in stage.sinks["cut-000000"].writes
+    )
 
 
 def test_unit_is_explained_stored_and_accounted_for(tiny_shards, tmp_path):
@@ -32,10 +109,11 @@ def test_unit_is_explained_stored_and_accounted_for(tiny_shards, tmp_path):
     maps = results.maps("s1_0000")
     assert maps.daam.shape == (2, 4, 4) and maps.coefficients.shape == (2, 48)
     with UnitWorker(job) as worker:
-        with worker.prefetch_batches(tiny_shards[1], []) as ready:
-            pixels, samples_ = next(ready)
+        with worker.prefetch_batches(tiny_shards[1]) as ready:
+            first = next(ready)
+        samples_ = first.samples
         with DAAM(worker.model) as daam:
-            direct = daam(worker.preprocess.normalize(pixels))
+            direct = daam(worker.preprocess.normalize(first.pixels))
     index = [s.key for s in samples_].index("s1_0000")
     expected = direct.daam[index].numpy()
     assert np.abs(maps.daam - expected).max() <= 1e-3 * expected.max()
