@@ -96,11 +96,12 @@ def test_unit_that_keeps_failing_is_recorded_then_resume_completes(ray_cluster, 
     assert (tmp_path / "out" / "_failed" / "part3-000000.json").exists()
     assert set(open_results(tmp_path / "out").samples.unit) == {"part0-000000", "part1-000000", "part2-000000"}
 
-    resumed = run_job(job, progress=False)  # resume is the default: only the failed unit runs again
+    # Resume and --overwrite are the driver's, the same on Ray as in one process: here one process takes over what the
+    # actors wrote. Resume is the default: only the failed unit runs again.
+    resumed = run_job(job, use_ray=False, progress=False)
     assert (resumed.skipped, resumed.done, resumed.failed_units) == (3, 1, {})
     assert_same_results(tmp_path / "out", reference)
 
-    # --overwrite is the driver's, the same on Ray as in one process: here it redoes in one process what actors wrote
     again = run_job(job, overwrite=True, use_ray=False, progress=False)
     assert (again.skipped, again.done) == (0, 4)
     assert_same_results(tmp_path / "out", reference)

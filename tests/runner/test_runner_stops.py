@@ -39,6 +39,15 @@ _STARTED: list[subprocess.Popen] = []
 
 
 @pytest.fixture(autouse=True)
+def _drivers_hear_sigint():
+    """A driver inherits SIGINT ignored where pytest runs as a shell's background job (POSIX), and would not stop on it:
+    this process handles it meanwhile, so the drivers it starts begin with the default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
 def _no_driver_outlives_its_test():
     """A test that fails half-way must not leave a driver reading a FIFO forever."""
     yield
