@@ -62,6 +62,14 @@ def unit_batch(rng: np.random.Generator, unit: int, samples: int) -> dict:
     return {"samples": records, "result": result}
 
 
+def rounded_unit_batch(rng: np.random.Generator, unit: int, samples: int) -> dict:
+    """:func:`unit_batch` with its arrays rounded to float16's precision, as the explain stage hands them."""
+    batch = unit_batch(rng, unit, samples)
+    arrays = {name: round_significant(values, 11) for name, values in batch["result"].arrays.items()}
+    batch["result"] = dataclasses.replace(batch["result"], arrays=arrays, rounded=True)
+    return batch
+
+
 class FsyncCounter:
     """Counts os.fsync calls (the writer's durability points) while active."""
 
@@ -146,12 +154,7 @@ def writer_throughput(root: Path, units: int, samples: int, arrays: tuple[str, .
     commits one unit while another computes), given arrays already rounded as the explain stage hands them."""
     rng = np.random.default_rng(0)
     options = StoreOptions(arrays=arrays)
-    batches = []
-    for unit in range(units):
-        batch = unit_batch(rng, unit, samples)
-        arrays = {name: round_significant(values, 11) for name, values in batch["result"].arrays.items()}
-        batch["result"] = dataclasses.replace(batch["result"], arrays=arrays, rounded=True)
-        batches.append(batch)
+    batches = [rounded_unit_batch(rng, unit, samples) for unit in range(units)]
     out = root / f"writer-{threads}"
 
     def write(unit: int) -> None:

@@ -66,9 +66,10 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-OVERLAP = {  # (workers.units_in_flight, data.prefetch_batches)
-    "auto": ("auto", "auto"),  # the job defaults: on a GPU two units in flight, two batches ahead; on the CPU neither
-    "sequential": (1, 0),  # one unit at a time, decoding as the model asks
+OVERLAP = {  # (workers.units_in_flight, data.prefetch_batches, workers.commits_in_flight)
+    "auto": ("auto", "auto", "auto"),  # the job defaults: on a GPU two units in flight, two batches ahead; on the CPU
+    # neither; a commit beside the next unit (one on a local disk)
+    "sequential": (1, 0, 0),  # one unit at a time, decoding as the model asks, committing before the next
 }
 
 
@@ -82,7 +83,7 @@ def make_job(
     out: Path,
     overlap: str = "auto",
 ) -> JobConfig:
-    units, prefetch = OVERLAP[overlap]
+    units, prefetch, commits = OVERLAP[overlap]
     return parse_job(
         dict(
             name=f"bench-{decoder}",
@@ -93,7 +94,7 @@ def make_job(
             batch_size=batch,
             dtype=dtype,
             output=dict(path=str(out)),
-            workers=dict(units_in_flight=units),
+            workers=dict(units_in_flight=units, commits_in_flight=commits),
         )
     )
 

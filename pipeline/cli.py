@@ -14,18 +14,25 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.errors import JobTerminated, PipelineError
+from pipeline.errors import ConfigError, JobTerminated, LeaseLostError, PipelineError
 
 __all__ = ["main"]
 
+_LAST_RESORT_S = 10.0
+"""A stopped run that has not ended this long after the signal is ended by its watchdog (runner.stops)."""
+
 
 def _user_errors(command: Callable) -> Callable:
-    """A user's mistake (bad job, missing shard, ...) ends with one clear line and exit code 2, no traceback."""
+    """A user's mistake (bad job, missing shard, ...) ends with one clear line and exit code 2, no traceback; a
+    lease taken by another driver meanwhile (not a user's mistake) with one line and exit code 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except LeaseLostError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
         except PipelineError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -65,34 +72,53 @@ _set_option = click.option(
 @click.option("--no-ray", is_flag=True, help="Run every unit in this process, without a Ray cluster.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--inject-fault", default=None, hidden=True, metavar="UNIT:BATCHES", help="Kill a worker (tests).")
+@click.option(
+    "--break-lease", is_flag=True, help="Take the output's lease from a driver on another node known to be dead."
+)
+@click.option(
+    "--redo-changed", is_flag=True, help="Redo done units whose shard changed since (same name, other samples)."
+)
 @_set_option
 @_user_errors
-def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, sets) -> None:
+def run(job_file, address, overwrite, dry_run, no_ray, quiet, inject_fault, break_lease, redo_changed, sets) -> None:
     """Explain every sample of JOB_FILE's shards and write maps (Zarr) and statistics (Parquet)."""
-    from pipeline.config import load_job
+
+    def load() -> Any:
+        from pipeline.config import load_job
+
+        return load_job(job_file, _overrides(sets))
 
     _run_and_report(
-        load_job(job_file, _overrides(sets)),
+        load,
         address=address,
         overwrite=overwrite,
         use_ray=not no_ray,
         dry_run=dry_run,
         fault=inject_fault,
         progress=not quiet,
+        break_lease=break_lease,
+        redo_changed=redo_changed,
     )
 
 
-def _run_and_report(job: Any, **options: Any) -> None:
-    """Run a job, print its summary and headline tables, and exit with its code (130/143 when stopped)."""
-    from pipeline.runner import run_job
+def _run_and_report(load: Callable[[], Any], **options: Any) -> None:
+    """Load a job, run it, print its summary and headline tables, and exit with its code: 130/143 when stopped
+    (the signal handlers come first: every phase stops the same way), 1 when another driver took the lease."""
+    from pipeline.runner.stops import Stops, exit_code, stopped_message
+
+    with Stops(last_resort_s=_LAST_RESORT_S) as stops:
+        try:
+            job = load()
+            stops.job = job.name
+            from pipeline.runner import run_job
+
+            summary = run_job(job, stops=stops, **options)
+        except (KeyboardInterrupt, JobTerminated) as e:
+            _exit_now(exit_code(e), f"\n{stopped_message(stops.job, e)}", stops)
+        except LeaseLostError as e:
+            _exit_now(1, f"error: {e}", stops)
     from pipeline.store.output import job_output
 
-    try:
-        summary = run_job(job, **options)
-    except (KeyboardInterrupt, JobTerminated) as e:
-        stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
-        click.echo(f"\njob {job.name} {stopped}: units in flight are redone by the next run of the same job", err=True)
-        _exit_now(130 if isinstance(e, KeyboardInterrupt) else 143)
     if options.get("dry_run"):
         return
     click.echo(summary.render())
@@ -117,8 +143,9 @@ def demo(ssl, out, overwrite, no_ray, quiet, sets) -> None:
     name = "demo-ssl" if ssl else "demo"
     overrides = {"output.path": out} if out else {}
     overrides |= _overrides(sets)
-    job = load_job(_shipped_job(name), overrides)
-    _run_and_report(job, overwrite=overwrite, use_ray=not no_ray, progress=not quiet)
+    _run_and_report(
+        lambda: load_job(_shipped_job(name), overrides), overwrite=overwrite, use_ray=not no_ray, progress=not quiet
+    )
 
 
 def _shipped_job(name: str) -> Path:
@@ -151,9 +178,11 @@ def jobs_show(name) -> None:
     click.echo(_shipped_job(name).read_text(), nl=False)
 
 
-def _exit_now(code: int) -> None:
-    """Exit at once: the actors and the lease are released already, and a unit thread blocked in a read that never
-    returns (a hung mount) must not keep the process alive at interpreter exit."""
+def _exit_now(code: int, line: str, stops: Any) -> None:
+    """Say why and exit at once: the actors and the lease are released already, and a unit thread blocked in a read
+    that never returns (a hung mount) must not keep the process alive at interpreter exit."""
+    click.echo(line, err=True)
+    stops.said = True
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
     sys.stdout.flush()
@@ -181,16 +210,17 @@ def summary(out) -> None:
 @main.command()
 @click.argument("out")
 @click.option("--lease-ttl", default=60.0, show_default=True, help="Seconds the lease on OUT stays valid unrenewed.")
+@click.option("--break-lease", is_flag=True, help="Take OUT's lease from a driver on another node known to be dead.")
 @_user_errors
-def compact(out, lease_ttl) -> None:
+def compact(out, lease_ttl, break_lease) -> None:
     """Merge the per-unit Parquet tables of OUT into a few large files (a run does this at its end)."""
     from pipeline.store.compact import compact as compact_tables
     from pipeline.store.lease import Lease
     from pipeline.store.output import as_output
 
     output = as_output(out)
-    with Lease(output, lease_ttl):
-        done = compact_tables(output)
+    with Lease(output, lease_ttl, break_lease=break_lease) as lease:
+        done = compact_tables(output, fence=lease.fence())
     click.echo(
         f"compacted the tables of {done.units} units of {out} into {done.files} files (generation "
         f"{done.generation}); {done.merged_files} per-unit files merged and removed"
@@ -315,6 +345,44 @@ def report(out, dest, gallery, top_classes, size, class_names, quiet) -> None:
     click.echo(str(path))
 
 
+@main.command()
+@click.argument("outs", nargs=-1, required=True, metavar="OUT_A OUT_B [OUT ...]")
+@click.option("--name", "names", multiple=True, metavar="OUT=NAME", help="An output's name in the tables (repeatable).")
+@click.option(
+    "--out", "dest", type=click.Path(dir_okay=False, path_type=Path), default=Path("compare.html"), show_default=True
+)
+@click.option("--disagreements", default=3, show_default=True, help="Samples drawn per pair, those that agree least.")
+@click.option("--size", default=80, show_default=True, help="Picture panel size in pixels.")
+@click.option("--class-names", type=click.Path(dir_okay=False), default=None, help="Text (one per line) or JSON list.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def compare(outs, names, dest, disagreements, size, class_names, quiet) -> None:
+    """Compare the outputs of several models over the same data: print the headline tables and write one HTML
+    report (curves on relative depth, when each model's decision settles, agreement on shared samples, per class,
+    evaluation metrics)."""
+    from pipeline.compare import compare as compare_outputs
+    from pipeline.compare import comparison_tables
+    from pipeline.viz.compare_report import compare_report
+
+    comparison = compare_outputs(*outs, names=_output_names(outs, names))
+    click.echo(comparison_tables(comparison))
+    path = compare_report(
+        comparison, dest, disagreements=disagreements, size=size, class_names=class_names, progress=not quiet
+    )
+    click.echo(str(path))
+
+
+def _output_names(outs: tuple[str, ...], pairs: tuple[str, ...]) -> list[str | None]:
+    """The ``--name OUT=NAME`` of each output (None: the default name)."""
+    names: list[str | None] = [None] * len(outs)
+    for pair in pairs:
+        found = [i for i, out in enumerate(outs) if pair.startswith(f"{out}=")]
+        if not found:
+            raise ConfigError(f"--name {pair}: {pair.partition('=')[0]} is not one of the compared outputs")
+        names[found[0]] = pair[len(outs[found[0]]) + 1 :]
+    return names
+
+
 @main.group()
 def bank() -> None:
     """Memory banks of self-supervised jobs."""
@@ -363,18 +431,19 @@ def schemas(dest, check) -> None:
 
 @main.command("demo-assets")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Default: the package's.")
-@click.option("--shards-only", is_flag=True, help="Write the shards only; keep the model.")
+@click.option("--shards-only", is_flag=True, help="Write the shards only; keep the models.")
 @_user_errors
 def demo_assets(out, shards_only) -> None:
-    """Regenerate the built-in demo data and retrain the shipped demo model (deterministic)."""
+    """Regenerate the built-in demo data and retrain the shipped demo models (deterministic)."""
     from pipeline.demo.train import ASSETS_DIR, build_demo_assets, write_demo_shards
 
     if shards_only:
         write_demo_shards(out or ASSETS_DIR)
         click.echo(f"demo shards written to {out or ASSETS_DIR}")
         return
-    info = build_demo_assets(out or ASSETS_DIR)
-    click.echo(f"demo assets written to {out or ASSETS_DIR}: validation accuracy {info['val_accuracy']:.3f}")
+    metas = build_demo_assets(out or ASSETS_DIR)
+    accuracies = ", ".join(f"{stem} {meta['val_accuracy']:.3f}" for stem, meta in metas.items())
+    click.echo(f"demo assets written to {out or ASSETS_DIR}: validation accuracy {accuracies}")
 
 
 if __name__ == "__main__":

@@ -244,12 +244,15 @@ class WorkersConfig(_Section):
     cpu_actors: int = Field(2, ge=1, description="actors when no GPU is available or num_gpus is 0")
     cpus_per_actor: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0, description="extra attempts for a unit whose actor died or that failed")
+    retry_backoff_s: float = Field(
+        1.0, ge=0, description="a unit's first retry waits this long, each next one twice as long as the one before"
+    )
     actor_start_timeout_s: float = Field(300, gt=0, description="give up on an actor that does not start")
     unit_timeout_s: float | None = Field(
         600,
         gt=0,
-        description="a unit with no progress (no batch read or computed) for this long is cancelled, its actor "
-        "replaced and the unit retried; Ray actors only (null: never)",
+        description="a unit with no progress (no batch read or computed) for this long is cancelled, its worker "
+        "replaced and the unit retried (null: never)",
     )
     connect_timeout_s: float = Field(60, gt=0, description="give up joining a Ray cluster (--address) after this")
     lease_ttl_s: float = Field(
@@ -260,8 +263,14 @@ class WorkersConfig(_Section):
     )
     units_in_flight: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
-        description="units a worker holds at once, taking turns on its device while the others commit or prefetch; "
-        "auto: 2 on a GPU, 1 on the CPU",
+        description="units a worker reads and computes at once, taking turns on its device while the others "
+        "prefetch; auto: 2 on a GPU, 1 on the CPU",
+    )
+    commits_in_flight: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="units a worker commits at once while it computes the next ones, each held in memory until its "
+        "data is written (at most this many: a worker waits on storage only when they all are); 0 commits before "
+        "the next unit starts. auto: 2 on an object store, 1 on a file system",
     )
 
 
@@ -532,6 +541,10 @@ def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobCo
         raise ConfigError(f"cannot read job file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"job file {path} is not valid YAML: {e}") from None
+    if raw is None:
+        raise ConfigError(f"job file {path} is empty: a job is a mapping with at least model, data and output")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid job {path}: the top level must be a mapping, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -16,8 +16,10 @@ __all__ = [
     "DecodeError",
     "DeviceError",
     "EmptyOutputError",
+    "InputChangedError",
     "InputError",
     "JobTerminated",
+    "LeaseLostError",
     "OutputInUseError",
     "OutputLookupError",
     "OutputMismatchError",
@@ -113,6 +115,15 @@ class AmbiguousSampleError(SampleNotFoundError):
 
 class OutputInUseError(PipelineError, RuntimeError):
     """Another driver holds the output's lease (a second run of the same job, or a resubmitted cluster job)."""
+
+
+class LeaseLostError(PipelineError, RuntimeError):
+    """This driver's lease on its output was taken by another driver (it was paused or cut off past the lease's
+    ttl): its writers stop before writing anything more. Not a user error: the CLI exits 1."""
+
+
+class InputChangedError(PipelineError, ValueError):
+    """Units of an output that were computed from other input than the shards the job names now (same names)."""
 
 
 class OutputMismatchError(PipelineError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
 import socket
@@ -15,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.errors import CheckpointError, one_line
+from pipeline.errors import CheckpointError, ConfigError, one_line
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig
@@ -27,6 +28,8 @@ __all__ = [
     "load_checkpoint",
     "model_data_config",
     "pooled_features",
+    "read_state_dict",
+    "tensors_digest",
 ]
 
 _log = logging.getLogger(__name__)
@@ -118,6 +121,8 @@ def create_model(
         if "Unknown model" in str(e):
             raise CheckpointError(f"unknown timm model {name!r}") from e
         raise
+    except TypeError as e:  # an argument the model's constructor does not take
+        raise ConfigError(f"model.kwargs: timm model {name!r} refuses them: {one_line(e)}") from None
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     model.eval().requires_grad_(False)
@@ -140,7 +145,7 @@ def create_job_model(spec: ModelConfig, *, weights: bool = True) -> nn.Module:
     )
 
 
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, through timm's reader (safetensors, or torch files with ``weights_only=True``); an
     fsspec URL is copied to a local cache first; wrappers of training scripts (``teacher``, ...) are unwrapped."""
     path = str(path)
@@ -169,7 +174,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         CheckpointError: the file is missing or unsafe to unpickle, or does not fit the model: the first tensor of
             another shape is named with both shapes, then missing and unexpected keys.
     """
-    state_dict = _read_state_dict(path)
+    state_dict = read_state_dict(path)
     filter_fn = getattr(model, "pretrained_cfg", {}).get("checkpoint_filter_fn") or _model_filter_fn(model)
     if filter_fn is not None:
         try:
@@ -191,6 +196,17 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors by name: each one's name, dtype, shape and values, in name order (how they were saved,
+    .safetensors or a torch file, does not count)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return "sha256:" + digest.hexdigest()
 
 
 def _model_filter_fn(model: nn.Module):

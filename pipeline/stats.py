@@ -37,6 +37,7 @@ __all__ = [
     "explainer_statistics",
     "pointing_hit",
     "segmentation_scores",
+    "top_iou",
     "upsample",
 ]
 
@@ -336,15 +337,39 @@ def _accumulation_statistics(daam: Tensor) -> dict[str, Tensor]:
     final = flat[:, -1:]
     mass = flat.sum(-1)
     cos = (flat * final).sum(-1) / (flat.norm(dim=-1) * final.norm(dim=-1))  # 0/0 = NaN for all-zero maps
-    k = math.ceil(IOU_FRACTION * flat.shape[-1])
-    top = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k, dim=-1).indices, True)
-    top_final = top[:, -1:]
-    iou = (top & top_final).sum(-1).float() / (top | top_final).sum(-1).float()
-    iou = iou.masked_fill((mass == 0) | (mass[:, -1:] == 0), math.nan)
+    top = _top_set(flat)
+    iou = _set_iou(top, top[:, -1:]).masked_fill((mass == 0) | (mass[:, -1:] == 0), math.nan)
     p = flat / mass[..., None]
     change = (p[:, 1:] - p[:, :-1]).abs().sum(-1)
     change = torch.cat([torch.full_like(mass[:, :1], math.nan), change], dim=1)
     return {"daam_cos_final": cos, "daam_iou_final": iou, "daam_change": change}
+
+
+def _top_set(flat: Tensor) -> Tensor:
+    """Which patches of each flat map ``(..., n)`` are among its ``ceil(IOU_FRACTION * n)`` highest."""
+    k = math.ceil(IOU_FRACTION * flat.shape[-1])
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k, dim=-1).indices, True)
+
+
+def _set_iou(a: Tensor, b: Tensor) -> Tensor:
+    return (a & b).sum(-1).float() / (a | b).sum(-1).float()
+
+
+@torch.no_grad()
+def top_iou(maps: Tensor, others: Tensor) -> Tensor:
+    """IoU of the top-20% patches (:data:`IOU_FRACTION`) of two sets of maps on the same grid, pairwise: the
+    formula of ``daam_iou_final``, for maps of two models.
+
+    Args:
+        maps: ``(..., h, w)`` non-negative maps.
+        others: Maps of the same shape.
+
+    Returns:
+        ``(...)`` float32; NaN where either map is all zero.
+    """
+    a, b = maps.float().flatten(-2), others.float().flatten(-2)
+    undefined = (a.sum(-1) == 0) | (b.sum(-1) == 0)
+    return _set_iou(_top_set(a), _top_set(b)).masked_fill(undefined, math.nan)
 
 
 def _broadcast_mask(box_mask: Tensor, maps: Tensor) -> Tensor:

@@ -71,3 +71,14 @@ def test_storage_benchmark(tmp_path):
     )  # fmt: skip
     assert "fsyncs/unit" in out and "blocks s after" in out and "2 thread(s)" in out
     assert not list(tmp_path.iterdir())  # its outputs are removed
+
+
+@pytest.mark.slow
+def test_object_store_benchmark(tmp_path):
+    pytest.importorskip("moto.server")
+    out = run(
+        "object_store.py", "--units", "2", "--samples", "8", "--bank-units", "1", "--s3-latency-ms", "5",
+        "--in-flight", "1", "--in-flight", "2", "--rounds", "1", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert "S3 +5 ms" in out and "units/s, 2 commit(s) in flight" in out and "maps(key): requests" in out
+    assert not list(tmp_path.iterdir())  # its outputs are removed

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from builders import TINY_MODEL, write_job
+import pytest
+from builders import TINY_MODEL, job_dict, make_shards, write_job
 from click.testing import CliRunner
 from PIL import Image
 
@@ -48,3 +49,23 @@ def test_shard_then_run_then_summary(tmp_path):
 
     result = runner.invoke(main, ["summary", str(tmp_path / "out")])
     assert result.exit_code == 0 and "6 of 7 samples explained" in result.output
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run", "--no-ray", "--quiet"]])
+def test_an_empty_job_file_with_set_and_an_unknown_model_argument_end_in_one_line(tmp_path, command):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    result = CliRunner().invoke(main, [command[0], str(empty), *command[1:], "--set", "name=x"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        f"error: job file {empty} is empty: a job is a mapping with at least model, data and output"
+    ]
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    model = {**TINY_MODEL, "kwargs": {**TINY_MODEL["kwargs"], "foo_bar": 1}}
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out", model=model))
+    result = CliRunner().invoke(main, [command[0], str(job), *command[1:]])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "error: model.kwargs: timm model 'vit_tiny_patch16_224' refuses them: VisionTransformer.__init__() got an "
+        "unexpected keyword argument 'foo_bar'"
+    ]

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from pipeline.errors import TargetError
-from pipeline.stats import STATISTICS, block_statistics, box_energy, boxes_to_grid_mask, pointing_hit
+from pipeline.stats import (
+    STATISTICS,
+    block_statistics,
+    box_energy,
+    boxes_to_grid_mask,
+    pointing_hit,
+    top_iou,
+)
 from pipeline.store.schemas import BLOCKS
 
 NAN = math.nan
@@ -140,3 +147,19 @@ def test_batched_equals_per_sample_and_names_match_schema():
     for name, value in batch.items():
         assert value.shape == (5, 4)
         assert value.dtype == (torch.int16 if str(BLOCKS.field(name).type) == "int16" else torch.float32), name
+
+
+def test_top_iou_of_two_sets_of_maps():
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(6, 4, 5, generator=generator)
+    others = torch.rand(6, 4, 5, generator=generator)
+    others[1] = 0.0  # all zero: undefined
+    iou = top_iou(maps, others)
+    for i in (0, 2, 3, 4, 5):  # ceil(0.2 * 20) = 4 patches in each top set
+        a, b = (set(m[i].flatten().argsort(descending=True)[:4].tolist()) for m in (maps, others))
+        assert iou[i].item() == pytest.approx(len(a & b) / len(a | b))
+    assert torch.isnan(iou[1])
+    one_hot = torch.zeros(2, 4, 5)
+    one_hot[0, 0, :4] = one_hot[1, 0, 2:] = one_hot[1, 1, 0] = 1.0  # top-20%: these 4 patches each, 2 shared
+    assert_values(top_iou(one_hot[:1], one_hot[1:]), [2 / 6])
+    assert_values(top_iou(one_hot, one_hot), [1.0, 1.0])

@@ -16,12 +16,15 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from pipeline.data.shards import IMAGE_EXTS, INDEX_NAME, MASK_EXT
 from pipeline.errors import ShardError, ShardNotFoundError
+
+if TYPE_CHECKING:
+    from pipeline.data.identity import MemberDigest
 
 __all__ = ["RawSample", "count_samples", "iter_shard"]
 
@@ -112,11 +115,12 @@ def _end_problem(tf: tarfile.TarFile) -> str | None:
     return f"{end or 'unreadable header'}"
 
 
-def iter_shard(url: str) -> Iterator[RawSample]:
+def iter_shard(url: str, *, members: MemberDigest | None = None) -> Iterator[RawSample]:
     """The samples of one shard, in order.
 
     Args:
         url: A local path or fsspec URL of a tar (optionally compressed, as ``tarfile`` 'r|*' reads it).
+        members: Fed every member read (the shard's identity, :mod:`pipeline.data.identity`).
 
     Yields:
         One RawSample per key; bad samples have ``error`` set.
@@ -133,7 +137,7 @@ def iter_shard(url: str) -> Iterator[RawSample]:
     except (OSError, ValueError) as e:
         raise ShardError(f"cannot open shard {url}: {e}") from e
     try:
-        yield from _samples(url, stream)
+        yield from _samples(url, stream, members)
     finally:
         try:
             stream.close()  # a pipe: URL's command is checked here: a non-zero exit is an error
@@ -155,7 +159,7 @@ def _open(url: str) -> Any:
     return fsspec.open(url, "rb").open()
 
 
-def _samples(url: str, stream: Any) -> Iterator[RawSample]:
+def _samples(url: str, stream: Any, digest: MemberDigest | None = None) -> Iterator[RawSample]:
     """The samples of an open shard stream (see :func:`iter_shard`); a key seen before fails its later sample."""
     seen: set[str] = set()
 
@@ -182,6 +186,8 @@ def _samples(url: str, stream: Any) -> Iterator[RawSample]:
             if info is None:
                 problem = _end_problem(tf)
                 break
+            if digest is not None:
+                digest.add(info)
             if not info.isfile():
                 continue
             offset = info.offset

@@ -1,12 +1,15 @@
-"""Reproducible training of the shipped demo model, and the rebuild of all demo assets.
+"""Reproducible training of the shipped demo models, and the rebuild of all demo assets.
 
-A small timm ViT ([class] token, token pooling, patch 8 on 64x64 inputs) learns the colour of the one
-coloured object in the synthetic scenes of :mod:`pipeline.demo.synthetic`. Training scenes are drawn fresh
+A small timm ViT ([class] token, token pooling, patch 8 on 64x64 inputs, 6 blocks) learns the colour of the one
+coloured object in the synthetic scenes of :mod:`pipeline.demo.synthetic`; a second one of another depth and patch
+size (4 blocks, patch 4) learns the same from the same scenes, for ``daam-pipeline compare``
+(:data:`DEMO_MODELS`). Training scenes are drawn fresh
 for every step from the ``train`` stream of the seed; the validation scenes are exactly those of the shipped
 ``val`` shards. Images are preprocessed like the pipeline does (the resize is a no-op at 64x64, then the
 model's own mean/std), so the shipped accuracy holds for the pipeline's inputs.
 
-Run ``python -m pipeline.demo.train --out pipeline/demo/assets`` to rebuild the shipped assets.
+Run ``python -m pipeline.demo.train --out pipeline/demo/assets`` to rebuild the shipped assets (``--model-only``:
+the models alone; ``--only demo_vit_d4p4``: one of them).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +47,15 @@ __all__ = [
     "ASSETS_DIR",
     "CHECKPOINT_NAME",
     "DEFAULT_STEPS",
+    "DEMO_MODELS",
     "METADATA_NAME",
+    "DemoModel",
     "build_demo_assets",
     "build_demo_model",
     "demo_model_kwargs",
     "main",
     "train_demo_model",
+    "train_demo_models",
     "write_demo_shards",
 ]
 
@@ -62,14 +69,16 @@ DEFAULT_SEED = 1
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"  # the shipped demo assets
 
 
-def demo_model_kwargs(*, embed_dim: int = 80, depth: int = 6, num_heads: int = 4, mlp_ratio: float = 4.0) -> dict:
+def demo_model_kwargs(
+    *, embed_dim: int = 80, depth: int = 6, num_heads: int = 4, mlp_ratio: float = 4.0, patch_size: int = 8
+) -> dict:
     """The ``timm.create_model`` keyword arguments of the demo ViT (besides ``num_classes``), JSON-ready.
 
     The pretrained-config overlay makes timm's data config report the real input size and no crop.
     """
     return {
         "img_size": IMAGE_SIZE,
-        "patch_size": 8,
+        "patch_size": patch_size,
         "embed_dim": embed_dim,
         "depth": depth,
         "num_heads": num_heads,
@@ -77,6 +86,23 @@ def demo_model_kwargs(*, embed_dim: int = 80, depth: int = 6, num_heads: int = 4
         "pretrained_cfg_overlay": {"input_size": [3, IMAGE_SIZE, IMAGE_SIZE], "crop_pct": 1.0},
         "pre_norm": True,
     }
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """One shipped demo model: the stem of its files (``<stem>.safetensors``, ``<stem>.json``) and its
+    ``timm.create_model`` arguments."""
+
+    stem: str
+    kwargs: dict
+
+
+DEMO_MODELS = (
+    DemoModel("demo_vit", demo_model_kwargs()),
+    DemoModel("demo_vit_d4p4", demo_model_kwargs(embed_dim=48, depth=4, num_heads=3, patch_size=4)),
+)
+"""The shipped demo models: ``jobs/demo.yaml``'s, and ``jobs/demo-compare.yaml``'s (another depth and patch size,
+trained the same way on the same scenes) that ``daam-pipeline compare`` sets beside it."""
 
 
 def build_demo_model(model_kwargs: Mapping[str, Any], num_classes: int = len(CLASS_NAMES)) -> nn.Module:
@@ -142,8 +168,9 @@ def train_demo_model(
     n_val: int = 512,
     threads: int | None = 2,
     model_kwargs: Mapping[str, Any] | None = None,
+    stem: str = "demo_vit",
 ) -> dict[str, Any]:
-    """Train the demo ViT and save ``demo_vit.safetensors`` and ``demo_vit.json`` in ``out_dir``.
+    """Train a demo ViT and save ``<stem>.safetensors`` and ``<stem>.json`` (default ``demo_vit``) in ``out_dir``.
 
     The result is a function of the arguments, the torch version and the thread count: torch and the data
     streams are seeded from ``seed``, and every step draws ``batch_size`` fresh scenes of the train stream.
@@ -162,9 +189,10 @@ def train_demo_model(
         n_val: Validation scenes (the first ``n_val`` of the ``val`` stream, as in the shipped shards).
         threads: torch intra-op threads during training (None leaves the setting alone).
         model_kwargs: ``timm.create_model`` arguments; default :func:`demo_model_kwargs`.
+        stem: The files' name stem.
 
     Returns:
-        The metadata written to ``demo_vit.json``.
+        The metadata written to ``<stem>.json``.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
@@ -218,7 +246,7 @@ def train_demo_model(
         "model_kwargs": model_kwargs,
         "num_classes": len(CLASS_NAMES),
         "class_names": list(CLASS_NAMES),
-        "checkpoint": CHECKPOINT_NAME,
+        "checkpoint": f"{stem}.safetensors",
         "num_params": sum(p.numel() for p in model.parameters()),
         "input_size": list(data_config["input_size"]),
         "mean": list(data_config["mean"]),
@@ -241,10 +269,33 @@ def train_demo_model(
         "wall_time_s": round(wall, 1),
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, out_dir / CHECKPOINT_NAME, metadata={"model_name": MODEL_NAME})
-    (out_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+    save_file(state, out_dir / f"{stem}.safetensors", metadata={"model_name": MODEL_NAME})
+    (out_dir / f"{stem}.json").write_text(json.dumps(metadata, indent=2) + "\n")
     logger.info("demo model: val accuracy %.4f after %d steps in %.1f s -> %s", val_accuracy, steps, wall, out_dir)
     return metadata
+
+
+def train_demo_models(
+    out_dir: str | Path,
+    *,
+    models: tuple[DemoModel, ...] = DEMO_MODELS,
+    steps: int = DEFAULT_STEPS,
+    seed: int = DEFAULT_SEED,
+    n_val: int = 512,
+    threads: int | None = 2,
+) -> dict[str, dict[str, Any]]:
+    """Train each of ``models`` (default every shipped demo model) with :func:`train_demo_model`, the same
+    arguments for all of them.
+
+    Returns:
+        The metadata of each model, by stem.
+    """
+    return {
+        m.stem: train_demo_model(
+            out_dir, steps=steps, seed=seed, n_val=n_val, threads=threads, model_kwargs=m.kwargs, stem=m.stem
+        )
+        for m in models
+    }
 
 
 def write_demo_shards(
@@ -272,20 +323,21 @@ def build_demo_assets(
     steps: int = DEFAULT_STEPS,
     seed: int = DEFAULT_SEED,
     threads: int | None = 2,
-) -> dict[str, Any]:
-    """Regenerate the shipped demo assets: the shards (:func:`write_demo_shards`), the checkpoint and its JSON.
+) -> dict[str, dict[str, Any]]:
+    """Regenerate the shipped demo assets: the shards (:func:`write_demo_shards`), and every demo model's checkpoint
+    and JSON.
 
-    The shard bytes depend only on the arguments; the checkpoint also on the torch version and ``threads``.
+    The shard bytes depend only on the arguments; the checkpoints also on the torch version and ``threads``.
 
     Returns:
-        The model metadata (as written to ``demo_vit.json``).
+        The metadata of each model (as written to ``<stem>.json``), by stem.
     """
     write_demo_shards(out_dir, n_val=n_val, n_train=n_train, samples_per_shard=samples_per_shard, seed=seed)
-    return train_demo_model(out_dir, steps=steps, seed=seed, n_val=n_val, threads=threads)
+    return train_demo_models(out_dir, steps=steps, seed=seed, n_val=n_val, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: rebuild the demo assets (or only the model with ``--model-only``)."""
+    """Command line: rebuild the demo assets (or only the models with ``--model-only``, or one with ``--only``)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="assets folder")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -293,21 +345,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-val", type=int, default=512)
     parser.add_argument("--samples-per-shard", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model-only", action="store_true", help="train and save the model, write no shards")
+    parser.add_argument("--model-only", action="store_true", help="train and save the models, write no shards")
+    parser.add_argument("--only", choices=[m.stem for m in DEMO_MODELS], help="train this model alone, no shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.model_only:
-        meta = train_demo_model(args.out, steps=args.steps, seed=args.seed, n_val=args.n_val, threads=args.threads)
+    common = {"steps": args.steps, "seed": args.seed, "n_val": args.n_val, "threads": args.threads}
+    if args.only or args.model_only:
+        models = tuple(m for m in DEMO_MODELS if args.only in (None, m.stem))
+        metas = train_demo_models(args.out, models=models, **common)
     else:
-        meta = build_demo_assets(
-            args.out,
-            n_val=args.n_val,
-            samples_per_shard=args.samples_per_shard,
-            steps=args.steps,
-            seed=args.seed,
-            threads=args.threads,
-        )
-    print(json.dumps({k: meta[k] for k in ("val_accuracy", "final_train_loss", "num_params", "wall_time_s")}))
+        metas = build_demo_assets(args.out, samples_per_shard=args.samples_per_shard, **common)
+    for stem, meta in metas.items():
+        fields = ("val_accuracy", "final_train_loss", "num_params", "wall_time_s")
+        print(json.dumps({"model": stem, **{k: meta[k] for k in fields}}))
 
 
 if __name__ == "__main__":

@@ -1,85 +1,169 @@
 """The workers a job runs on: one in this process (:class:`LocalPool`) or Ray actors (:class:`RayPool`).
 
-Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish. The Ray
-pool keeps ``workers.units_in_flight`` units on every actor (two on a GPU, one on the CPU): they take turns on its
-device, so one unit's commit and the next one's reading and decoding overlap the computation. When an actor dies
-its units go back to the queue and a new actor takes its place; a unit that keeps failing (its actor dies or it
-raises) is given up after ``workers.max_retries`` extra attempts. An error raised in an actor reaches the
-terminal as one line; its full traceback goes to ``OUT/_logs/``.
+Both run a stage over a list of shard URLs and yield one :class:`UnitOutcome` per unit as units finish, and keep
+their books the same way (:class:`~pipeline.runner.schedule.UnitSchedule`): :func:`~pipeline.worker.unit_slots`
+units on every worker (``workers.units_in_flight`` take turns on its device, the next one's reading and decoding
+overlapping the computation, and ``workers.commits_in_flight`` more commit meanwhile); the units the resume found
+nothing of start fresh on their first attempt; a unit that raises, whose worker dies, or that makes no progress
+for ``workers.unit_timeout_s``
+is retried after a backoff that doubles each time (``workers.retry_backoff_s``), and given up after
+``workers.max_retries`` extra attempts. The Ray pool replaces an actor that died or stalled. The local pool runs
+each unit in a daemon thread: a stalled unit's thread, blocked in a read that no thread can interrupt, is abandoned
+(never waited for, never committing, no obstacle to the process's exit) and the pool goes on with a new worker. An
+error raised in an actor reaches the terminal as one line; its full traceback goes to ``OUT/_logs/``. Both pools
+stop at their next turn (within a second) when the run's :class:`~pipeline.runner.stops.Stops` asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 from pipeline.config import JobConfig
-from pipeline.errors import JobTerminated, PipelineError, StoreError, one_line
+from pipeline.errors import LeaseLostError, PipelineError, StoreError, one_line
 from pipeline.runner.plan import ActorPlan
+from pipeline.runner.schedule import StallWatch, UnitOutcome, UnitSchedule
+from pipeline.runner.stops import Stops
+from pipeline.store.lease import Fence
 from pipeline.store.output import JOB_FILE, job_output
 from pipeline.store.units import unit_name
-from pipeline.worker import UnitWorker, units_in_flight
+from pipeline.worker import UnitWorker, unit_slots
 
 __all__ = ["LocalPool", "RayPool", "UnitOutcome"]
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class UnitOutcome:
-    """How one unit ended: its commit marker, or the error it failed with after its retries."""
+def _in_daemon_thread(name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+    """``function`` run in a new daemon thread: a thread blocked for ever does not keep the process alive."""
+    future: Future = Future()
 
-    url: str
-    marker: dict[str, Any] | None = None
-    error: str | None = None
+    def target() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(function(*args, **kwargs))
+        except BaseException as e:  # handed to the pool, which decides
+            future.set_exception(e)
 
-    @property
-    def unit(self) -> str:
-        return unit_name(self.url)
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
 
 
 class LocalPool:
     """Every unit in this process, on one worker (the model loaded once, on first use), :func:`~pipeline.worker.
-    units_in_flight` units at a time as a Ray actor holds them; a unit that raises fails alone, the job goes on."""
+    unit_slots` units at a time as a Ray actor holds them, each in a daemon thread; a unit that raises is
+    retried, then fails alone, and the job goes on.
+
+    Args:
+        job: The validated job.
+        fault: ``UNIT:BATCHES`` test hook.
+        worker: The worker to use (default: built on first use).
+        fence: The driver's lease, checked by every commit.
+        stops: The run's stops, checked every turn.
+    """
 
     actors = 1
-    restarts = 0
 
-    def __init__(self, job: JobConfig, fault: str | None = None, *, worker: UnitWorker | None = None) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        fault: str | None = None,
+        *,
+        worker: UnitWorker | None = None,
+        fence: Fence | None = None,
+        stops: Stops | None = None,
+    ) -> None:
         self.job = job
         self.fault = fault
+        self.fence = fence
+        self.restarts = 0
+        self._stops = stops
         self._worker = worker  # built on first use unless given
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
+        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet."""
         if not urls:
             return
         if self._worker is None:
-            self._worker = UnitWorker(self.job, fault=self.fault)
-        worker = self._worker
-        pool = ThreadPoolExecutor(units_in_flight(self.job, worker.device), thread_name_prefix="unit")
-        futures = deque((url, pool.submit(worker.run, stage, url)) for url in urls)
-        finished = False
+            self._worker = self._new_worker()
+        workers = self.job.workers
+        schedule = UnitSchedule(
+            urls,
+            [self._worker],
+            unit_slots(self.job, self._worker.device),
+            max_retries=workers.max_retries,
+            backoff_s=workers.retry_backoff_s,
+            fresh=fresh,
+        )
+        watch = StallWatch(workers.unit_timeout_s)
         try:
-            while futures:
-                url, future = futures.popleft()
-                try:
-                    yield UnitOutcome(url, future.result())
-                except PipelineError as e:
-                    yield UnitOutcome(url, error=str(e))
-                except Exception as e:  # a full disk, a bug: the unit fails as on a Ray actor, the job goes on
-                    _log.debug("unit %s failed", unit_name(url), exc_info=True)
-                    yield UnitOutcome(url, error=one_line(e, with_type=True))
-            finished = True
+            while schedule.active:
+                while (slot := schedule.next()) is not None:
+                    worker, unit = slot
+                    name = f"unit-{unit_name(unit.url)}"
+                    attempt = dict(attempt=unit.attempt, fresh=unit.fresh)
+                    schedule.started(_in_daemon_thread(name, worker.run, stage, unit.url, **attempt), *slot)
+                done = _wait_futures(schedule)
+                if self._stops is not None:
+                    self._stops.check()
+                for future in done:
+                    yield from self._settle(schedule, future)
+                if schedule.running and watch.due():
+                    yield from self._cancel_stalled(schedule, watch)
         finally:
-            # Left early (an interrupt): queued units are cancelled; a running one may be blocked in a read that
-            # never returns, so it is not waited for.
-            pool.shutdown(wait=finished, cancel_futures=True)
+            for worker, names in schedule.holding().items():  # left early: nothing of this run commits later
+                worker.abandon(names)
+
+    def _settle(self, schedule: UnitSchedule, future: Future) -> Iterator[UnitOutcome]:
+        _, unit = schedule.finished(future)
+        try:
+            marker = future.result()
+        except LeaseLostError:
+            raise
+        except PipelineError as e:
+            error = str(e)
+        except Exception as e:  # a full disk, a bug: the unit fails as on a Ray actor, the job goes on
+            _log.debug("unit %s failed", unit_name(unit.url), exc_info=True)
+            error = one_line(e, with_type=True)
+        else:
+            yield UnitOutcome(unit.url, marker)
+            return
+        _log.warning("unit %s attempt %d failed: %s", unit_name(unit.url), unit.attempt, error)
+        if (outcome := schedule.retry(unit, error)) is not None:
+            yield outcome
+
+    def _cancel_stalled(self, schedule: UnitSchedule, watch: StallWatch) -> Iterator[UnitOutcome]:
+        """Give up on units without progress for ``unit_timeout_s``: their threads are abandoned with the worker
+        they block (its device lock), and the others go on on a new worker."""
+        worker = self._worker
+        stalled = watch.stalled(worker.idle_seconds()) if worker is not None else set()
+        if not stalled:
+            return
+        self.restarts += 1
+        schedule.retire(worker)
+        held = schedule.take_units(worker)
+        worker.abandon({unit_name(unit.url) for unit in held})
+        self._worker = None
+        for unit in held:
+            if unit_name(unit.url) not in stalled:
+                schedule.requeue(unit)  # waiting for the device the stalled unit holds: no fault of its own
+                continue
+            error = f"no progress for {watch.timeout_s:g} s (workers.unit_timeout_s): abandoned"
+            _log.warning("unit %s attempt %d: %s (its thread stays blocked)", unit_name(unit.url), unit.attempt, error)
+            if (outcome := schedule.retry(unit, error)) is not None:
+                yield outcome
+        if schedule.waiting:
+            self._worker = self._new_worker()
+            schedule.add_worker(self._worker)
+
+    def _new_worker(self) -> UnitWorker:
+        return UnitWorker(self.job, fault=self.fault, fence=self.fence)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -92,14 +176,13 @@ class LocalPool:
         self.close()
 
 
-@dataclass(frozen=True)
-class _Pending:
-    """A unit waiting for an actor: ``attempt`` counts its failures so far; ``alone`` asks for an actor running
-    nothing else (after an actor died holding several units, each is retried alone to find the one that kills it)."""
-
-    url: str
-    attempt: int = 0
-    alone: bool = False
+def _wait_futures(schedule: UnitSchedule) -> set[Future]:
+    """The running units' futures that are done, after waiting at most a second (or the first backoff)."""
+    if not schedule.running:
+        time.sleep(min(1.0, schedule.seconds_to_next()))
+        return set()
+    done, _ = wait(schedule.running, timeout=1.0, return_when=FIRST_COMPLETED)
+    return done
 
 
 def _unit_actor_class():
@@ -110,20 +193,22 @@ def _unit_actor_class():
         """A Ray actor holding one :class:`UnitWorker` (the model loaded once); started with max_concurrency set to
         the units it holds at once, which share its device in turns (UnitWorker.run)."""
 
-        def __init__(self, job: dict[str, Any], device: str, fault: str | None, threads: int) -> None:
+        def __init__(
+            self, job: dict[str, Any], device: str, fault: str | None, threads: int, fence: Fence | None
+        ) -> None:
             import torch
 
             if device == "cpu":
                 torch.set_num_threads(threads)
             config = JobConfig.model_validate(job)
             _check_output_is_shared(config)
-            self.worker = UnitWorker(config, device, fault=fault)
+            self.worker = UnitWorker(config, device, fault=fault, fence=fence)
 
         def ready(self) -> int:
             return os.getpid()
 
-        def process(self, stage: str, url: str, attempt: int) -> dict[str, Any]:
-            return self.worker.run(stage, url, attempt=attempt)
+        def process(self, stage: str, url: str, attempt: int, fresh: bool = False) -> dict[str, Any]:
+            return self.worker.run(stage, url, attempt=attempt, fresh=fresh)
 
         @ray.method(concurrency_group="monitor")  # answers while every unit thread is busy (or hung)
         def stalled_units(self, timeout_s: float) -> list[str]:
@@ -145,12 +230,18 @@ def _check_output_is_shared(job: JobConfig) -> None:
         )
 
 
-def actor_error(error: BaseException) -> str:
-    """The error raised in an actor, as one line: the original exception's type and first line (Ray wraps it, with
-    the actor's traceback in its text)."""
+def _root_cause(error: BaseException) -> BaseException:
+    """The exception raised in an actor, out of Ray's wrappers."""
     cause = getattr(error, "cause", None) or error
     while getattr(cause, "cause", None) is not None and cause.cause is not cause:
         cause = cause.cause
+    return cause
+
+
+def actor_error(error: BaseException) -> str:
+    """The error raised in an actor, as one line: the original exception's type and first line (Ray wraps it, with
+    the actor's traceback in its text)."""
+    cause = _root_cause(error)
     text = str(cause).strip()
     if type(cause).__name__ in ("RayTaskError", "ActorDiedError", "RayActorError") or "Traceback" in text:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -165,9 +256,19 @@ class RayPool:
         job: The validated job.
         plan: How many actors, with which resources.
         fault: ``UNIT:BATCHES`` test hook passed to every worker.
+        fence: The driver's lease, checked by every actor's commits (they run on while the driver is paused).
+        stops: The run's stops: signals are deferred inside Ray's waits and raised at the pool's next turn.
     """
 
-    def __init__(self, job: JobConfig, plan: ActorPlan, fault: str | None = None) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        plan: ActorPlan,
+        fault: str | None = None,
+        *,
+        fence: Fence | None = None,
+        stops: Stops | None = None,
+    ) -> None:
         import ray
 
         self.job = job
@@ -179,14 +280,11 @@ class RayPool:
         self._device = "cuda" if plan.num_gpus else "cpu"
         self._job_dict = job.model_dump(mode="json", by_alias=True)
         self._fault = fault
-        self._per_actor = units_in_flight(job, self._device)
+        self._fence = fence
+        self._stops = stops
+        self._per_actor = unit_slots(job, self._device)
         self._live: list[Any] = []
         self._logs = job_output(job)
-        self._stop_reason: str | None = None
-
-    def stop(self, reason: str) -> None:
-        """Ask :meth:`run` to raise :class:`~pipeline.errors.JobTerminated` at its next turn (signal-safe)."""
-        self._stop_reason = reason
 
     def __enter__(self) -> RayPool:
         self._live = [self._start() for _ in range(self.plan.count)]
@@ -204,22 +302,38 @@ class RayPool:
     def _start(self) -> Any:
         options = dict(num_gpus=self.plan.num_gpus, num_cpus=self.plan.num_cpus, max_concurrency=self._per_actor)
         threads = max(1, int(self.plan.num_cpus))
-        return self._class.options(**options).remote(self._job_dict, self._device, self._fault, threads)
+        return self._class.options(**options).remote(self._job_dict, self._device, self._fault, threads, self._fence)
+
+    def _deferred(self) -> contextlib.AbstractContextManager:
+        """Signals wait for the next turn: an exception raised inside Ray's compiled wait would be mangled."""
+        return self._stops.deferred() if self._stops is not None else contextlib.nullcontext()
+
+    def _check_stops(self) -> None:
+        if self._stops is not None:
+            self._stops.check()
 
     def _wait_ready(self, actors: list) -> None:
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         timeout = self.job.workers.actor_start_timeout_s
-        try:
-            self._ray.get([a.ready.remote() for a in actors], timeout=timeout)
-        except GetTimeoutError:
-            raise PipelineError(
-                f"actors did not start within workers.actor_start_timeout_s={timeout} s (each asks for "
-                f"{self.plan.num_gpus} GPU and {self.plan.num_cpus} CPU; cluster has "
-                f"{self._ray.cluster_resources()})"
-            ) from None
-        except (RayActorError, RayTaskError) as e:
-            raise PipelineError(f"a worker failed to start: {actor_error(e)}") from None
+        deadline = time.monotonic() + timeout
+        refs = [a.ready.remote() for a in actors]
+        with self._deferred():
+            while True:
+                ready, waiting = self._ray.wait(refs, num_returns=len(refs), timeout=1.0)
+                self._check_stops()
+                try:
+                    self._ray.get(ready)
+                except (RayActorError, RayTaskError) as e:
+                    raise PipelineError(f"a worker failed to start: {actor_error(e)}") from None
+                if not waiting:
+                    return
+                if time.monotonic() >= deadline:
+                    raise PipelineError(
+                        f"actors did not start within workers.actor_start_timeout_s={timeout:g} s (each asks for "
+                        f"{self.plan.num_gpus} GPU and {self.plan.num_cpus} CPU; cluster has "
+                        f"{self._ray.cluster_resources()})"
+                    )
 
     def _record(self, unit: str, attempt: int, text: str) -> None:
         """The full text of an attempt's error (an actor's traceback), under ``OUT/_logs/``."""
@@ -229,105 +343,95 @@ class RayPool:
         except PipelineError:
             _log.debug("could not write %s", path)
 
-    def run(self, stage: str, urls: list[str]) -> Iterator[UnitOutcome]:
+    def run(self, stage: str, urls: list[str], fresh: Collection[str] = ()) -> Iterator[UnitOutcome]:
+        """Run ``stage`` over the units of ``urls``; the units named in ``fresh`` have nothing in the output yet
+        (their first dispatch starts them fresh; a later one, after a death or a cancellation, clears first)."""
+        workers = self.job.workers
+        schedule = UnitSchedule(
+            urls,
+            self._live,
+            self._per_actor,
+            max_retries=workers.max_retries,
+            backoff_s=workers.retry_backoff_s,
+            fresh=fresh,
+        )
+        watch = StallWatch(workers.unit_timeout_s)
+        died_with: dict[Any, int] = {}  # a dead actor -> the units it was running when it died
+        with self._deferred():
+            while schedule.active:
+                while (slot := schedule.next()) is not None:
+                    actor, unit = slot
+                    schedule.started(actor.process.remote(stage, unit.url, unit.attempt, unit.fresh), actor, unit)
+                if schedule.running:
+                    ready, _ = self._ray.wait(schedule.running, num_returns=1, timeout=1.0)
+                else:
+                    ready = []
+                    time.sleep(min(1.0, schedule.seconds_to_next()))
+                self._check_stops()
+                for ref in ready:
+                    yield from self._settle(schedule, ref, died_with)
+                if schedule.running and watch.due():
+                    yield from self._cancel_stalled(schedule, watch.timeout_s)
+
+    def _settle(self, schedule: UnitSchedule, ref: Any, died_with: dict[Any, int]) -> Iterator[UnitOutcome]:
         from ray.exceptions import RayActorError, RayTaskError
 
-        ray = self._ray
-        load = dict.fromkeys(self._live, 0)  # units in flight per live actor
-        died_with: dict[Any, int] = {}  # dead actor -> units it held when it died
-        queue = deque(_Pending(url) for url in urls)
-        running: dict[Any, tuple[Any, _Pending]] = {}
+        actor, unit = schedule.finished(ref)
+        try:
+            marker = self._ray.get(ref)
+        except RayActorError as e:
+            if actor not in died_with:  # the first of its units to report: replace the actor once
+                _log.warning("a worker died while running %s (attempt %d): replacing it", unit.url, unit.attempt)
+                died_with[actor] = 1 + len(schedule.units_on(actor))
+                self._replace(schedule, actor)
+            if died_with[actor] > 1:  # which of its units killed it is unknown: each retries alone, uncharged
+                schedule.requeue(unit, alone=True)
+                return
+            error = f"worker died: {actor_error(e)}"
+        except RayTaskError as e:
+            if isinstance(cause := _root_cause(e), LeaseLostError):
+                raise LeaseLostError(str(cause)) from None
+            error = actor_error(e)
+            self._record(unit_name(unit.url), unit.attempt, str(e))
+            _log.warning("unit %s attempt %d failed: %s", unit_name(unit.url), unit.attempt, error)
+        else:
+            yield UnitOutcome(unit.url, marker)
+            return
+        if (outcome := schedule.retry(unit, error)) is not None:
+            yield outcome
 
-        def dispatch() -> None:
-            while queue:
-                unit = queue[0]
-                isolating = {a for a, u in running.values() if u.alone}  # actors running a unit alone take no other
-                room = 1 if unit.alone else self._per_actor
-                open_actors = [a for a in self._live if load[a] + 1 <= room and a not in isolating]
-                if not open_actors:
-                    return
-                actor = min(open_actors, key=load.__getitem__)
-                queue.popleft()
-                load[actor] += 1
-                running[actor.process.remote(stage, unit.url, unit.attempt)] = (actor, unit)
-
-        def settle(unit: _Pending, error: str) -> UnitOutcome | None:
-            """Queue a failed unit's next attempt; after its last one, its outcome."""
-            if unit.attempt < self.job.workers.max_retries:
-                queue.append(_Pending(unit.url, unit.attempt + 1))
-                return None
-            return UnitOutcome(unit.url, error=f"{error} (after {unit.attempt + 1} attempts)")
-
-        timeout = self.job.workers.unit_timeout_s
-        checked = time.monotonic()
-        while queue or running:
-            dispatch()
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            if self._stop_reason is not None:
-                raise JobTerminated(self._stop_reason)
-            for ref in ready:
-                actor, unit = running.pop(ref)
-                try:
-                    marker = ray.get(ref)
-                except RayActorError as e:
-                    if actor not in died_with:  # the first of its units to report: replace the actor once
-                        _log.warning(
-                            "a worker died while running %s (attempt %d): replacing it", unit.url, unit.attempt
-                        )
-                        died_with[actor] = self._replace(actor, load)
-                    if died_with[actor] > 1:  # which of its units killed it is unknown: each retries alone, free
-                        queue.appendleft(_Pending(unit.url, unit.attempt, alone=True))
-                        continue
-                    error = f"worker died: {actor_error(e)}"
-                except RayTaskError as e:
-                    error = actor_error(e)
-                    self._record(unit_name(unit.url), unit.attempt, str(e))
-                    _log.warning("unit %s attempt %d failed: %s", unit_name(unit.url), unit.attempt, error)
-                else:
-                    error = None
-                if actor in load:
-                    load[actor] -= 1
-                if error is None:
-                    yield UnitOutcome(unit.url, marker)
-                elif (outcome := settle(unit, error)) is not None:
+    def _cancel_stalled(self, schedule: UnitSchedule, timeout: float) -> Iterator[UnitOutcome]:
+        """Cancel the units without progress for ``timeout`` s with their actors; the actors' other units are
+        queued again, uncharged."""
+        for actor, stalled in self._stalled(schedule.holding(), timeout):
+            _log.warning("cancelling %s: no progress for %g s; replacing its worker", stalled, timeout)
+            held = schedule.take_units(actor)
+            self._replace(schedule, actor)
+            for unit in held:
+                if unit_name(unit.url) not in stalled:
+                    schedule.requeue(unit)  # cancelled with its actor through no fault of its own
+                    continue
+                error = f"no progress for {timeout:g} s (workers.unit_timeout_s): cancelled"
+                self._record(unit_name(unit.url), unit.attempt, error)
+                if (outcome := schedule.retry(unit, error)) is not None:
                     yield outcome
-            if timeout is not None and running and time.monotonic() - checked >= min(timeout / 3, 10.0):
-                checked = time.monotonic()
-                for actor, stalled in self._stalled(running, timeout):
-                    _log.warning("cancelling %s: no progress for %g s; replacing its worker", stalled, timeout)
-                    for ref, (holder, unit) in list(running.items()):
-                        if holder is not actor:
-                            continue
-                        del running[ref]
-                        if unit_name(unit.url) not in stalled:
-                            queue.appendleft(unit)  # cancelled with its actor through no fault of its own
-                            continue
-                        error = f"no progress for {timeout:g} s (workers.unit_timeout_s): cancelled"
-                        self._record(unit_name(unit.url), unit.attempt, error)
-                        if (outcome := settle(unit, error)) is not None:
-                            yield outcome
-                    self._replace(actor, load)
 
-    def _replace(self, actor: Any, load: dict[Any, int]) -> int:
-        """Kill ``actor`` and start another in its place; returns how many units it held."""
+    def _replace(self, schedule: UnitSchedule, actor: Any) -> None:
+        """Kill ``actor`` and start another in its place."""
         self.restarts += 1
-        held = load.pop(actor, 0)
+        schedule.retire(actor)
         self._live.remove(actor)
         self._ray.kill(actor, no_restart=True)
         replacement = self._start()
         self._wait_ready([replacement])
         self._live.append(replacement)
-        load[replacement] = 0
-        return held
+        schedule.add_worker(replacement)
 
-    def _stalled(self, running: dict[Any, tuple[Any, _Pending]], timeout: float) -> list[tuple[Any, set[str]]]:
+    def _stalled(self, holding: dict[Any, set[str]], timeout: float) -> list[tuple[Any, set[str]]]:
         """Actors with units that made no progress for ``timeout`` s, and those units (all of an actor's units
         when it does not answer)."""
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        holding: dict[Any, set[str]] = {}
-        for actor, unit in running.values():
-            holding.setdefault(actor, set()).add(unit_name(unit.url))
         queries = {actor: actor.stalled_units.remote(timeout) for actor in holding}
         result = []
         for actor, ref in queries.items():

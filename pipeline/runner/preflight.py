@@ -11,11 +11,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pipeline.config import JobConfig, expand_shards, is_url
-from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError
+from pipeline.errors import ConfigError, PipelineError, ShardError, ShardNotFoundError, StoreError, one_line
 from pipeline.store.output import job_output
 from pipeline.store.units import unit_name
 
-__all__ = ["CheckedJob", "preflight"]
+__all__ = ["CheckedJob", "check_shards", "check_worker_inputs", "preflight"]
 
 _log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class CheckedJob:
 
 
 def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
-    """Check a job before running it: shards, output, model, checkpoint, labels and bank.
+    """Check a job before running it: output, shards, model, checkpoint, labels and bank.
 
     Args:
         job: The validated job.
@@ -39,16 +39,52 @@ def preflight(job: JobConfig, *, model: bool = True) -> CheckedJob:
         PipelineError: the first problem found (ConfigError, ShardNotFoundError, CheckpointError, BankError, ...);
             the message names the file or field.
     """
-    job_output(job)
+    checked = check_shards(job)
+    check_worker_inputs(job, checked, model=model)
+    return checked
+
+
+def check_shards(job: JobConfig) -> CheckedJob:
+    """The cheap half of :func:`preflight`, before anything is written: the output location (its bucket) and the
+    shards.
+
+    Raises:
+        PipelineError: an output location that cannot be opened, shards that are missing or share a unit name.
+    """
+    _check_output(job)
     urls = _check_shards(job.shard_urls(), "data.shards")
     bank_urls = []
     if job.mode == "self-supervised" and job.bank.shards is not None:
         bank_urls = _check_shards(expand_shards(job.bank.shards, "bank.shards"), "bank.shards")
+    return CheckedJob(urls, bank_urls)
+
+
+def check_worker_inputs(job: JobConfig, checked: CheckedJob, *, model: bool = True) -> None:
+    """The other half, under the driver's lease: the model (built on the CPU, checkpoint loaded), labels and bank.
+
+    Raises:
+        PipelineError: the first problem found, naming the file or field.
+    """
     if model:
         _check_model(job)
     if job.target == "label":
-        _check_labels(urls[0])
-    return CheckedJob(urls, bank_urls)
+        _check_labels(checked.urls[0])
+
+
+def _check_output(job: JobConfig) -> None:
+    """An output on an object store goes into a bucket that exists: writing creates no bucket."""
+    output = job_output(job)
+    if output.bucket is None:
+        return
+    try:
+        found = output.fs.exists(output.bucket)
+    except (OSError, ValueError) as e:
+        raise StoreError(f"output.path: cannot reach {job.output.path}: {one_line(e)}") from None
+    if not found:
+        raise StoreError(
+            f"output.path: the bucket {output.bucket!r} of {job.output.path} does not exist (or cannot be reached "
+            "with output.storage_options); create it first"
+        )
 
 
 def _check_shards(urls: list[str], field: str) -> list[str]:

@@ -13,9 +13,9 @@ class JobSummary:
     """What a job did.
 
     ``exit_code``: 0 when every sample was explained; 1 when a unit failed after its retries or is incomplete (its
-    shard ended early: a rerun redoes it); 3 when all units completed but some samples failed (corrupt images, ...;
-    their rows say why). The CLI adds 2 (a user error, found before any unit ran), 130 (interrupted) and 143
-    (terminated).
+    shard ended early: a rerun redoes it), or the job stopped on an error after units ran (``stopped``); 3 when all
+    units completed but some samples failed (corrupt images, ...; their rows say why). The CLI adds 2 (a user error,
+    found before any unit ran), 130 (interrupted) and 143 (terminated).
     """
 
     job: str
@@ -32,10 +32,11 @@ class JobSummary:
     actor_restarts: int = 0
     bank_samples: int = 0
     knn_accuracy: float | None = None
+    stopped: str | None = None  # an error that ended the job after units ran (not a user's: exit code 1)
 
     @property
     def exit_code(self) -> int:
-        if self.failed_units or self.incomplete_units:
+        if self.failed_units or self.incomplete_units or self.stopped:
             return 1
         return 3 if self.samples_failed else 0
 
@@ -58,6 +59,8 @@ class JobSummary:
             lines.append(f"memory bank: {self.bank_samples} samples")
         if self.knn_accuracy is not None:
             lines.append(f"k-NN accuracy of the explained samples: {self.knn_accuracy:.4f}")
+        if self.stopped:
+            lines.append(f"STOPPED after units ran: {self.stopped}")
         lines += [f"FAILED unit {unit}: {error}" for unit, error in self.failed_units.items()]
         lines += [f"INCOMPLETE unit {unit} (a rerun redoes it): {why}" for unit, why in self.incomplete_units.items()]
         if self.samples_failed:

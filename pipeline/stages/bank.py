@@ -18,6 +18,7 @@ from pipeline.models import pooled_features
 from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.store.bank import bank_output
 from pipeline.store.features import EncodedBatch, FeatureWriter
+from pipeline.store.lease import Fence
 
 __all__ = ["BankStage"]
 
@@ -41,8 +42,8 @@ class BankStage:
         self.dim = dim
         self.autocast = compute_dtype(job.dtype)
 
-    def open_unit(self, unit: str, url: str) -> UnitState:
-        return UnitState(FeatureWriter(bank_output(self.job), unit, self.dim))
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False, fence: Fence | None = None) -> UnitState:
+        return UnitState(FeatureWriter(bank_output(self.job), unit, self.dim, fresh=fresh, fence=fence))
 
     def reject(self, sample: DecodedSample) -> str | None:
         return None

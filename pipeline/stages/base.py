@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from pipeline.data.decode import DecodedBatch, DecodedSample
+
+if TYPE_CHECKING:
+    from pipeline.store.lease import Fence
 
 __all__ = ["Stage", "UnitSink", "UnitState", "compute_dtype"]
 
@@ -46,8 +49,9 @@ class Stage(Protocol):
 
     name: str
 
-    def open_unit(self, unit: str, url: str) -> UnitState:
-        """Start a unit afresh."""
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False, fence: Fence | None = None) -> UnitState:
+        """Start a unit afresh; ``fresh``: nothing of it exists in the output yet, so nothing is removed; its writes
+        are fenced by the driver's lease (None: unfenced)."""
 
     def reject(self, sample: DecodedSample) -> str | None:
         """Why a decoded sample cannot be computed by this stage (its error message), or None."""

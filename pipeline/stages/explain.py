@@ -19,10 +19,11 @@ from pipeline.sanity import CascadingRandomisation, map_similarity
 from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
 from pipeline.store.bank import load_bank
+from pipeline.store.lease import Fence
 from pipeline.store.output import job_output
 from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
 from pipeline.store.units import unit_name
-from pipeline.store.zarr_store import MapLayout, round_significant, significant_bits
+from pipeline.store.zarr_store import MapLayout, MapStore, round_significant, significant_bits
 
 __all__ = ["ExplainStage"]
 
@@ -58,6 +59,7 @@ class ExplainStage:
         data_config = model_data_config(model)
         self.mean, self.std = tuple(data_config["mean"]), tuple(data_config["std"])  # the worker's normalisation
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
+        self._maps: MapStore | None = None  # the output's maps.zarr, opened by the first unit
         evaluate = job.evaluate
         self.cascade = None
         if evaluate is not None and evaluate.sanity == "cascading":
@@ -65,9 +67,20 @@ class ExplainStage:
             self._units = [unit_name(url) for url in job.shard_urls()]
             self._sanity_left: dict[str, int] = {}  # unit -> samples its sanity check still re-explains
 
-    def open_unit(self, unit: str, url: str) -> UnitState:
+    def open_unit(self, unit: str, url: str, *, fresh: bool = False, fence: Fence | None = None) -> UnitState:
+        output = job_output(self.job)
+        if self._maps is None:  # one per worker: the root attributes are checked once
+            self._maps = MapStore(output.child("maps.zarr"))
         writer = UnitWriter(
-            job_output(self.job), unit, self.layout, shard=url, job=self.job.name, store_options=self.job.store_options
+            output,
+            unit,
+            self.layout,
+            shard=url,
+            job=self.job.name,
+            store_options=self.job.store_options,
+            maps=self._maps,
+            fresh=fresh,
+            fence=fence,
         )
         generator = None
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit

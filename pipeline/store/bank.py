@@ -7,7 +7,11 @@ A bank is a Zarr v3 group; any such group works as a job's ``bank.path``::
     labels (M,)       int64 class ids, when the bank is labelled
     keys (M,)         the samples' keys, when known (``bank.exclude_self`` needs them)
     attrs             format, version, k, temperature, normalised, num_classes; ``units`` (the bank stage's
-                      reference units, written last: the bank is whole)
+                      reference units: the bank is whole)
+
+The group's ``zarr.json`` (its attributes and the consolidated metadata of its arrays) is written last, so a bank
+the bank stage assembled has ``units`` from the moment it exists at all. Its chunks are encoded in memory and put
+concurrently as they are made (:class:`~pipeline.store.zarr_objects.StagedGroup`), a few hundred MB at a time.
 
 The bank stage's own units (pooled features of each reference shard) are :mod:`pipeline.store.features`.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ from pipeline.errors import BankError, one_line
 from pipeline.store.features import read_unit_features, write_strings
 from pipeline.store.output import Output, as_output, job_output
 from pipeline.store.units import done_units, unit_name
+from pipeline.store.zarr_objects import ReadStore, StagedGroup, open_group
 
 __all__ = [
     "assemble_bank",
@@ -48,18 +54,25 @@ _log = logging.getLogger(__name__)
 BANK_FORMAT = "daam-pipeline/memory-bank"
 _FORMAT_VERSION = 1
 _CHUNK_BYTES = 1 << 24
+_PUT_BYTES = 1 << 28  # encoded chunks held in memory before they are put
 
 
 def write_bank(
-    bank: MemoryBank, location: Output, *, overwrite: bool = False, keys: Sequence[str] | None = None
+    bank: MemoryBank,
+    location: Output,
+    *,
+    overwrite: bool = False,
+    keys: Sequence[str] | None = None,
+    units: Sequence[str] | None = None,
 ) -> None:
-    """Write ``bank`` as a Zarr v3 group at ``location``.
+    """Write ``bank`` as a Zarr v3 group at ``location``, its ``zarr.json`` last.
 
     Args:
         bank: The bank (its rows are written as stored: unit rows in its dtype).
         location: Where the group goes (a local folder or a URL, with its storage options).
         overwrite: Replace an existing group.
         keys: The samples' keys, row by row (needed by ``bank.exclude_self``).
+        units: The bank stage's reference units it was assembled from (the attribute that marks it whole).
 
     Raises:
         BankError: The group cannot be written (for example it exists and not ``overwrite``), or keys of another
@@ -76,19 +89,34 @@ def write_bank(
         "temperature": bank.temperature,
         "normalised": True,
         "num_classes": bank.num_classes,
+        **({"units": list(units)} if units is not None else {}),
     }
+    if not overwrite and location.exists(location.path("zarr.json")):
+        raise BankError(f"cannot write memory bank to {location.url}: a Zarr group is there (overwrite it)")
     try:
-        group = _open(location, mode="w" if overwrite else "w-", attributes=attrs)
+        if overwrite:
+            location.remove(location.root)
+        staged = StagedGroup(attrs)
         dtype = str(feats.dtype).removeprefix("torch.")
-        array = group.create_array("features", shape=feats.shape, dtype=dtype, chunks=(rows, bank.dim))
+        array = staged.group.create_array("features", shape=feats.shape, dtype=dtype, chunks=(rows, bank.dim))
         for start in range(0, bank.size, rows):
             array[start : start + rows] = feats[start : start + rows].cpu().numpy()
+            if (start // rows + 1) % max(1, _PUT_BYTES // _CHUNK_BYTES) == 0:
+                _put(location, staged.take_chunks())
         if bank.labels is not None:
-            group.create_array("labels", data=bank.labels.cpu().numpy(), chunks=(_CHUNK_BYTES // 8,))
+            staged.group.create_array("labels", data=bank.labels.cpu().numpy(), chunks=(_CHUNK_BYTES // 8,))
         if keys is not None:
-            write_strings(group, "keys", keys)
-    except (OSError, ValueError, TypeError) as e:  # zarr's ContainsGroupError is a ValueError
+            write_strings(staged.group, "keys", keys)
+        objects = staged.objects()
+        group_metadata = {"zarr.json": objects.pop("zarr.json")}
+        _put(location, objects)
+        _put(location, group_metadata)  # last: the bank exists, whole
+    except (OSError, ValueError, TypeError) as e:
         raise BankError(f"cannot write memory bank to {location.url}: {e}") from e
+
+
+def _put(location: Output, objects: dict[str, bytes]) -> None:
+    location.put_many({location.path(key): data for key, data in objects.items()})
 
 
 def read_bank(location: Output, **overrides: Any) -> MemoryBank:
@@ -140,7 +168,7 @@ def bank_is_built(job: JobConfig) -> bool:
     """Whether ``bank.path`` holds a whole bank (one the bank stage assembled has its ``units``, written last)."""
     try:
         attrs = _open(bank_location(job)).attrs
-    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError):
+    except (FileNotFoundError, ValueError):  # zarr's GroupNotFoundError is both
         return False
     return attrs.get("format") == BANK_FORMAT and (job.bank.shards is None or "units" in attrs)
 
@@ -194,7 +222,10 @@ def assemble_bank(job: JobConfig) -> MemoryBank:
     missing = sorted(set(units) - set(done_units(output)))
     if missing:
         raise BankError(f"bank units not encoded yet: {missing[:5]}")
-    features, labels, keys = zip(*(read_unit_features(output, unit) for unit in units), strict=True)
+    store = ReadStore(output)  # one store for every thread: one client, on zarr's event loop
+    with ThreadPoolExecutor(16, thread_name_prefix="bank-read") as pool:  # an object store's latency, overlapped
+        read = list(pool.map(lambda unit: read_unit_features(output, unit, store=store), units))
+    features, labels, keys = zip(*read, strict=True)
     labels_all = np.concatenate(labels)
     if job.bank.label_free or (labels_all < 0).all():
         bank_labels = None
@@ -214,8 +245,7 @@ def assemble_bank(job: JobConfig) -> MemoryBank:
         dtype=torch.float16 if job.bank.storage_dtype == "float16" else torch.float32,
     )
     location = bank_location(job)
-    write_bank(bank, location, overwrite=True, keys=np.concatenate(keys))
-    _open(location, mode="r+").attrs["units"] = units  # last: marks the bank whole
+    write_bank(bank, location, overwrite=True, keys=np.concatenate(keys), units=units)
     _log.info("memory bank of %d samples (D=%d) written to %s", bank.size, bank.dim, location.url)
     return bank
 
@@ -266,5 +296,5 @@ def _read_tensor(path: str | Path, what: str) -> torch.Tensor:
     return value
 
 
-def _open(location: Output, mode: str = "r", **kwargs: Any) -> zarr.Group:
-    return zarr.open_group(location.url, mode=mode, storage_options=location.zarr_options, **kwargs)
+def _open(location: Output) -> zarr.Group:
+    return open_group(location)

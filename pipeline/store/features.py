@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from pipeline.errors import StoreError
 from pipeline.store.output import OutputLike, as_output
 from pipeline.store.units import BANK_PARTS, UnitTransaction
+from pipeline.store.zarr_objects import ReadStore, StagedGroup, open_group
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from pipeline.data.decode import DecodedBatch
+    from pipeline.store.lease import Fence
 
 __all__ = ["EncodedBatch", "FeatureWriter", "read_unit_features", "write_strings"]
 
@@ -48,12 +49,16 @@ class FeatureWriter:
         out: The bank stage's output root (``OUT/bank``).
         unit: Unit name.
         dim: Feature size D (the array's width when the unit has no ok sample).
+        fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
+        fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
     """
 
-    def __init__(self, out: OutputLike, unit: str, dim: int) -> None:
+    def __init__(
+        self, out: OutputLike, unit: str, dim: int, *, fresh: bool = False, fence: Fence | None = None
+    ) -> None:
         self.output = as_output(out)
         self.unit = unit
-        self._transaction = UnitTransaction(self.output, BANK_PARTS, unit)
+        self._transaction = UnitTransaction(self.output, BANK_PARTS, unit, fresh=fresh, fence=fence)
         self._dim = dim
         self._features: list[np.ndarray] = []
         self._labels: list[int] = []
@@ -79,24 +84,29 @@ class FeatureWriter:
         self._keys += [str(s.key) for s in batch.samples]
 
     def commit(self, summary: Mapping[str, Any] | None = None, *, incomplete: str | None = None) -> dict[str, Any]:
-        """Write the unit's arrays, make them durable, then write its marker."""
+        """Write the unit's arrays (one concurrent round of PUTs on an object store), then its marker."""
         features = np.concatenate(self._features) if self._features else np.zeros((0, self._dim), np.float32)
+        staged = StagedGroup()
+        staged.group.create_array("features", data=features)
+        staged.group.create_array("labels", data=np.asarray(self._labels, dtype=np.int64))
+        write_strings(staged.group, "keys", self._keys)
         path = self._transaction.paths["features"]
-        try:
-            group = zarr.open_group(self.output.url_of(path), mode="w", storage_options=self.output.zarr_options)
-            group.create_array("features", data=features)
-            group.create_array("labels", data=np.asarray(self._labels, dtype=np.int64))
-            write_strings(group, "keys", self._keys)
-        except OSError as e:
-            raise StoreError(f"cannot write bank unit {self.unit} to {path}: {e}") from e
-        self._transaction.sync("features")
+        self._transaction.write({f"{path}/{key}": data for key, data in staged.objects().items()})
         counts = {"samples": self.ok + self.failed, "ok": self.ok, "failed": self.failed, "errors": self._errors}
         return self._transaction.commit({**(summary or {}), **counts}, incomplete=incomplete)
 
 
-def read_unit_features(out: OutputLike, unit: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A committed bank unit's features ``(n, D)``, labels ``(n,)`` and keys ``(n,)``."""
+def read_unit_features(
+    out: OutputLike, unit: str, *, store: ReadStore | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A committed bank unit's features ``(n, D)``, labels ``(n,)`` and keys ``(n,)``.
+
+    Args:
+        out: The bank stage's output root.
+        unit: Unit name.
+        store: A store of ``out`` to read through (a reader of many units opens one, shared by its threads).
+    """
     output = as_output(out)
     path = BANK_PARTS.path(output, "features", unit)
-    group = zarr.open_group(output.url_of(path), mode="r", storage_options=output.zarr_options)
+    group = open_group(store or ReadStore(output), path=path.removeprefix(output.root + "/"))
     return group["features"][:], group["labels"][:], group["keys"][:]

@@ -1,4 +1,9 @@
-"""The output location of a job: an fsspec file system and a root path on it, with atomic and durable writes."""
+"""The output location of a job: an fsspec file system and a root path on it, with atomic and durable writes.
+
+On a local disk a file is written under a temporary name, fsync'd and renamed, and its folder fsync'd. On an object
+store one PUT is atomic per object and durable when it returns: a file is one request there, many files are put
+concurrently (fsspec's async API), and nothing probes for existence or creates folders (or buckets) first.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StoreError
@@ -62,7 +68,11 @@ class Output:
 
     def child(self, *parts: str) -> Output:
         """``OUT/<parts>`` as an output location of its own (the bank stage writes under ``OUT/bank``)."""
-        return Output(self.url_of(self.path(*parts)), self.storage_options)
+        return self.at(self.path(*parts))
+
+    def at(self, path: str) -> Output:
+        """A path on :attr:`fs` as an output location of its own."""
+        return Output(self.url_of(path), self.storage_options)
 
     def exists(self, path: str) -> bool:
         self.fs.invalidate_cache(path)
@@ -76,41 +86,89 @@ class Output:
         except FileNotFoundError:
             return []
 
+    @property
+    def bucket(self) -> str | None:
+        """The bucket (container) of an object store's root path; None for a file system with folders."""
+        if self.is_local or self.root.startswith("/"):  # memory:// paths start at "/"
+            return None
+        return self.root.split("/", 1)[0]
+
     def put_atomic(self, path: str, data: bytes) -> None:
-        """Write ``data`` to a temporary name next to ``path``, then rename it to ``path``."""
-        parent = path.rsplit("/", 1)[0]
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        """Write ``data`` to ``path`` whole and durably: one PUT on an object store; on a local disk through a
+        temporary name next to ``path``, fsync'd, renamed, and the folder fsync'd."""
+        self.put_many({path: data})
+
+    def put_many(self, files: Mapping[str, bytes]) -> None:
+        """Write many files, each whole; all are durable when this returns.
+
+        On an object store one PUT per file, all at once; on a local disk each as :meth:`put_atomic`, their folders
+        fsync'd once each.
+
+        Raises:
+            StoreError: a file cannot be written (the bucket does not exist, no permission, a full disk, ...).
+        """
+        if not files:
+            return
         try:
-            self.fs.makedirs(parent, exist_ok=True)
-            if self.is_local:
+            if not self.is_local:
+                self.fs.pipe(dict(files))
+                return
+            folders = dict.fromkeys(path.rsplit("/", 1)[0] for path in files)
+            for folder in list(folders):  # folders made here: their parents' entries must be made durable too
+                while not os.path.isdir(folder):
+                    folders[os.path.dirname(folder)] = None
+                    folder = os.path.dirname(folder)
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+            for path, data in files.items():
+                temporary = f"{path}.tmp-{uuid.uuid4().hex}"
                 with open(temporary, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(temporary, path)
-                _fsync(parent)
-            else:
-                self.fs.pipe_file(temporary, data)
-                self.fs.mv(temporary, path)
+            for folder in sorted(folders, key=len, reverse=True):  # the deepest first
+                _fsync(folder)
         except OSError as e:
-            raise StoreError(f"cannot write {self.fs.unstrip_protocol(path)}: {_reason(e)}") from e
+            more = " and more" if len(files) > 1 else ""
+            raise StoreError(f"cannot write {self.url_of(next(iter(files)))}{more}: {_reason(e)}") from e
 
-    def sync(self, path: str) -> None:
-        """Flush every file and directory under ``path``, and its parent, to disk (local file systems only)."""
-        if self.is_local:
-            try:
-                for folder, _, files in os.walk(path):
-                    for name in files:
-                        _fsync(os.path.join(folder, name))
-                    _fsync(folder)
-                _fsync(os.path.dirname(path))
-            except OSError as e:
-                raise StoreError(f"cannot flush {path} to disk: {_reason(e)}") from e
+    def cat_many(self, paths: list[str]) -> dict[str, bytes]:
+        """Whole files by path: one GET each, all at once on an object store.
+
+        Raises:
+            FileNotFoundError: a file does not exist.
+        """
+        if len(paths) == 1:  # from offset 0: fsspec would first ask an object store for the size
+            return {paths[0]: self.fs.cat_file(paths[0], start=0)}
+        found = self.fs.cat(list(paths), on_error="raise", start=0) if paths else {}
+        return {path: found[path] for path in paths}
 
     def remove(self, path: str) -> None:
         """Remove a file or folder; nothing when it does not exist."""
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
+
+    def remove_files(self, paths: list[str]) -> None:
+        """Remove files (not folders) that may not exist, without looking for them first: one bulk delete per
+        1,000 files on an object store."""
+        if not paths:
+            return
+        if isinstance(self.fs, AsyncFileSystem):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(list(paths))
+            return
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+    def files_under(self, path: str) -> list[str]:
+        """Every file under a folder (one listing per 1,000 on an object store); [] when there is none."""
+        self.fs.invalidate_cache(path)
+        try:
+            return list(self.fs.find(path))
+        except FileNotFoundError:
+            return []
 
 
 OutputLike = str | os.PathLike | Output

@@ -1,16 +1,19 @@
 """Reading a pipeline output: ``open_results(path)``.
 
 Only committed units are read (complete ones, and incomplete ones whose shard ended early: their rows are real);
-parts of units being written are ignored, and a unit that a running job starts over between the listing and the
-read is skipped, so a reader never fails because a job is running.
+parts of units being written are ignored. Every read is of one consistent snapshot of the files
+(:func:`~pipeline.store.compact.table_sources` with ``snapshot``), taken again, after a pause, when a compaction
+or a running job changes the files under it: a reader never fails nor loses rows because a job or a compaction
+runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence, Sized
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -26,7 +29,15 @@ from pipeline.errors import (
     SampleNotFoundError,
     StoreError,
 )
-from pipeline.store.compact import Manifest, TableSources, read_manifest, table_sources
+from pipeline.store.compact import (
+    ChangingFilesError,
+    Manifest,
+    TableSources,
+    key_index_rows,
+    manifest_generation,
+    read_manifest,
+    table_sources,
+)
 from pipeline.store.lease import live_holder
 from pipeline.store.output import JOB_FILE, Output, OutputLike, as_output
 from pipeline.store.schemas import TABLE_SCHEMAS
@@ -37,6 +48,11 @@ __all__ = ["Results", "SampleMaps", "open_results"]
 
 # Integer columns become pandas' nullable dtypes, whether or not a column holds nulls.
 _PANDAS_TYPES = {pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype()}
+
+_CHANGING_S = 60.0
+"""A reader gives up only when the files keep changing under it this long."""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,9 +82,15 @@ class Results:
         self.output = output
 
     @cached_property
+    def _root(self) -> frozenset[str]:
+        """The names at the output's root, listed once (on an object store a folder without files is absent): the
+        folders a fully compacted output lacks are not listed again."""
+        return frozenset(self.output.listdir(self.output.root))
+
+    @cached_property
     def units(self) -> list[str]:
         """Committed units (complete and incomplete), sorted."""
-        return committed_units(self.output)
+        return committed_units(self.output, listed=self._root)
 
     def require_units(self) -> list[str]:
         """The committed units; raises when there is none to read.
@@ -98,7 +120,7 @@ class Results:
     def attrs(self) -> dict[str, Any]:
         """Root attributes of ``maps.zarr`` (model, layout, storage); empty before any unit was written."""
         try:
-            return self._map_store().attrs
+            return self._maps.attrs
         except StoreError:
             return {}
 
@@ -142,7 +164,17 @@ class Results:
         Raises:
             OutputLookupError: an unknown table. StoreError: the files cannot be read.
         """
-        parts = list(self._scan(table, columns, filters))
+        schema, wanted = self._table(table, filters)
+
+        def scan(manifest: Manifest | None) -> list[pa.Table]:
+            scans = self._sources(table, manifest).scans(self.output, schema)
+            selected = None if columns is None else list(columns)
+            return [dataset.to_table(columns=selected, filter=_and(where, wanted)) for dataset, where in scans]
+
+        parts = self._consistently(scan)
+        if not parts:
+            empty = schema.empty_table()
+            parts = [empty if columns is None else empty.select(list(columns))]
         rows = pa.concat_tables(parts)
         if len(parts) > 1 and "unit" in rows.column_names:  # compacted units, then units written since
             rows = rows.take(pc.sort_indices(rows, [("unit", "ascending")]))  # stable: rows keep their order
@@ -151,9 +183,38 @@ class Results:
     def batches(
         self, table: str, columns: Sequence[str] | None = None, filters: Any = None, *, batch_size: int = 131_072
     ) -> Iterator[pa.RecordBatch]:
-        """One table of the committed units as record batches, for scans that do not fit in memory."""
-        for part in self._scan(table, columns, filters, batch_size=batch_size, batches=True):
-            yield from part
+        """One table of the committed units as record batches, for scans that do not fit in memory.
+
+        A file that a compaction merged and removed before its turn came is read from the compacted files instead
+        (a new snapshot, without the units read already).
+
+        Raises:
+            StoreError: the compacted files were replaced twice in the middle of the scan (read again).
+        """
+        schema, wanted = self._table(table, filters)
+        read: set[str] = set()
+        deadline = time.monotonic() + _CHANGING_S
+        while True:
+            sources = self._consistently(lambda manifest: self._sources(table, manifest))
+            try:
+                for units, dataset, where in sources.unit_scans(self.output, schema, skip=read):
+                    selected = None if columns is None else list(columns)
+                    scanner = dataset.scanner(columns=selected, filter=_and(where, wanted), batch_size=batch_size)
+                    batches = scanner.to_batches()
+                    first = next(batches, None)  # a file removed meanwhile fails here, before any of its rows
+                    if first is not None:
+                        yield first
+                        try:
+                            yield from batches
+                        except FileNotFoundError as e:
+                            raise StoreError(f"the {table} files of {self.output.url} changed during the scan") from e
+                    read |= units
+                return
+            except FileNotFoundError:
+                self.__dict__.pop("_root", None)
+                self.__dict__.pop("units", None)
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"the {table} files of {self.output.url} kept changing; retry later") from None
 
     def dataset(self, table: str) -> ds.Dataset:
         """A pyarrow dataset of one table of the committed units (exact; see :meth:`TableSources.dataset`).
@@ -161,7 +222,9 @@ class Results:
         Raises:
             StoreError: units were written again since the last compaction (``daam-pipeline compact`` fixes it).
         """
-        return self._sources(table, read_manifest(self.output)).dataset(self.output, TABLE_SCHEMAS[table])
+        self._table(table, None)
+        sources = self._consistently(lambda manifest: self._sources(table, manifest))
+        return sources.dataset(self.output, TABLE_SCHEMAS[table])
 
     def maps(self, key: str, unit: str | None = None) -> SampleMaps:
         """The stored maps and coefficients of one ok sample, found through the key index.
@@ -176,7 +239,7 @@ class Results:
         """
         found = self._locate_each([key], unit)
         unit, row = str(found["unit"].iloc[0]), int(found["row"].iloc[0])
-        return SampleMaps(key=key, unit=unit, row=row, **self._map_store().read(unit, row))
+        return SampleMaps(key=key, unit=unit, row=row, **self._maps.read(unit, row))
 
     def locate(self, keys: Sequence[str], unit: str | None = None) -> pd.DataFrame:
         """Unit and row of the ok samples with these keys (a key held by several units has a row for each).
@@ -185,19 +248,23 @@ class Results:
         units written since, in their own samples files.
         """
         keys = list(dict.fromkeys(keys))
-        manifest = read_manifest(self.output)
-        sources = self._sources("samples", manifest)
         wanted = pc.field("key").isin(keys)
         if unit is not None:
             wanted &= pc.field("unit") == unit
-        parts = []
-        if manifest is not None and manifest.key_index and sources.compacted_units:
-            index = ds.dataset(self.output.path(manifest.key_index), format="parquet", filesystem=self.output.fs)
-            found = index.to_table(filter=wanted)
-            parts.append(found.filter(pc.is_in(found["unit"], pa.array(sorted(sources.compacted_units)))))
-        if sources.per_unit:
-            files = ds.dataset(list(sources.per_unit.values()), format="parquet", filesystem=self.output.fs)
-            parts.append(files.to_table(columns=["key", "unit", "row"], filter=wanted & (pc.field("status") == "ok")))
+
+        def look_up(manifest: Manifest | None) -> list[pa.Table]:
+            sources = self._sources("samples", manifest)
+            parts = []
+            if manifest is not None and manifest.key_index and sources.compacted_units:
+                found = key_index_rows(self.output, manifest, keys, wanted)
+                parts.append(found.filter(pc.is_in(found["unit"], pa.array(sorted(sources.compacted_units)))))
+            if sources.per_unit:
+                files = ds.dataset(list(sources.per_unit.values()), format="parquet", filesystem=self.output.fs)
+                ok = wanted & (pc.field("status") == "ok")
+                parts.append(files.to_table(columns=["key", "unit", "row"], filter=ok))
+            return parts
+
+        parts = self._consistently(look_up)
         columns = {"key": pa.string(), "unit": pa.string(), "row": pa.int32()}
         found = pa.concat_tables([t.select(list(columns)).cast(pa.schema(columns)) for t in parts]) if parts else None
         return (found if found is not None else pa.schema(columns).empty_table()).to_pandas()
@@ -212,7 +279,7 @@ class Results:
         found = self._locate_each(keys, unit)
         position = {k: i for i, k in enumerate(keys)}
         stacked: dict[str, np.ndarray] = {}
-        store = self._map_store()
+        store = self._maps
         for unit_name, rows in found.groupby("unit", sort=True):
             arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
             where = [position[k] for k in rows["key"]]
@@ -245,7 +312,7 @@ class Results:
     def iter_units(self) -> Iterator[tuple[str, list[str], dict[str, np.ndarray]]]:
         """Each committed unit's ok samples: (unit, keys in row order, stacked float32 arrays)."""
         samples = self.read("samples", columns=["key", "unit", "row"], filters=pc.field("status") == "ok")
-        store = self._map_store()
+        store = self._maps
         for unit_name, rows in samples.sort_values(["unit", "row"]).groupby("unit", sort=True):
             arrays = store.read_rows(str(unit_name), rows["row"].to_numpy())
             yield str(unit_name), rows["key"].tolist(), {k: v for k, v in arrays.items() if v is not None}
@@ -269,47 +336,63 @@ class Results:
             raise StoreError(f"unit {unit} of {self.output.url} is of Zarr layout 1 (scaled float16): use maps()")
         return dataset.assign_coords(sample=[str(key) for key in dataset["keys"].values]).drop_vars("keys")
 
-    def _map_store(self) -> MapStore:
-        path = self.output.url_of(self.output.path("maps.zarr"))
-        return MapStore.open(path, self.output.storage_options, read_only=True)
+    @cached_property
+    def _maps(self) -> MapStore:
+        return MapStore(self.output.child("maps.zarr"), read_only=True)
 
     def _sources(self, table: str, manifest: Manifest | None) -> TableSources:
-        return table_sources(self.output, table, self.units, manifest, optional=table in EXPLAIN_PARTS.optional)
+        optional = table in EXPLAIN_PARTS.optional
+        return table_sources(
+            self.output, table, self.units, manifest, optional=optional, root=self._root, snapshot=True
+        )
 
-    def _scan(
-        self, table: str, columns: Sequence[str] | None, filters: Any, *, batches: bool = False, **options: Any
-    ) -> Iterator[Any]:
-        """Tables (or iterators of batches) of the table's files, each filtered to the rows it contributes; the
-        files are listed again if one went away meanwhile (a unit that a running job started over, or files a
-        compaction replaced)."""
+    def _consistently(self, read: Callable[[Manifest | None], T]) -> T:
+        """``read(manifest)`` of one snapshot, taken again after a growing pause while the files change under it: a
+        file gone before it was read (a compaction removes the per-unit files it merged after its manifest; a job
+        starts a unit over), or sources that changed while they were listed.
+
+        Raises:
+            StoreError: a committed unit without its files while nothing changes, files that kept changing for a
+                minute, or files that cannot be read.
+        """
+        deadline, pause = time.monotonic() + _CHANGING_S, 0.01
+        while True:
+            manifest, units = read_manifest(self.output), self.units
+            try:
+                return read(manifest)
+            except (FileNotFoundError, ChangingFilesError) as e:
+                self.__dict__.pop("_root", None)  # the root and the committed units, listed again
+                self.__dict__.pop("units", None)
+                unchanged = (manifest_generation(read_manifest(self.output)), self.units) == (
+                    manifest_generation(manifest),
+                    units,
+                )
+                if isinstance(e, ChangingFilesError) and unchanged:
+                    raise StoreError(str(e)) from None
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"the files of {self.output.url} kept changing; retry later ({e})") from None
+                time.sleep(pause)
+                pause = min(2 * pause, 0.5)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise StoreError(f"cannot read the tables of {self.output.url}: {e}") from e
+
+    def _table(self, table: str, filters: Any) -> tuple[pa.Schema, pc.Expression | None]:
+        """A table's schema and the user's filter as an expression.
+
+        Raises:
+            OutputLookupError: an unknown table.
+        """
         if table not in TABLE_SCHEMAS:
             raise OutputLookupError(f"no table {table!r}; tables: {', '.join(TABLE_SCHEMAS)}")
-        schema = TABLE_SCHEMAS[table]
-        user = None if filters is None else _expression(filters)
-        for attempt in range(3):
-            try:
-                parts = []
-                for dataset, wanted in self._sources(table, read_manifest(self.output)).scans(self.output, schema):
-                    both = wanted if user is None else user if wanted is None else wanted & user
-                    scanner = dataset.scanner(
-                        columns=None if columns is None else list(columns), filter=both, **options
-                    )
-                    parts.append(scanner.to_batches() if batches else scanner.to_table())
-                if not parts and not batches:
-                    empty = schema.empty_table()
-                    parts.append(empty if columns is None else empty.select(list(columns)))
-                return iter(parts)
-            except FileNotFoundError:
-                self.__dict__.pop("units", None)  # committed units, listed again
-                if attempt == 2:
-                    raise StoreError(f"the {table} files of {self.output.url} keep changing; retry later") from None
-            except (OSError, pa.ArrowInvalid) as e:
-                raise StoreError(f"cannot read the {table} tables of {self.output.url}: {e}") from e
-        raise AssertionError("unreachable")
+        return TABLE_SCHEMAS[table], None if filters is None else _expression(filters)
 
 
 def _expression(filters: Any) -> pc.Expression:
     return filters if isinstance(filters, pc.Expression) else pq.filters_to_expression(filters)
+
+
+def _and(a: pc.Expression | None, b: pc.Expression | None) -> pc.Expression | None:
+    return b if a is None else a if b is None else a & b
 
 
 def _count(items: Sized, noun: str) -> str:
@@ -327,7 +410,7 @@ def open_results(path: OutputLike, storage_options: Mapping[str, Any] | None = N
     Raises:
         StoreError: nothing exists at ``path``.
     """
-    output = as_output(path, storage_options)
-    if not output.fs.exists(output.root):
-        raise StoreError(f"no pipeline output at {output.url}")
-    return Results(output)
+    results = Results(as_output(path, storage_options))
+    if not results._root and not results.output.fs.exists(results.output.root):  # one listing when there is one
+        raise StoreError(f"no pipeline output at {results.output.url}")
+    return results

@@ -40,10 +40,12 @@ VERSION = 1
 """Version of the Parquet tables' schemas (their schema metadata ``version``). Change it when a column changes
 meaning or type."""
 
-ZARR_LAYOUT_VERSION = 2
+ZARR_LAYOUT_VERSION = 3
 """Version of the Zarr layout of ``OUT/maps.zarr`` (its root attribute ``schema_version``). 1: float16 arrays with
 ``<name>_exponent`` scalings, chunked and grown per batch; 2: float32 arrays (exact or rounded to 11 significant
-bits), each written once as a single shard. Change it when an array changes meaning, type or layout."""
+bits), each written once as a single shard; 3: the same arrays, the unit group's ``zarr.json`` holding their
+consolidated metadata and each shard's index (one request to open a unit, one per array to read a sample). Change
+it when an array or a group changes meaning, type or layout."""
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
 """The exported JSON shipped with the package: ``pipeline/schemas``, a link to the repository's ``schemas/``."""
@@ -552,8 +554,9 @@ ZARR_LAYOUT: dict[str, Any] = {
     "zarr.open_group(OUT/maps.zarr/<unit>)[name][:] (or xarray) reads them right.",
     "path": "maps.zarr",
     "root_attributes": {
-        "schema_version": "This layout's `version` (2; outputs of layout 1, float16 arrays with `<name>_exponent` "
-        "scalings, are still read).",
+        "schema_version": "This layout's `version` (3; outputs of layout 2, whose unit groups lack consolidated "
+        "metadata and shard indexes, and of layout 1, float16 arrays with `<name>_exponent` scalings, are still "
+        "read).",
         "model": "timm model name.",
         "n_blocks": "L, the number of transformer blocks.",
         "grid": "[h, w], the patch grid of the maps.",
@@ -571,7 +574,14 @@ ZARR_LAYOUT: dict[str, Any] = {
         "path": "maps.zarr/{unit}",
         "description": "Arrays of the unit's ok samples; row i is the sample whose samples-table `row` is i. "
         "Written once, when the unit commits; removed and rewritten as a whole when the unit is redone. A unit "
-        "with no ok samples has the same arrays with 0 rows.",
+        "with no ok samples has the same arrays with 0 rows. Its zarr.json holds the consolidated metadata of its "
+        "arrays (zarr-python's `consolidated_metadata`; open with use_consolidated), so a reader opens the unit "
+        "and every array with one read.",
+        "attributes": {
+            "shard_indexes": "Each array's shard key (e.g. `daam/c.0.0.0.0`) -> base64 of the shard's index, its "
+            "last 16 * chunks + 4 bytes (offset and length of each inner chunk, then their crc32c): a reader of one "
+            "sample fetches its inner chunk directly, with one ranged read per array.",
+        },
     },
     "arrays": {
         "keys": {

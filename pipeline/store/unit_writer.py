@@ -2,7 +2,7 @@
 
 Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
 
-    maps.zarr/<unit>/                  the unit's Zarr group, written at commit (pipeline.store.zarr_store)
+    maps.zarr/<unit>/                  the unit's Zarr group, encoded at commit (pipeline.store.zarr_store)
     samples/<unit>.parquet             one row per sample, ok or failed (pipeline.store.tables)
     blocks/<unit>.parquet              one row per ok sample and block
     evaluation/<unit>.parquet          one row per sample and evaluated method (jobs that evaluate)
@@ -28,12 +28,13 @@ from pipeline.store.output import OutputLike, as_output
 from pipeline.store.schemas import BLOCKS, EVALUATION, EXPLAINER_BLOCKS, SAMPLES, SANITY, TABLE_SCHEMAS
 from pipeline.store.tables import build_table, parquet_bytes
 from pipeline.store.units import EXPLAIN_PARTS, UnitTransaction
-from pipeline.store.zarr_store import MapLayout, MapStore
+from pipeline.store.zarr_store import MapLayout, MapStore, UnitMapWriter
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from pipeline.data.decode import DecodedBatch, DecodedSample
+    from pipeline.store.lease import Fence
 
 __all__ = ["SAMPLE_COLUMNS", "ExplainedBatch", "UnitWriter"]
 
@@ -80,7 +81,8 @@ class UnitWriter:
     """Writes one unit of the explain stage: maps, samples and statistics of its batches, then the commit.
 
     Creating the writer starts the unit afresh (:class:`~pipeline.store.units.UnitTransaction`) and makes sure
-    ``maps.zarr`` exists with this job's attributes.
+    ``maps.zarr`` exists with this job's attributes. Nothing is written before :meth:`commit`, which puts every
+    object of the unit at once, then its marker.
 
     Args:
         out: The output location.
@@ -89,9 +91,14 @@ class UnitWriter:
         shard: URL of the input shard (samples column ``shard``).
         job: Job name (samples column ``job``).
         store_options: How the maps are stored.
+        maps: The output's ``maps.zarr``, kept by a worker across its units (its root attributes are then checked
+            once); default: opened and checked for this unit.
+        fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
+        fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
 
     Raises:
         StoreError: the output holds maps of another configuration, or cannot be written.
+        LeaseLostError: the driver's lease was taken by another driver.
     """
 
     def __init__(
@@ -103,15 +110,17 @@ class UnitWriter:
         shard: str,
         job: str,
         store_options: StoreOptions | None = None,
+        maps: MapStore | None = None,
+        fresh: bool = False,
+        fence: Fence | None = None,
     ) -> None:
         self.output = as_output(out)
         self.unit = unit
         self.layout = layout
-        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit)
+        self._transaction = UnitTransaction(self.output, EXPLAIN_PARTS, unit, fresh=fresh, fence=fence)
         options = store_options or StoreOptions()
-        maps = MapStore.open(self.output.url_of(self.output.path("maps.zarr")), self.output.storage_options)
-        maps.init(layout, options)
-        self._maps = maps.unit_writer(unit, layout, options)
+        (maps or MapStore(self.output.child("maps.zarr"))).init(layout, options)
+        self._maps = UnitMapWriter(unit, layout, options)
         self._fixed = {"shard": shard, "unit": unit, "model": layout.model, "job": job}
         self._tables: dict[str, list[pa.Table]] = {part: [] for part in TABLE_SCHEMAS}
         self.failed = 0
@@ -218,7 +227,7 @@ class UnitWriter:
         self.failed += len(samples)
 
     def commit(self, summary: Mapping[str, Any] | None = None, *, incomplete: str | None = None) -> dict[str, Any]:
-        """Flush the maps, write the tables, make them durable, then write the unit's marker.
+        """Encode the maps and the tables, put them all at once (durable when done), then write the unit's marker.
 
         Args:
             summary: Extra JSON-serialisable facts for the marker (timings, device, ...).
@@ -229,17 +238,21 @@ class UnitWriter:
             The marker's content: ``unit``, ``committed_at``, ``complete``, the counts ``samples``, ``ok`` and
             ``failed``, and the summary.
         """
-        self._maps.flush()
+        paths = self._transaction.paths
+        ok = self._maps.rows
+        files = {f"{paths['maps']}/{key}": data for key, data in self._maps.objects().items()}
         for part, schema in TABLE_SCHEMAS.items():
             tables = self._tables[part]
             if part in EXPLAIN_PARTS.optional and not tables:
                 continue
             table = pa.concat_tables(tables) if tables else schema.empty_table()
-            self._transaction.put(part, parquet_bytes(table, schema))
-        self._transaction.sync("maps")
+            files[paths[part]] = parquet_bytes(table, schema)
+        self._tables = {part: [] for part in TABLE_SCHEMAS}  # what the files hold now: the batches are released
+        self._transaction.write(files)
+        del files
         counts = {
-            "samples": self._maps.rows + self.failed,
-            "ok": self._maps.rows,
+            "samples": ok + self.failed,
+            "ok": ok,
             "failed": self.failed,
         }
         marker = self._transaction.commit({**(summary or {}), **counts}, incomplete=incomplete)

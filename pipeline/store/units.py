@@ -11,8 +11,14 @@ A unit is one input shard, named by :func:`unit_name`. Each stage writes its uni
 
 Protocol (:class:`UnitTransaction`): remove the markers first, then every part of an earlier attempt; write the
 unit's data, make it durable, then write one marker, which also clears the failure record. A unit without a
-marker is not there for readers and is redone from scratch by the next run, so no row is ever read twice.
+marker is not there for readers and is redone from scratch by the next run, so no row is ever read twice. A
+driver's transactions are fenced (:class:`~pipeline.store.lease.Fence`): they check the driver's lease before they
+remove anything and again right before the marker, which records the lease's generation.
 Temporary files of interrupted writes are swept once per job (:func:`sweep_temporaries`).
+
+On an object store every request counts (tens of milliseconds each): a unit the driver's listing found nothing of
+(:func:`present_units`) starts *fresh*, with nothing to remove, before or at its commit; a unit's data is put in one
+concurrent round (:meth:`UnitTransaction.write`), its marker in one PUT.
 """
 
 from __future__ import annotations
@@ -20,14 +26,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StoreError
 from pipeline.store.output import Output, OutputLike, as_output
+
+if TYPE_CHECKING:
+    from pipeline.store.lease import Fence
 
 __all__ = [
     "BANK_PARTS",
@@ -43,6 +52,8 @@ __all__ = [
     "failure_records",
     "incomplete_units",
     "is_done",
+    "present_units",
+    "read_marker",
     "record_failure",
     "started_units",
     "sweep_temporaries",
@@ -142,28 +153,50 @@ class UnitTransaction:
         out: The stage's output root.
         parts: The stage's parts.
         unit: Unit name.
+        fresh: Nothing of the unit exists (the driver's listing found no part, marker or failure record of it, and
+            no attempt ran since): nothing is removed, now or at the commit.
+        fence: The driver's lease, checked before anything is removed and before the marker; None: unfenced.
 
     Raises:
         StoreError: ``unit`` is not a plain file stem, or the output cannot be written.
+        LeaseLostError: the driver's lease was taken by another driver.
     """
 
-    def __init__(self, out: OutputLike, parts: UnitParts, unit: str) -> None:
+    def __init__(
+        self, out: OutputLike, parts: UnitParts, unit: str, *, fresh: bool = False, fence: Fence | None = None
+    ) -> None:
         self.output = as_output(out)
         self.parts = parts
         self.unit = _check_unit(unit)
         self.paths = parts.paths(self.output, unit)
-        for kind in _MARKERS:  # markers first: from here on the unit is not done, whatever else survives
-            self.output.remove(_marker(self.output, kind, unit))
-        for path in self.paths.values():
-            self.output.remove(path)
+        self.fresh = fresh
+        self.fence = fence
+        if fresh:
+            return
+        if fence is not None:
+            fence.check()  # before anything is removed (a fresh unit removes nothing)
+        markers = [_marker(self.output, kind, unit) for kind in _MARKERS]
+        if self.output.is_local:
+            for path in [*markers, *self.paths.values()]:  # markers first: from here on the unit is not done
+                self.output.remove(path)
+            return
+        self.output.remove_files(markers)  # one request, then one listing per folder part and one more
+        files = [path for part, path in self.paths.items() if not _is_folder(parts.parts[part])]
+        folders = [path for part, path in self.paths.items() if _is_folder(parts.parts[part])]
+        self.output.remove_files(files + [f for folder in folders for f in self.output.files_under(folder)])
 
     def put(self, part: str, data: bytes) -> None:
         """Write one part's bytes atomically."""
         self.output.put_atomic(self.paths[part], data)
 
-    def sync(self, part: str) -> None:
-        """Make a part written in place (a Zarr group) durable."""
-        self.output.sync(self.paths[part])
+    def write(self, files: Mapping[str, bytes]) -> None:
+        """Write the unit's data, all at once (one concurrent round of PUTs on an object store); durable when it
+        returns.
+
+        Args:
+            files: Path on the output (under the unit's parts) -> bytes.
+        """
+        self.output.put_many(files)
 
     def commit(self, summary: Mapping[str, Any], *, incomplete: str | None = None) -> dict[str, Any]:
         """Write the unit's marker; call it only once the unit's data is durable.
@@ -177,21 +210,31 @@ class UnitTransaction:
 
         Raises:
             StoreError: the summary is not JSON-serialisable or the marker cannot be written.
+            LeaseLostError: the driver's lease was taken by another driver: no marker is written.
         """
         marker = {
             "unit": self.unit,
             "committed_at": datetime.now(UTC).isoformat(),
             "complete": incomplete is None,
             **({"incomplete": incomplete} if incomplete else {}),
+            **({"lease_generation": self.fence.generation} if self.fence is not None else {}),
             **summary,
         }
         try:
             data = json.dumps(marker, indent=1).encode()
         except (TypeError, ValueError) as e:
             raise StoreError(f"summary of unit {self.unit!r} is not JSON-serialisable: {e}") from e
+        if self.fence is not None:
+            self.fence.check()
         self.output.put_atomic(_marker(self.output, INCOMPLETE if incomplete else DONE, self.unit), data)
-        self.output.remove(_marker(self.output, FAILED, self.unit))
+        if not self.fresh:
+            self.output.remove_files([_marker(self.output, FAILED, self.unit)])
         return marker
+
+
+def _is_folder(template: str) -> bool:
+    """A part stored as a folder of files (a Zarr group), not one file."""
+    return template.endswith("{unit}")
 
 
 def _units_with(output: Output, kind: str) -> list[str]:
@@ -208,10 +251,16 @@ def incomplete_units(out: OutputLike) -> list[str]:
     return _units_with(as_output(out), INCOMPLETE)
 
 
-def committed_units(out: OutputLike) -> list[str]:
-    """Every unit whose data readers see: complete and incomplete, sorted."""
+def committed_units(out: OutputLike, *, listed: Collection[str] | None = None) -> list[str]:
+    """Every unit whose data readers see: complete and incomplete, sorted.
+
+    Args:
+        out: The stage's output root.
+        listed: The names at the root, when the caller listed it: a marker folder absent there is not listed.
+    """
     output = as_output(out)
-    return sorted({*done_units(output), *incomplete_units(output)})
+    incomplete = incomplete_units(output) if listed is None or INCOMPLETE in listed else []
+    return sorted({*done_units(output), *incomplete})
 
 
 def started_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> list[str]:
@@ -222,15 +271,42 @@ def started_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> list[str
     return sorted(found - set(committed_units(output)))
 
 
+def present_units(out: OutputLike, parts: UnitParts = EXPLAIN_PARTS) -> set[str]:
+    """Units of which anything exists: a part, a marker or a failure record (one listing per folder). The others
+    start fresh (:class:`UnitTransaction`)."""
+    output = as_output(out)
+    found = set().union(*(parts.listed_units(output, part) for part in parts.parts))
+    return found | set(committed_units(output)) | set(_units_with(output, FAILED))
+
+
 def is_done(out: OutputLike, unit: str) -> bool:
     """Whether the unit is complete."""
     output = as_output(out)
     return output.exists(_marker(output, DONE, unit))
 
 
-def record_failure(out: OutputLike, unit: str, error: str) -> None:
-    """Record a unit that failed after its retries; its next commit clears the record."""
+def read_marker(out: OutputLike, unit: str) -> dict[str, Any] | None:
+    """A committed unit's marker (done, else incomplete), or None."""
     output = as_output(out)
+    for kind in _MARKERS:
+        try:
+            return json.loads(output.fs.cat_file(_marker(output, kind, unit)))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read the marker of unit {unit} in {output.url}: {e}") from e
+    return None
+
+
+def record_failure(out: OutputLike, unit: str, error: str, *, fence: Fence | None = None) -> None:
+    """Record a unit that failed after its retries; its next commit clears the record.
+
+    Raises:
+        StoreError: the record cannot be written. LeaseLostError: ``fence``'s lease was taken: nothing is written.
+    """
+    output = as_output(out)
+    if fence is not None:
+        fence.check()
     output.put_atomic(_marker(output, FAILED, unit), json.dumps({"unit": unit, "error": error}).encode())
 
 

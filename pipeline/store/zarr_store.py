@@ -2,35 +2,40 @@
 
 The root group holds the attributes shared by all units, written once; each unit of work writes only its own
 group ``maps.zarr/<unit>``, so a worker killed mid-write cannot damage another unit. The writer buffers a unit's
-batches on the host (a 1,000-image vit_small unit holds about 30 MB) and writes each array once, at commit: one
-Zarr v3 array of the unit's exact shape whose single shard holds all rows (layout version 2). Values are float32,
-exact or rounded to float16's 11 significant bits (``output.dtype``), so any Zarr reader gets them right; layout 1's
-float16 arrays with ``<name>_exponent`` scalings are still read.
+batches on the host (a 1,000-image vit_small unit holds about 30 MB) and encodes each array once, at commit: one
+Zarr v3 array of the unit's exact shape whose single shard holds all rows. Values are float32, exact or rounded to
+float16's 11 significant bits (``output.dtype``), so any Zarr reader gets them right.
+
+Layout 3 (this version) writes a unit's group as objects (:mod:`pipeline.store.zarr_objects`): the group's
+``zarr.json`` holds the consolidated metadata of its arrays and, in its ``shard_indexes`` attribute, the index of
+each array's shard (where each inner chunk lies), so reading one sample on an object store is one GET of the
+group's metadata and one ranged GET per array. Layout 2 (the same arrays, no consolidated metadata or indexes) and
+layout 1 (float16 arrays with ``<name>_exponent`` scalings) are still read.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
-from fsspec.implementations.local import LocalFileSystem
 from numpy.typing import ArrayLike
-from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, ZstdCodec
-from zarr.errors import ContainsGroupError
-from zarr.storage import FsspecStore, LocalStore
 
 from pipeline.config import StoreOptions
 from pipeline.errors import SchemaError, StoreError
 from pipeline.names import MAP_ARRAYS
+from pipeline.store.output import Output, as_output
 from pipeline.store.schemas import ZARR_LAYOUT
+from pipeline.store.zarr_objects import GROUP_METADATA, ReadStore, StagedGroup, open_group
 
 __all__ = [
+    "SHARD_INDEXES",
     "SIGNIFICANT_BITS",
     "MapLayout",
     "MapStore",
@@ -164,23 +169,30 @@ def from_storage(stored: np.ndarray, exponent: np.ndarray | None, axes: tuple[in
     return np.ldexp(values, -np.expand_dims(np.asarray(exponent, dtype=np.int32), axis=axes))
 
 
+SHARD_INDEXES = "shard_indexes"
+"""Layout 3's attribute of a unit group: each array's shard key -> the shard's index (base64 of its last bytes)."""
+
+_KEPT_INDEXES = 4096  # shard indexes a reader keeps (a few KB each)
+
+
 class MapStore:
     """``OUT/maps.zarr``: the root attributes and one group per unit.
 
     Args:
-        store: A zarr store rooted at ``maps.zarr``; see :meth:`open`.
+        output: The output location of ``maps.zarr`` (its root).
+        read_only: Open for reading only.
     """
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, output: Output, *, read_only: bool = False) -> None:
+        self.output = output
+        self.store = ReadStore(output, read_only=read_only)
+        self._checked: dict[str, Any] | None = None  # the root attributes, once init() has checked them
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = False) -> MapStore:
         """The store at ``url`` (a local path or an fsspec URL such as ``s3://bucket/out/maps.zarr``)."""
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        if isinstance(fs, LocalFileSystem):
-            return cls(LocalStore(path, read_only=read_only))
-        return cls(FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only))
+        return cls(as_output(url, storage_options), read_only=read_only)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -190,12 +202,13 @@ class MapStore:
             StoreError: the store has no root group.
         """
         try:
-            return zarr.open_group(self.store, mode="r").attrs.asdict()
+            return open_group(self.store).attrs.asdict()
         except FileNotFoundError as e:
-            raise StoreError(f"no maps store at {self.store}") from e
+            raise StoreError(f"no maps store at {self.output.url}") from e
 
     def init(self, layout: MapLayout, options: StoreOptions) -> dict[str, Any]:
-        """Create the root group with its attributes, or check that an existing one has the same.
+        """Create the root group with its attributes, or check that an existing one has the same; once per store
+        (a worker keeps its store: later calls with the same attributes do no I/O).
 
         Safe to call from many workers at once: they all write the same attributes.
 
@@ -203,28 +216,41 @@ class MapStore:
             StoreError: the store holds maps of another model or stored with other options.
         """
         attrs = _root_attrs(layout, options)
-        try:
-            existing = self.attrs
-        except StoreError:
-            try:
-                zarr.create_group(self.store, attributes=attrs)
-                return attrs
-            except ContainsGroupError:  # another worker created it in between
-                existing = self.attrs
+        with self._lock:
+            if self._checked is None:
+                try:
+                    self._checked = self.attrs
+                except StoreError:  # a new output: one PUT of the root group's metadata
+                    self.output.put_atomic(
+                        self.output.path(GROUP_METADATA), StagedGroup(attrs).objects(consolidated=False)[GROUP_METADATA]
+                    )
+                    self._checked = attrs
+        existing = self._checked
         differing = {k: (existing.get(k), v) for k, v in attrs.items() if existing.get(k) != v}
         if differing:
             version = differing.pop("schema_version", None)
             reasons = [f"layout version {version[0]}, this version writes {version[1]}"] if version else []
             reasons += [f"another configuration (stored, this job): {differing}"] if differing else []
             raise StoreError(
-                f"{self.store} holds maps of {' and of '.join(reasons)}; write to a new output or run again with "
-                "--overwrite to replace it"
+                f"{self.output.url} holds maps of {' and of '.join(reasons)}; write to a new output or run again "
+                "with --overwrite to replace it"
             )
         return existing
 
-    def unit_writer(self, unit: str, layout: MapLayout, options: StoreOptions) -> UnitMapWriter:
-        """A writer for the unit's group; replaces any earlier content of that group."""
-        return UnitMapWriter(zarr.open_group(self.store, path=unit, mode="w"), unit, layout, options)
+    def unit_group(self, unit: str) -> zarr.Group:
+        """A committed unit's group, opened with one read (layout 3: its arrays' metadata and shard indexes too).
+
+        Raises:
+            FileNotFoundError: the unit has no group.
+        """
+        group = open_group(self.store, path=unit)
+        indexes = self.store.indexes
+        if len(indexes) > _KEPT_INDEXES:  # a long scan keeps a bounded number; a forgotten one costs one read
+            indexes.clear()
+        indexes.update(
+            {f"{unit}/{key}": base64.b64decode(index) for key, index in group.attrs.get(SHARD_INDEXES, {}).items()}
+        )
+        return group
 
     def read(self, unit: str, row: int) -> dict[str, np.ndarray | None]:
         """The stored arrays of one sample as float32; None for arrays the store does not keep.
@@ -243,7 +269,7 @@ class MapStore:
         spec = ZARR_LAYOUT["arrays"]
         rows = np.asarray(rows, dtype=np.int64)
         try:
-            group = zarr.open_group(self.store, path=unit, mode="r")
+            group = self.unit_group(unit)
             present = set(group.array_keys())
             result: dict[str, np.ndarray | None] = {}
             for name in MAP_ARRAYS:
@@ -254,7 +280,7 @@ class MapStore:
                 result[name] = from_storage(_rows(group[name], rows), exponent, map_axes(spec[name]["dims"]))
             return result
         except (FileNotFoundError, IndexError) as e:
-            raise StoreError(f"no rows {rows.tolist()[:5]} of unit {unit!r} in {self.store}: {e}") from e
+            raise StoreError(f"no rows {rows.tolist()[:5]} of unit {unit!r} in {self.output.url}: {e}") from e
 
 
 def _rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
@@ -270,26 +296,24 @@ def exponent_name(name: str) -> str:
 
 
 class UnitMapWriter:
-    """Buffers one unit's batches on the host and writes each array once, when the unit is finished.
+    """Buffers one unit's batches on the host and encodes each array once, when the unit is finished.
 
     Each array is created with its final shape ``(n, ...)`` and one shard covering all ``n`` rows (the Zarr v3
     sharding codec), made of inner chunks of ``chunk_rows`` samples compressed with the configured compressor: one
-    file and one metadata document per array, written in one call, with no resize. A unit with no ok samples gets
-    arrays with 0 rows (metadata only).
+    object and one metadata document per array, with no resize. A unit with no ok samples gets arrays with 0 rows
+    (metadata only).
 
     Args:
-        group: The unit's (empty) group.
         unit: Unit name, for messages.
         layout: Shapes of the arrays.
         options: dtype, compressor, chunking and which arrays to store.
     """
 
-    def __init__(self, group: zarr.Group, unit: str, layout: MapLayout, options: StoreOptions) -> None:
+    def __init__(self, unit: str, layout: MapLayout, options: StoreOptions) -> None:
         self.unit = unit
         self.options = options
         self.rows = 0  # rows appended so far
         self.written = False
-        self._group = group
         self._pending: list[dict[str, np.ndarray]] = []
         spec = ZARR_LAYOUT["arrays"]
         dims = layout.dims()
@@ -312,7 +336,7 @@ class UnitMapWriter:
 
         Raises:
             SchemaError: a stored array is missing or has the wrong shape.
-            StoreError: the unit's arrays were already written.
+            StoreError: the unit's arrays were already encoded.
         """
         if self.written:
             raise StoreError(f"unit {self.unit!r}: its maps are already written")
@@ -330,22 +354,32 @@ class UnitMapWriter:
         self.rows += len(batch["keys"])
         return first
 
-    def flush(self) -> None:
-        """Write every array, once: its metadata and its single shard. Later calls do nothing."""
+    def objects(self) -> dict[str, bytes]:
+        """Encode every array, once, and release the buffered batches.
+
+        Returns:
+            The unit group's objects by key under the group: per array its ``zarr.json`` and its single shard, and
+            the group's ``zarr.json`` (consolidated metadata, ``shard_indexes``).
+
+        Raises:
+            StoreError: the unit's arrays were already encoded.
+        """
         if self.written:
-            return
+            raise StoreError(f"unit {self.unit!r}: its maps are already written")
         n, step = self.rows, self.options.chunk_rows
+        chunks = max(1, -(-n // step))
         bits = significant_bits(self.options.dtype)
+        staged = StagedGroup()
         for name, shape in self._shapes.items():
             if self._pending:
                 data = np.concatenate([batch[name] for batch in self._pending])
             else:
                 data = np.empty((0, *shape), dtype=self._dtypes[name])
-            array = self._group.create_array(
+            array = staged.group.create_array(
                 name,
                 shape=(n, *shape),
                 chunks=(step, *shape),
-                shards=(max(1, -(-n // step)) * step, *shape),  # one shard: all rows, a whole number of chunks
+                shards=(chunks * step, *shape),  # one shard: all rows, a whole number of chunks
                 dtype=self._dtypes[name],
                 compressors=codecs(self.options),
                 dimension_names=self._dims[name],
@@ -355,7 +389,11 @@ class UnitMapWriter:
             if n:
                 array[...] = data
         self._pending = []
+        index_size = 16 * chunks + 4  # the sharding codec's index: (offset, length) uint64 per chunk, then crc32c
+        indexes = {key: base64.b64encode(staged.tail(key, index_size)).decode() for key in staged.chunk_keys()}
+        staged.group.attrs[SHARD_INDEXES] = indexes
         self.written = True
+        return staged.objects()
 
 
 def _root_attrs(layout: MapLayout, options: StoreOptions) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The report's charts, drawn with matplotlib and returned as inline ``<svg>`` elements: lines with inter-quartile
-bands, grouped bars.
+bands (over blocks, or over relative depth with one block axis per model), grouped bars.
 
 Figures are made with :class:`matplotlib.figure.Figure` and its SVG canvas, never through ``pyplot``; matplotlib's
 global settings are changed only inside :func:`matplotlib.rc_context` while a chart is drawn. Text stays text
@@ -22,12 +22,14 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_svg import FigureCanvasSVG
 from matplotlib.figure import Figure
+from matplotlib.transforms import ScaledTranslation
 
 __all__ = ["PALETTE", "Bars", "Line", "bar_chart", "line_chart"]
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 _PX_PER_INCH = 96  # the SVG's size is in points: a figure of w/96 inches shows w CSS pixels wide
 _LEGEND_ROW_PX = 16
+_BLOCK_AXIS_PX = 18  # height of each block axis above a relative-depth chart
 _MAX_TICKS = 12
 _STYLE = {
     "font.family": "sans-serif",
@@ -48,12 +50,14 @@ _NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}
 
 @dataclass(frozen=True)
 class Line:
-    """One series of a line chart: ``y`` over the chart's ``x``, optionally a band from ``low`` to ``high``."""
+    """One series of a line chart: ``y`` over the chart's ``x`` (or its own ``x``), optionally a band from ``low`` to
+    ``high``."""
 
     name: str
     y: Sequence[float]
     low: Sequence[float] | None = None
     high: Sequence[float] | None = None
+    x: Sequence[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,37 +77,78 @@ def line_chart(
     ylabel: str,
     width: int = 340,
     height: int = 220,
+    block_axes: Sequence[int] = (),
 ) -> str:
     """Lines over a shared ``x`` with optional bands; NaN values leave gaps.
 
     Args:
-        x: The shared x values (blocks).
-        lines: The series, coloured in :data:`PALETTE` order; a legend when there are several.
+        x: The shared x values (blocks), and the x ticks.
+        lines: The series, coloured in :data:`PALETTE` order; a legend when there are several. A line with its own
+            ``x`` is drawn over it instead of the shared one.
         title: Chart title.
         xlabel: x axis label.
         ylabel: y axis label.
         width: Width in CSS pixels.
-        height: Height in CSS pixels, without the legend.
+        height: Height in CSS pixels, without the legend and the block axes.
+        block_axes: For a chart over relative depth (x in (0, 1]), the number of blocks L of each model, in the
+            lines' order: one axis per model above the chart, in its line's colour, numbering its blocks
+            ``0 .. L - 1`` at their depths ``(block + 1) / L``, so models of different depth share the x axis and
+            keep their block numbers.
 
     Returns:
         An ``<svg>`` element, its title in ``aria-label``.
     """
     xs = np.asarray(x, dtype=float)
-    series = [(line.name, _floats(line.y), _floats(line.low), _floats(line.high)) for line in lines]
+    series = [
+        (
+            line.name,
+            _floats(line.y),
+            _floats(line.low),
+            _floats(line.high),
+            _floats(line.x) if line.x is not None else xs,
+        )
+        for line in lines
+    ]
+    axes = [int(blocks) for blocks in block_axes]
 
     def draw(ax: Axes) -> None:
-        for i, (name, y, low, high) in enumerate(series):
+        for i, (name, y, low, high, at) in enumerate(series):
             colour = PALETTE[i % len(PALETTE)]
             if low is not None and high is not None:
-                ax.fill_between(xs, low, high, color=colour, alpha=0.16, linewidth=0)
-            ax.plot(xs, y, color=colour, linewidth=1.6, marker="o", markersize=2.5, label=name)
+                ax.fill_between(at, low, high, color=colour, alpha=0.16, linewidth=0)
+            ax.plot(at, y, color=colour, linewidth=1.6, marker="o", markersize=2.5, label=name)
         step = max(1, math.ceil(len(xs) / _MAX_TICKS))
         ax.set_xticks(xs[::step], [f"{v:g}" for v in xs[::step]])
+        if axes:
+            ax.set_xlim(0.0, 1.03)
+        for i, blocks in enumerate(axes):
+            _block_axis(ax, blocks, PALETTE[i % len(PALETTE)], offset_px=i * _BLOCK_AXIS_PX)
 
-    content = (xs, series)
+    content = (xs, series, axes)
     return _render(
-        draw, content, [s[0] for s in series], title=title, xlabel=xlabel, ylabel=ylabel, size=(width, height)
+        draw,
+        content,
+        [s[0] for s in series],
+        title=title,
+        xlabel=xlabel,
+        ylabel=ylabel,
+        size=(width, height + len(axes) * _BLOCK_AXIS_PX),
     )
+
+
+def _block_axis(ax: Axes, blocks: int, colour: str, *, offset_px: float) -> None:
+    """The block numbers of a model with ``blocks`` blocks above ``ax`` (x: relative depth), ``offset_px`` higher
+    than the top of the axes."""
+    lift = ScaledTranslation(0, offset_px / _PX_PER_INCH, ax.figure.dpi_scale_trans)
+    axis = ax.secondary_xaxis(
+        "top",
+        functions=(lambda d: d * blocks - 1, lambda b: (b + 1) / blocks),
+        transform=ax.transAxes + lift,
+    )
+    step = max(1, math.ceil(blocks / _MAX_TICKS))
+    axis.set_xticks(range(0, blocks, step))
+    axis.tick_params(colors=colour, length=2, pad=1)
+    axis.spines["top"].set_color(colour)
 
 
 def bar_chart(

@@ -17,6 +17,7 @@ from pipeline.data.stream import iter_shard
 from pipeline.demo.synthetic import CLASS_NAMES, split_scenes, write_demo_split
 from pipeline.demo.train import (
     CHECKPOINT_NAME,
+    DEMO_MODELS,
     METADATA_NAME,
     build_demo_model,
     demo_model_kwargs,
@@ -59,11 +60,14 @@ def test_a_few_steps_reduce_the_loss_and_save_a_loadable_reproducible_checkpoint
     assert (tmp_path / "a" / CHECKPOINT_NAME).read_bytes() == (tmp_path / "b" / CHECKPOINT_NAME).read_bytes()
 
 
-def test_cli_builds_shards_and_model(tmp_path, capsys):
+def test_cli_builds_shards_and_models(tmp_path, capsys):
     main(["--out", str(tmp_path), "--steps", "2", "--n-val", "8", "--samples-per-shard", "4"])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    meta = json.loads((tmp_path / METADATA_NAME).read_text())
-    assert summary["val_accuracy"] == meta["val_accuracy"] and meta["steps"] == 2
+    summaries = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [s["model"] for s in summaries] == [m.stem for m in DEMO_MODELS] == ["demo_vit", "demo_vit_d4p4"]
+    for summary, model in zip(summaries, DEMO_MODELS, strict=True):
+        meta = json.loads((tmp_path / f"{model.stem}.json").read_text())
+        assert summary["val_accuracy"] == meta["val_accuracy"] and meta["steps"] == 2
+        assert meta["model_kwargs"] == model.kwargs and meta["checkpoint"] == f"{model.stem}.safetensors"
     assert json.loads((tmp_path / "val" / "index.json").read_text())["total"] == 8
     assert sorted(p.name for p in (tmp_path / "val").glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     with pytest.raises(ValueError, match="steps"):
@@ -73,8 +77,9 @@ def test_cli_builds_shards_and_model(tmp_path, capsys):
 def test_shipped_assets_are_small_and_reproducible(tmp_path):
     meta = json.loads((ASSETS / METADATA_NAME).read_text())
     assert (ASSETS / CHECKPOINT_NAME).stat().st_size <= 5 * 2**20
-    # the checkpoint, 512 validation scenes and 256 training scenes for the self-supervised demo's bank
-    assert sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) <= 7.5 * 2**20
+    # the checkpoints (1.9 MiB, and 0.5 MiB for the second model of `compare`), 512 validation scenes with masks and
+    # 256 training scenes for the self-supervised demo's bank
+    assert sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) <= 8 * 2**20
     index = json.loads((ASSETS / "val" / "index.json").read_text())
     split = meta["val_split"]
     assert index["total"] == split["n"] and len(index["shards"]) >= 4
@@ -84,8 +89,9 @@ def test_shipped_assets_are_small_and_reproducible(tmp_path):
         assert (tmp_path / entry["name"]).read_bytes() == (ASSETS / "val" / entry["name"]).read_bytes()
 
 
-def test_shipped_checkpoint_reaches_its_recorded_accuracy_through_the_pipeline_preprocessing():
-    meta = json.loads((ASSETS / METADATA_NAME).read_text())
+@pytest.mark.parametrize("stem", [m.stem for m in DEMO_MODELS])
+def test_shipped_checkpoint_reaches_its_recorded_accuracy_through_the_pipeline_preprocessing(stem):
+    meta = json.loads((ASSETS / f"{stem}.json").read_text())
     model = timm.create_model(
         meta["model_name"], pretrained=False, num_classes=meta["num_classes"], **meta["model_kwargs"]
     )
@@ -111,11 +117,15 @@ def test_shipped_checkpoint_reaches_its_recorded_accuracy_through_the_pipeline_p
     assert accuracy >= 0.98
 
 
-def test_demo_jobs_describe_the_shipped_model():
+@pytest.mark.parametrize(
+    ("stem", "jobs"), [("demo_vit", ("demo.yaml", "demo-ssl.yaml")), ("demo_vit_d4p4", ("demo-compare.yaml",))]
+)
+def test_demo_jobs_describe_the_shipped_models(stem, jobs):
     from pipeline.config import load_job
 
-    meta = json.loads((ASSETS / METADATA_NAME).read_text())
-    for name in ("demo.yaml", "demo-ssl.yaml"):
+    meta = json.loads((ASSETS / f"{stem}.json").read_text())
+    assert meta["model_kwargs"] == next(m.kwargs for m in DEMO_MODELS if m.stem == stem)
+    for name in jobs:
         job = load_job(ASSETS.parents[2] / "jobs" / name)
         assert job.model.name == meta["model_name"] and job.model.num_classes == meta["num_classes"]
         assert job.model.kwargs == meta["model_kwargs"]

@@ -123,18 +123,23 @@ def test_dry_run_prints_the_plan_and_computes_nothing(ray_cluster, shards, tmp_p
     assert not (tmp_path / "out" / "_done").exists()
 
 
-def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(ray_cluster, shards, reference, tmp_path):
-    """A FIFO nobody writes to stands for a hung network mount; it is fed only after the first attempt timed out."""
+def with_a_fifo(shards: list[str], folder: Path) -> tuple[list[str], Path]:
+    """Copies of all shards but the last into ``folder``, and a FIFO nobody writes to in place of the last."""
     import os
     import shutil
+
+    folder.mkdir()
+    fifo = folder / Path(shards[-1]).name
+    os.mkfifo(fifo)
+    return [shutil.copy(url, folder) for url in shards[:-1]], fifo
+
+
+def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(ray_cluster, shards, reference, tmp_path):
+    """A FIFO nobody writes to stands for a hung network mount; it is fed only after the first attempt timed out."""
     import threading
     import time
 
-    folder = tmp_path / "shards"
-    folder.mkdir()
-    urls = [shutil.copy(url, folder) for url in shards[:3]]
-    fifo = folder / Path(shards[3]).name
-    os.mkfifo(fifo)
+    urls, fifo = with_a_fifo(shards[:4], tmp_path / "shards")
     out = tmp_path / "out"
     timed_out = out / "_logs" / "part3-000000.attempt0.txt"
 
@@ -165,3 +170,42 @@ def test_an_output_the_actors_cannot_see_is_refused_at_actor_start(ray_cluster, 
     with pytest.raises(PipelineError, match="is not shared with the worker on node") as raised:
         run_job(job, progress=False)
     assert "\n" not in str(raised.value) and "memory://not-shared/out" in str(raised.value)
+
+
+def test_actors_check_the_lease_themselves_and_the_driver_that_lost_it_stops(ray_cluster, shards, tmp_path):
+    """Another driver takes the lease while an actor's unit waits for a FIFO; fed afterwards, the unit computes but
+    its actor writes no marker, and the driver stops with LeaseLostError, recording no failure."""
+    import threading
+    import time
+
+    from pipeline.errors import LeaseLostError
+    from pipeline.store.lease import Lease
+    from pipeline.store.output import as_output
+
+    urls, fifo = with_a_fifo(shards[:3], tmp_path / "shards")
+    out = tmp_path / "out"
+    job = parse_job(job_dict([*urls, str(fifo)], out, **{"workers.lease_ttl_s": 600}))
+    raised: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            run_job(job, progress=False)
+        except BaseException as e:
+            raised.append(e)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    deadline = time.monotonic() + 300
+    while len(list((out / "_done").glob("*.json"))) < 2:
+        assert time.monotonic() < deadline and driver.is_alive()
+        time.sleep(0.2)
+    taker = Lease(as_output(out), 600, break_lease=True)
+    taker.acquire()
+    feeder = threading.Thread(target=lambda: fifo.write_bytes(Path(shards[2]).read_bytes()), daemon=True)
+    feeder.start()
+    driver.join(timeout=300)
+    assert len(raised) == 1 and isinstance(raised[0], LeaseLostError), raised
+    assert "lost its lease (generation 1)" in str(raised[0])
+    assert sorted(p.stem for p in (out / "_done").glob("*.json")) == ["part0-000000", "part1-000000"]
+    assert not list(out.glob("_failed/*.json")) and not list(out.glob("_incomplete/*.json"))
+    taker.release()

@@ -9,21 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import TINY_MODEL, job_dict, make_shards
+from builders import TINY_MODEL, job_dict, make_shards, tiny_samples
 from safetensors.torch import save_file
 
 from pipeline import open_results
 from pipeline.config import parse_job
-from pipeline.errors import OutputMismatchError, ShardNotFoundError
+from pipeline.data.shards import write_shards
+from pipeline.errors import InputChangedError, OutputMismatchError, ShardNotFoundError
 from pipeline.models import create_model
 from pipeline.runner import run_job
 from pipeline.store.compact import read_manifest
 from pipeline.store.units import done_units, failure_records, incomplete_units
 
 
-def run(shards, out, overwrite=False, **overrides):
+def run(shards, out, overwrite=False, redo_changed=False, **overrides):
     job = parse_job(job_dict(shards, out, **overrides))
-    return run_job(job, use_ray=False, progress=False, overwrite=overwrite)
+    return run_job(job, use_ray=False, progress=False, overwrite=overwrite, redo_changed=redo_changed)
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def test_output_of_an_earlier_zarr_layout_is_refused(shards, tmp_path):
     del job["fingerprint"]["maps.zarr layout version"]  # as versions writing layout 1 left it
     (out / "job.json").write_text(json.dumps(job))
     with pytest.raises(
-        OutputMismatchError, match=r"maps.zarr layout version: null -> 2\. Use a new output.path, or --overwrite"
+        OutputMismatchError, match=r"maps.zarr layout version: null -> 3\. Use a new output.path, or --overwrite"
     ):
         run(shards, out)
 
@@ -184,3 +185,75 @@ def test_a_duplicate_key_is_one_ok_row_and_one_failed_row(tmp_path):
     samples = open_results(tmp_path / "out").samples
     failed = samples[samples.status == "failed"]
     assert list(failed.key) == ["s0_0000"] and "duplicate key s0_0000" in failed.error.iloc[0]
+
+
+def test_shards_of_the_same_names_with_other_samples_are_refused_naming_the_units_or_redone(shards, tmp_path):
+    out = tmp_path / "out"
+    assert run(shards, out).done == 3
+    other = tmp_path / "other"
+    for s in range(3):  # the same names, other samples (other seeds: other keys and bytes)
+        write_shards(tiny_samples(10 + s, 8), other, prefix=f"part{s}")
+    elsewhere = sorted(str(p) for p in other.glob("*.tar"))
+    with pytest.raises(InputChangedError) as refused:
+        run(elsewhere, out)
+    assert str(refused.value).startswith(
+        f"output {out}: done units part0-000000, part1-000000, part2-000000 were computed from other shards than "
+        "data.shards names now"
+    )
+    assert "--redo-changed" in str(refused.value)
+    redone = run(elsewhere, out, redo_changed=True)
+    assert (redone.skipped, redone.done, redone.exit_code) == (0, 3, 0)
+    samples = open_results(out).samples
+    assert len(samples) == 24 and samples.key.str.startswith(("s10_", "s11_", "s12_")).all()
+
+
+def test_a_moved_or_copied_dataset_stays_done(shards, tmp_path):
+    out = tmp_path / "out"
+    assert run(shards, out).done == 3
+    moved, copied = tmp_path / "moved", tmp_path / "copied"
+    shutil.copytree(Path(shards[0]).parent, moved)  # copy2: times kept, as mv and rsync -a keep them
+    copied.mkdir()
+    for url in shards:
+        shutil.copyfile(url, copied / Path(url).name)  # new modification times: the member lists decide
+    for folder in (moved, copied):
+        again = run(sorted(str(p) for p in folder.glob("*.tar")), out)
+        assert (again.skipped, again.done) == (3, 0)
+    marker = json.loads((out / "_done" / "part0-000000.json").read_text())
+    assert set(marker["input"]) == {"bytes", "stamp", "members"} and marker["input"]["bytes"] > 0
+
+
+def test_a_rerun_compacts_what_is_committed_and_not_compacted(shards, tmp_path):
+    """After a run with compact: false (as after a failed compaction, or a driver killed after its last commit),
+    a rerun with nothing to run compacts; one with nothing to compact writes no new generation."""
+    out = tmp_path / "out"
+    run(shards, out, **{"output.compact": False})
+    assert read_manifest(out) is None and len(list((out / "samples").glob("*.parquet"))) == 3
+    again = run(shards, out)
+    assert (again.skipped, again.done, again.exit_code) == (3, 0, 0)
+    manifest = read_manifest(out)
+    assert manifest.generation == 1 and manifest.units == {"part0-000000", "part1-000000", "part2-000000"}
+    assert not list((out / "samples").glob("*.parquet"))
+    run(shards, out)
+    assert read_manifest(out).generation == 1
+    assert len(open_results(out).samples) == 24
+
+
+def test_the_same_weights_as_a_torch_file_are_accepted_and_an_earlier_versions_file_digest_too(shards, tmp_path):
+    import hashlib
+
+    torch.manual_seed(0)
+    model = create_model(TINY_MODEL["name"], num_classes=4, model_kwargs=TINY_MODEL["kwargs"])
+    safetensors, torch_file = tmp_path / "weights.safetensors", tmp_path / "weights.pth"
+    save_file(model.state_dict(), safetensors)
+    torch.save({"model": model.state_dict()}, torch_file)  # wrapped, as training scripts save it
+    out = tmp_path / "out"
+    assert run(shards, out, **{"model.checkpoint": str(safetensors)}).done == 3
+    again = run(shards, out, **{"model.checkpoint": str(torch_file)})
+    assert (again.skipped, again.done) == (3, 0)
+
+    written = json.loads((out / "job.json").read_text())
+    tensors = written["fingerprint"]["model.checkpoint"]
+    written["fingerprint"]["model.checkpoint"] = "sha256:" + hashlib.sha256(torch_file.read_bytes()).hexdigest()
+    (out / "job.json").write_text(json.dumps(written))  # as an earlier version recorded it: the file's bytes
+    assert run(shards, out, **{"model.checkpoint": str(torch_file)}).skipped == 3
+    assert json.loads((out / "job.json").read_text())["fingerprint"]["model.checkpoint"] == tensors

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +18,6 @@ from click.testing import CliRunner, Result
 
 from pipeline import open_results
 from pipeline.cli import main
-from pipeline.errors import OutputInUseError
-from pipeline.store.lease import Lease
-from pipeline.store.output import as_output
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -77,6 +77,13 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def released(out: Path) -> bool:
+    """The lease on ``out`` was released: the record stays, holder null, so that its generation only grows (or it
+    is gone with the folder, where nothing else was written)."""
+    lease = out / "_lease.json"
+    return not lease.exists() or json.loads(lease.read_text())["holder"] is None
+
+
 def two_units_done(out: Path) -> bool:
     return len(list((out / "_done").glob("*.json"))) == 2
 
@@ -91,24 +98,84 @@ def repair_and_resume(job: Path, fifo: Path, good: Path) -> None:
 
 
 @pytest.mark.slow
-def test_second_driver_is_refused_while_the_first_runs_and_accepted_after_its_lease_expired(hanging_job):
+def test_second_driver_is_refused_while_the_first_runs_and_a_rerun_after_a_kill_takes_the_lease_at_once(hanging_job):
     job, fifo, good = hanging_job
     out = job.parent / "out"
-    first = start(job, "--no-ray")
+    first = start(job, "--no-ray", "--set", "workers.lease_ttl_s=120")
     wait_for(lambda: two_units_done(out), "the first driver's two good units")
 
     second = run_here(job)
     assert second.exit_code == 2
     lines = second.output.strip().splitlines()
     assert len(lines) == 1 and "is in use by driver" in lines[0] and f":{first.pid}:" in lines[0]
+    assert "--break-lease" in lines[0]
 
-    first.kill()  # SIGKILL: no chance to release the lease
+    first.kill()  # SIGKILL: no chance to release the lease, which stays valid for 120 s
     first.wait()
-    with pytest.raises(OutputInUseError):  # still valid right after the kill
-        Lease(as_output(out), 2).acquire()
-    time.sleep(2.5)  # past the lease's ttl since its last renewal
-    repair_and_resume(job, fifo, good)
-    assert not (out / "_lease.json").exists()
+    killed = time.monotonic()
+    assert json.loads((out / "_lease.json").read_text())["holder"].split(":")[1] == str(first.pid)
+    repair_and_resume(job, fifo, good)  # at once: the holder was a process of this node, and it is gone
+    assert time.monotonic() - killed < 120
+    assert released(out)
+    assert json.loads((out / "_lease.json").read_text())["generation"] == 2
+
+
+def blocked_on_fifo(process: subprocess.Popen) -> bool:
+    """A thread of ``process`` waits in the open() of a FIFO that has no writer."""
+
+    def waits(task: Path) -> bool:
+        try:
+            return (task / "wchan").read_text().strip() == "wait_for_partner"
+        except OSError:  # a thread that ended meanwhile
+            return False
+
+    try:
+        return any(waits(task) for task in Path(f"/proc/{process.pid}/task").iterdir())
+    except OSError:  # the process ended
+        return False
+
+
+@pytest.mark.slow
+def test_a_driver_paused_past_its_lease_writes_nothing_when_it_resumes_and_exits_1(hanging_job):
+    """The first driver is paused (SIGSTOP) past its 2 s lease while its third unit waits for a FIFO; a second
+    driver takes the lease and runs that unit; the FIFO is fed and the second ends; then the first resumes: its
+    unit reads an empty shard, and neither its incomplete marker, nor a failure record, nor a lease is written."""
+    job, fifo, good = hanging_job
+    out = job.parent / "out"
+    first = start(job, "--no-ray")
+    wait_for(lambda: two_units_done(out) and blocked_on_fifo(first), "the first driver's two units")
+    first.send_signal(signal.SIGSTOP)
+    time.sleep(3)  # past the lease's ttl since its last renewal
+
+    second = start(job, "--no-ray")
+    wait_for(lambda: blocked_on_fifo(second), "the second driver at the third unit")
+    lease = json.loads((out / "_lease.json").read_text())
+    assert lease["generation"] == 2 and f":{second.pid}:" in lease["holder"]
+    with open(fifo, "wb") as f:  # the second reads it all: the first is stopped
+        f.write(good.read_bytes())
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 0, stderr
+
+    first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: output ") and "this driver lost its lease (generation 1)" in last, stderr
+    markers = {path.stem: json.loads(path.read_text()) for path in (out / "_done").glob("*.json")}
+    assert {unit: m["lease_generation"] for unit, m in markers.items()} == {
+        "part0-000000": 1,
+        "part1-000000": 1,
+        "part2-000000": 2,
+    }
+    assert not list(out.glob("_failed/*.json")) and not list(out.glob("_incomplete/*.json"))
+    assert json.loads((out / "_lease.json").read_text()) | {"released": 0} == {
+        "holder": None,
+        "generation": 2,
+        "released": 0,
+    }
+    samples = open_results(out).samples
+    assert len(samples) == 12 and samples.key.is_unique and (samples.status == "ok").all()
 
 
 @pytest.mark.slow
@@ -121,8 +188,87 @@ def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "interrupted: units in flight are redone" in stderr and "Traceback" not in stderr
-    assert not (out / "_lease.json").exists()
+    assert released(out)
     repair_and_resume(job, fifo, good)
+
+
+def lease_held(out: Path) -> bool:
+    try:
+        return bool(json.loads((out / "_lease.json").read_text())["holder"])
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("phase", ["model", "checks"])
+def test_a_signal_during_start_up_stops_the_run_within_seconds_and_releases_the_lease(tmp_path, phase, signum, code):
+    """``model``: right after the lease is taken, torch is imported and the model built (seconds); ``checks``: the
+    label check reads the first shard, a FIFO that no one writes to."""
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    overrides = {}
+    if phase == "checks":
+        os.mkfifo(tmp_path / "first.tar")
+        overrides = {"data.shards": [str(tmp_path / "first.tar"), *shards], "target": "label"}
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, out, **overrides))
+    process = start(job, "--no-ray")
+    if phase == "checks":
+        wait_for(lambda: blocked_on_fifo(process), "the label check")
+    else:
+        wait_for(lambda: lease_held(out), "the lease", timeout=60)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code and time.monotonic() - sent < 10, stderr
+    assert stderr.strip().splitlines() == [
+        f"job tiny {'interrupted' if code == 130 else 'terminated'}: units in flight are redone by the next run of "
+        "the same job"
+    ]
+    assert released(out) and not (out / "_done").exists()
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_ray_starts_exits_within_seconds_and_releases_the_lease(tmp_path, signum, code):
+    """Ray's start holds the main thread in C code for seconds, and ray.init installs a SIGTERM handler of its own:
+    the run still ends with 130 / 143 and its line, the lease released, Ray's processes gone."""
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, out))
+    process = subprocess.Popen([CLI, "-v", "run", str(job), "--quiet"], stderr=subprocess.PIPE, text=True)
+    _STARTED.append(process)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: any("starting Ray" in line for line in lines), "Ray's start")
+    time.sleep(1.0)  # inside ray.init, which takes seconds
+    started = children(process.pid)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    process.wait(timeout=120)
+    elapsed = time.monotonic() - sent
+    reader.join(timeout=10)
+    assert process.returncode == code and elapsed < 20, "".join(lines)
+    stopped = "interrupted" if code == 130 else "terminated"
+    message = f"job tiny {stopped}: units in flight are redone by the next run of the same job"
+    assert message in [line.strip() for line in lines] and not any("Traceback" in line for line in lines)
+    assert released(out) and not (out / "_done").exists()
+    time.sleep(3)
+    assert [pid for pid in started if Path(f"/proc/{pid}").exists() and not zombie(pid)] == []
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @pytest.mark.slow
@@ -137,7 +283,7 @@ def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job):
     assert process.returncode == 143, stderr
     assert "terminated: units in flight are redone" in stderr
     assert "Traceback" not in stderr and "SIGABRT" not in stderr and "*** " not in stderr
-    assert not (out / "_lease.json").exists()
+    assert released(out)
     repair_and_resume(job, fifo, good)
 
 
@@ -149,7 +295,7 @@ def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(no_r
     assert result.exit_code == 2, result.output
     assert time.monotonic() - start_time < 60
     assert "nothing answers at Ray address 127.0.0.1:1 within workers.connect_timeout_s=2 s" in result.output
-    assert not (tmp_path / "out" / "_lease.json").exists()
+    assert released(tmp_path / "out")
 
 
 def free_port() -> int:
@@ -186,7 +332,7 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
             f"error: cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
             "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
         ]
-        assert not (tmp_path / "out" / "_lease.json").exists()
+        assert released(tmp_path / "out")
         right = subprocess.run(command, env=head_env, capture_output=True, text=True)
         assert right.returncode == 0, right.stderr
         assert "2 of 2 samples explained" in right.stdout
@@ -197,3 +343,107 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
     finally:
         head.send_signal(signal.SIGTERM)
         head.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_lease_held_on_another_node_is_refused_before_torch_loads_and_taken_with_break_lease(tmp_path):
+    shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
+    job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    held = {"holder": "elsewhere:4242:0a0a0a0a", "host": "elsewhere", "pid": 4242, "generation": 4}
+    (tmp_path / "out" / "_lease.json").write_text(json.dumps({**held, "renewed": time.time(), "ttl_s": 600}))
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom pipeline.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))",
+            "run",
+            str(job),
+            "--no-ray",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.stdout.split("\n")[0] == "2 []"  # refused before torch, Ray and pandas were imported
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by driver elsewhere:4242:0a0a0a0a" in lines[0], refused.stderr
+    assert "if that driver is dead on another node, run again with --break-lease" in lines[0]
+
+    broken = subprocess.run(
+        [CLI, "run", str(job), "--no-ray", "--quiet", "--break-lease"], capture_output=True, text=True
+    )
+    assert broken.returncode == 0, broken.stderr
+    assert "breaking the lease of driver elsewhere:4242:0a0a0a0a" in broken.stderr
+    assert json.loads((tmp_path / "out" / "_lease.json").read_text())["generation"] == 5
+    assert released(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_without_ray_a_shard_read_that_never_returns_ends_within_the_unit_timeout(hanging_job):
+    """The third unit's read of a FIFO never returns: its thread is abandoned (a daemon) after
+    workers.unit_timeout_s, the unit fails naming why, and the process exits."""
+    job, _, _ = hanging_job
+    out = job.parent / "out"
+    overrides = ["--set", "workers.unit_timeout_s=4", "--set", "workers.max_retries=0"]
+    process = subprocess.Popen(
+        [CLI, "run", str(job), "--quiet", "--no-ray", *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _STARTED.append(process)
+    wait_for(lambda: two_units_done(out), "two units")
+    reached = time.monotonic()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert time.monotonic() - reached < 4 + 15
+    assert "no progress on unit part2-000000 for" in stderr and "Traceback" not in stderr
+    assert "FAILED unit part2-000000: no progress for 4 s (workers.unit_timeout_s): abandoned" in stdout
+    assert json.loads((out / "_failed" / "part2-000000.json").read_text())["error"].startswith("no progress for 4 s")
+    assert released(out)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_after_units_ran_ends_with_exit_1_the_summary_and_the_unit_named(tmp_path):
+    """A real full disk (a 4 MB tmpfs, filled once two units are committed): the third unit's commit fails, is
+    retried after its backoff and fails again; its failure record cannot be written either."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a small tmpfs cannot be mounted here (needs root)")
+    try:
+        shards = make_shards(tmp_path / "shards", shards=3, per_shard=4)
+        good = Path(shards[2]).read_bytes()
+        os.remove(shards[2])
+        os.mkfifo(shards[2])
+        overrides = {"workers.max_retries": 1, "workers.retry_backoff_s": 1, "workers.lease_ttl_s": 30}
+        job = write_job(tmp_path / "job.yaml", job_dict(shards, disk / "out", **overrides))
+        process = subprocess.Popen(
+            [CLI, "run", str(job), "--quiet", "--no-ray"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        _STARTED.append(process)
+        wait_for(lambda: two_units_done(disk / "out"), "two units")
+        with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+
+        def feed() -> None:  # one shard's bytes for each of the two attempts, once each waits for them
+            for _ in range(2):
+                while not blocked_on_fifo(process):
+                    time.sleep(0.1)
+                with open(shards[2], "wb") as f:
+                    f.write(good)
+
+        threading.Thread(target=feed, daemon=True).start()
+        stdout, stderr = process.communicate(timeout=180)
+        assert process.returncode == 1, stderr
+        assert "Traceback" not in stderr
+        assert "2 units explained, 0 already done, 1 failed, 0 incomplete, of 3" in stdout, stdout
+        failed = next(line for line in stdout.splitlines() if line.startswith("FAILED unit part2-000000: "))
+        assert "No space left on device" in failed and failed.endswith("(after 2 attempts)")
+        assert "the failure record of unit part2-000000 was not written" in stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

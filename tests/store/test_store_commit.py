@@ -81,8 +81,7 @@ def test_killed_unit_is_not_done_and_rerun_writes_rows_once(tmp_path, layout, ma
     assert child.exitcode == -signal.SIGKILL
 
     assert not is_done(tmp_path, "shard-000001") and done_units(tmp_path) == ["shard-000000"]
-    partial = zarr.open_group(tmp_path / "maps.zarr" / "shard-000001", mode="r")
-    assert list(partial.array_keys()) == []  # the killed unit's maps were buffered, never written
+    assert not (tmp_path / "maps.zarr" / "shard-000001").exists()  # the killed unit's maps were buffered, unwritten
     results = open_results(tmp_path)
     assert results.samples["unit"].unique().tolist() == ["shard-000000"] and len(results.samples) == 10
     np.testing.assert_allclose(results.maps("u0-1-4").daam, first[1]["result"].arrays["daam"][4], rtol=1e-3)
@@ -188,3 +187,35 @@ def test_incomplete_units_are_read_but_not_done_and_commits_clear_failure_record
     record_failure(tmp_path, "shard-000002", "worker died")
     clear(tmp_path)
     assert committed_units(tmp_path) == [] and failure_records(tmp_path) == {}
+
+
+def test_a_writer_whose_lease_was_taken_commits_nothing_and_removes_nothing(tmp_path, layout, make_batch):
+    """Fencing: a driver's writers check its lease before they remove a unit's files and before the marker; a
+    driver that takes the lease over increments its generation, which the markers record."""
+    from pipeline.errors import LeaseLostError
+    from pipeline.store.lease import Lease
+
+    output = Output(str(tmp_path))
+    first = Lease(output, ttl_s=600)
+    first.acquire()
+    writer = UnitWriter(tmp_path, "shard-000000", layout, shard="s.tar", job="j", fence=first.fence())
+    writer.write_explained(**make_batch(["a", "b"], seed=0))
+    assert writer.commit()["lease_generation"] == 1
+    late = UnitWriter(tmp_path, "shard-000001", layout, shard="s.tar", job="j", fence=first.fence())
+    late.write_explained(**make_batch(["c"], seed=1))
+
+    second = Lease(output, ttl_s=600, break_lease=True)  # as after the first driver was paused past its lease
+    second.acquire()
+    assert second.generation == 2
+    with pytest.raises(LeaseLostError, match=r"lost its lease \(generation 1\): driver .* holds it now"):
+        late.commit()
+    with pytest.raises(LeaseLostError):
+        UnitWriter(tmp_path, "shard-000000", layout, shard="s.tar", job="j", fence=first.fence())
+    with pytest.raises(LeaseLostError):
+        record_failure(tmp_path, "shard-000001", "boom", fence=first.fence())
+    assert committed_units(tmp_path) == ["shard-000000"] and failure_records(tmp_path) == {}
+    assert open_results(tmp_path).samples["key"].tolist() == ["a", "b"]
+    first.release()  # not its lease any more: left as it is
+    assert second.current()["holder"] == second.holder
+    second.release()
+    assert second.current() | {"released": 0} == {"holder": None, "generation": 2, "released": 0}

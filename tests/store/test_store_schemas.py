@@ -103,7 +103,8 @@ def test_schemas_keep_what_the_json_described():
     assert arrays["keys"]["dtype"] == "string" and not arrays["keys"]["optional"]
     assert arrays["coefficients"]["dims"] == ("sample", "block", "channel")
     assert arrays["gradcam"]["dims"] == ("sample", "row", "col") and arrays["daam"]["dtype"] == "float32"
-    assert ZARR_LAYOUT["version"] == 2 and set(ZARR_LAYOUT["array_attributes"]) == {"significant_bits"}
+    assert ZARR_LAYOUT["version"] == 3 and set(ZARR_LAYOUT["array_attributes"]) == {"significant_bits"}
+    assert set(ZARR_LAYOUT["unit_group"]["attributes"]) == {"shard_indexes"}
 
 
 def test_written_parquet_carries_the_schemas(tmp_path, layout, make_batch):

@@ -1,10 +1,13 @@
-"""The Zarr map store: storage precision and size, layout 2 (one shard per array), layout 1 reads, options."""
+"""The Zarr map store: storage precision and size, layout 3 (one shard per array, consolidated unit metadata with the
+shards' indexes), layout 2 and 1 reads, options."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from pipeline.errors import ConfigError, StoreError
 from pipeline.store.results import open_results
 from pipeline.store.schemas import SCHEMAS_DIR
 from pipeline.store.unit_writer import UnitWriter
-from pipeline.store.zarr_store import MapLayout, MapStore, exponent_name, round_significant
+from pipeline.store.zarr_store import SHARD_INDEXES, MapLayout, MapStore, exponent_name, round_significant
 
 PRECISION_TOLERANCE = 1e-3  # the contract: a stored value within 1e-3 of its map's peak
 HALF_ULP = 2.0**-11  # float16's 11 significant bits: a rounded value is within 2^-11 of itself
@@ -114,6 +117,13 @@ def test_store_matches_layout_file(tmp_path, layout, make_batch):
     assert root.attrs["grid"] == [4, 5] and root.attrs["schema_version"] == spec["version"]
     group = root["shard-000000"]
     assert sorted(group.array_keys()) == sorted(spec["arrays"])
+    assert set(group.attrs) == set(spec["unit_group"]["attributes"])
+    assert sorted(group.metadata.consolidated_metadata.metadata) == sorted(spec["arrays"])  # opened in one read
+    indexes = group.attrs["shard_indexes"]
+    for name, array_spec in spec["arrays"].items():
+        key = f"{name}/c" + ".0" * len(array_spec["dims"])
+        shard = (tmp_path / spec["path"] / "shard-000000" / key).read_bytes()
+        assert base64.b64decode(indexes[key]) == shard[-(16 + 4) :]  # one inner chunk: its offset, length, crc32c
     dims = {"sample": 3, **layout.dims()}
     for name, array_spec in spec["arrays"].items():
         array = group[name]
@@ -134,7 +144,7 @@ def test_arrays_are_written_once_at_commit(tmp_path, layout, make_batch):
         batches.append(make_batch(keys, seed=start))
         writer.write_explained(**batches[-1])
         start += size
-        assert not list(zarr.open_group(tmp_path / "maps.zarr" / "u", mode="r").array_keys())  # buffered
+        assert not (tmp_path / "maps.zarr" / "u").exists()  # buffered
     writer.commit()
     group = zarr.open_group(tmp_path / "maps.zarr" / "u", mode="r")
     assert group["keys"][:].tolist() == [k for b in batches for k in keys_of(b)]
@@ -215,9 +225,29 @@ def test_unit_without_ok_samples_commits_empty_arrays(tmp_path, layout):
     assert list(open_results(tmp_path).iter_units()) == []
 
 
+def as_layout_2(group: Path) -> None:
+    """Turn a unit group of this version into one of layout 2: the same arrays, without consolidated metadata or
+    shard indexes in the group's zarr.json."""
+    metadata = json.loads((group / "zarr.json").read_text())
+    del metadata["consolidated_metadata"], metadata["attributes"][SHARD_INDEXES]
+    (group / "zarr.json").write_text(json.dumps(metadata))
+
+
+def test_layout_2_outputs_still_read(tmp_path, layout, make_batch):
+    options = StoreOptions(chunk_rows=2)
+    _, keys = write_unit(tmp_path, layout, make_batch, n=5, options=options)
+    before = open_results(tmp_path).maps_of(keys)
+    as_layout_2(tmp_path / "maps.zarr" / "shard-000000")
+    results = open_results(tmp_path)
+    for name, values in results.maps_of(keys).items():
+        np.testing.assert_array_equal(values, before[name])
+    np.testing.assert_array_equal(results.maps(keys[3]).daam, before["daam"][3])
+
+
 def test_layout_1_outputs_still_read(tmp_path, layout, make_batch):
     """An output of layout 1 (float16 arrays scaled by <name>_exponent, grown chunk by chunk) reads as before."""
     write_unit(tmp_path, layout, make_batch, n=3, options=StoreOptions(dtype="float32"))
+    as_layout_2(tmp_path / "maps.zarr" / "shard-000000")
     original = {
         name: zarr.open_array(tmp_path / "maps.zarr" / "shard-000000" / name)[:] for name in ("daam", "coefficients")
     }
@@ -273,7 +303,7 @@ def test_init_rejects_another_configuration(tmp_path, layout, make_batch):
     root = zarr.open_group(tmp_path / "maps.zarr", mode="a")
     root.attrs["schema_version"] = 1  # an output of an earlier version
     with pytest.raises(
-        StoreError, match=r"layout version 1, this version writes 2; write to a new output or .*--overwrite"
+        StoreError, match=r"layout version 1, this version writes 3; write to a new output or .*--overwrite"
     ):
         MapStore.open(str(tmp_path / "maps.zarr")).init(layout, StoreOptions())
 

@@ -81,3 +81,26 @@ def explainers_output(viz_shards, tmp_path_factory) -> Path:
     metrics = ["localisation", "segmentation", "faithfulness", "perturbation"]
     evaluate = {"steps": 4, "metrics": metrics, "sanity": "cascading", "sanity_samples": 3}
     return _run(tmp_path_factory.mktemp("viz_explainers"), viz_shards, explainers=explainers, evaluate=evaluate)
+
+
+@pytest.fixture(scope="session")
+def other_shards(viz_shards, tmp_path_factory) -> list[str]:
+    """The second shard of ``viz_shards`` (five keys shared with its outputs, one of them corrupt) and a shard of five
+    new keys."""
+    folder = tmp_path_factory.mktemp("other_shards")
+    write_shards(_samples(2, 5), folder, prefix="part2")
+    return [viz_shards[1], *sorted(str(p) for p in folder.glob("*.tar"))]
+
+
+@pytest.fixture(scope="session")
+def other_output(other_shards, tmp_path_factory) -> Path:
+    """Another model over a partial overlap of ``crop_output``'s samples: 2 blocks instead of 4, patch 4 (an 8x8 grid)
+    instead of 8 (4x4), 'resize' preprocessing, an evaluation table."""
+    depth_and_patch = {"model.kwargs.depth": 2, "model.kwargs.patch_size": 4}
+    return _run(tmp_path_factory.mktemp("viz_other"), other_shards, **depth_and_patch, evaluate={"steps": 4})
+
+
+@pytest.fixture(scope="session")
+def disjoint_output(other_shards, tmp_path_factory) -> Path:
+    """A 3-block model over the new shard only: no key in common with ``crop_output``."""
+    return _run(tmp_path_factory.mktemp("viz_disjoint"), other_shards[1:], **{"model.kwargs.depth": 3})

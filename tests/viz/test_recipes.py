@@ -1,5 +1,6 @@
 """The pandas recipes run as written against a real output: every ```python block of docs/recipes.md, and the
-README.md blocks marked with a preceding ``<!-- recipe -->`` line, in order, with ``OUT`` rebound."""
+README.md blocks marked with a preceding ``<!-- recipe -->`` line, in order, with ``OUT`` rebound (and ``OTHER``, the
+second model's output of the comparison recipe)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 _MARKER = re.compile(r"<!--\s*recipe\s*-->\s*\n\s*$")
 _OUT = re.compile(r"^OUT\s*=.*$", re.M)
+_OTHER = re.compile(r"^OTHER\s*=.*$", re.M)
 
 
 def recipe_blocks(text: str, *, marked_only: bool) -> list[tuple[int, str]]:
@@ -32,7 +34,7 @@ def test_marker_selects_only_marked_blocks():
 
 
 @pytest.mark.parametrize(("document", "marked_only"), [("docs/recipes.md", False), ("README.md", True)])
-def test_recipes_run_against_a_real_output(document, marked_only, crop_output, tmp_path, monkeypatch):
+def test_recipes_run_against_a_real_output(document, marked_only, crop_output, other_output, tmp_path, monkeypatch):
     path = ROOT / document
     if not path.exists():
         pytest.skip(f"{document} does not exist")
@@ -47,6 +49,7 @@ def test_recipes_run_against_a_real_output(document, marked_only, crop_output, t
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__recipes__", "OUT": str(out)}
     for line, code in blocks:
-        source = "\n" * (line - 1) + _OUT.sub(f"OUT = {str(out)!r}", code)  # tracebacks point at the document
+        code = _OTHER.sub(f"OTHER = {str(other_output)!r}", _OUT.sub(f"OUT = {str(out)!r}", code))
+        source = "\n" * (line - 1) + code  # tracebacks point at the document
         exec(compile(source, str(path), "exec"), namespace)
     assert (out / "report.html").exists() or marked_only

@@ -58,3 +58,17 @@ def test_charts_never_import_pyplot():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_chart_on_relative_depth_numbers_each_models_blocks_above_it():
+    deep = Line("deep (L=6)", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], x=[(b + 1) / 6 for b in range(6)])
+    shallow = Line("shallow (L=3)", [0.3, 0.2, 0.1], x=[1 / 3, 2 / 3, 1.0])
+    plain = line_chart([0, 0.5, 1], [deep, shallow], title="t", xlabel="relative depth", ylabel="y")
+    svg = line_chart([0, 0.5, 1], [deep, shallow], title="t", xlabel="relative depth", ylabel="y", block_axes=[6, 3])
+    digits = re.findall(r">(\d)</text>", svg)  # tick labels: the main axis's 0 and 1, then the block numbers
+    assert sorted(digits) == sorted([*re.findall(r">(\d)</text>", plain), *"012345", *"012"])
+    height = [float(re.search(r'height="([\d.]+)pt"', chart).group(1)) for chart in (svg, plain)]
+    assert height[0] > height[1]  # the two axes add height above the chart
+    assert svg == line_chart(
+        [0, 0.5, 1], [deep, shallow], title="t", xlabel="relative depth", ylabel="y", block_axes=[6, 3]
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from builders import job_dict
 
 from pipeline import DAAM, open_results
 from pipeline.config import parse_job
+from pipeline.runner.pools import LocalPool
 from pipeline.stages import UnitState
 from pipeline.store.units import unit_name
 from pipeline.worker import UnitWorker
@@ -48,7 +51,7 @@ class RecordingStage:
     def __init__(self) -> None:
         self.sinks: dict[str, RecordingSink] = {}
 
-    def open_unit(self, unit, url):
+    def open_unit(self, unit, url, *, fresh=False, fence=None):
         self.sinks[unit] = RecordingSink()
         return UnitState(self.sinks[unit], torch.Generator().manual_seed(len(unit)))
 
@@ -170,3 +173,55 @@ def test_comparison_explainers_are_stored_scored_and_summarised(tiny_shards, tmp
     table = summarise(results.evaluation)
     assert list(table.index) == ["DAAM", "random", "centre prior", "attention", "gradcam", "rollout"]
     assert (table.samples == 6).all()
+
+
+class SlowStorageStage(RecordingStage):
+    """A recording stage whose units' commits wait on a test's gate, as on slow storage; it logs what happens."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+        self.log: list[str] = []
+        self.computed = {}  # shard prefix (s0, s1, ...) -> set when its unit first computes
+
+    def open_unit(self, unit, url, *, fresh=False, fence=None):
+        state = super().open_unit(unit, url, fresh=fresh)
+        sink, stage = state.sink, self
+
+        def commit(summary, *, incomplete=None):
+            stage.log.append(f"commit {unit}")
+            stage.gate.wait(60)
+            stage.log.append(f"committed {unit}")
+            return RecordingSink.commit(sink, summary, incomplete=incomplete)
+
+        sink.commit = commit
+        return state
+
+    def compute(self, images, samples, generator):
+        shard = samples[0].key.split("_")[0]
+        if f"compute {shard}" not in self.log:
+            self.log.append(f"compute {shard}")
+        self.computed.setdefault(shard, threading.Event()).set()
+        return super().compute(images, samples, generator)
+
+
+def test_commits_overlap_the_next_unit_and_hold_at_most_their_bound(tiny_shards, tmp_path):
+    """With one commit in flight, the next unit computes while a unit commits; the one after waits, since the
+    finished unit ahead of it holds its results until a commit place is free."""
+    job = parse_job(job_dict(tiny_shards, tmp_path / "out", batch_size=2, **{"workers.commits_in_flight": 1}))
+    gate = threading.Event()
+    with UnitWorker(job) as worker:
+        stage = worker.stages["recording"] = SlowStorageStage(gate)
+        outcomes = LocalPool(job, worker=worker).run("recording", tiny_shards[:3])
+        first = threading.Thread(target=lambda: outcomes.__next__(), daemon=True)  # drive the pool
+        first.start()
+        assert stage.computed.setdefault("s1", threading.Event()).wait(60), stage.log  # computed during s0's commit
+        time.sleep(0.5)
+        assert "compute s2" not in stage.log, stage.log  # s1 waits for a commit place, holding its own
+        gate.set()
+        first.join(60)
+        rest = list(outcomes)
+    assert [o.marker["ok"] for o in rest] == [4, 5]  # a corrupt sample in s1, a rejected one in each
+    units = [unit_name(url) for url in tiny_shards[:3]]
+    assert stage.log[:3] == ["compute s0", f"commit {units[0]}", "compute s1"]
+    assert stage.log.index("compute s2") > stage.log.index(f"committed {units[0]}")

@@ -1,0 +1,414 @@
+"""Outputs on an object store with real latency: requests per unit, commit time, and units/s one worker's storage
+sustains with 1, 2 and 4 commits in flight, against the same writer on a local disk, in one run.
+
+    python benchmarks/object_store.py --s3-latency-ms 25
+
+moto's S3 server runs on 127.0.0.1 (its own process) behind a small proxy written here (asyncio in a thread): the
+proxy holds every HTTP request ``--s3-latency-ms`` before forwarding it, as a bucket in another building would, and
+counts the requests by kind. The writer alone (no model) writes vit_small-shaped units of ``--samples`` images
+(keys, block_maps, daam, coefficients; samples and blocks tables), pre-rounded as the explain stage hands them,
+through the pipeline's own ``UnitWriter`` as a worker does (units the resume found nothing of, one ``maps.zarr``
+per worker), to: a local disk, S3 without added latency, S3 with it. Then, on each: the bank stage's units
+(``FeatureWriter``, 384-d features) and the bank file they assemble into (``bank.path`` on the store), the
+compaction of the written units, and one ``open_results(OUT).maps(key)`` on the compacted output.
+The issue's targets at 25 ms: at most 40 requests per unit written; with commits in flight, at least 0.8x the
+units/s of the local disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+import numpy as np
+from storage import LAYOUT, rounded_unit_batch
+
+from pipeline.config import StoreOptions, parse_job
+from pipeline.data.decode import DecodedBatch
+from pipeline.store.bank import assemble_bank
+from pipeline.store.compact import compact
+from pipeline.store.features import EncodedBatch, FeatureWriter
+from pipeline.store.output import Output
+from pipeline.store.results import open_results
+from pipeline.store.unit_writer import UnitWriter
+from pipeline.store.zarr_store import MapStore
+
+ARRAYS = ("block_maps", "daam", "coefficients")
+FEATURES = 384  # vit_small's pooled [class] feature
+
+
+def request_kind(line: bytes) -> str:
+    """GET, HEAD, PUT, DELETE, LIST or BULK-DELETE, from an HTTP request line of the S3 API (path-style)."""
+    method, target = line.split(b" ")[:2]
+    query = urlsplit(target.decode()).query
+    if method == b"GET" and "list-type" in query:
+        return "LIST"
+    if method == b"POST" and "delete" in query:
+        return "BULK-DELETE"
+    return method.decode()
+
+
+class DelayProxy:
+    """A TCP proxy in front of an HTTP server that holds every request ``latency_s`` before forwarding it (each
+    connection on its own, so concurrent requests wait concurrently) and counts the requests by kind.
+
+    Args:
+        upstream: ``(host, port)`` of the server.
+        latency_s: Added delay per request.
+    """
+
+    def __init__(self, upstream: tuple[str, int], latency_s: float) -> None:
+        self.upstream = upstream
+        self.latency_s = latency_s
+        self.counts: Counter = Counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxy", daemon=True)
+
+    def start(self) -> int:
+        """Start serving on 127.0.0.1; returns the port."""
+        self._thread.start()
+        self._tid = asyncio.run_coroutine_threadsafe(_native_id(), self._loop).result()
+        serve = asyncio.start_server(self._connection, "127.0.0.1", 0, limit=1 << 20)
+        self._server = asyncio.run_coroutine_threadsafe(serve, self._loop).result()
+        return self._server.sockets[0].getsockname()[1]
+
+    def cpu_s(self) -> float:
+        """CPU seconds the proxy's thread has used (Linux's /proc)."""
+        return _cpu_s(f"/proc/self/task/{self._tid}/stat")
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _close(self) -> None:
+        """Stop serving and end every connection's tasks."""
+        self._server.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _connection(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        upstream, to_upstream = await asyncio.open_connection(*self.upstream, limit=1 << 20)
+        back = asyncio.create_task(_pipe(upstream, to_client))
+        try:
+            while True:
+                head = await client.readuntil(b"\r\n\r\n")
+                self.counts[request_kind(head.split(b"\r\n", 1)[0])] += 1
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
+                }
+                await asyncio.sleep(self.latency_s)
+                to_upstream.write(head)
+                if headers.get(b"transfer-encoding") == b"chunked":
+                    while True:
+                        size_line = await client.readuntil(b"\r\n")
+                        size = int(size_line.split(b";")[0], 16)
+                        to_upstream.write(size_line + await client.readexactly(size + 2 if size else 0))
+                        if size == 0:  # trailers, then an empty line
+                            while (line := await client.readuntil(b"\r\n")) != b"\r\n":
+                                to_upstream.write(line)
+                            to_upstream.write(b"\r\n")
+                            break
+                else:
+                    length = int(headers.get(b"content-length", b"0"))
+                    while length:  # forwarded as it comes: a client may wait for "100 Continue" first
+                        data = await client.read(min(length, 1 << 20))
+                        if not data:
+                            raise ConnectionError("client went away")
+                        to_upstream.write(data)
+                        length -= len(data)
+                await to_upstream.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away, or the proxy stops
+        finally:
+            back.cancel()
+            for writer in (to_upstream, to_client):
+                writer.close()
+
+
+async def _native_id() -> int:
+    return threading.get_native_id()
+
+
+def _cpu_s(stat: str) -> float:
+    """User and system CPU seconds of a process or thread, from its /proc stat file."""
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+        while data := await reader.read(1 << 20):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+@dataclasses.dataclass
+class Location:
+    """Where a measurement writes: a local folder, or the S3 server behind its proxy (whose counts and server
+    process it reads)."""
+
+    name: str
+    url: str
+    options: dict
+    proxy: DelayProxy | None = None
+    server_pid: int | None = None
+
+    @property
+    def counts(self) -> Counter | None:
+        return None if self.proxy is None else self.proxy.counts
+
+    def server_cpu_s(self) -> float:
+        """CPU seconds the S3 server's process has used (0 for a local folder)."""
+        return 0.0 if self.server_pid is None else _cpu_s(f"/proc/{self.server_pid}/stat")
+
+    def proxy_cpu_s(self) -> float:
+        """CPU seconds the proxy's thread (in this process) has used (0 for a local folder)."""
+        return 0.0 if self.proxy is None else self.proxy.cpu_s()
+
+
+@contextlib.contextmanager
+def s3_server(name: str, latency_s: float) -> Iterator[Location]:
+    """moto's S3 server in a process of its own, behind a :class:`DelayProxy`, with a bucket ``bench``."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("moto's S3 server did not start")
+            time.sleep(0.2)
+        proxy = DelayProxy(("127.0.0.1", port), latency_s)
+        options = {"endpoint_url": f"http://127.0.0.1:{proxy.start()}", "key": "bench", "secret": "bench"}
+        try:
+            Output("s3://bench", options).fs.mkdir("bench")
+            yield Location(name, "s3://bench", options, proxy, server.pid)
+        finally:
+            proxy.stop()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+_NEW_KEYWORDS = {"fresh", "maps"}  # this version's writer; an earlier one (run for a before/after) lacks them
+
+
+def unit_writer(out: Output, unit: str, maps: MapStore | None) -> UnitWriter:
+    """A unit's writer as a worker opens it: fresh (the resume found nothing of it), with the worker's maps.zarr."""
+    known = set(inspect.signature(UnitWriter).parameters)
+    extra = {"fresh": True, "maps": maps} if known >= _NEW_KEYWORDS else {}
+    return UnitWriter(
+        out, unit, LAYOUT, shard=f"{unit}.tar", job="bench", store_options=StoreOptions(arrays=ARRAYS), **extra
+    )
+
+
+def write_units(location: Location, batches: list[dict], in_flight: int) -> dict:
+    """Every unit written (opened, its batch written, committed) by ``in_flight`` threads sharing one maps.zarr, as
+    one worker's commits in flight: requests per unit, commit seconds, units/s, CPU seconds per unit of the writer
+    (this process less the proxy's thread), the S3 server and the proxy."""
+    out = Output(f"{location.url}/out-{in_flight}", location.options)
+    maps = MapStore(out.child("maps.zarr")) if "maps" in inspect.signature(UnitWriter).parameters else None
+    counts = location.counts or Counter()
+    commit_s: list[float] = []
+    before = Counter(counts)
+
+    def write(unit: int) -> None:
+        writer = unit_writer(out, f"shard-{unit:06d}", maps)
+        writer.write_explained(**batches[unit])
+        start = time.perf_counter()
+        writer.commit()
+        commit_s.append(time.perf_counter() - start)
+
+    write(0)  # the worker's first unit also creates maps.zarr's root: not counted
+    first = Counter(counts)
+    cpu, server_cpu, proxy_cpu = time.process_time(), location.server_cpu_s(), location.proxy_cpu_s()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(in_flight) as pool:
+        list(pool.map(write, range(1, len(batches))))
+    wall = time.perf_counter() - start
+    units = len(batches) - 1
+    return {
+        "requests": {kind: n / units for kind, n in (Counter(counts) - first).items()},
+        "first unit requests": sum((first - before).values()),
+        "commit s": float(np.mean(commit_s[1:])),
+        "units/s": units / wall,
+        "cpu s": (time.process_time() - cpu - location.proxy_cpu_s() + proxy_cpu) / units,
+        "server cpu s": (location.server_cpu_s() - server_cpu) / units,
+        "proxy cpu s": (location.proxy_cpu_s() - proxy_cpu) / units,
+    }
+
+
+def bank_units(out: Output, units: int, samples: int, counts: Counter | None) -> dict:
+    """The bank stage's units: ``units`` reference shards of ``samples`` 384-d features, one after another."""
+    rng = np.random.default_rng(1)
+    before = Counter(counts or {})
+    commit_s = []
+    for unit in range(units):
+        batch = DecodedBatch(None, [_Sample(f"r{unit}_{i:05d}", i % 1000) for i in range(samples)], [])
+        writer = FeatureWriter(out, f"ref-{unit:06d}", FEATURES, **_fresh(FeatureWriter))
+        writer.write(batch, EncodedBatch(rng.standard_normal((samples, FEATURES), dtype=np.float32)))
+        start = time.perf_counter()
+        writer.commit()
+        commit_s.append(time.perf_counter() - start)
+    return {"requests": sum((Counter(counts or {}) - before).values()) / units, "commit s": float(np.mean(commit_s))}
+
+
+@dataclasses.dataclass
+class _Sample:
+    key: str
+    label: int
+
+
+def _fresh(writer: Callable) -> dict:
+    return {"fresh": True} if "fresh" in inspect.signature(writer).parameters else {}
+
+
+def timed_requests(action: Callable[[], object], counts: Counter | None) -> tuple[float, int]:
+    before = Counter(counts or {})
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start, sum((Counter(counts or {}) - before).values())
+
+
+def measure_rest(location: Location, args: dict) -> dict:
+    """On one location: compaction of the units written with one commit in flight, one read, the bank stage's units
+    and the bank file they assemble into."""
+    counts = location.counts
+    out = Output(f"{location.url}/out-{args['in_flight'][0]}", location.options)
+    row = {"compact": timed_requests(lambda: compact(out), counts)}
+    key = f"u{len(args['batches']) // 2:06d}_{args['samples'] // 2:05d}"
+    row["maps(key)"] = timed_requests(lambda: open_results(out).maps(key), counts)
+    bank_out = Output(f"{location.url}/ssl", location.options)
+    row["bank units"] = bank_units(bank_out.child("bank"), args["bank_units"], args["samples"], counts)
+    job = parse_job(
+        {
+            "name": "bench",
+            "model": {"name": "vit_small_patch16_224"},
+            "data": {"shards": "unused.tar"},
+            "mode": "self-supervised",
+            "bank": {"shards": [f"s3://refs/ref-{u:06d}.tar" for u in range(args["bank_units"])], "k": 1},
+            "output": {"path": bank_out.url, "storage_options": location.options},
+        }
+    )
+    row["bank file"] = timed_requests(lambda: assemble_bank(job), counts)
+    return row
+
+
+@click.command()
+@click.option("--s3-latency-ms", default=25.0, show_default=True, help="Delay the proxy adds to every request.")
+@click.option("--units", default=9, show_default=True, help="Units per measurement (the first opens maps.zarr).")
+@click.option("--samples", default=1000, show_default=True, help="Images per unit.")
+@click.option("--in-flight", "in_flight", multiple=True, type=int, default=(1, 2, 4), show_default=True)
+@click.option("--bank-units", default=4, show_default=True, help="Reference units of the bank stage.")
+@click.option(
+    "--rounds", default=3, show_default=True, help="Rounds of the units/s measurements (the median is shown)."
+)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
+def main(
+    s3_latency_ms: float,
+    units: int,
+    samples: int,
+    in_flight: tuple[int, ...],
+    bank_units: int,
+    rounds: int,
+    workdir: Path | None,
+) -> None:
+    args = {
+        "batches": [rounded_unit_batch(np.random.default_rng(unit), unit, samples) for unit in range(units)],
+        "samples": samples,
+        "in_flight": in_flight,
+        "bank_units": bank_units,
+        "rounds": rounds,
+    }
+    root = Path(tempfile.mkdtemp(dir=workdir))
+    try:
+        with contextlib.ExitStack() as servers:
+            locations = [Location("local disk", str(root / "local"), {})]
+            for latency in dict.fromkeys((0.0, s3_latency_ms)):
+                locations.append(servers.enter_context(s3_server(f"S3 +{latency:g} ms", latency / 1e3)))
+            rows: dict[str, dict] = {location.name: {} for location in locations}
+            runs: dict[tuple[str, int], list[dict]] = {}
+            for _ in range(rounds):  # the locations one after another at each setting: the same minute's load
+                for commits in in_flight:
+                    for location in locations:
+                        runs.setdefault((location.name, commits), []).append(
+                            write_units(location, args["batches"], commits)
+                        )
+            for (name, commits), measured in runs.items():  # the round of median units/s
+                rows[name][commits] = sorted(measured, key=lambda run: run["units/s"])[len(measured) // 2]
+            for location in locations:
+                rows[location.name] |= measure_rest(location, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(rows, {location.name: location.proxy is not None for location in locations}, args)
+
+
+def report(rows: dict[str, dict], remote: dict[str, bool], args: dict) -> None:
+    names = list(rows)
+    first = args["in_flight"][0]
+    print(
+        f"{len(args['batches']) - 1} vit_small-shaped units of {args['samples']} images ({', '.join(ARRAYS)}, keys; "
+        f"samples and blocks tables) per measurement, after one that opens maps.zarr; the writer alone; units/s: the "
+        f"median of {args['rounds']} rounds"
+    )
+    print(f"{'':>40} " + " ".join(f"{n:>12}" for n in names))
+
+    def line(label: str, value: Callable[[str], str], *, requests: bool = False) -> None:
+        print(f"{label:>40} " + " ".join(f"{value(n) if remote[n] or not requests else '-':>12}" for n in names))
+
+    kinds = sorted({kind for n in names for kind in rows[n][first]["requests"]})
+    line("requests per unit", lambda n: f"{sum(rows[n][first]['requests'].values()):.1f}", requests=True)
+    for kind in kinds:
+        line(f"  {kind}", lambda n, k=kind: f"{rows[n][first]['requests'].get(k, 0):.1f}", requests=True)
+    line("first unit (opens maps.zarr)", lambda n: f"{rows[n][first]['first unit requests']}", requests=True)
+    line(f"commit s per unit, {first} in flight", lambda n: f"{rows[n][first]['commit s']:.3f}")
+    for k in args["in_flight"]:
+        line(f"units/s, {k} commit(s) in flight", lambda n, k=k: f"{rows[n][k]['units/s']:.2f}")
+    best = {n: max(rows[n][k]["units/s"] for k in args["in_flight"]) for n in names}
+    line("best units/s / local disk's best", lambda n: f"{best[n] / best[names[0]]:.2f}")
+    line(f"CPU s per unit, {first} in flight: writer", lambda n: f"{rows[n][first]['cpu s']:.3f}")
+    line("S3 server", lambda n: f"{rows[n][first]['server cpu s']:.3f}", requests=True)
+    line("proxy", lambda n: f"{rows[n][first]['proxy cpu s']:.3f}", requests=True)
+    line("bank unit: requests", lambda n: f"{rows[n]['bank units']['requests']:.1f}", requests=True)
+    line("bank unit: commit s", lambda n: f"{rows[n]['bank units']['commit s']:.3f}")
+    for name, label in (
+        ("bank file", f"bank file ({args['bank_units']} units)"),
+        ("compact", "compact"),
+        ("maps(key)", "maps(key)"),
+    ):
+        line(f"{label}: requests", lambda n, m=name: f"{rows[n][m][1]}", requests=True)
+        line(f"{label}: s", lambda n, m=name: f"{rows[n][m][0]:.3f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
