@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 
@@ -10,6 +11,15 @@ import pytest
 def _shutdown() -> None:
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
+
+
+def _all_cpus_free(ray, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +36,9 @@ def ray_cluster(_ray_at_exit):
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    return ray
+    yield ray
+    if not _all_cpus_free(ray):  # an actor outlived its test: the next test gets a cluster of its own
+        _shutdown()
 
 
 @pytest.fixture
