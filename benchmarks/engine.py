@@ -10,7 +10,8 @@ Peak memory: CUDA allocator peaks on a GPU; on the CPU, the peak resident size o
 
     python benchmarks/engine.py --explainers daam,rollout,attention,gradcam
 
-adds one row per configuration: DAAM with the comparison explainers attached to its pass (pipeline.engine.baselines),
+adds one row per configuration: DAAM with the comparison explainers (pipeline.engine.explainers) attached, each batch
+read as the explain stage reads it (explainers with a pass of their own, AttnLRP and CP-LRP, run it after DAAM's),
 timed in the same alternating rounds, and a line with its cost relative to DAAM alone.
 """
 
@@ -29,7 +30,8 @@ import timm
 import torch
 
 from pipeline import DAAM
-from pipeline.engine.baselines import BASELINES, Baselines
+from pipeline.engine.explainers import Explainers
+from pipeline.names import COMPARISON_EXPLAINERS
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,10 +61,9 @@ def daam_step(daam: DAAM, images: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def baselines_step(daam: DAAM, extra: Baselines, images: torch.Tensor) -> Callable[[], None]:
+def explainers_step(daam: DAAM, explainers: Explainers, images: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
-        daam(images)
-        extra.maps()
+        explainers.explain(images, daam(images))
 
     return step
 
@@ -95,7 +96,7 @@ def _reset_peak_rss() -> int:
 
 
 def _peak_cpu_memory(
-    variant: str, model_name: str, batch: int, dtype: str, queue: mp.Queue, baselines: tuple[str, ...] = ()
+    variant: str, model_name: str, batch: int, dtype: str, queue: mp.Queue, explainers: tuple[str, ...] = ()
 ) -> None:
     """Child process: peak RSS growth of one variant after the model and batch exist.
 
@@ -107,9 +108,9 @@ def _peak_cpu_memory(
     if variant == "daam":
         daam = DAAM(model, autocast_dtype=DTYPES[dtype]).open()
         step = daam_step(daam, images)
-    if variant == "baselines":
+    if variant == "explainers":
         daam = DAAM(model, autocast_dtype=DTYPES[dtype]).open()
-        step = baselines_step(daam, Baselines(daam, baselines), images)
+        step = explainers_step(daam, Explainers(daam, explainers), images)
     step()
     queue.put(_proc_status_bytes("VmHWM") - base)
 
@@ -123,16 +124,18 @@ def peak_memory(variant: str, model: torch.nn.Module, images: torch.Tensor, args
             floor_step(model, images, DTYPES[args["dtype"]])()
         else:
             with DAAM(model, autocast_dtype=DTYPES[args["dtype"]]) as daam, contextlib.ExitStack() as stack:
-                if variant == "baselines":
-                    stack.enter_context(Baselines(daam, args["baselines"]))
-                daam(images)
+                if variant == "explainers":
+                    explainers = stack.enter_context(Explainers(daam, args["explainers"]))
+                    explainers_step(daam, explainers, images)()
+                else:
+                    daam(images)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(
         target=_peak_cpu_memory,
-        args=(variant, args["model"], args["batch"], args["dtype"], queue, args.get("baselines", ())),
+        args=(variant, args["model"], args["batch"], args["dtype"], queue, args.get("explainers", ())),
     )
     proc.start()
     peak = queue.get(timeout=600)
@@ -141,31 +144,31 @@ def peak_memory(variant: str, model: torch.nn.Module, images: torch.Tensor, args
 
 
 def run_benchmark(
-    model_name: str, batch: int, dtype: str, device: str, rounds: int, repeats: int, baselines: tuple[str, ...] = ()
+    model_name: str, batch: int, dtype: str, device: str, rounds: int, repeats: int, explainers: tuple[str, ...] = ()
 ) -> dict:
     model, images = build(model_name, device, batch)
     floor = floor_step(copy.deepcopy(model), images, DTYPES[dtype])  # the floor's model carries no hooks
-    extra_model = copy.deepcopy(model) if baselines else None  # DAAM with the baselines attached, on its own copy
+    extra_model = copy.deepcopy(model) if explainers else None  # DAAM with the explainers attached, on its own copy
     floor_times, daam_times, extra_times = [], [], []
     with DAAM(model, autocast_dtype=DTYPES[dtype]) as daam, contextlib.ExitStack() as stack:
         step = daam_step(daam, images)
         floor(), step()  # warm-up
-        if baselines:
+        if explainers:
             extra_daam = stack.enter_context(DAAM(extra_model, autocast_dtype=DTYPES[dtype]))
-            extra_step = baselines_step(extra_daam, stack.enter_context(Baselines(extra_daam, baselines)), images)
+            extra_step = explainers_step(extra_daam, stack.enter_context(Explainers(extra_daam, explainers)), images)
             extra_step()
         for _ in range(rounds):
             floor_times.append(timed(floor, device, repeats))
             daam_times.append(timed(step, device, repeats))
-            if baselines:
+            if explainers:
                 extra_times.append(timed(extra_step, device, repeats))
-    args = dict(model=model_name, batch=batch, dtype=dtype, baselines=baselines)
+    args = dict(model=model_name, batch=batch, dtype=dtype, explainers=explainers)
     floor_s, daam_s = statistics.median(floor_times), statistics.median(daam_times)
     floor_mem, daam_mem = peak_memory("floor", model, images, args), peak_memory("daam", model, images, args)
-    if baselines:
-        extra_s, extra_mem = statistics.median(extra_times), peak_memory("baselines", model, images, args)
+    if explainers:
+        extra_s, extra_mem = statistics.median(extra_times), peak_memory("explainers", model, images, args)
         extra_row = dict(
-            explainers=",".join(baselines),
+            explainers=",".join(explainers),
             images_per_s=batch / extra_s,
             ratio=floor_s / extra_s,
             peak_mib=extra_mem / 2**20,
@@ -186,7 +189,7 @@ def run_benchmark(
         memory_ratio=daam_mem / max(floor_mem, 1),
         torch=torch.__version__,
         timm=timm.__version__,
-        **({"baselines": extra_row} if baselines else {}),
+        **({"with_explainers": extra_row} if explainers else {}),
     )
 
 
@@ -203,8 +206,8 @@ def print_row(r: dict) -> None:
         f"{r['daam_peak_mib']:>9.0f} {r['memory_ratio']:>9.2f}",
         flush=True,
     )
-    if "baselines" in r:
-        b = r["baselines"]
+    if "with_explainers" in r:
+        b = r["with_explainers"]
         print(
             f"{'+' + b['explainers']:28} {r['dtype']:9} {r['batch']:>5} {r['floor_images_per_s']:>12.1f} "
             f"{b['images_per_s']:>11.1f} {b['ratio']:>6.3f} {r['floor_peak_mib']:>10.0f} "
@@ -217,20 +220,20 @@ def print_footer(rows: list[dict]) -> None:
     if rows:
         print(f"device: {rows[0]['device']}; torch {rows[0]['torch']}, timm {rows[0]['timm']}")
     for r in rows:
-        if "baselines" in r:
-            b = r["baselines"]
+        if "with_explainers" in r:
+            b = r["with_explainers"]
             print(
-                f"+{b['explainers']} (DAAM with them attached, same pass) vs DAAM alone, {r['model']} {r['dtype']}: "
+                f"+{b['explainers']} (DAAM with them attached) vs DAAM alone, {r['model']} {r['dtype']}: "
                 f"time x{b['time_vs_daam']:.3f}, peak memory x{b['memory_vs_daam']:.2f}"
             )
 
 
 def parse_explainers(value: str) -> tuple[str, ...]:
-    """The baselines named in ``value`` ("daam" is always run)."""
+    """The comparison explainers named in ``value`` ("daam" is always run)."""
     names = [n.strip() for n in value.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ("daam", *BASELINES)]
+    unknown = [n for n in names if n not in ("daam", *COMPARISON_EXPLAINERS)]
     if unknown:
-        raise click.BadParameter(f"unknown explainers {unknown}; valid: daam, {', '.join(BASELINES)}")
+        raise click.BadParameter(f"unknown explainers {unknown}; valid: daam, {', '.join(COMPARISON_EXPLAINERS)}")
     return tuple(dict.fromkeys(n for n in names if n != "daam"))
 
 
@@ -246,7 +249,8 @@ def parse_explainers(value: str) -> tuple[str, ...]:
     default="daam",
     show_default=True,
     callback=lambda ctx, param, value: parse_explainers(value),
-    help=f"Comma-separated, among daam,{','.join(BASELINES)}: any baseline adds a row of DAAM with them attached.",
+    help=f"Comma-separated, among daam,{','.join(COMPARISON_EXPLAINERS)}: any other than daam adds a row of DAAM "
+    "with them attached.",
 )
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
 def main(models, batch, dtypes, device, rounds, repeats, explainers, json_out) -> None:

@@ -23,7 +23,7 @@ from engine import timed
 
 from pipeline import DAAM
 from pipeline.config import EvaluationConfig
-from pipeline.engine.baselines import Baselines
+from pipeline.engine.explainers import Explainers
 from pipeline.evaluate import evaluate_batch
 
 WITHOUT = ("localisation", "segmentation", "faithfulness")
@@ -50,13 +50,13 @@ def run_benchmark(
     model.register_forward_pre_hook(counter)
     passes = {}
     times: dict[str, list[float]] = {"explain": [], **{name: [] for name in configs}}
-    with DAAM(model) as daam, Baselines(daam, comparison) if comparison else contextlib.nullcontext() as baselines:
+    with DAAM(model) as daam, Explainers(daam, comparison) if comparison else contextlib.nullcontext() as others:
         state: dict = {}
 
         def explain() -> None:
             result = daam(images)
-            maps = baselines.maps() if comparison else {}
-            state["result"], state["maps"] = result, {k: v[:, -1] for k, v in maps.items()}
+            maps = others.explain(images, result) if comparison else {}
+            state["result"], state["maps"] = result, {name: m.final for name, m in maps.items()}
 
         def evaluate(config: EvaluationConfig) -> Callable[[], None]:
             def step() -> None:

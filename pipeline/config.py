@@ -22,6 +22,7 @@ from pipeline.names import (
     COMPRESSORS,
     COMPUTE_DTYPES,
     ENGINE_ARRAYS,
+    EXPLAINER_ARRAYS,
     EXPLAINERS,
     MAP_ARRAYS,
     METRIC_GROUPS,
@@ -373,7 +374,8 @@ class JobConfig(_Section):
     )
     explainers: list[Literal[EXPLAINERS]] = Field(
         default_factory=lambda: ["daam"],
-        description="daam, plus comparison explainers computed in the same pass: " + ", ".join(COMPARISON_EXPLAINERS),
+        description="daam, plus comparison explainers (rollout, attention, gradcam and gae in DAAM's pass, attnlrp and "
+        "cplrp in one of their own): " + ", ".join(COMPARISON_EXPLAINERS),
     )
     seed: int = 0
 
@@ -417,7 +419,8 @@ class JobConfig(_Section):
     def store_options(self) -> StoreOptions:
         """How the maps are stored: the output's storage fields, DAAM's arrays and every comparison explainer's."""
         storage = self.output.model_dump(exclude={"path", "arrays", "compact", "storage_options"})
-        return StoreOptions(**storage, arrays=(*self.output.arrays, *self.comparison_explainers))
+        explainers = (array for name in self.comparison_explainers for array in EXPLAINER_ARRAYS[name])
+        return StoreOptions(**storage, arrays=(*self.output.arrays, *explainers))
 
     def shard_urls(self) -> list[str]:
         """The input shards in order; each one is a unit of work."""

@@ -11,6 +11,7 @@ __all__ = [
     "COMPUTE_DTYPES",
     "ENGINE_ARRAYS",
     "EXPLAINERS",
+    "EXPLAINER_ARRAYS",
     "MAP_ARRAYS",
     "METRIC_COLUMNS",
     "METRIC_GROUPS",
@@ -21,21 +22,33 @@ __all__ = [
     "SANITY_CHECKS",
     "SANITY_COLUMNS",
     "STORE_DTYPES",
+    "TOP_DOWN_EXPLAINERS",
 ]
 
-EXPLAINERS = ("daam", "rollout", "attention", "gradcam", "gae")
-"""What a job may compute: DAAM, and the comparison explainers that share its forward and backward pass."""
+EXPLAINERS = ("daam", "rollout", "attention", "gradcam", "gae", "attnlrp", "cplrp")
+"""What a job may compute: DAAM, and the comparison explainers (rollout, attention, Grad-CAM and GAE share DAAM's
+forward and backward pass; AttnLRP and CP-LRP run one of their own)."""
 
 COMPARISON_EXPLAINERS = EXPLAINERS[1:]
 
-PER_BLOCK_EXPLAINERS = ("rollout", "attention", "gae")
-"""Comparison explainers with one map per block (their last map is the method's); Grad-CAM has one map."""
+PER_BLOCK_EXPLAINERS = ("rollout", "attention", "gae", "attnlrp", "cplrp")
+"""Comparison explainers with one map per block; Grad-CAM has one map."""
+
+TOP_DOWN_EXPLAINERS = ("attnlrp", "cplrp")
+"""Per-block explainers read from the last block down: block l's map is the relevance at block l's input, and the
+method's map is the input map (the relevance at the patch embedding), not the last block's. The other per-block
+explainers' last map is the method's."""
+
+EXPLAINER_ARRAYS = {
+    name: (name, f"{name}_input") if name in TOP_DOWN_EXPLAINERS else (name,) for name in COMPARISON_EXPLAINERS
+}
+"""The arrays each comparison explainer stores: its maps under its name, and the input map of the LRP explainers."""
 
 ENGINE_ARRAYS = ("block_maps", "daam", "coefficients")
 """DAAM's stored arrays: M_l, D_l and c_l."""
 
-MAP_ARRAYS = ENGINE_ARRAYS + COMPARISON_EXPLAINERS
-"""Every array a unit may store in ``maps.zarr``; comparison explainers' maps are stored under their names."""
+MAP_ARRAYS = ENGINE_ARRAYS + tuple(array for arrays in EXPLAINER_ARRAYS.values() for array in arrays)
+"""Every array a unit may store in ``maps.zarr``."""
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 """Autocast dtypes of the model (the maps are float32 either way)."""

@@ -282,22 +282,25 @@ EXPLAINER_STATISTICS: tuple[str, ...] = (*_MAP_STATISTICS, "cos_final", "iou_fin
 
 @torch.no_grad()
 def explainer_statistics(
-    maps: Tensor, box_mask: Tensor | None = None, masks: Tensor | None = None
+    maps: Tensor, box_mask: Tensor | None = None, masks: Tensor | None = None, final: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """The blocks-table statistics of a comparison explainer's per-block maps (rollout, raw attention).
+    """The blocks-table statistics of a comparison explainer's per-block maps (rollout, raw attention, GAE, LRP).
 
-    The same formulas as D_l's in :func:`block_statistics`, with the explainer's last map as the final one.
+    The same formulas as D_l's in :func:`block_statistics`, with the explainer's last map as the final one unless
+    ``final`` is given.
 
     Args:
-        maps: ``(B, L, h, w)`` per-block maps of the explainer.
+        maps: ``(B, L, h, w)`` non-negative per-block maps of the explainer.
         box_mask: ``(B, h, w)`` or None.
         masks: ``(B, H, W)`` object masks or None.
+        final: ``(B, h, w)`` the final map when it is not the last block's (the LRP explainers' input map).
 
     Returns:
         The values named in :data:`EXPLAINER_STATISTICS`, each ``(B, L)``.
     """
     stats = _map_statistics(maps, box_mask, masks, "")
-    stats |= {name.removeprefix("daam_"): value for name, value in _accumulation_statistics(maps).items()}
+    accumulation = _accumulation_statistics(maps, final)
+    stats |= {name.removeprefix("daam_"): value for name, value in accumulation.items()}
     return {name: stats[name] for name in EXPLAINER_STATISTICS}
 
 
@@ -332,13 +335,14 @@ def _map_statistics(maps: Tensor, box_mask: Tensor | None, masks: Tensor | None,
     return {prefix + name: value for name, value in values.items()}
 
 
-def _accumulation_statistics(daam: Tensor) -> dict[str, Tensor]:
+def _accumulation_statistics(daam: Tensor, final_map: Tensor | None = None) -> dict[str, Tensor]:
     flat = daam.float().flatten(-2)  # (B, L, n)
-    final = flat[:, -1:]
+    final = flat[:, -1:] if final_map is None else final_map.float().flatten(-2)[:, None]
     mass = flat.sum(-1)
     cos = (flat * final).sum(-1) / (flat.norm(dim=-1) * final.norm(dim=-1))  # 0/0 = NaN for all-zero maps
     top = _top_set(flat)
-    iou = _set_iou(top, top[:, -1:]).masked_fill((mass == 0) | (mass[:, -1:] == 0), math.nan)
+    top_final = top[:, -1:] if final_map is None else _top_set(final)
+    iou = _set_iou(top, top_final).masked_fill((mass == 0) | (final.sum(-1) == 0), math.nan)
     p = flat / mass[..., None]
     change = (p[:, 1:] - p[:, :-1]).abs().sum(-1)
     change = torch.cat([torch.full_like(mass[:, :1], math.nan), change], dim=1)

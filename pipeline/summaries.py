@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.errors import SchemaError
-from pipeline.names import REFERENCE_MAPS, SANITY_COLUMNS
+from pipeline.names import REFERENCE_MAPS, SANITY_COLUMNS, TOP_DOWN_EXPLAINERS
 
 __all__ = [
     "RANKING_IOU",
@@ -107,9 +107,13 @@ def summarise_sanity(sanity: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(order, level=0)
 
 
-def first_stable_block(table: pd.DataFrame, column: str, threshold: float) -> pd.Series:
+def first_stable_block(table: pd.DataFrame, column: str, threshold: float, *, top_down: bool = False) -> pd.Series:
     """Per sample of a per-block table: the first block from which ``column >= threshold`` holds at that block and
     every later one; NA where it never holds at the last block (a NaN statistic: an all-zero final map).
+
+    With ``top_down`` (maps read from the last block down, whose final map is the input map: AttnLRP, CP-LRP), the
+    same from the other end: the last block up to which it holds at that block and every earlier one; NA where it
+    does not hold at block 0.
 
     Args:
         table: Rows of ``unit``, ``key``, ``block`` and ``column`` (the blocks table, or one explainer's rows of the
@@ -118,11 +122,12 @@ def first_stable_block(table: pd.DataFrame, column: str, threshold: float) -> pd
     Returns:
         Nullable Int16, indexed by ``(unit, key)``.
     """
-    ordered = table[[*_SAMPLE, "block", column]].sort_values([*_SAMPLE, "block"], ascending=[True, True, False])
+    ordered = table[[*_SAMPLE, "block", column]].sort_values([*_SAMPLE, "block"], ascending=[True, True, top_down])
     close = (ordered[column] >= threshold).astype("int8")
     groups = [ordered["unit"], ordered["key"]]
-    trailing = close.groupby(groups).cummin().astype(bool)  # from the last block back, while every block holds
-    return ordered["block"].where(trailing).groupby(groups).min().round().astype("Int16").rename_axis(_SAMPLE)
+    held = close.groupby(groups).cummin().astype(bool)  # from the final map's end, while every block holds
+    blocks = ordered["block"].where(held).groupby(groups)
+    return (blocks.max() if top_down else blocks.min()).round().astype("Int16").rename_axis(_SAMPLE)
 
 
 def ranking_reached(
@@ -130,7 +135,10 @@ def ranking_reached(
 ) -> pd.DataFrame:
     """How early each method's final ranking of the patches is reached: per sample, the first block from which the
     top-20% patches of the method's block-l map overlap those of its final map with IoU >= ``threshold`` at every
-    later block (``daam_iou_final`` for DAAM's D_l, ``iou_final`` for each explainer with per-block maps).
+    later block (``daam_iou_final`` for DAAM's D_l, ``iou_final`` for each explainer with per-block maps). For the
+    explainers read from the last block down (:data:`~pipeline.names.TOP_DOWN_EXPLAINERS`, whose final map is the
+    input map), the last block up to which it holds at every earlier block: how deep the input map's ranking is
+    already there.
 
     Returns:
         One row per method (DAAM first): ``median_block``, ``mean_block``, ``mean_depth`` (the block + 1 over the
@@ -142,7 +150,8 @@ def ranking_reached(
     reached = {"DAAM": first_stable_block(blocks, "daam_iou_final", threshold)}
     if len(explainer_blocks):
         for name, rows in explainer_blocks.groupby("explainer", sort=True):
-            reached[str(name)] = first_stable_block(rows, "iou_final", threshold)
+            top_down = name in TOP_DOWN_EXPLAINERS
+            reached[str(name)] = first_stable_block(rows, "iou_final", threshold, top_down=top_down)
     table = pd.DataFrame(
         {
             method: {

@@ -32,11 +32,12 @@ def test_engine_benchmark(tmp_path):
     rows = tmp_path / "rows.json"
     out = run(
         "engine.py", "--model", MODEL, "--batch", "2", "--rounds", "1", "--repeats", "1",
-        "--json-out", str(rows),
+        "--explainers", "daam,gae,cplrp", "--json-out", str(rows),
     )  # fmt: skip
-    assert MODEL in out and "device: cpu" in out
+    assert MODEL in out and "device: cpu" in out and "+gae,cplrp (DAAM with them attached)" in out
     (row,) = json.loads(rows.read_text())
     assert row["ratio"] > 0 and row["floor_peak_mib"] > 0 and row["daam_peak_mib"] > 0
+    assert row["with_explainers"]["time_vs_daam"] > 0 and row["with_explainers"]["peak_mib"] > 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from builders import TINY_MODEL, job_dict, make_shards
 
 from pipeline import DAAM
 from pipeline.config import parse_job
-from pipeline.engine.baselines import Baselines
+from pipeline.engine.explainers import Explainers
 from pipeline.names import SANITY_COLUMNS
 from pipeline.runner import run_job
 from pipeline.sanity import CascadingRandomisation, map_similarity, spearman, ssim
@@ -106,14 +106,17 @@ def cascade_maps(model, images, seed=0, stop=None):
     """{explainer: (steps, B, L, h, w)} of DAAM (D_l), rollout and attention after each randomisation step."""
     cascade = CascadingRandomisation(model.blocks, seed)
     steps = []
-    with DAAM(model) as daam, Baselines(daam, ["rollout", "attention"]) as baselines:
-        for count in cascade.steps():
+    with DAAM(model) as daam, Explainers(daam, ["rollout", "attention"]) as explainers:
+
+        def explain() -> dict[str, torch.Tensor]:
             result = daam(images, target=torch.tensor([1, 3]))
-            steps.append({"daam": result.daam, **baselines.maps()})
+            return {"daam": result.daam, **{n: m.blocks for n, m in explainers.explain(images, result).items()}}
+
+        for count in cascade.steps():
+            steps.append(explain())
             if count == stop:
                 break
-        trained = daam(images, target=torch.tensor([1, 3]))
-        trained = {"daam": trained.daam, **baselines.maps()}
+        trained = explain()
     return {name: torch.stack([s[name] for s in steps]) for name in trained}, trained
 
 

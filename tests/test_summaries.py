@@ -71,3 +71,22 @@ def test_summarise_sanity_takes_the_final_map_per_step():
     assert table["spearman"].tolist() == pytest.approx([0.7, 0.3, 0.7, 0.3])  # block 1, the last: mean of a and b
     assert table["samples"].tolist() == [2] * 4
     assert summarise_sanity(pd.DataFrame(columns=rows[0].keys())).empty
+
+
+def test_top_down_maps_settle_from_block_0_up():
+    """LRP's block maps are relevance at each block's input and its final map the input map: the settle block is
+    the last block up to which every block from 0 is within the threshold."""
+    table = per_block(
+        {
+            "deep": [1.0, 0.97, 0.95, 0.92],  # every block: the last one
+            "dips": [1.0, 0.5, 0.92, 0.1],  # block 1 breaks the run from block 0: block 0 only
+            "none": [0.3, 0.95, 1.0, 1.0],  # not even block 0: undefined
+        },
+        "iou_final",
+        explainer="cplrp",
+    )
+    last = first_stable_block(table, "iou_final", 0.9, top_down=True)
+    assert last.loc[("u", "deep")] == 3 and last.loc[("u", "dips")] == 0 and pd.isna(last.loc[("u", "none")])
+    blocks = per_block({k: [1.0] * 4 for k in ("deep", "dips", "none")}, "daam_iou_final")
+    reached = ranking_reached(blocks, table, threshold=0.9)
+    assert reached.loc["cplrp"].tolist() == [1.5, 1.5, (4 / 4 + 1 / 4) / 2, 2]

@@ -10,11 +10,10 @@ from torch import Tensor, nn
 
 from pipeline.config import JobConfig
 from pipeline.data.decode import DecodedSample
-from pipeline.engine.baselines import Baselines
 from pipeline.engine.daam import DAAM, DAAMResult
+from pipeline.engine.explainers import ExplainerMaps, Explainers
 from pipeline.evaluate import evaluate_batch
 from pipeline.models import model_data_config
-from pipeline.names import PER_BLOCK_EXPLAINERS
 from pipeline.sanity import CascadingRandomisation, map_similarity
 from pipeline.stages.base import UnitState, compute_dtype
 from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_statistics
@@ -47,7 +46,7 @@ class ExplainStage:
         self.device = device
         self.input_size = input_size
         self.daam = DAAM(model, autocast_dtype=compute_dtype(job.dtype)).open()
-        self.baselines = Baselines(self.daam, job.comparison_explainers) if job.comparison_explainers else None
+        self.explainers = Explainers(self.daam, job.comparison_explainers) if job.comparison_explainers else None
         self.layout = MapLayout(
             model=job.model.name,
             n_blocks=self.daam.num_blocks,
@@ -118,26 +117,24 @@ class ExplainStage:
     ) -> ExplainedBatch:
         if self.job.mode == "self-supervised":
             result, predicted, score = self._explain_features(images, samples)
-            explainer_maps = self.baselines.maps() if self.baselines else {}
+            explained = self.explainers.explain(images, result) if self.explainers else {}
         else:
             target = None
             if self.job.target == "label":
                 target = torch.tensor([s.label for s in samples], device=self.device)
-            result, explainer_maps = self._explain(images, target)
+            result, explained = self._explain(images, target)
             score, predicted = result.output.softmax(dim=-1).max(dim=-1)
         box_mask = None
         if any(s.boxes is not None and len(s.boxes) for s in samples):
             boxes = [s.boxes if s.boxes is not None else torch.zeros(0, 4) for s in samples]
             box_mask = boxes_to_grid_mask(boxes, self.input_size, self.layout.grid, self.device)
         masks = self._masks(samples)
-        final_maps = {}  # each explainer's map, (B, h, w)
-        explainer_stats = {}
-        for name, maps in explainer_maps.items():
-            if name in PER_BLOCK_EXPLAINERS:
-                explainer_stats[name] = explainer_statistics(maps, box_mask, masks)
-                final_maps[name] = maps[:, -1]
-            else:
-                final_maps[name] = maps[:, 0]
+        final_maps = {name: maps.final for name, maps in explained.items()}  # each explainer's map, (B, h, w)
+        explainer_stats = {
+            name: explainer_statistics(maps.blocks, box_mask, masks, final=maps.final if maps.top_down else None)
+            for name, maps in explained.items()
+            if maps.blocks is not None
+        }
         evaluation = {}
         if self.job.evaluate is not None:
             labels = torch.tensor([-1 if s.label is None else s.label for s in samples], device=self.device)
@@ -158,16 +155,13 @@ class ExplainStage:
             )
         sanity = {}
         if self.cascade is not None and (count := self._take_sanity(samples)):
-            trained = {"daam": result.daam, **explainer_maps}
+            trained = {"daam": result.daam, **{name: maps.through_final for name, maps in explained.items()}}
             sanity = self._sanity(images[:count], result.target[:count], {k: v[:count] for k, v in trained.items()})
         computed = {
             "block_maps": result.block_maps,
             "daam": result.daam,
             "coefficients": result.coefficients,
-            **{
-                name: maps if name in PER_BLOCK_EXPLAINERS else final_maps[name]
-                for name, maps in explainer_maps.items()
-            },
+            **{array: values for maps in explained.values() for array, values in maps.arrays.items()},
         }
         bits = significant_bits(self.job.output.dtype)
         stored = {name: computed[name] for name in self.job.store_options.arrays}
@@ -183,11 +177,10 @@ class ExplainStage:
             rounded=True,
         )
 
-    def _explain(self, images: Tensor, target: Tensor | None) -> tuple[DAAMResult, dict[str, Tensor]]:
-        """DAAM of the batch and the comparison explainers' maps from the same pass (``{name: (B, L or 1, h,
-        w)}``)."""
+    def _explain(self, images: Tensor, target: Tensor | None) -> tuple[DAAMResult, dict[str, ExplainerMaps]]:
+        """DAAM of the batch and the comparison explainers' maps of the same score."""
         result = self.daam(images, target=target)
-        return result, self.baselines.maps() if self.baselines else {}
+        return result, self.explainers.explain(images, result) if self.explainers else {}
 
     def _masks(self, samples: Sequence[DecodedSample]) -> Tensor | None:
         """``(B, H, W)`` float object masks on the device (NaN for a sample without one), None when none has one."""
@@ -201,8 +194,8 @@ class ExplainStage:
         after each randomisation step (1 .. L blocks randomised from the top) to the trained model's maps."""
         steps = []
         for _ in self.cascade.steps():
-            result, explainer_maps = self._explain(images, target)
-            maps = {"daam": result.daam, **explainer_maps}
+            result, explained = self._explain(images, target)
+            maps = {"daam": result.daam, **{name: maps.through_final for name, maps in explained.items()}}
             steps.append({name: map_similarity(maps[name], trained[name], self.input_size) for name in trained})
         return {
             name: {column: torch.stack([step[name][column] for step in steps], dim=1) for column in steps[0][name]}
@@ -231,6 +224,6 @@ class ExplainStage:
         return result, none, torch.full((len(samples),), float("nan"), device=self.device)
 
     def close(self) -> None:
-        if self.baselines is not None:
-            self.baselines.remove()
+        if self.explainers is not None:
+            self.explainers.remove()
         self.daam.close()

@@ -69,6 +69,10 @@ class SampleMaps:
     attention: np.ndarray | None = None  # (L, h, w), raw [class] attention per block
     gradcam: np.ndarray | None = None  # (h, w)
     gae: np.ndarray | None = None  # (L, h, w), GAE's gradient-weighted rollout per block
+    attnlrp: np.ndarray | None = None  # (L, h, w), AttnLRP relevance at each block's input, signed
+    attnlrp_input: np.ndarray | None = None  # (h, w), AttnLRP relevance at the patch embedding, signed
+    cplrp: np.ndarray | None = None  # (L, h, w), CP-LRP relevance at each block's input, signed
+    cplrp_input: np.ndarray | None = None  # (h, w), CP-LRP relevance at the patch embedding, signed
 
 
 class Results:
@@ -141,7 +145,7 @@ class Results:
 
     @cached_property
     def explainer_blocks(self) -> pd.DataFrame:
-        """Per-block statistics of the comparison explainers (rollout, attention), where the job ran them."""
+        """Per-block statistics of the comparison explainers with per-block maps, where the job ran them."""
         return self.read("explainer_blocks")
 
     @cached_property

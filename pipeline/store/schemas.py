@@ -117,8 +117,9 @@ TABLE_DESCRIPTIONS = {
     ),
     "explainer_blocks": (
         "One row per ok sample, comparison explainer with per-block maps, and block: the statistics of the blocks "
-        "table (the same formulas, pipeline/stats.py) for the explainer's maps, the last block's map taking the "
-        "place of D_{L-1}. Written when the job's `explainers:` list names rollout, attention or gae. File: "
+        "table (the same formulas, pipeline/stats.py) for the explainer's maps, its final map taking the place of "
+        "D_{L-1}: the last block's map, or for attnlrp and cplrp (relevance read from the last block down) the input "
+        "map. Written when the job's `explainers:` list names rollout, attention, gae, attnlrp or cplrp. File: "
         "OUT/explainer_blocks/<unit>.parquet."
     ),
 }
@@ -391,8 +392,9 @@ EXPLAINER_BLOCKS = _schema(
             "explainer",
             pa.string(),
             "Comparison explainer with per-block maps: 'rollout' (attention rollout up to block l), 'attention' "
-            "(block l's [class] attention, mean over heads) or 'gae' (gradient-weighted attention rollout up to block "
-            "l, Chefer et al. 2021).",
+            "(block l's [class] attention, mean over heads), 'gae' (gradient-weighted attention rollout up to block "
+            "l, Chefer et al. 2021), 'attnlrp' or 'cplrp' (the positive part of the LRP relevance at block l's input, "
+            "Achtibat et al. 2024).",
         ),
         _field("block", pa.int16(), "Block index l, 0-based."),
         _field(
@@ -449,14 +451,14 @@ EXPLAINER_BLOCKS = _schema(
         _field(
             "cos_final",
             pa.float32(),
-            "Cosine similarity of the explainer's map l and its last map (1 at the last block). NaN when"
-            " either is all zero.",
+            "Cosine similarity of the explainer's map l and its final map: its last map (1 at the last block), or for "
+            "'attnlrp' and 'cplrp' the positive part of the input map. NaN when either is all zero.",
         ),
         _field(
             "iou_final",
             pa.float32(),
             "IoU of the top-20% patch sets (ceil(0.2 n) largest patches, ties broken arbitrarily) of the "
-            "explainer's map l and its last map. NaN when either is all zero.",
+            "explainer's map l and its final map (as in cos_final). NaN when either is all zero.",
         ),
         _field(
             "change",
@@ -543,6 +545,22 @@ _MAP_ARRAYS = {
     "gradcam": _map_array(
         ("sample", "row", "col"), "Grad-CAM on the tokens the last block's attention reads (explainers: gradcam)."
     ),
+    **{
+        name: _map_array(
+            ("sample", "block", "row", "col"),
+            f"{title} relevance at block l's input over the patch tokens, summed over the channels: signed, float32 "
+            f"(explainers: {name}).",
+        )
+        for name, title in (("attnlrp", "AttnLRP"), ("cplrp", "CP-LRP"))
+    },
+    **{
+        f"{name}_input": _map_array(
+            ("sample", "row", "col"),
+            f"{title} relevance at the patch embedding's output (the input map, the method's map) over the patches, "
+            f"summed over the channels: signed, float32 (explainers: {name}).",
+        )
+        for name, title in (("attnlrp", "AttnLRP"), ("cplrp", "CP-LRP"))
+    },
 }
 
 

@@ -51,7 +51,7 @@ class ExplainedBatch:
 
     Attributes:
         arrays: The stored arrays by name: ``block_maps`` and ``daam`` ``(B, L, h, w)``, ``coefficients``
-            ``(B, L, C)``; per-block comparison explainers ``(B, L, h, w)``, ``gradcam`` ``(B, h, w)``.
+            ``(B, L, C)``; the comparison explainers' arrays (:data:`pipeline.names.EXPLAINER_ARRAYS`).
         predicted: ``(B,)`` predicted (or k-NN voted) class; -1 where there is none (a label-free bank).
         score: ``(B,)`` its softmax probability (or vote share); NaN where there is none.
         target: ``(B,)`` explained class, None in self-supervised mode.

@@ -3,8 +3,8 @@
 
 Sections: the job and its counts; per-block curves of the accumulated-map statistics (mean and inter-quartile
 band), all samples, correct vs wrong and the most frequent classes; the same statistics of every comparison
-explainer with per-block maps (the explainer_blocks table: rollout, attention, any other) next to DAAM's (median
-and inter-quartile band), when the job ran one; the distribution of the convergence block
+explainer with per-block maps (the explainer_blocks table: rollout, attention, GAE, AttnLRP, CP-LRP, any other) next
+to DAAM's (median and inter-quartile band), when the job ran one; the distribution of the convergence block
 (:mod:`pipeline.viz.select`); localisation per block (boxes, and masks where the samples have them) and the method
 table (every metric of the evaluation table, mean per method, with the sample count) when the output has them; the
 sanity check's curves (cascading randomisation: how similar each explainer's final map stays as blocks are
@@ -260,13 +260,15 @@ def _explainer_curves(blocks: pd.DataFrame, explainer_blocks: pd.DataFrame) -> s
             "<h2>Per-block statistics by explainer</h2>",
             '<p class="note">The statistics above for the maps of every explainer with one map per block, next to '
             f"DAAM's accumulated maps D_l: {escape(', '.join(methods[1:]))}. The same formulas, each explainer's "
-            "last map taking the place of D_{L-1} (cos_final, iou_final). Lines: the median over samples; bands: the "
-            "inter-quartile range.</p>",
+            "final map taking the place of D_{L-1} (cos_final, iou_final): its last map, or for AttnLRP and CP-LRP "
+            "(attnlrp, cplrp: the positive relevance at each block's input) the input map. Lines: the median over "
+            "samples; bands: the inter-quartile range.</p>",
             f'<div class="charts">{"".join(charts)}</div>',
             "<h3>How early each method reaches its final ranking</h3>",
             f'<p class="note">Per sample, the first block from which the top-20% patches of the method\'s map '
-            f"overlap those of its final map with IoU of at least {RANKING_IOU} at every later block; depth: that "
-            "block + 1 over the number of blocks.</p>",
+            f"overlap those of its final map with IoU of at least {RANKING_IOU} at every later block; for AttnLRP "
+            "and CP-LRP, read from the last block down, the last block up to which they do at every earlier block. "
+            "Depth: that block + 1 over the number of blocks.</p>",
             _table(ranking_reached(blocks, explainer_blocks)),
         ]
     )

@@ -33,6 +33,10 @@ def build_batch(keys: list[str], seed: int, layout: MapLayout = LAYOUT) -> dict:
         "attention": block_maps / 3,
         "gae": block_maps / 5,
         "gradcam": block_maps[:, -1],
+        "attnlrp": block_maps - 0.5,  # LRP relevance is signed
+        "attnlrp_input": block_maps[:, 0] - 0.5,
+        "cplrp": 0.5 - block_maps,
+        "cplrp_input": 0.5 - block_maps[:, 0],
     }
     result = ExplainedBatch(
         arrays=arrays,

@@ -167,7 +167,7 @@ def test_arrays_are_written_once_at_commit(tmp_path, layout, make_batch):
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_plain_zarr_reads_the_values(tmp_path, layout, make_batch, dtype):
-    stored = ("block_maps", "daam", "coefficients", "rollout", "attention", "gradcam")
+    stored = ("block_maps", "daam", "coefficients", "rollout", "attention", "gradcam", "attnlrp", "attnlrp_input")
     options = StoreOptions(dtype=dtype, arrays=stored, chunk_rows=2)
     _, keys = write_unit(tmp_path, layout, make_batch, n=5, options=options)
     group = zarr.open_group(tmp_path / "maps.zarr" / "shard-000000", mode="r")

@@ -75,9 +75,9 @@ def resize_output(viz_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def explainers_output(viz_shards, tmp_path_factory) -> Path:
-    """A supervised output with every comparison explainer (rollout, attention and gae per block, gradcam one map),
-    an evaluation table and the cascading sanity check on three samples."""
-    explainers = ["daam", "rollout", "attention", "gradcam", "gae"]
+    """A supervised output with every comparison explainer (rollout, attention, gae, attnlrp and cplrp per block,
+    gradcam one map), an evaluation table and the cascading sanity check on three samples."""
+    explainers = ["daam", "rollout", "attention", "gradcam", "gae", "attnlrp", "cplrp"]
     metrics = ["localisation", "segmentation", "faithfulness", "perturbation"]
     evaluate = {"steps": 4, "metrics": metrics, "sanity": "cascading", "sanity_samples": 3}
     return _run(tmp_path_factory.mktemp("viz_explainers"), viz_shards, explainers=explainers, evaluate=evaluate)

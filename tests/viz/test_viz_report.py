@@ -119,13 +119,13 @@ def test_the_explainers_report_shows_every_explainers_curves_in_chromium(explain
     # D_l's curves three ways, one per statistic by explainer, convergence, localisation (5), sanity (2)
     assert len(facts["charts"]) == 3 * len(CURVES) + 1 + 5 + 2
     labels = browser_labels(page.read_text(), "Per-block statistics by explainer")
-    assert labels == [["DAAM", "attention", "gae", "rollout"]] * len(CURVES)
+    assert labels == [["DAAM", "attention", "attnlrp", "cplrp", "gae", "rollout"]] * len(CURVES)
     # the sanity curves: one line per explainer, DAAM first, over the 4 randomisation steps of the 4-block model
     assert (
         browser_labels(page.read_text(), "Sanity check: cascading randomisation")
-        == [["DAAM", "attention", "gae", "gradcam", "rollout"]] * 2
+        == [["DAAM", "attention", "attnlrp", "cplrp", "gae", "gradcam", "rollout"]] * 2
     )
-    assert facts["sanity_lines"] == [[4] * 5] * 2  # five lines drawn through four points each
+    assert facts["sanity_lines"] == [[4] * 7] * 2  # seven lines drawn through four points each
 
 
 def browser_labels(html: str, heading: str) -> list[list[str]]:

@@ -74,7 +74,8 @@ def test_a_chart_per_statistic_with_a_line_per_explainer_with_blocks(html):
     assert sorted(charts) == sorted(STATISTICS)
     for svg in charts.values():
         legend = re.findall(r">(\w+) \(n=(\d+)\)</text>", svg)
-        assert legend == [("DAAM", "9"), ("attention", "9"), ("gae", "9"), ("rollout", "9")]  # gradcam: one map
+        methods = ["DAAM", "attention", "attnlrp", "cplrp", "gae", "rollout"]  # gradcam: one map
+        assert legend == [(method, "9") for method in methods]
 
 
 def test_the_method_table_has_every_metric_mean_per_method(html, explainers_output):
@@ -88,7 +89,8 @@ def test_the_method_table_has_every_metric_mean_per_method(html, explainers_outp
     assert table[0] == ["method", *METRICS, "samples"]
     rows = {row[0]: row[1:] for row in table[1:]}
     names = {"DAAM": "daam", "random": "random", "centre prior": "centre"}
-    assert [names.get(m, m) for m in rows] == ["daam", "random", "centre", "attention", "gae", "gradcam", "rollout"]
+    methods = ["daam", "random", "centre", "attention", "attnlrp", "cplrp", "gae", "gradcam", "rollout"]
+    assert [names.get(m, m) for m in rows] == methods
     for shown, cells in rows.items():
         method = names.get(shown, shown)
         for cell, column in zip(cells, METRICS.values(), strict=False):
@@ -107,4 +109,4 @@ def test_an_explainer_of_any_name_gets_its_line(explainers_output, tmp_path):
         pq.write_table(table.set_column(table.schema.get_field_index("explainer"), "explainer", renamed), path)
     html = report(out, tmp_path / "r.html", gallery=0, progress=False).read_text()
     for svg in _charts(_section(html, "Per-block statistics by explainer")).values():
-        assert re.findall(r">(\w+) \(n=\d+\)</text>", svg) == ["DAAM", "gae", "newxai", "rollout"]
+        assert re.findall(r">(\w+) \(n=\d+\)</text>", svg) == ["DAAM", "attnlrp", "cplrp", "gae", "newxai", "rollout"]
