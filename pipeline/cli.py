@@ -134,14 +134,16 @@ def _run_and_report(load: Callable[[], Any], **options: Any) -> None:
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
 @click.option("--no-ray", is_flag=True, help="Run every unit in this process, without a Ray cluster.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_set_option
 @_user_errors
-def demo(ssl, out, overwrite, no_ray, quiet) -> None:
+def demo(ssl, out, overwrite, no_ray, quiet, sets) -> None:
     """Run the built-in demo (shipped model and shards of synthetic scenes) from any folder: the shipped job
     demo.yaml (or demo-ssl.yaml), as `daam-pipeline jobs show demo` prints it."""
     from pipeline.config import load_job
 
     name = "demo-ssl" if ssl else "demo"
     overrides = {"output.path": out} if out else {}
+    overrides |= _overrides(sets)
     _run_and_report(
         lambda: load_job(_shipped_job(name), overrides), overwrite=overwrite, use_ray=not no_ray, progress=not quiet
     )

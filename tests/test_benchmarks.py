@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL = "test_vit"  # timm's smallest ViT (0.4M parameters, 160x160 inputs): the scripts' run, not their figures
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -26,18 +27,20 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_engine_benchmark(tmp_path):
     rows = tmp_path / "rows.json"
     out = run(
-        "engine.py", "--model", "vit_tiny_patch16_224", "--batch", "2", "--rounds", "1", "--repeats", "1",
+        "engine.py", "--model", MODEL, "--batch", "2", "--rounds", "1", "--repeats", "1",
         "--explainers", "daam,gae,cplrp", "--json-out", str(rows),
     )  # fmt: skip
-    assert "vit_tiny_patch16_224" in out and "device: cpu" in out and "+gae,cplrp (DAAM with them attached)" in out
+    assert MODEL in out and "device: cpu" in out and "+gae,cplrp (DAAM with them attached)" in out
     (row,) = json.loads(rows.read_text())
     assert row["ratio"] > 0 and row["floor_peak_mib"] > 0 and row["daam_peak_mib"] > 0
     assert row["with_explainers"]["time_vs_daam"] > 0 and row["with_explainers"]["peak_mib"] > 0
 
 
+@pytest.mark.slow
 def test_evaluation_benchmark(tmp_path):
     rows = tmp_path / "rows.json"
     out = run(
@@ -52,8 +55,9 @@ def test_evaluation_benchmark(tmp_path):
     assert row["evaluation_ratio"] > 0  # a time ratio: printed, never asserted on (it moves with the machine's load)
 
 
+@pytest.mark.slow
 def test_worker_and_decoder_benchmarks_share_their_shards(tmp_path):
-    tiny = ["--model", "vit_tiny_patch16_224", "--images", "8", "--per-shard", "4", "--batch", "4"]
+    tiny = ["--model", MODEL, "--images", "8", "--per-shard", "4", "--batch", "4"]
     out = run("worker.py", *tiny, "--overlap", "auto", "--overlap", "sequential", "--workdir", str(tmp_path))
     assert " auto " in out and " sequential " in out and "bytes per image" in out
     stamp = (tmp_path / "shards" / "benchmark.json").stat().st_mtime_ns
@@ -71,6 +75,7 @@ def test_storage_benchmark(tmp_path):
     assert not list(tmp_path.iterdir())  # its outputs are removed
 
 
+@pytest.mark.slow
 def test_object_store_benchmark(tmp_path):
     pytest.importorskip("moto.server")
     out = run(

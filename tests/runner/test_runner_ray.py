@@ -18,16 +18,9 @@ from pipeline.runner import plan_actors, run_job
 
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 _VOLATILE = ["shard", "error"]  # name the shard URL, whose folder differs between runs (status is compared)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +55,13 @@ def assert_same_results(out: Path, reference) -> None:
 OVERLAP = {"workers.units_in_flight": 2, "data.prefetch_batches": 2}
 
 
-def test_two_actors_equal_one_process(cluster, shards, reference, tmp_path):
+def test_two_actors_equal_one_process(ray_cluster, shards, reference, tmp_path):
     summary = run_job(parse_job(job_dict(shards, tmp_path / "out")), progress=False)
     assert (summary.actors, summary.done, summary.failed_units, summary.exit_code) == (2, 4, {}, 3)
     assert_same_results(tmp_path / "out", reference)
 
 
-def test_overlapped_units_equal_one_at_a_time(cluster, shards, reference, tmp_path):
+def test_overlapped_units_equal_one_at_a_time(ray_cluster, shards, reference, tmp_path):
     for use_ray, out in ((False, tmp_path / "single"), (True, tmp_path / "ray")):
         summary = run_job(parse_job(job_dict(shards, out, **OVERLAP)), use_ray=use_ray, progress=False)
         assert (summary.done, summary.failed_units) == (4, {})
@@ -77,7 +70,7 @@ def test_overlapped_units_equal_one_at_a_time(cluster, shards, reference, tmp_pa
         assert len(markers) == 4 and all(m["wait_seconds"] >= 0 and m["seconds"] > 0 for m in markers)
 
 
-def test_killed_actor_is_replaced_and_every_sample_lands_once(cluster, shards, reference, tmp_path):
+def test_killed_actor_is_replaced_and_every_sample_lands_once(ray_cluster, shards, reference, tmp_path):
     job = parse_job(job_dict(shards, tmp_path / "out", **OVERLAP))
     summary = run_job(job, fault="part2-000000:1", progress=False)
     # a second death when part2 was retried alone after dying beside another unit (which one killed it is unknown)
@@ -86,7 +79,7 @@ def test_killed_actor_is_replaced_and_every_sample_lands_once(cluster, shards, r
 
 
 def test_after_a_death_beside_another_unit_each_retries_alone_and_only_the_culprit_is_charged(
-    cluster, shards, reference, tmp_path
+    ray_cluster, shards, reference, tmp_path
 ):
     # one actor holding part0 (on the device, dies after a batch) and part1 (waiting for the device)
     overrides = {"workers.cpu_actors": 1, "workers.max_retries": 0, **OVERLAP}
@@ -96,7 +89,7 @@ def test_after_a_death_beside_another_unit_each_retries_alone_and_only_the_culpr
     assert summary.actor_restarts == 2 and list(summary.failed_units) == ["part0-000000"] and summary.done == 3
 
 
-def test_unit_that_keeps_failing_is_recorded_then_resume_completes(cluster, shards, reference, tmp_path):
+def test_unit_that_keeps_failing_is_recorded_then_resume_completes(ray_cluster, shards, reference, tmp_path):
     job = parse_job(job_dict(shards, tmp_path / "out", **{"workers.max_retries": 0, **OVERLAP}))
     summary = run_job(job, fault="part3-000000:1", progress=False)
     # with no retries allowed, the unit that shared the dying actor is still not charged: only part3 fails
@@ -105,16 +98,18 @@ def test_unit_that_keeps_failing_is_recorded_then_resume_completes(cluster, shar
     assert (tmp_path / "out" / "_failed" / "part3-000000.json").exists()
     assert set(open_results(tmp_path / "out").samples.unit) == {"part0-000000", "part1-000000", "part2-000000"}
 
-    resumed = run_job(job, progress=False)  # resume is the default: only the failed unit runs again
+    # Resume and --overwrite are the driver's, the same on Ray as in one process: here one process takes over what the
+    # actors wrote. Resume is the default: only the failed unit runs again.
+    resumed = run_job(job, use_ray=False, progress=False)
     assert (resumed.skipped, resumed.done, resumed.failed_units) == (3, 1, {})
     assert_same_results(tmp_path / "out", reference)
 
-    again = run_job(job, overwrite=True, progress=False)
+    again = run_job(job, overwrite=True, use_ray=False, progress=False)
     assert (again.skipped, again.done) == (0, 4)
     assert_same_results(tmp_path / "out", reference)
 
 
-def test_gpu_job_falls_back_to_cpu_actors(cluster, shards, reference, tmp_path):
+def test_gpu_job_falls_back_to_cpu_actors(ray_cluster, shards, reference, tmp_path):
     job = parse_job(job_dict(shards, tmp_path / "out", **{"workers.num_gpus": 1, "device": "auto"}))
     plan = plan_actors(job, ray.cluster_resources().get("GPU", 0), units=4)
     assert (plan.num_gpus, plan.count) == (0, 2) and "CPU fallback" in plan.reason
@@ -123,7 +118,7 @@ def test_gpu_job_falls_back_to_cpu_actors(cluster, shards, reference, tmp_path):
     assert_same_results(tmp_path / "out", reference)
 
 
-def test_dry_run_prints_the_plan_and_computes_nothing(cluster, shards, tmp_path, capsys):
+def test_dry_run_prints_the_plan_and_computes_nothing(ray_cluster, shards, tmp_path, capsys):
     run_job(parse_job(job_dict(shards, tmp_path / "out")), dry_run=True, progress=False)
     printed = capsys.readouterr().out
     assert "4 shards, 0 already done, 4 to explain" in printed and "2 CPU actor(s)" in printed
@@ -141,7 +136,7 @@ def with_a_fifo(shards: list[str], folder: Path) -> tuple[list[str], Path]:
     return [shutil.copy(url, folder) for url in shards[:-1]], fifo
 
 
-def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(cluster, shards, reference, tmp_path):
+def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(ray_cluster, shards, reference, tmp_path):
     """A FIFO nobody writes to stands for a hung network mount; it is fed only after the first attempt timed out."""
     import threading
     import time
@@ -168,7 +163,7 @@ def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(cluster, shar
     assert_same_results(out, reference)
 
 
-def test_an_output_the_actors_cannot_see_is_refused_at_actor_start(cluster, shards, tmp_path):
+def test_an_output_the_actors_cannot_see_is_refused_at_actor_start(ray_cluster, shards, tmp_path):
     """memory:// lives in each process, like a folder local to the driver's node: the actors do not see the
     driver's job.json there and refuse to start, in one line, before any unit runs."""
     from pipeline.errors import PipelineError
@@ -179,7 +174,7 @@ def test_an_output_the_actors_cannot_see_is_refused_at_actor_start(cluster, shar
     assert "\n" not in str(raised.value) and "memory://not-shared/out" in str(raised.value)
 
 
-def test_actors_report_the_samples_of_the_unit_they_hold(cluster, tmp_path, monkeypatch):
+def test_actors_report_the_samples_of_the_unit_they_hold(ray_cluster, tmp_path, monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
@@ -193,7 +188,7 @@ def test_actors_report_the_samples_of_the_unit_they_hold(cluster, tmp_path, monk
     assert shown[-1] == (16, 1)
 
 
-def test_actors_check_the_lease_themselves_and_the_driver_that_lost_it_stops(cluster, shards, tmp_path):
+def test_actors_check_the_lease_themselves_and_the_driver_that_lost_it_stops(ray_cluster, shards, tmp_path):
     """Another driver takes the lease while an actor's unit waits for a FIFO; fed afterwards, the unit computes but
     its actor writes no marker, and the driver stops with LeaseLostError, recording no failure."""
     import threading

@@ -91,13 +91,9 @@ def test_run_resume_and_read_on_s3(shards, s3, server, local):
     assert (again.done, again.skipped) == (0, 3)
 
 
-def test_ray_actors_write_to_s3_with_the_jobs_storage_options(shards, s3, local):
-    import ray
-
-    try:
-        summary = run_job(s3_job(shards, s3, "ray", **{"workers.cpu_actors": 1}), progress=False)
-    finally:
-        ray.shutdown()  # the cluster run_job started in this process: later tests start or join their own
+@pytest.mark.slow
+def test_ray_actors_write_to_s3_with_the_jobs_storage_options(ray_cluster, shards, s3, local):
+    summary = run_job(s3_job(shards, s3, "ray", **{"workers.cpu_actors": 1}), progress=False)
     assert (summary.done, summary.samples_ok) == (3, 11)
     assert_same(open_results("s3://out/ray", s3), local)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from builders import job_dict, make_shards, write_job
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from pipeline import open_results
 from pipeline.cli import main
@@ -39,6 +39,15 @@ _STARTED: list[subprocess.Popen] = []
 
 
 @pytest.fixture(autouse=True)
+def _drivers_hear_sigint():
+    """A driver inherits SIGINT ignored where pytest runs as a shell's background job (POSIX), and would not stop on it:
+    this process handles it meanwhile, so the drivers it starts begin with the default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True)
 def _no_driver_outlives_its_test():
     """A test that fails half-way must not leave a driver reading a FIFO forever."""
     yield
@@ -53,6 +62,12 @@ def start(job: Path, *args: str) -> subprocess.Popen:
     process = subprocess.Popen([CLI, "run", str(job), "--quiet", *args], stderr=subprocess.PIPE, text=True)
     _STARTED.append(process)
     return process
+
+
+def run_here(job: Path) -> Result:
+    """``daam-pipeline run JOB --quiet --no-ray`` in this process: a second driver or a rerun beside the driver under
+    test, which must be a process of its own (a new interpreter would import torch and timm again)."""
+    return CliRunner().invoke(main, ["run", str(job), "--quiet", "--no-ray"])
 
 
 def wait_for(condition, what: str, timeout: float = 120) -> None:
@@ -75,22 +90,23 @@ def two_units_done(out: Path) -> bool:
 
 def repair_and_resume(job: Path, fifo: Path, good: Path) -> None:
     os.replace(good, fifo)
-    result = subprocess.run([CLI, "run", str(job), "--quiet", "--no-ray"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "1 units explained, 2 already done" in result.stdout
+    result = run_here(job)
+    assert result.exit_code == 0, result.output
+    assert "1 units explained, 2 already done" in result.output
     samples = open_results(job.parent / "out").samples
     assert len(samples) == 12 and samples.key.is_unique
 
 
+@pytest.mark.slow
 def test_second_driver_is_refused_while_the_first_runs_and_a_rerun_after_a_kill_takes_the_lease_at_once(hanging_job):
     job, fifo, good = hanging_job
     out = job.parent / "out"
     first = start(job, "--no-ray", "--set", "workers.lease_ttl_s=120")
     wait_for(lambda: two_units_done(out), "the first driver's two good units")
 
-    second = subprocess.run([CLI, "run", str(job), "--quiet", "--no-ray"], capture_output=True, text=True)
-    assert second.returncode == 2
-    lines = second.stderr.strip().splitlines()
+    second = run_here(job)
+    assert second.exit_code == 2
+    lines = second.output.strip().splitlines()
     assert len(lines) == 1 and "is in use by driver" in lines[0] and f":{first.pid}:" in lines[0]
     assert "--break-lease" in lines[0]
 
@@ -119,6 +135,7 @@ def blocked_on_fifo(process: subprocess.Popen) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_driver_paused_past_its_lease_writes_nothing_when_it_resumes_and_exits_1(hanging_job):
     """The first driver is paused (SIGSTOP) past its 2 s lease while its third unit waits for a FIFO; a second
     driver takes the lease and runs that unit; the FIFO is fed and the second ends; then the first resumes: its
@@ -161,6 +178,7 @@ def test_a_driver_paused_past_its_lease_writes_nothing_when_it_resumes_and_exits
     assert len(samples) == 12 and samples.key.is_unique and (samples.status == "ok").all()
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
     job, fifo, good = hanging_job
     out = job.parent / "out"
@@ -181,6 +199,7 @@ def lease_held(out: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("phase", ["model", "checks"])
 def test_a_signal_during_start_up_stops_the_run_within_seconds_and_releases_the_lease(tmp_path, phase, signum, code):
@@ -214,6 +233,7 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in found]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_while_ray_starts_exits_within_seconds_and_releases_the_lease(tmp_path, signum, code):
@@ -251,6 +271,7 @@ def zombie(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job):
     job, fifo, good = hanging_job
@@ -266,7 +287,7 @@ def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job):
     repair_and_resume(job, fifo, good)
 
 
-def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(tmp_path):
+def test_an_address_nothing_answers_at_fails_in_one_line_within_the_timeout(no_ray_in_process, tmp_path):
     shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
     job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out", **{"workers.connect_timeout_s": 2}))
     start_time = time.monotonic()
@@ -285,6 +306,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_joins(tmp_path):
     """A head started with Ray's token authentication; a driver with another token gets one line saying so."""
     pytest.importorskip("ray._private.authentication", reason="this Ray has no token authentication")
@@ -302,7 +324,9 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
     try:
         address = f"127.0.0.1:{port}"
         command = [CLI, "run", str(job), "--quiet", "--address", address]
-        wrong = subprocess.run(command, env={**head_env, "RAY_AUTH_TOKEN": "b" * 32}, capture_output=True, text=True)
+        # Ray retries the refused handshake once a second, 20 times by default; the first refusal says it all
+        wrong_env = {**head_env, "RAY_AUTH_TOKEN": "b" * 32, "RAY_NUM_REDIS_GET_RETRIES": "3"}
+        wrong = subprocess.run(command, env=wrong_env, capture_output=True, text=True)
         assert wrong.returncode == 2, wrong.stderr
         assert wrong.stderr.strip().splitlines() == [
             f"error: cannot join the Ray cluster at {address}: it refused this driver's authentication token; set "
@@ -321,6 +345,7 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
         head.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_lease_held_on_another_node_is_refused_before_torch_loads_and_taken_with_break_lease(tmp_path):
     shards = make_shards(tmp_path / "shards", shards=1, per_shard=2)
     job = write_job(tmp_path / "job.yaml", job_dict(shards, tmp_path / "out"))
@@ -355,6 +380,7 @@ def test_a_lease_held_on_another_node_is_refused_before_torch_loads_and_taken_wi
     assert released(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_without_ray_a_shard_read_that_never_returns_ends_within_the_unit_timeout(hanging_job):
     """The third unit's read of a FIFO never returns: its thread is abandoned (a daemon) after
     workers.unit_timeout_s, the unit fails naming why, and the process exits."""
@@ -379,6 +405,7 @@ def test_without_ray_a_shard_read_that_never_returns_ends_within_the_unit_timeou
     assert released(out)
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_after_units_ran_ends_with_exit_1_the_summary_and_the_unit_named(tmp_path):
     """A real full disk (a 4 MB tmpfs, filled once two units are committed): the third unit's commit fails, is
     retried after its backoff and fails again; its failure record cannot be written either."""
