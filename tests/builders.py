@@ -57,7 +57,8 @@ def job_dict(shards: list[str] | str, output: Path, **overrides: Any) -> dict[st
         "data": {"shards": shards, "decode_threads": 1},
         "batch_size": 4,
         "output": {"path": str(output)},
-        "workers": {"cpu_actors": 2, "max_retries": 1, "num_gpus": 0},
+        # a retry waits a tenth of a second, not the default second: test_runner_schedule.py tests the backoff
+        "workers": {"cpu_actors": 2, "max_retries": 1, "retry_backoff_s": 0.1, "num_gpus": 0},
     }
     for dotted, value in overrides.items():
         node = job
@@ -137,3 +138,42 @@ def bar_counts(drawn: str, desc: str) -> list[tuple[int, int]]:
     frames = [f for f in re.split(r"[\r\n]", drawn) if desc in f]
     pattern = rf"{re.escape(desc)}: (?:.*\| )?(\d+)(?:sample|/\d+) \[.*units=(\d+)/"
     return [(int(m.group(1)), int(m.group(2))) for f in frames if (m := re.search(pattern, f))]
+
+
+def blocked_on_fifo(pid: int) -> bool:
+    """A thread of process ``pid`` waits in the open() of a FIFO that has no writer."""
+
+    def waits(task: Path) -> bool:
+        try:
+            return (task / "wchan").read_text().strip() == "wait_for_partner"
+        except OSError:  # a thread that ended meanwhile
+            return False
+
+    try:
+        return any(waits(task) for task in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process ended
+        return False
+
+
+def running(pid: int) -> bool:
+    """Process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes under ``pid``: its children, theirs, and so on (a local Ray cluster's actors, for one)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found

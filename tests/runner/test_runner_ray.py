@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from builders import bar_counts, job_dict, make_shards, slow_shard
+from builders import bar_counts, blocked_on_fifo, descendants, job_dict, make_shards, running, slow_shard
 
 from pipeline import open_results
 from pipeline.config import parse_job
@@ -78,25 +78,18 @@ def test_killed_actor_is_replaced_and_every_sample_lands_once(ray_cluster, shard
     assert_same_results(tmp_path / "out", reference)
 
 
-def test_after_a_death_beside_another_unit_each_retries_alone_and_only_the_culprit_is_charged(
+def test_after_a_death_beside_another_unit_each_retries_alone_the_culprit_is_recorded_and_a_resume_completes(
     ray_cluster, shards, reference, tmp_path
 ):
-    # one actor holding part0 (on the device, dies after a batch) and part1 (waiting for the device)
+    # one actor holding part0 (on the device, dies after a batch) and part1 (waiting for the device); no retries
     overrides = {"workers.cpu_actors": 1, "workers.max_retries": 0, **OVERLAP}
     job = parse_job(job_dict(shards, tmp_path / "out", **overrides))
     summary = run_job(job, fault="part0-000000:1", progress=False)
     # part0 dies again alone, which charges it; part1, retried alone, is not charged although no retries are allowed
     assert summary.actor_restarts == 2 and list(summary.failed_units) == ["part0-000000"] and summary.done == 3
-
-
-def test_unit_that_keeps_failing_is_recorded_then_resume_completes(ray_cluster, shards, reference, tmp_path):
-    job = parse_job(job_dict(shards, tmp_path / "out", **{"workers.max_retries": 0, **OVERLAP}))
-    summary = run_job(job, fault="part3-000000:1", progress=False)
-    # with no retries allowed, the unit that shared the dying actor is still not charged: only part3 fails
-    assert list(summary.failed_units) == ["part3-000000"] and summary.done == 3 and summary.exit_code == 1
-    assert "worker died" in summary.failed_units["part3-000000"]
-    assert (tmp_path / "out" / "_failed" / "part3-000000.json").exists()
-    assert set(open_results(tmp_path / "out").samples.unit) == {"part0-000000", "part1-000000", "part2-000000"}
+    assert summary.exit_code == 1 and "worker died" in summary.failed_units["part0-000000"]
+    assert (tmp_path / "out" / "_failed" / "part0-000000.json").exists()
+    assert set(open_results(tmp_path / "out").samples.unit) == {"part1-000000", "part2-000000", "part3-000000"}
 
     # Resume and --overwrite are the driver's, the same on Ray as in one process: here one process takes over what the
     # actors wrote. Resume is the default: only the failed unit runs again.
@@ -137,19 +130,24 @@ def with_a_fifo(shards: list[str], folder: Path) -> tuple[list[str], Path]:
 
 
 def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(ray_cluster, shards, reference, tmp_path):
-    """A FIFO nobody writes to stands for a hung network mount; it is fed only after the first attempt timed out."""
+    """A FIFO nobody writes to stands for a hung network mount; it is fed only after the first attempt timed out and
+    the actor that hung on it is gone (it would take the bytes meant for the retry)."""
+    import os
     import threading
     import time
 
     urls, fifo = with_a_fifo(shards[:4], tmp_path / "shards")
     out = tmp_path / "out"
     timed_out = out / "_logs" / "part3-000000.attempt0.txt"
+    hung: set[int] = set()  # the actor processes seen blocked on the FIFO before the record
 
     def feed_after_the_timeout() -> None:
         deadline = time.monotonic() + 240
-        while not timed_out.exists() and time.monotonic() < deadline:
+        while not timed_out.exists() and time.monotonic() < deadline:  # the retry opens it after the record only
+            hung.update(pid for pid in descendants(os.getpid()) if blocked_on_fifo(pid))
             time.sleep(0.2)
-        time.sleep(3)  # the cancelled actor is killed right after the record: let it go before feeding
+        while any(running(pid) for pid in hung) and time.monotonic() < deadline:
+            time.sleep(0.1)
         with open(fifo, "wb") as f:  # blocks until the retry opens it for reading
             f.write(Path(shards[3]).read_bytes())
 
@@ -158,6 +156,7 @@ def test_a_hung_shard_read_is_cancelled_and_retried_on_a_new_actor(ray_cluster, 
     job = parse_job(job_dict([*urls, str(fifo)], out, **{"workers.unit_timeout_s": 3}))
     summary = run_job(job, progress=False)
     feeder.join(timeout=30)
+    assert len(hung) == 1 and not running(*hung), hung  # the cancelled actor, killed
     assert (summary.done, summary.failed_units, summary.incomplete_units, summary.actor_restarts) == (4, {}, {}, 1)
     assert "no progress for 3 s (workers.unit_timeout_s)" in timed_out.read_text()
     assert_same_results(out, reference)
