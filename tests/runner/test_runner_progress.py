@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pty
 import re
-import subprocess
-import sys
+import threading
 from pathlib import Path
 
 import pytest
 from builders import bar_counts, job_dict, make_shards, slow_shard, tiny_samples, write_job
 
+from pipeline.cli import main
 from pipeline.config import parse_job
 from pipeline.data.shards import indexed_samples, write_shards
 from pipeline.runner import run_job
@@ -20,31 +21,37 @@ from pipeline.runner.progress import StageProgress
 
 pytestmark = pytest.mark.timeout(300)
 
-CLI = str(Path(sys.executable).parent / "daam-pipeline")
-
 
 def terminal_run(job: Path) -> str:
-    """``daam-pipeline run JOB --no-ray`` with a pseudo-terminal as its stderr: everything the bar drew."""
+    """``daam-pipeline run JOB --no-ray`` in this process with a pseudo-terminal as its stderr: everything the bar
+    drew (read meanwhile: a full terminal would block the run)."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen([CLI, "run", str(job), "--no-ray"], stdout=subprocess.DEVNULL, stderr=follower)
-    os.close(follower)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed: the run ended
-            break
-        if not chunk:
-            break
-        drawn += chunk
+    drawn = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the run ended
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with open(follower, "w") as terminal, contextlib.redirect_stderr(terminal), pytest.raises(SystemExit) as ended:
+        main(["run", str(job), "--no-ray"])
+    reader.join(timeout=10)
     os.close(leader)
-    assert process.wait(timeout=120) == 0, drawn.decode(errors="replace")[-2000:]
+    assert ended.value.code == 0, drawn.decode(errors="replace")[-2000:]
     return drawn.decode(errors="replace")
 
 
 def test_the_bar_counts_samples_inside_a_unit(tmp_path):
     (shard,) = make_shards(tmp_path / "shards", shards=1, per_shard=16)
-    job = job_dict([slow_shard(tmp_path, shard, 4)], tmp_path / "out", batch_size=2)
+    # a pause of 2 s inside the unit: the pool's turns, a second apart, draw the bar at least once meanwhile
+    job = job_dict([slow_shard(tmp_path, shard, 2)], tmp_path / "out", batch_size=2)
     drawn = terminal_run(write_job(tmp_path / "job.yaml", job))
     shown = bar_counts(drawn, "tiny explain")
     assert any(units == 0 and 0 < samples < 16 for samples, units in shown), drawn  # moved inside the unit
