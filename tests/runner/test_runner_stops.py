@@ -134,8 +134,8 @@ def test_a_driver_paused_past_its_lease_writes_nothing_when_it_resumes_and_exits
     wait_for(lambda: two_units_done(out) and blocked_on_fifo(first.pid), "the first driver's two units")
     first.send_signal(signal.SIGSTOP)
     wait_for(lambda: stopped(first.pid), "the first driver to stop")
-    renewed = json.loads((out / "_lease.json").read_text())["renewed"]
-    time.sleep(max(0.0, renewed + 2 + 0.2 - time.time()))  # past the lease's ttl since its last renewal
+    held = json.loads((out / "_lease.json").read_text())
+    time.sleep(max(0.0, held["renewed"] + held["ttl_s"] + 0.2 - time.time()))  # past its ttl since its last renewal
 
     lease: list[dict] = []
 
