@@ -199,7 +199,9 @@ def test_actors_check_the_lease_themselves_and_the_driver_that_lost_it_stops(ray
 
     urls, fifo = with_a_fifo(shards[:3], tmp_path / "shards")
     out = tmp_path / "out"
-    job = parse_job(job_dict([*urls, str(fifo)], out, **{"workers.lease_ttl_s": 600}))
+    # One unit per actor at a time: the FIFO's unit starts once another is done. Beside one of the first two on an
+    # actor, it could take the actor's turn first and wait for ever, and that unit with it.
+    job = parse_job(job_dict([*urls, str(fifo)], out, **{"workers.lease_ttl_s": 600, "workers.commits_in_flight": 0}))
     raised: list[BaseException] = []
 
     def drive() -> None:
