@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -133,7 +134,7 @@ def test_a_driver_paused_past_its_lease_writes_nothing_when_it_resumes_and_exits
     first = start(job, "--no-ray")
     wait_for(lambda: two_units_done(out) and blocked_on_fifo(first.pid), "the first driver's two units")
     first.send_signal(signal.SIGSTOP)
-    wait_for(lambda: stopped(first.pid), "the first driver to stop")
+    wait_for(lambda: paused(first.pid), "the first driver to stop")
     held = json.loads((out / "_lease.json").read_text())
     time.sleep(max(0.0, held["renewed"] + held["ttl_s"] + 0.2 - time.time()))  # past its ttl since its last renewal
 
@@ -188,7 +189,7 @@ def test_sigint_exits_130_and_a_rerun_resumes(hanging_job):
     repair_and_resume(job, fifo, good)
 
 
-def stopped(pid: int) -> bool:
+def paused(pid: int) -> bool:
     """Process ``pid`` is stopped (SIGSTOP)."""
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
 
@@ -380,8 +381,6 @@ def test_a_disk_that_fills_after_units_ran_ends_with_exit_1_the_summary_and_the_
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -389,9 +388,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def token_head():
-    """A head node that `ray start` left running, with Ray's token authentication (the token ``a`` * 32): its
-    address and the environment of a driver with the right token. Started once for the two tests below (its start
-    takes seconds): one joins it, the other runs beside it on a cluster of its own."""
+    """A head node that `ray start` left running, with Ray's token authentication (the token ``a`` * 32), once it
+    answers: its address and the environment of a driver with its token. Started once for the two tests below (its
+    start takes seconds): one joins it, the other runs beside it on a cluster of its own."""
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "a" * 32}
     ray_cli = str(Path(sys.executable).parent / "ray")
@@ -401,9 +400,21 @@ def token_head():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    yield f"127.0.0.1:{port}", env
-    head.send_signal(signal.SIGTERM)
-    head.wait(timeout=60)
+    try:
+        wait_for(lambda: head.poll() is not None or answers(port), "the head")
+        assert head.poll() is None, "the head did not start"
+        yield f"127.0.0.1:{port}", env
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def runs_a_cluster(pid: int) -> bool:
@@ -415,7 +426,7 @@ def runs_a_cluster(pid: int) -> bool:
 @pytest.mark.timeout(400)
 def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job, token_head):
     """The driver runs on a local Ray cluster of its own, though `ray start` left one running (which would refuse it:
-    it has not the head's token)."""
+    it lacks the head's token)."""
     job, fifo, good = hanging_job
     out = job.parent / "out"
     process = start(job)
