@@ -388,9 +388,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def token_head():
-    """A head node that `ray start` left running, with Ray's token authentication (the token ``a`` * 32), once it
-    answers: its address and the environment of a driver with its token. Started once for the two tests below (its
-    start takes seconds): one joins it, the other runs beside it on a cluster of its own."""
+    """A head node that `ray start` left running, with Ray's token authentication (the token ``a`` * 32): its
+    address and the environment of a driver with its token. Started once for the two tests below (its start takes
+    seconds, which the first test's drivers spend loading torch): one joins it, the other runs beside it."""
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "a" * 32}
     ray_cli = str(Path(sys.executable).parent / "ray")
@@ -400,45 +400,18 @@ def token_head():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_for(lambda: head.poll() is not None or answers(port), "the head")
-        assert head.poll() is None, "the head did not start"
-        yield f"127.0.0.1:{port}", env
-    finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=60)
+    yield f"127.0.0.1:{port}", env
+    head.send_signal(signal.SIGTERM)
+    head.wait(timeout=60)
 
 
-def answers(port: int) -> bool:
+def answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection((host, int(port)), timeout=1).close()
     except OSError:
         return False
     return True
-
-
-def runs_a_cluster(pid: int) -> bool:
-    """Process ``pid`` started a Ray cluster of its own: its GCS server is its child."""
-    return any("gcs_server" in Path(f"/proc/{child}/cmdline").read_text(errors="replace") for child in children(pid))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job, token_head):
-    """The driver runs on a local Ray cluster of its own, though `ray start` left one running (which would refuse it:
-    it lacks the head's token)."""
-    job, fifo, good = hanging_job
-    out = job.parent / "out"
-    process = start(job)
-    wait_for(lambda: two_units_done(out) or process.poll() is not None, "two units", timeout=240)
-    assert process.poll() is None and runs_a_cluster(process.pid), process.communicate()[1]
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr
-    assert "terminated: units in flight are redone" in stderr
-    assert "Traceback" not in stderr and "SIGABRT" not in stderr and "*** " not in stderr
-    assert released(out)
-    repair_and_resume(job, fifo, good)
 
 
 @pytest.mark.slow
@@ -456,10 +429,10 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
         _STARTED.append(process)
         return process
 
-    # Both drivers at once (each loads torch before it joins, for seconds). Ray retries a refused handshake once a
-    # second, 20 times by default: the first refusal says it all.
+    # Both drivers at once, into outputs of their own (each loads torch for seconds before it joins). Ray retries
+    # the refused handshake once a second, 20 times by default; the first refusal says it all.
     right = driver("right", head_env)
-    wrong = driver("wrong", {**head_env, "RAY_AUTH_TOKEN": "b" * 32, "RAY_NUM_REDIS_GET_RETRIES": "1"})
+    wrong = driver("wrong", {**head_env, "RAY_AUTH_TOKEN": "b" * 32, "RAY_NUM_REDIS_GET_RETRIES": "3"})
     _, stderr = wrong.communicate(timeout=120)
     assert wrong.returncode == 2, stderr
     assert stderr.strip().splitlines() == [
@@ -470,3 +443,29 @@ def test_a_cluster_that_refuses_the_token_fails_in_one_line_and_the_right_token_
     stdout, stderr = right.communicate(timeout=240)
     assert right.returncode == 0, stderr
     assert "2 of 2 samples explained" in stdout
+
+
+def runs_a_cluster(pid: int) -> bool:
+    """Process ``pid`` started a Ray cluster of its own: its GCS server is its child."""
+    return any("gcs_server" in Path(f"/proc/{child}/cmdline").read_text(errors="replace") for child in children(pid))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_to_a_ray_driver_exits_143_and_a_rerun_resumes(hanging_job, token_head):
+    """The driver runs on a local Ray cluster of its own, though `ray start` left one running (which would refuse it:
+    it lacks the head's token)."""
+    job, fifo, good = hanging_job
+    out = job.parent / "out"
+    address, _ = token_head
+    wait_for(lambda: answers(address), "the head")  # at once after the test above, which joined it
+    process = start(job)
+    wait_for(lambda: two_units_done(out) or process.poll() is not None, "two units", timeout=240)
+    assert process.poll() is None and runs_a_cluster(process.pid), process.communicate()[1]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "terminated: units in flight are redone" in stderr
+    assert "Traceback" not in stderr and "SIGABRT" not in stderr and "*** " not in stderr
+    assert released(out)
+    repair_and_resume(job, fifo, good)
