@@ -27,8 +27,7 @@ CURVE_CHARTS = 21  # every statistic of CURVE_STATISTICS: the tiny outputs have 
 
 
 @pytest.fixture(scope="module")
-def compare_page(crop_output, other_output, tmp_path_factory) -> Path:
-    comparison = compare(crop_output, other_output, names=["deep", "fine"])
+def compare_page(comparison, tmp_path_factory) -> Path:
     assert comparison.curves.index.unique("statistic").tolist() == list(CURVE_STATISTICS)
     return compare_report(comparison, tmp_path_factory.mktemp("compare") / "c.html", disagreements=2, progress=False)
 
