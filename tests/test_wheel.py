@@ -116,8 +116,10 @@ def unrelated_folder(installed, tmp_path_factory) -> tuple[Path, dict[str, dict]
     }
     # What the demos test is the shipped model, shards (images and masks) and jobs. The evaluation is tested on its
     # own and through the worker; its deletion/insertion and perturbation groups (tens of forward passes per map and
-    # sample) took 114 of the 131 CPU seconds of the supervised demo on 2026-12-06. The ssl demo's own: localisation.
-    calls["demo"] = ["demo", "--no-ray", "--quiet", "--set", "evaluate.metrics=[localisation,segmentation]"]
+    # sample) took 114 of the 131 CPU seconds of the supervised demo on 2026-12-06, and its sanity check on 64 samples
+    # 4 of the 11 s left (8 samples run the same stage). The ssl demo's own metrics: localisation.
+    light = ["--set", "evaluate.metrics=[localisation,segmentation]", "--set", "evaluate.sanity_samples=8"]
+    calls["demo"] = ["demo", "--no-ray", "--quiet", *light]
     calls["demo-ssl"] = ["demo", "--no-ray", "--quiet", "--ssl"]
     results = cli_in_one_process(installed, folder, list(calls.values()))
     return folder, dict(zip(calls, results, strict=True))
@@ -145,3 +147,5 @@ def test_both_demos_run_from_an_unrelated_folder(unrelated_folder, name):
     assert job["evaluate"]["metrics"] == metrics  # --set applies to the shipped job
     if name == "demo-ssl":
         assert "memory bank: 256 samples" in ran[name]["stdout"]
+    else:
+        assert job["evaluate"]["sanity_samples"] == 8 and "sanity check, cascading randomisation" in ran[name]["stdout"]
