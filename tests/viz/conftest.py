@@ -119,3 +119,9 @@ def comparison(crop_output, other_output):
 def disjoint_output(other_shards, tmp_path_factory) -> Path:
     """A 3-block model over the new shard only: no key in common with ``crop_output``."""
     return _run(tmp_path_factory.mktemp("viz_disjoint"), other_shards[1:], **{"model.kwargs.depth": 3})
+
+
+@pytest.fixture(scope="session")
+def apart(crop_output, disjoint_output):
+    """``crop_output`` and ``disjoint_output`` compared, named deep and apart: outputs without a shared key."""
+    return compare(crop_output, disjoint_output, names=["deep", "apart"])
