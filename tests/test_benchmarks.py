@@ -32,9 +32,9 @@ runpy.run_path(script, run_name="__main__")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Runs a script and returns what it printed. Each script runs in a fresh process forked from a server that has
-    imported torch and timm, once for the session, instead of an interpreter of its own that imports them again
-    (about 4 CPU seconds each on 2 cores)."""
+    """Runs a script and returns what it printed. Each script runs in a fresh process forked from the session's fork
+    server, which has imported torch and timm once (tests/viz/test_viz_charts.py forks from it too), instead of an
+    interpreter of its own that imports them again (about 4 CPU seconds each on 2 cores)."""
     forks = multiprocessing.get_context("forkserver")
     forks.set_forkserver_preload(["torch", "timm"])
     logs = tmp_path_factory.mktemp("benchmark_logs")

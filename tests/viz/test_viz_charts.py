@@ -48,8 +48,9 @@ def test_bar_chart_draws_one_bar_per_group_and_category():
 
 
 def test_charts_never_import_pyplot(tmp_path):
-    """A fresh process imports pipeline.viz and draws a chart: pyplot is not among its modules. Forked from the fork
-    server of the benchmark tests, which imported torch and timm (pipeline.viz imports them) once for the session."""
+    """A fresh process imports pipeline.viz and draws a chart: pyplot is not among its modules. It is forked from the
+    session's fork server (tests/test_benchmarks.py forks its scripts from it too), which has imported torch and timm,
+    as pipeline.viz does, once: a new interpreter would import them again."""
     code = textwrap.dedent(
         f"""
         import os, sys
