@@ -163,9 +163,11 @@ def jobs(ctx) -> None:
         return
     from pipeline.examples import shipped_jobs
 
-    for path in shipped_jobs():
+    paths = shipped_jobs()
+    width = max((len(path.stem) for path in paths), default=0)
+    for path in paths:
         first = next((line.removeprefix("#").strip() for line in path.read_text().splitlines() if line.strip()), "")
-        click.echo(f"{path.stem:10s} {textwrap.shorten(first, 100, placeholder=' ...')}")
+        click.echo(f"{path.stem:{width}s}  {textwrap.shorten(first, 100, placeholder=' ...')}")
 
 
 @jobs.command("show")

@@ -107,3 +107,11 @@ def test_a_data_root_moves_every_input_path_and_the_commands_with_them(tmp_path)
 def test_the_demos_are_shown_as_they_ship():
     for name in ("demo", "demo-ssl"):
         assert job_copy(name) == shipped_job(name).read_text()
+
+
+def test_the_listing_names_every_shipped_job_with_its_description_in_one_column():
+    listed = CliRunner().invoke(main, ["jobs"])
+    rows = [re.match(r"(\S+)( +)(\S.*)", line) for line in listed.output.splitlines()]
+    assert listed.exit_code == 0 and [row[1] for row in rows] == ["deit", "demo", "demo-compare", "demo-ssl", "dino"]
+    assert len({row.start(3) for row in rows}) == 1  # the descriptions start in one column, the longest name too
+    assert rows[1][3].startswith("The built-in demo")

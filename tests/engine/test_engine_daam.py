@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from pipeline.errors import InputError, TargetError, UnsupportedModelError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_daam import naive_daam
-from tiny_vits import MODELS, TINY, images, make
+from tiny_vits import MODELS, TINY, hook_count, images, live_tensors, make
 
 MODELS = {**MODELS, "deit3": ("deit3_small_patch16_224", dict(TINY, num_classes=7), (32, 32))}
 
@@ -149,15 +148,8 @@ def test_hooks_removed_and_model_restored_and_memory_flat():
     model = make("vit_tiny_patch16_224", **MODELS["vit"][1]).train()
     x = images(2, (32, 32))
 
-    def hook_count():
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-    def live_tensors():
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
-
     with DAAM(model) as daam:
-        assert hook_count() == 4 * 3 and not model.training
+        assert hook_count(model) == 4 * 3 and not model.training
         assert not any(p.requires_grad for p in model.parameters())
         daam(x)
         before = live_tensors()
@@ -165,7 +157,7 @@ def test_hooks_removed_and_model_restored_and_memory_flat():
             result = daam(x)
         del result
         assert live_tensors() <= before
-    assert hook_count() == 0 and model.training
+    assert hook_count(model) == 0 and model.training
     assert all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
 

@@ -3,8 +3,11 @@ at sizes that run in seconds on a CPU."""
 
 from __future__ import annotations
 
+import gc
+
 import timm
 import torch
+from torch import nn
 
 TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=48, num_heads=3)
 
@@ -42,3 +45,14 @@ def assert_close_to_peak(
     peak = expected.abs().amax(dim=(-2, -1))
     assert allow_zero_maps or (peak > 0).all()
     assert (error <= rel * peak + 1e-12).all(), (error / peak).max()
+
+
+def hook_count(model: nn.Module) -> int:
+    """Forward and forward-pre hooks registered on any module of ``model``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def live_tensors() -> int:
+    """Tensors alive after a collection: flat across repeated calls means nothing is kept between batches."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o))

@@ -238,8 +238,9 @@ def test_readers_never_fail_nor_lose_rows_while_units_are_committed_and_compacte
     tmp_path, layout, make_batch
 ):
     """Reader threads read every table, one sample's maps and record batches in a loop, while the main thread
-    commits a unit and compacts, 20 times: every read holds whole units only, at least those committed before it
-    began, none lost from an optional table."""
+    commits a unit and compacts, 8 times: every read holds whole units only, at least those committed before it
+    began, none lost from an optional table. Each round sees dozens of reads (60 to 70 on 2 cores), at every step of a
+    commit and a compaction, and from the second on the removal of an older generation's files."""
     out = tmp_path / "out"
     committed: dict[str, list[str]] = {}
     per_unit = {"samples": 4, "blocks": 3 * layout.n_blocks, "evaluation": 6, "explainer_blocks": 3 * layout.n_blocks}
@@ -287,7 +288,7 @@ def test_readers_never_fail_nor_lose_rows_while_units_are_committed_and_compacte
     ]
     for thread in threads:
         thread.start()
-    for i in range(4, 24):
+    for i in range(4, 12):
         commit(i)
         compact(out)
     stop.set()
@@ -295,7 +296,7 @@ def test_readers_never_fail_nor_lose_rows_while_units_are_committed_and_compacte
         thread.join(timeout=120)
     assert failures == [], "\n".join(failures)
     assert min(reads.values()) >= 3, reads
-    assert read_manifest(out).generation == 21
+    assert read_manifest(out).generation == 9
 
 
 def test_a_compaction_whose_lease_was_taken_changes_nothing(written):

@@ -172,12 +172,13 @@ def test_plain_zarr_reads_the_values(tmp_path, layout, make_batch, dtype):
     _, keys = write_unit(tmp_path, layout, make_batch, n=5, options=options)
     group = zarr.open_group(tmp_path / "maps.zarr" / "shard-000000", mode="r")
     results = open_results(tmp_path)
+    maps = [results.maps(key) for key in keys]  # each sample's every array, read once
     for name in stored:
         plain = group[name][:]
         assert plain.dtype == np.float32
         assert group[name].attrs["significant_bits"] == (11 if dtype == "float16" else None)
-        for row, key in enumerate(keys):
-            np.testing.assert_array_equal(plain[row], getattr(results.maps(key), name))
+        for row, sample in enumerate(maps):
+            np.testing.assert_array_equal(plain[row], getattr(sample, name))
         if dtype == "float16":
             assert not (plain.view(np.uint32) & np.uint32(0x1FFF)).any()  # the low 13 mantissa bits are zero
     ((unit, scanned_keys, scanned),) = results.iter_units()  # a scan reads each array with one slice

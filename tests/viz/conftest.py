@@ -11,9 +11,12 @@ import pytest
 from builders import TINY_MODEL, job_dict
 from PIL import Image
 
+from pipeline.compare import compare
 from pipeline.config import parse_job
 from pipeline.data.shards import ShardSample, write_shards
 from pipeline.runner import run_job
+from pipeline.store.results import open_results
+from pipeline.viz.report import report
 
 WIDTH, HEIGHT = 64, 40
 BLOCKS = 4  # L of the tiny model (4x4 patch grid on its 32x32 input)
@@ -84,6 +87,12 @@ def explainers_output(viz_shards, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def explainers_report(explainers_output, tmp_path_factory) -> Path:
+    """The report of ``explainers_output`` without a gallery, drawn once: its 32 charts take seconds."""
+    return report(explainers_output, tmp_path_factory.mktemp("explainers_report") / "r.html", gallery=0, progress=False)
+
+
+@pytest.fixture(scope="session")
 def other_shards(viz_shards, tmp_path_factory) -> list[str]:
     """The second shard of ``viz_shards`` (five keys shared with its outputs, one of them corrupt) and a shard of five
     new keys."""
@@ -101,6 +110,18 @@ def other_output(other_shards, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def comparison(crop_output, other_output):
+    """``crop_output`` and ``other_output`` compared, named deep and fine (the tables and the comparison report)."""
+    return compare(open_results(crop_output), open_results(other_output), names=["deep", "fine"])
+
+
+@pytest.fixture(scope="session")
 def disjoint_output(other_shards, tmp_path_factory) -> Path:
     """A 3-block model over the new shard only: no key in common with ``crop_output``."""
     return _run(tmp_path_factory.mktemp("viz_disjoint"), other_shards[1:], **{"model.kwargs.depth": 3})
+
+
+@pytest.fixture(scope="session")
+def apart(crop_output, disjoint_output):
+    """``crop_output`` and ``disjoint_output`` compared, named deep and apart: outputs without a shared key."""
+    return compare(crop_output, disjoint_output, names=["deep", "apart"])

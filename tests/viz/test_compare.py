@@ -21,11 +21,6 @@ NAMES = ["deep", "fine"]  # crop_output: 4 blocks, 4x4 grid; other_output: 2 blo
 SHARED = ["img1_00", "img1_01", "img1_02", "img1_04"]  # img1_03 is corrupt in both; img0_* and img2_* in one each
 
 
-@pytest.fixture(scope="module")
-def comparison(crop_output, other_output):
-    return compare(open_results(crop_output), open_results(other_output), names=NAMES)
-
-
 def test_models_and_the_grid_note(comparison):
     models = comparison.models
     assert list(models.index) == NAMES and models.index.name == "model"
@@ -138,8 +133,7 @@ def test_metrics_side_by_side(comparison, crop_output, other_output):
         pd.testing.assert_frame_equal(comparison.metrics.loc[name], summarise(open_results(out).evaluation))
 
 
-def test_outputs_without_shared_keys_compare_their_dataset_level_tables(crop_output, disjoint_output):
-    apart = compare(crop_output, disjoint_output, names=["deep", "apart"])
+def test_outputs_without_shared_keys_compare_their_dataset_level_tables(apart):
     assert apart.agreement.empty and apart.agreement_summary.empty
     assert [n for n in apart.notes if "share" in n] == [
         "deep and apart share no sample key: only their dataset-level tables are compared"

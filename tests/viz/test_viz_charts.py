@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import re
-import subprocess
-import sys
 import textwrap
 
 import matplotlib
@@ -48,16 +47,25 @@ def test_bar_chart_draws_one_bar_per_group_and_category():
     assert len(re.findall(r'<g id="patch_\d+">', svg)) >= 2 * 4  # 8 bars, besides the figure and axes patches
 
 
-def test_charts_never_import_pyplot():
+def test_charts_never_import_pyplot(tmp_path):
+    """A fresh process imports pipeline.viz and draws a chart: pyplot is not among its modules. It is forked from the
+    session's fork server (tests/test_benchmarks.py forks its scripts from it too), which has imported torch and timm,
+    as pipeline.viz does, once: a new interpreter would import them again."""
     code = textwrap.dedent(
-        """
-        import sys
+        f"""
+        import os, sys
+        os.dup2(os.open({str(tmp_path / "stderr")!r}, os.O_WRONLY | os.O_CREAT), 2)
         from pipeline.viz.charts import Line, line_chart
         line_chart([0, 1], [Line("a", [0.0, 1.0])], title="t", xlabel="x", ylabel="y")
         assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
         """
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    forks = multiprocessing.get_context("forkserver")
+    forks.set_forkserver_preload(["torch", "timm"])
+    child = forks.Process(target=exec, args=(code, {}))  # a function of this module could not be imported there
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == 0, (tmp_path / "stderr").read_text()
 
 
 def test_a_chart_on_relative_depth_numbers_each_models_blocks_above_it():

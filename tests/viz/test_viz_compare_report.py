@@ -12,7 +12,7 @@ from browser import CHROMIUM, Chromium
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.compare import CURVE_STATISTICS, UNSHARED_NOTE, compare, comparison_tables
+from pipeline.compare import CURVE_STATISTICS, UNSHARED_NOTE, comparison_tables
 from pipeline.viz.compare_report import compare_report
 
 SECTIONS = [
@@ -27,8 +27,7 @@ CURVE_CHARTS = 21  # every statistic of CURVE_STATISTICS: the tiny outputs have 
 
 
 @pytest.fixture(scope="module")
-def compare_page(crop_output, other_output, tmp_path_factory) -> Path:
-    comparison = compare(crop_output, other_output, names=["deep", "fine"])
+def compare_page(comparison, tmp_path_factory) -> Path:
     assert comparison.curves.index.unique("statistic").tolist() == list(CURVE_STATISTICS)
     return compare_report(comparison, tmp_path_factory.mktemp("compare") / "c.html", disagreements=2, progress=False)
 
@@ -47,12 +46,14 @@ def test_compare_report_is_self_contained_with_every_section(compare_page):
     assert html.count("<h4>img1_") == 2 and "settles at block" in html
 
 
-def test_cli_compares_outputs_without_shared_keys_and_says_so_in_one_line(crop_output, disjoint_output, tmp_path):
+def test_cli_compares_outputs_without_shared_keys_and_says_so_in_one_line(
+    crop_output, disjoint_output, apart, tmp_path
+):
     dest = tmp_path / "c.html"
     args = ["compare", str(crop_output), str(disjoint_output), "--name", f"{crop_output}=deep", "--out", str(dest)]
     done = CliRunner().invoke(main, [*args, "--name", f"{disjoint_output}=apart", "--quiet"])
     assert done.exit_code == 0, done.output
-    tables = comparison_tables(compare(crop_output, disjoint_output, names=["deep", "apart"]))
+    tables = comparison_tables(apart)
     assert done.output == f"{tables}\n{dest}\n" and "agreement" not in tables
     assert tables.splitlines()[-1] == "note: " + UNSHARED_NOTE.format("deep", "apart")
     html = dest.read_text()

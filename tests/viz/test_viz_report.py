@@ -142,11 +142,10 @@ def test_report_loads_in_headless_chromium_without_errors(crop_report, tmp_path)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium is not installed (apt-get install chromium)")
-def test_the_explainers_report_shows_every_explainers_curves_in_chromium(explainers_output, tmp_path):
-    page = report(explainers_output, tmp_path / "report.html", gallery=0, progress=False)
+def test_the_explainers_report_shows_every_explainers_curves_in_chromium(explainers_report, tmp_path):
     browser = Chromium(tmp_path / "profile")
     try:
-        facts, errors, _ = browser.load(page.as_uri())
+        facts, errors, _ = browser.load(explainers_report.as_uri())
     finally:
         browser.close()
     assert errors == [] and all(facts["charts"])
@@ -155,11 +154,11 @@ def test_the_explainers_report_shows_every_explainers_curves_in_chromium(explain
     # D_l's curves three ways, one per statistic by explainer, the settle block, the six deletion/insertion and
     # perturbation curves, localisation (5), sanity (2)
     assert len(facts["charts"]) == 3 * len(CURVES) + 1 + 6 + 5 + 2
-    labels = browser_labels(page.read_text(), "Per-block statistics by explainer")
+    labels = browser_labels(explainers_report.read_text(), "Per-block statistics by explainer")
     assert labels == [["DAAM", "attention", "attnlrp", "cplrp", "gae", "rollout"]] * len(CURVES)
     # the sanity curves: one line per explainer, DAAM first, over the 4 randomisation steps of the 4-block model
     assert (
-        browser_labels(page.read_text(), "Sanity check: cascading randomisation")
+        browser_labels(explainers_report.read_text(), "Sanity check: cascading randomisation")
         == [["DAAM", "attention", "attnlrp", "cplrp", "gae", "gradcam", "rollout"]] * 2
     )
     assert facts["sanity_lines"] == [[4] * 7] * 2  # seven lines drawn through four points each

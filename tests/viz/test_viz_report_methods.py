@@ -59,8 +59,8 @@ def _charts(section: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def html(explainers_output, tmp_path_factory) -> str:
-    return report(explainers_output, tmp_path_factory.mktemp("r") / "r.html", gallery=0, progress=False).read_text()
+def html(explainers_report) -> str:
+    return explainers_report.read_text()
 
 
 def test_a_chart_per_statistic_with_a_line_per_explainer_with_blocks(html):

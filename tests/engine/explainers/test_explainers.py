@@ -5,7 +5,6 @@ values: test_explainers_lrp.py)."""
 from __future__ import annotations
 
 import copy
-import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipeline.names import COMPARISON_EXPLAINERS, EXPLAINER_ARRAYS, PER_BLOCK_EX
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from naive_gae import naive_gae
-from tiny_vits import MODELS, TINY, images, make
+from tiny_vits import MODELS, TINY, hook_count, images, live_tensors, make
 
 
 @dataclass
@@ -202,27 +201,20 @@ def test_hooks_removed_and_memory_flat():
     model = make("vit_tiny_patch16_224", **MODELS["vit"][1])
     x = images(2, (32, 32))
 
-    def hook_count():
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-    def live_tensors():
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
-
     with DAAM(model) as daam:
         with Explainers(daam, COMPARISON_EXPLAINERS) as explainers:
             # each pass explainer's start hook on patch_embed; per block of 3, rollout's q_norm and k_norm,
             # attention's proj, GAE's q_norm, k_norm and proj; Grad-CAM's last attn; LRP swaps forwards instead
-            assert hook_count() == 4 * 3 + 4 + 2 * 3 + 3 + 3 * 3 + 1
+            assert hook_count(model) == 4 * 3 + 4 + 2 * 3 + 3 + 3 * 3 + 1
             explainers.explain(x, daam(x))
             before = live_tensors()
             for _ in range(20):
                 explained = explainers.explain(x, daam(x))
             del explained
             assert live_tensors() <= before
-        assert hook_count() == 4 * 3
+        assert hook_count(model) == 4 * 3
         daam(x)
-    assert hook_count() == 0
+    assert hook_count(model) == 0
     assert all(p.grad is None for p in model.parameters())
     assert not [m for m in model.modules() if "forward" in m.__dict__]
 
