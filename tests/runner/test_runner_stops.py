@@ -262,7 +262,7 @@ def test_a_signal_while_ray_starts_exits_within_seconds_and_releases_the_lease(t
     message = f"job tiny {stopped}: units in flight are redone by the next run of the same job"
     assert message in [line.strip() for line in lines] and not any("Traceback" in line for line in lines)
     assert released(out) and not (out / "_done").exists()
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 10  # polled: gone within a second mostly, later on a busy machine
     while (left := [pid for pid in started if running(pid)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == []
