@@ -4,14 +4,16 @@
 phase ends the run the same way: an exception in the main thread (``KeyboardInterrupt``, or
 :class:`~pipeline.errors.JobTerminated` for SIGTERM) on whose way out the pool and the lease are released. Where an
 exception must not be raised (inside Ray's compiled waits, which mangle it) a pool runs :meth:`Stops.deferred` and
-raises the stop at its next turn (:meth:`Stops.check`). A stop that a library swallowed (a ``KeyboardInterrupt``
-inside a fork handler) is raised again at the next check, and another thread (the lease's heartbeat) asks for a
-stop with :meth:`Stops.stop`.
+raises the stop at its next turn (:meth:`Stops.check`). A stop raised where Python cannot raise it (inside a fork
+handler, such as logging's, while Ray's start forks: CPython prints it as "Exception ignored" and goes on) reaches
+:class:`Stops` through ``sys.unraisablehook`` and is raised at the next check, unprinted; so is ``ray.init``'s own
+SIGTERM handler's ``sys.exit(15)``. Another thread (the lease's heartbeat) asks for a stop with :meth:`Stops.stop`.
 
 A process's last resort (the command line's): the signal also reaches a watchdog thread through the interpreter's
 wakeup file descriptor, written by the C-level handler even while the main thread is blocked in C code (Ray's start
 takes seconds to return to Python). If the process has not ended ``last_resort_s`` after the signal, the watchdog
-releases the lease, prints the stop's line and ends the process itself.
+releases the lease, prints the stop's line and ends the process itself; until then, the signal it saw is a stop
+for the next check, whatever handler the signal met.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -64,12 +67,14 @@ class Stops:
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[int, int] | None = None
         self._previous_wakeup = -1
+        self._previous_unraisable: Any = None
 
     def __enter__(self) -> Stops:
         if threading.current_thread() is not threading.main_thread():
             return self  # signals reach the main thread only: its owner handles them
         for signum in _SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous_unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
         if self.last_resort_s is not None:
             read, write = os.pipe()
             os.set_blocking(write, False)
@@ -82,6 +87,8 @@ class Stops:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+        if self._previous_unraisable is not None:
+            sys.unraisablehook, self._previous_unraisable = self._previous_unraisable, None
         if self._wakeup is not None:
             signal.set_wakeup_fd(self._previous_wakeup)
             os.close(self._wakeup[1])  # the watchdog's read ends, and so does the watchdog
@@ -118,6 +125,16 @@ class Stops:
         if not self._deferred:
             raise error
 
+    def _unraisable(self, unraisable: Any) -> None:
+        """A stop that Python could not raise (in a fork handler, a finaliser): kept for the next check, unprinted."""
+        error = unraisable.exc_value
+        if isinstance(error, SystemExit) and error.code in _SIGNALS:  # ray.init's SIGTERM handler: sys.exit(signum)
+            error = stop_error(error.code)
+        if isinstance(error, (KeyboardInterrupt, JobTerminated)):
+            self.stop(error)
+        else:
+            self._previous_unraisable(unraisable)
+
     def _watch(self, read: int) -> None:
         """The last resort: wait for a signal's byte, give the run ``last_resort_s`` to end, then end it here."""
         try:
@@ -129,6 +146,7 @@ class Stops:
         if not data or data[0] not in _SIGNALS:
             return
         error = stop_error(data[0])
+        self.stop(error)  # whichever handler met the signal (a library's may have swallowed it)
         threading.Event().wait(self.last_resort_s)
         if self.lease is not None:
             with contextlib.suppress(Exception):
