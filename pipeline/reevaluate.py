@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import JobConfig
+from pipeline.engine.transfer import move_tree, to_host
 from pipeline.errors import ConfigError, StoreError
 from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS, PER_BLOCK_EXPLAINERS, TOP_DOWN_EXPLAINERS
 from pipeline.store.output import JOB_FILE
@@ -80,9 +81,12 @@ def evaluate_stored(out: Any, *, device: str | None = None, progress: bool = Fal
                     target = None
                     if job.mode == "supervised":
                         target = torch.as_tensor(targets[where], device=worker.device).long()
-                    maps = {name: torch.from_numpy(values[where]).to(worker.device) for name, values in finals.items()}
+                    # one packed copy each way per batch
+                    maps = to_host(
+                        {name: torch.from_numpy(values[where]) for name, values in finals.items()}, worker.device
+                    )
                     daam = maps.pop("daam")[:, None]  # the stage evaluates the last block of (B, L, h, w)
-                    evaluated = stage.evaluate(images, samples, daam, target, maps, config=config)
+                    evaluated = move_tree(stage.evaluate(images, samples, daam, target, maps, config=config))
                     parts.append(_rows([s.key for s in samples], str(unit), evaluated))
     finally:
         worker.close()
@@ -97,8 +101,7 @@ def compare_evaluations(table: pd.DataFrame, again: pd.DataFrame, tolerance: flo
         One row per method and metric computed in both: ``pairs`` (samples compared), ``differ`` (pairs whose values
         differ by more than ``tolerance``), ``max_abs_diff`` and ``mean_abs_diff``.
     """
-    metrics = [c for c in METRIC_COLUMNS if c in again and again[c].notna().any()]
-    both = table[[*_KEYS, *metrics]].merge(again[[*_KEYS, *metrics]], on=_KEYS, suffixes=("", "_again"))
+    both, metrics = _side_by_side(table, again)
     rows = []
     for method, part in both.groupby("method", sort=False):
         for metric in metrics:
@@ -139,10 +142,17 @@ def describe(table: pd.DataFrame, again: pd.DataFrame) -> str:
 
 def _pairs_that_differ(table: pd.DataFrame, again: pd.DataFrame, tolerance: float = AGREEMENT) -> pd.Series:
     """Per method, the (sample, method) pairs with any metric differing by more than ``tolerance``."""
-    metrics = [c for c in METRIC_COLUMNS if c in again and again[c].notna().any()]
-    both = table[[*_KEYS, *metrics]].merge(again[[*_KEYS, *metrics]], on=_KEYS, suffixes=("", "_again"))
+    both, metrics = _side_by_side(table, again)
     diff = pd.concat([(both[f"{m}_again"] - both[m]).abs() > tolerance for m in metrics], axis=1).any(axis=1)
     return diff.groupby(both["method"], sort=False).sum().astype(int)
+
+
+def _side_by_side(table: pd.DataFrame, again: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The two evaluations' (sample, method) rows joined (``metric`` and ``metric_again``), on the metrics the
+    re-evaluation computed."""
+    metrics = [c for c in METRIC_COLUMNS if c in again and again[c].notna().any()]
+    both = table[[*_KEYS, *metrics]].merge(again[[*_KEYS, *metrics]], on=_KEYS, suffixes=("", "_again"))
+    return both, metrics
 
 
 def default_destination(results: Results) -> Path:
@@ -185,7 +195,7 @@ def _rows(keys: list[str], unit: str, evaluated: dict[str, dict[str, torch.Tenso
     for method, values in evaluated.items():
         columns: dict[str, Any] = {"key": keys, "unit": unit, "method": method}
         for name, value in values.items():
-            array = value.float().cpu().numpy()
+            array = value.float().numpy()  # on the host already
             columns[name] = list(array) if array.ndim > 1 else array
         frames.append(pd.DataFrame(columns))
     table = pd.concat(frames, ignore_index=True)
