@@ -94,6 +94,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._created = False  # the output's folder did not exist before the lease
+        self._written = False  # this driver wrote the record and has not released it
 
     def current(self) -> dict[str, Any] | None:
         """The lease recorded in the output (holder, host, pid, generation, renewed, ttl_s), or None."""
@@ -117,6 +118,7 @@ class Lease:
                 )
         self.generation = int((held or {}).get("generation", 0)) + 1
         self._write()
+        self._written = True
         taken = self.current() or {}
         if (taken.get("holder"), taken.get("generation")) != (self.holder, self.generation):  # a driver beside us
             raise OutputInUseError(f"output {self.output.url} was taken by another driver at the same time")
@@ -138,11 +140,13 @@ class Lease:
         """Stop renewing and mark the lease released (if it is still this driver's); an output that holds nothing
         but the lease (a run refused by its checks) is left as it was found. Never waits long, never raises: it runs
         on every way out, a full disk included."""
-        if self._thread is None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        elif not self._written:
             return
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-        self._thread = None
+        self._written = False
         try:
             if (held := self.current()) is None or held.get("holder") != self.holder:
                 return
@@ -184,7 +188,11 @@ class Lease:
                 continue
 
     def __enter__(self) -> Lease:
-        self.acquire()
+        try:
+            self.acquire()
+        except BaseException:  # a signal (or an error) after the record's write: no record left held
+            self.release()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
