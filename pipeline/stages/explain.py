@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Sequence
 
@@ -59,6 +60,7 @@ class ExplainStage:
         self.mean, self.std = tuple(data_config["mean"]), tuple(data_config["std"])  # the worker's normalisation
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
         self._maps: MapStore | None = None  # the output's maps.zarr, opened by the first unit
+        self._encoding = threading.Lock()  # the worker's commits encode one at a time (UnitWriter)
         evaluate = job.evaluate
         self.cascade = None
         if evaluate is not None and evaluate.sanity == "cascading":
@@ -80,6 +82,7 @@ class ExplainStage:
             maps=self._maps,
             fresh=fresh,
             fence=fence,
+            encoding=self._encoding,
         )
         generator = None
         if self.job.evaluate is not None:  # independent random reference maps per unit, reproducible per unit

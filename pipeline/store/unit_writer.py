@@ -13,7 +13,9 @@ Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +98,9 @@ class UnitWriter:
             once); default: opened and checked for this unit.
         fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
         fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
+        encoding: Held while the commit encodes the unit's files. A worker's units share one: their encoding (CPU,
+            parallel within a unit) runs one at a time while their puts (waiting on storage) overlap it, instead of
+            commits in flight slicing the same cores and then all waiting on storage at once. Default: the unit's own.
 
     Raises:
         StoreError: the output holds maps of another configuration, or cannot be written.
@@ -114,6 +119,7 @@ class UnitWriter:
         maps: MapStore | None = None,
         fresh: bool = False,
         fence: Fence | None = None,
+        encoding: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.output = as_output(out)
         self.unit = unit
@@ -124,6 +130,7 @@ class UnitWriter:
         self._maps = UnitMapWriter(unit, layout, options)
         self._fixed = {"shard": shard, "unit": unit, "model": layout.model, "job": job}
         self._tables: dict[str, list[pa.Table]] = {part: [] for part in TABLE_SCHEMAS}
+        self._encoding = encoding or threading.Lock()
         self.failed = 0
 
     @property
@@ -242,16 +249,9 @@ class UnitWriter:
             The marker's content: ``unit``, ``committed_at``, ``complete``, the counts ``samples``, ``ok`` and
             ``failed``, and the summary.
         """
-        paths = self._transaction.paths
         ok = self._maps.rows
-        files = {f"{paths['maps']}/{key}": data for key, data in self._maps.objects().items()}
-        for part, schema in TABLE_SCHEMAS.items():
-            tables = self._tables[part]
-            if part in EXPLAIN_PARTS.optional and not tables:
-                continue
-            table = pa.concat_tables(tables) if tables else schema.empty_table()
-            files[paths[part]] = parquet_bytes(table, schema)
-        self._tables = {part: [] for part in TABLE_SCHEMAS}  # what the files hold now: the batches are released
+        with self._encoding:
+            files = self._encode()
         self._transaction.write(files)
         del files
         counts = {
@@ -262,6 +262,19 @@ class UnitWriter:
         marker = self._transaction.commit({**(summary or {}), **counts}, incomplete=incomplete)
         logger.info("committed unit %s: %s", self.unit, counts)
         return marker
+
+    def _encode(self) -> dict[str, bytes]:
+        """The unit's files: its Zarr group's objects and its Parquet tables, by path under the output."""
+        paths = self._transaction.paths
+        files = {f"{paths['maps']}/{key}": data for key, data in self._maps.objects().items()}
+        for part, schema in TABLE_SCHEMAS.items():
+            tables = self._tables[part]
+            if part in EXPLAIN_PARTS.optional and not tables:
+                continue
+            table = pa.concat_tables(tables) if tables else schema.empty_table()
+            files[paths[part]] = parquet_bytes(table, schema)
+        self._tables = {part: [] for part in TABLE_SCHEMAS}  # what the files hold now: the batches are released
+        return files
 
     def _sample_table(
         self, keys: list[str], columns: Mapping[str, Sequence[Any]], *, status: str, error: Any, row: Any

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import runpy
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -116,6 +117,33 @@ def test_interrupted_commit_leaves_no_marker_and_is_ignored(tmp_path, layout, ma
     write_unit(tmp_path, "shard-000001", layout, make_batch, 2, "fresh")
     keys = open_results(tmp_path).samples.query("unit == 'shard-000001'")["key"]
     assert len(keys) == 10 and keys.str.startswith("fresh").all()
+
+
+def test_a_workers_units_encode_under_its_one_lock_and_put_after_releasing_it(tmp_path, layout, make_batch):
+    held: list[list[str]] = []  # at each release of the lock: the units whose tables are in the output
+
+    class Encoding:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def __enter__(self) -> None:
+            self.lock.acquire()
+
+        def __exit__(self, *exc) -> None:
+            held.append(sorted(path.stem for path in (tmp_path / "samples").glob("*.parquet")))
+            self.lock.release()
+
+    encoding = Encoding()
+    writers = [
+        UnitWriter(tmp_path, f"shard-{u:06d}", layout, shard=f"shard-{u:06d}.tar", job="j", encoding=encoding)
+        for u in range(2)
+    ]
+    for u, writer in enumerate(writers):
+        writer.write_explained(**make_batch([f"u{u}-{i}" for i in range(5)], seed=u))
+    assert writers[0].commit()["ok"] == 5 and writers[1].commit()["ok"] == 5
+    assert held == [[], ["shard-000000"]]  # each unit's files were put after its encoding let the lock go
+    assert done_units(tmp_path) == ["shard-000000", "shard-000001"]
+    assert not encoding.lock.locked()
 
 
 def test_begin_unit_removes_every_part(tmp_path, layout, make_batch):
