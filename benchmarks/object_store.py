@@ -3,14 +3,16 @@ sustains with 1, 2 and 4 commits in flight, against the same writer on a local d
 
     python benchmarks/object_store.py --s3-latency-ms 25
 
-moto's S3 server runs on 127.0.0.1 (its own process) behind a small proxy written here (asyncio in a thread): the
+moto's S3 server runs on 127.0.0.1 (its own process) behind a small proxy written here (asyncio, its own process): the
 proxy holds every HTTP request ``--s3-latency-ms`` before forwarding it, as a bucket in another building would, and
 counts the requests by kind. The writer alone (no model) writes vit_small-shaped units of ``--samples`` images
 (keys, block_maps, daam, coefficients; samples and blocks tables), pre-rounded as the explain stage hands them,
-through the pipeline's own ``UnitWriter`` as a worker does (units the resume found nothing of, one ``maps.zarr``
-per worker), to: a local disk, S3 without added latency, S3 with it. Then, on each: the bank stage's units
-(``FeatureWriter``, 384-d features) and the bank file they assemble into (``bank.path`` on the store), the
-compaction of the written units, and one ``open_results(OUT).maps(key)`` on the compacted output.
+through the pipeline's own ``UnitWriter`` as a worker does (units the resume found nothing of, one ``maps.zarr`` and
+one encoding lock per worker), to: a local disk, S3 without added latency, S3 with it. The server and the proxy run
+on cores of their own (``--server-cores``; the writer, on every location, on the others): on a cluster the bucket's
+CPU is not the worker's, and on a small machine the emulated server would otherwise set the S3 rate. Then, on each:
+the bank stage's units (``FeatureWriter``, 384-d features) and the bank file they assemble into (``bank.path`` on
+the store), the compaction of the written units, and one ``open_results(OUT).maps(key)`` on the compacted output.
 The issue's targets at 25 ms: at most 40 requests per unit written; with commits in flight, at least 0.8x the
 units/s of the local disk.
 """
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
+import multiprocessing
 import os
 import shutil
 import socket
@@ -64,90 +67,105 @@ def request_kind(line: bytes) -> str:
     return method.decode()
 
 
+KINDS = ("GET", "HEAD", "PUT", "POST", "DELETE", "LIST", "BULK-DELETE")
+
+
 class DelayProxy:
     """A TCP proxy in front of an HTTP server that holds every request ``latency_s`` before forwarding it (each
-    connection on its own, so concurrent requests wait concurrently) and counts the requests by kind.
+    connection on its own, so concurrent requests wait concurrently) and counts the requests by kind. It runs in a
+    process of its own, on ``cpus`` when given: like a network, it takes neither the writer's cores nor its GIL.
 
     Args:
         upstream: ``(host, port)`` of the server.
         latency_s: Added delay per request.
+        cpus: Cores the proxy's process may use.
     """
 
-    def __init__(self, upstream: tuple[str, int], latency_s: float) -> None:
-        self.upstream = upstream
-        self.latency_s = latency_s
-        self.counts: Counter = Counter()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxy", daemon=True)
+    def __init__(self, upstream: tuple[str, int], latency_s: float, cpus: set[int] | None = None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._counts = context.Array("q", len(KINDS))
+        self._port, child_port = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_serve, args=(upstream, latency_s, cpus, self._counts, child_port), name="delay-proxy", daemon=True
+        )
 
     def start(self) -> int:
         """Start serving on 127.0.0.1; returns the port."""
-        self._thread.start()
-        self._tid = asyncio.run_coroutine_threadsafe(_native_id(), self._loop).result()
-        serve = asyncio.start_server(self._connection, "127.0.0.1", 0, limit=1 << 20)
-        self._server = asyncio.run_coroutine_threadsafe(serve, self._loop).result()
-        return self._server.sockets[0].getsockname()[1]
+        self._process.start()
+        if not self._port.poll(60):
+            raise RuntimeError("the delay proxy did not start")
+        return self._port.recv()
+
+    def requests(self) -> Counter:
+        """The requests forwarded so far, by kind."""
+        return Counter({kind: n for kind, n in zip(KINDS, self._counts[:], strict=True) if n})
 
     def cpu_s(self) -> float:
-        """CPU seconds the proxy's thread has used (Linux's /proc)."""
-        return _cpu_s(f"/proc/self/task/{self._tid}/stat")
+        """CPU seconds the proxy's process has used (Linux's /proc)."""
+        return _cpu_s(f"/proc/{self._process.pid}/stat")
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    async def _close(self) -> None:
-        """Stop serving and end every connection's tasks."""
-        self._server.close()
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _connection(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        upstream, to_upstream = await asyncio.open_connection(*self.upstream, limit=1 << 20)
-        back = asyncio.create_task(_pipe(upstream, to_client))
-        try:
-            while True:
-                head = await client.readuntil(b"\r\n\r\n")
-                self.counts[request_kind(head.split(b"\r\n", 1)[0])] += 1
-                headers = {
-                    k.strip().lower(): v.strip()
-                    for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
-                }
-                await asyncio.sleep(self.latency_s)
-                to_upstream.write(head)
-                if headers.get(b"transfer-encoding") == b"chunked":
-                    while True:
-                        size_line = await client.readuntil(b"\r\n")
-                        size = int(size_line.split(b";")[0], 16)
-                        to_upstream.write(size_line + await client.readexactly(size + 2 if size else 0))
-                        if size == 0:  # trailers, then an empty line
-                            while (line := await client.readuntil(b"\r\n")) != b"\r\n":
-                                to_upstream.write(line)
-                            to_upstream.write(b"\r\n")
-                            break
-                else:
-                    length = int(headers.get(b"content-length", b"0"))
-                    while length:  # forwarded as it comes: a client may wait for "100 Continue" first
-                        data = await client.read(min(length, 1 << 20))
-                        if not data:
-                            raise ConnectionError("client went away")
-                        to_upstream.write(data)
-                        length -= len(data)
-                await to_upstream.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass  # the client went away, or the proxy stops
-        finally:
-            back.cancel()
-            for writer in (to_upstream, to_client):
-                writer.close()
+        self._process.terminate()
+        self._process.join()
 
 
-async def _native_id() -> int:
-    return threading.get_native_id()
+def _serve(upstream: tuple[str, int], latency_s: float, cpus: set[int] | None, counts, port) -> None:
+    """The proxy's process: serve until terminated, sending the port it listens on through ``port``."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+    async def forward(client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        await _forward(client, to_client, upstream, latency_s, counts)
+
+    async def serve() -> None:
+        server = await asyncio.start_server(forward, "127.0.0.1", 0, limit=1 << 20)
+        port.send(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+async def _forward(client, to_client, upstream, latency_s: float, counts) -> None:
+    """One client connection: each request held ``latency_s``, counted, then forwarded; answers piped back."""
+    from_upstream, to_upstream = await asyncio.open_connection(*upstream, limit=1 << 20)
+    back = asyncio.create_task(_pipe(from_upstream, to_client))
+    try:
+        while True:
+            head = await client.readuntil(b"\r\n\r\n")
+            kind = KINDS.index(request_kind(head.split(b"\r\n", 1)[0]))
+            with counts.get_lock():
+                counts[kind] += 1
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
+            }
+            await asyncio.sleep(latency_s)
+            to_upstream.write(head)
+            if headers.get(b"transfer-encoding") == b"chunked":
+                while True:
+                    size_line = await client.readuntil(b"\r\n")
+                    size = int(size_line.split(b";")[0], 16)
+                    to_upstream.write(size_line + await client.readexactly(size + 2 if size else 0))
+                    if size == 0:  # trailers, then an empty line
+                        while (line := await client.readuntil(b"\r\n")) != b"\r\n":
+                            to_upstream.write(line)
+                        to_upstream.write(b"\r\n")
+                        break
+            else:
+                length = int(headers.get(b"content-length", b"0"))
+                while length:  # forwarded as it comes: a client may wait for "100 Continue" first
+                    data = await client.read(min(length, 1 << 20))
+                    if not data:
+                        raise ConnectionError("client went away")
+                    to_upstream.write(data)
+                    length -= len(data)
+            await to_upstream.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass  # the client went away
+    finally:
+        back.cancel()
+        for writer in (to_upstream, to_client):
+            writer.close()
 
 
 def _cpu_s(stat: str) -> float:
@@ -175,22 +193,23 @@ class Location:
     proxy: DelayProxy | None = None
     server_pid: int | None = None
 
-    @property
-    def counts(self) -> Counter | None:
-        return None if self.proxy is None else self.proxy.counts
+    def requests(self) -> Counter:
+        """The requests made so far, by kind (none for a local folder)."""
+        return Counter() if self.proxy is None else self.proxy.requests()
 
     def server_cpu_s(self) -> float:
         """CPU seconds the S3 server's process has used (0 for a local folder)."""
         return 0.0 if self.server_pid is None else _cpu_s(f"/proc/{self.server_pid}/stat")
 
     def proxy_cpu_s(self) -> float:
-        """CPU seconds the proxy's thread (in this process) has used (0 for a local folder)."""
+        """CPU seconds the proxy's process has used (0 for a local folder)."""
         return 0.0 if self.proxy is None else self.proxy.cpu_s()
 
 
 @contextlib.contextmanager
-def s3_server(name: str, latency_s: float) -> Iterator[Location]:
-    """moto's S3 server in a process of its own, behind a :class:`DelayProxy`, with a bucket ``bench``."""
+def s3_server(name: str, latency_s: float, cpus: set[int] | None = None) -> Iterator[Location]:
+    """moto's S3 server in a process of its own, behind a :class:`DelayProxy`, with a bucket ``bench``; both on
+    ``cpus`` when given."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -198,6 +217,7 @@ def s3_server(name: str, latency_s: float) -> Iterator[Location]:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
     try:
         deadline = time.monotonic() + 60
@@ -207,7 +227,7 @@ def s3_server(name: str, latency_s: float) -> Iterator[Location]:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("moto's S3 server did not start")
             time.sleep(0.2)
-        proxy = DelayProxy(("127.0.0.1", port), latency_s)
+        proxy = DelayProxy(("127.0.0.1", port), latency_s, cpus)
         options = {"endpoint_url": f"http://127.0.0.1:{proxy.start()}", "key": "bench", "secret": "bench"}
         try:
             Output("s3://bench", options).fs.mkdir("bench")
@@ -219,13 +239,12 @@ def s3_server(name: str, latency_s: float) -> Iterator[Location]:
         server.wait()
 
 
-_NEW_KEYWORDS = {"fresh", "maps"}  # this version's writer; an earlier one (run for a before/after) lacks them
-
-
-def unit_writer(out: Output, unit: str, maps: MapStore | None) -> UnitWriter:
-    """A unit's writer as a worker opens it: fresh (the resume found nothing of it), with the worker's maps.zarr."""
+def unit_writer(out: Output, unit: str, shared: dict) -> UnitWriter:
+    """A unit's writer as a worker opens it: fresh (the resume found nothing of it), with what a worker's units
+    share (``maps``: its maps.zarr, ``encoding``: the lock its commits encode under). An earlier version's writer
+    (run for a before/after) takes the keywords it knows."""
     known = set(inspect.signature(UnitWriter).parameters)
-    extra = {"fresh": True, "maps": maps} if known >= _NEW_KEYWORDS else {}
+    extra = {name: value for name, value in ({"fresh": True} | shared).items() if name in known}
     return UnitWriter(
         out, unit, LAYOUT, shard=f"{unit}.tar", job="bench", store_options=StoreOptions(arrays=ARRAYS), **extra
     )
@@ -234,22 +253,21 @@ def unit_writer(out: Output, unit: str, maps: MapStore | None) -> UnitWriter:
 def write_units(location: Location, batches: list[dict], in_flight: int) -> dict:
     """Every unit written (opened, its batch written, committed) by ``in_flight`` threads sharing one maps.zarr, as
     one worker's commits in flight: requests per unit, commit seconds, units/s, CPU seconds per unit of the writer
-    (this process less the proxy's thread), the S3 server and the proxy."""
+    (this process), the S3 server and the proxy."""
     out = Output(f"{location.url}/out-{in_flight}", location.options)
-    maps = MapStore(out.child("maps.zarr")) if "maps" in inspect.signature(UnitWriter).parameters else None
-    counts = location.counts or Counter()
+    shared = {"maps": MapStore(out.child("maps.zarr")), "encoding": threading.Lock()}
     commit_s: list[float] = []
-    before = Counter(counts)
+    before = location.requests()
 
     def write(unit: int) -> None:
-        writer = unit_writer(out, f"shard-{unit:06d}", maps)
+        writer = unit_writer(out, f"shard-{unit:06d}", shared)
         writer.write_explained(**batches[unit])
         start = time.perf_counter()
         writer.commit()
         commit_s.append(time.perf_counter() - start)
 
     write(0)  # the worker's first unit also creates maps.zarr's root: not counted
-    first = Counter(counts)
+    first = location.requests()
     cpu, server_cpu, proxy_cpu = time.process_time(), location.server_cpu_s(), location.proxy_cpu_s()
     start = time.perf_counter()
     with ThreadPoolExecutor(in_flight) as pool:
@@ -257,20 +275,20 @@ def write_units(location: Location, batches: list[dict], in_flight: int) -> dict
     wall = time.perf_counter() - start
     units = len(batches) - 1
     return {
-        "requests": {kind: n / units for kind, n in (Counter(counts) - first).items()},
+        "requests": {kind: n / units for kind, n in (location.requests() - first).items()},
         "first unit requests": sum((first - before).values()),
         "commit s": float(np.mean(commit_s[1:])),
         "units/s": units / wall,
-        "cpu s": (time.process_time() - cpu - location.proxy_cpu_s() + proxy_cpu) / units,
+        "cpu s": (time.process_time() - cpu) / units,
         "server cpu s": (location.server_cpu_s() - server_cpu) / units,
         "proxy cpu s": (location.proxy_cpu_s() - proxy_cpu) / units,
     }
 
 
-def bank_units(out: Output, units: int, samples: int, counts: Counter | None) -> dict:
+def bank_units(out: Output, units: int, samples: int, requests: Callable[[], Counter]) -> dict:
     """The bank stage's units: ``units`` reference shards of ``samples`` 384-d features, one after another."""
     rng = np.random.default_rng(1)
-    before = Counter(counts or {})
+    before = requests()
     commit_s = []
     for unit in range(units):
         batch = DecodedBatch(None, [_Sample(f"r{unit}_{i:05d}", i % 1000) for i in range(samples)], [])
@@ -279,7 +297,7 @@ def bank_units(out: Output, units: int, samples: int, counts: Counter | None) ->
         start = time.perf_counter()
         writer.commit()
         commit_s.append(time.perf_counter() - start)
-    return {"requests": sum((Counter(counts or {}) - before).values()) / units, "commit s": float(np.mean(commit_s))}
+    return {"requests": sum((requests() - before).values()) / units, "commit s": float(np.mean(commit_s))}
 
 
 @dataclasses.dataclass
@@ -292,23 +310,23 @@ def _fresh(writer: Callable) -> dict:
     return {"fresh": True} if "fresh" in inspect.signature(writer).parameters else {}
 
 
-def timed_requests(action: Callable[[], object], counts: Counter | None) -> tuple[float, int]:
-    before = Counter(counts or {})
+def timed_requests(action: Callable[[], object], requests: Callable[[], Counter]) -> tuple[float, int]:
+    before = requests()
     start = time.perf_counter()
     action()
-    return time.perf_counter() - start, sum((Counter(counts or {}) - before).values())
+    return time.perf_counter() - start, sum((requests() - before).values())
 
 
 def measure_rest(location: Location, args: dict) -> dict:
     """On one location: compaction of the units written with one commit in flight, one read, the bank stage's units
     and the bank file they assemble into."""
-    counts = location.counts
+    requests = location.requests
     out = Output(f"{location.url}/out-{args['in_flight'][0]}", location.options)
-    row = {"compact": timed_requests(lambda: compact(out), counts)}
+    row = {"compact": timed_requests(lambda: compact(out), requests)}
     key = f"u{len(args['batches']) // 2:06d}_{args['samples'] // 2:05d}"
-    row["maps(key)"] = timed_requests(lambda: open_results(out).maps(key), counts)
+    row["maps(key)"] = timed_requests(lambda: open_results(out).maps(key), requests)
     bank_out = Output(f"{location.url}/ssl", location.options)
-    row["bank units"] = bank_units(bank_out.child("bank"), args["bank_units"], args["samples"], counts)
+    row["bank units"] = bank_units(bank_out.child("bank"), args["bank_units"], args["samples"], requests)
     job = parse_job(
         {
             "name": "bench",
@@ -319,7 +337,7 @@ def measure_rest(location: Location, args: dict) -> dict:
             "output": {"path": bank_out.url, "storage_options": location.options},
         }
     )
-    row["bank file"] = timed_requests(lambda: assemble_bank(job), counts)
+    row["bank file"] = timed_requests(lambda: assemble_bank(job), requests)
     return row
 
 
@@ -332,6 +350,14 @@ def measure_rest(location: Location, args: dict) -> dict:
 @click.option(
     "--rounds", default=3, show_default=True, help="Rounds of the units/s measurements (the median is shown)."
 )
+@click.option(
+    "--server-cores",
+    type=int,
+    default=None,
+    help="Cores kept for the S3 server and the proxy (the last ones); the writer, on every location, gets the rest: "
+    "a real bucket's CPU is not the worker's. 0: everything shares every core. Default: a quarter of the cores, "
+    "at least one (none on a single core).",
+)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
 def main(
     s3_latency_ms: float,
@@ -340,8 +366,10 @@ def main(
     in_flight: tuple[int, ...],
     bank_units: int,
     rounds: int,
+    server_cores: int | None,
     workdir: Path | None,
 ) -> None:
+    server_cpus = split_cores(server_cores)
     args = {
         "batches": [rounded_unit_batch(np.random.default_rng(unit), unit, samples) for unit in range(units)],
         "samples": samples,
@@ -354,7 +382,8 @@ def main(
         with contextlib.ExitStack() as servers:
             locations = [Location("local disk", str(root / "local"), {})]
             for latency in dict.fromkeys((0.0, s3_latency_ms)):
-                locations.append(servers.enter_context(s3_server(f"S3 +{latency:g} ms", latency / 1e3)))
+                name = f"S3 +{latency:g} ms"
+                locations.append(servers.enter_context(s3_server(name, latency / 1e3, server_cpus)))
             rows: dict[str, dict] = {location.name: {} for location in locations}
             runs: dict[tuple[str, int], list[dict]] = {}
             for _ in range(rounds):  # the locations one after another at each setting: the same minute's load
@@ -369,7 +398,23 @@ def main(
                 rows[location.name] |= measure_rest(location, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    report(rows, {location.name: location.proxy is not None for location in locations}, args)
+    report(rows, {location.name: location.proxy is not None for location in locations}, args | {"pin": server_cpus})
+
+
+def split_cores(server_cores: int | None) -> set[int] | None:
+    """Pin this process (the writer, and the threads it starts from now on) off the last ``server_cores`` cores it
+    may use (None: a quarter, at least one, none on a single core), and return those for the server. None when 0."""
+    cores = sorted(os.sched_getaffinity(0))
+    if server_cores is None:
+        server_cores = max(1, len(cores) // 4) if len(cores) > 1 else 0
+    if not server_cores:
+        return None
+    if server_cores >= len(cores):
+        raise click.BadParameter(
+            f"{server_cores} of {len(cores)} cores leaves none to the writer", param_hint="--server-cores"
+        )
+    os.sched_setaffinity(0, cores[:-server_cores])
+    return set(cores[-server_cores:])
 
 
 def report(rows: dict[str, dict], remote: dict[str, bool], args: dict) -> None:
@@ -380,6 +425,8 @@ def report(rows: dict[str, dict], remote: dict[str, bool], args: dict) -> None:
         f"samples and blocks tables) per measurement, after one that opens maps.zarr; the writer alone; units/s: the "
         f"median of {args['rounds']} rounds"
     )
+    if args["pin"]:
+        print(f"writer on cores {sorted(os.sched_getaffinity(0))}, S3 server and proxy on cores {sorted(args['pin'])}")
     print(f"{'':>40} " + " ".join(f"{n:>12}" for n in names))
 
     def line(label: str, value: Callable[[str], str], *, requests: bool = False) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -109,4 +110,5 @@ def test_object_store_benchmark(run, tmp_path):
         "--in-flight", "1", "--in-flight", "2", "--rounds", "1", "--workdir", str(tmp_path),
     )  # fmt: skip
     assert "S3 +5 ms" in out and "units/s, 2 commit(s) in flight" in out and "maps(key): requests" in out
+    assert ("S3 server and proxy on cores" in out) == (len(os.sched_getaffinity(0)) > 1)
     assert not list(tmp_path.iterdir())  # its outputs are removed
