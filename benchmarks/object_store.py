@@ -3,7 +3,7 @@ sustains with 1, 2 and 4 commits in flight, against the same writer on a local d
 
     python benchmarks/object_store.py --s3-latency-ms 25
 
-moto's S3 server runs on 127.0.0.1 (its own process) behind a small proxy written here (asyncio, its own process): the
+moto's S3 server runs on 127.0.0.1 (its own process) behind a small proxy (``delay_proxy.py``, its own process): the
 proxy holds every HTTP request ``--s3-latency-ms`` before forwarding it, as a bucket in another building would, and
 counts the requests by kind. The writer alone (no model) writes vit_small-shaped units of ``--samples`` images
 (keys, block_maps, daam, coefficients; samples and blocks tables), pre-rounded as the explain stage hands them,
@@ -19,11 +19,9 @@ units/s of the local disk.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import inspect
-import multiprocessing
 import os
 import shutil
 import socket
@@ -36,10 +34,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import click
 import numpy as np
+from delay_proxy import DelayProxy
 from storage import LAYOUT, rounded_unit_batch
 
 from pipeline.config import StoreOptions, parse_job
@@ -56,130 +54,10 @@ ARRAYS = ("block_maps", "daam", "coefficients")
 FEATURES = 384  # vit_small's pooled [class] feature
 
 
-def request_kind(line: bytes) -> str:
-    """GET, HEAD, PUT, DELETE, LIST or BULK-DELETE, from an HTTP request line of the S3 API (path-style)."""
-    method, target = line.split(b" ")[:2]
-    query = urlsplit(target.decode()).query
-    if method == b"GET" and "list-type" in query:
-        return "LIST"
-    if method == b"POST" and "delete" in query:
-        return "BULK-DELETE"
-    return method.decode()
-
-
-KINDS = ("GET", "HEAD", "PUT", "POST", "DELETE", "LIST", "BULK-DELETE")
-
-
-class DelayProxy:
-    """A TCP proxy in front of an HTTP server that holds every request ``latency_s`` before forwarding it (each
-    connection on its own, so concurrent requests wait concurrently) and counts the requests by kind. It runs in a
-    process of its own, on ``cpus`` when given: like a network, it takes neither the writer's cores nor its GIL.
-
-    Args:
-        upstream: ``(host, port)`` of the server.
-        latency_s: Added delay per request.
-        cpus: Cores the proxy's process may use.
-    """
-
-    def __init__(self, upstream: tuple[str, int], latency_s: float, cpus: set[int] | None = None) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._counts = context.Array("q", len(KINDS))
-        self._port, child_port = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_serve, args=(upstream, latency_s, cpus, self._counts, child_port), name="delay-proxy", daemon=True
-        )
-
-    def start(self) -> int:
-        """Start serving on 127.0.0.1; returns the port."""
-        self._process.start()
-        if not self._port.poll(60):
-            raise RuntimeError("the delay proxy did not start")
-        return self._port.recv()
-
-    def requests(self) -> Counter:
-        """The requests forwarded so far, by kind."""
-        return Counter({kind: n for kind, n in zip(KINDS, self._counts[:], strict=True) if n})
-
-    def cpu_s(self) -> float:
-        """CPU seconds the proxy's process has used (Linux's /proc)."""
-        return _cpu_s(f"/proc/{self._process.pid}/stat")
-
-    def stop(self) -> None:
-        self._process.terminate()
-        self._process.join()
-
-
-def _serve(upstream: tuple[str, int], latency_s: float, cpus: set[int] | None, counts, port) -> None:
-    """The proxy's process: serve until terminated, sending the port it listens on through ``port``."""
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-
-    async def forward(client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        await _forward(client, to_client, upstream, latency_s, counts)
-
-    async def serve() -> None:
-        server = await asyncio.start_server(forward, "127.0.0.1", 0, limit=1 << 20)
-        port.send(server.sockets[0].getsockname()[1])
-        await server.serve_forever()
-
-    asyncio.run(serve())
-
-
-async def _forward(client, to_client, upstream, latency_s: float, counts) -> None:
-    """One client connection: each request held ``latency_s``, counted, then forwarded; answers piped back."""
-    from_upstream, to_upstream = await asyncio.open_connection(*upstream, limit=1 << 20)
-    back = asyncio.create_task(_pipe(from_upstream, to_client))
-    try:
-        while True:
-            head = await client.readuntil(b"\r\n\r\n")
-            kind = KINDS.index(request_kind(head.split(b"\r\n", 1)[0]))
-            with counts.get_lock():
-                counts[kind] += 1
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
-            }
-            await asyncio.sleep(latency_s)
-            to_upstream.write(head)
-            if headers.get(b"transfer-encoding") == b"chunked":
-                while True:
-                    size_line = await client.readuntil(b"\r\n")
-                    size = int(size_line.split(b";")[0], 16)
-                    to_upstream.write(size_line + await client.readexactly(size + 2 if size else 0))
-                    if size == 0:  # trailers, then an empty line
-                        while (line := await client.readuntil(b"\r\n")) != b"\r\n":
-                            to_upstream.write(line)
-                        to_upstream.write(b"\r\n")
-                        break
-            else:
-                length = int(headers.get(b"content-length", b"0"))
-                while length:  # forwarded as it comes: a client may wait for "100 Continue" first
-                    data = await client.read(min(length, 1 << 20))
-                    if not data:
-                        raise ConnectionError("client went away")
-                    to_upstream.write(data)
-                    length -= len(data)
-            await to_upstream.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass  # the client went away
-    finally:
-        back.cancel()
-        for writer in (to_upstream, to_client):
-            writer.close()
-
-
 def _cpu_s(stat: str) -> float:
     """User and system CPU seconds of a process or thread, from its /proc stat file."""
     fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-        while data := await reader.read(1 << 20):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 @dataclasses.dataclass
@@ -227,7 +105,7 @@ def s3_server(name: str, latency_s: float, cpus: set[int] | None = None) -> Iter
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("moto's S3 server did not start")
             time.sleep(0.2)
-        proxy = DelayProxy(("127.0.0.1", port), latency_s, cpus)
+        proxy = DelayProxy(port, latency_s, cpus)
         options = {"endpoint_url": f"http://127.0.0.1:{proxy.start()}", "key": "bench", "secret": "bench"}
         try:
             Output("s3://bench", options).fs.mkdir("bench")
