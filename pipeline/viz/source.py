@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from pipeline.config import ModelConfig
 from pipeline.data.decode import DEFAULT_MAX_PIXELS, Preprocess, decode_image
 from pipeline.data.stream import iter_shard
 from pipeline.errors import ConfigError, DecodeError, ShardError
-from pipeline.models import create_model, model_data_config
+from pipeline.models import create_job_model, model_data_config
 from pipeline.store.output import JOB_FILE
 from pipeline.store.results import Results
 from pipeline.viz.display import Window
@@ -72,17 +73,13 @@ def job_preprocess(job: Mapping[str, Any]) -> Preprocess:
 
     The model is built on the meta device (no weights, no memory), or on the CPU for a model that cannot be.
     """
-    spec = job["model"]
-
-    def build() -> torch.nn.Module:
-        return create_model(spec["name"], num_classes=spec.get("num_classes"), model_kwargs=spec.get("kwargs"))
-
+    spec = ModelConfig(**job["model"])
     try:
         with torch.device("meta"):
-            model = build()
+            model = create_job_model(spec, weights=False)
     except (RuntimeError, NotImplementedError) as e:
-        logger.debug("%s cannot be built on the meta device (%s); building it on the CPU", spec["name"], e)
-        model = build()
+        logger.debug("%s cannot be built on the meta device (%s); building it on the CPU", spec.name, e)
+        model = create_job_model(spec, weights=False)
     return Preprocess.from_data_config(model_data_config(model), job["data"]["preprocess"])
 
 
