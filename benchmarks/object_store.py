@@ -8,13 +8,13 @@ proxy holds every HTTP request ``--s3-latency-ms`` before forwarding it, as a bu
 counts the requests by kind. The writer alone (no model) writes vit_small-shaped units of ``--samples`` images
 (keys, block_maps, daam, coefficients; samples and blocks tables), pre-rounded as the explain stage hands them,
 through the pipeline's own ``UnitWriter`` as a worker does (units the resume found nothing of, one ``maps.zarr`` and
-one encoding lock per worker), to: a local disk, S3 without added latency, S3 with it. The server and the proxy run
-on cores of their own (``--server-cores``; the writer, on every location, on the others): on a cluster the bucket's
-CPU is not the worker's, and on a small machine the emulated server would otherwise set the S3 rate. Then, on each:
-the bank stage's units (``FeatureWriter``, 384-d features) and the bank file they assemble into (``bank.path`` on
-the store), the compaction of the written units, and one ``open_results(OUT).maps(key)`` on the compacted output.
-The issue's targets at 25 ms: at most 40 requests per unit written; with commits in flight, at least 0.8x the
-units/s of the local disk.
+one set of encoding slots per worker), to: a local disk, S3 without added latency, S3 with it. The server and the
+proxy run on cores of their own (``--server-cores``; the writer, on every location, on the others): on a cluster the
+bucket's CPU is not the worker's, and on a small machine the emulated server would otherwise set the S3 rate. Then,
+on each: the bank stage's units (``FeatureWriter``, 384-d features) and the bank file they assemble into
+(``bank.path`` on the store), the compaction of the written units, and one ``open_results(OUT).maps(key)`` on the
+compacted output. The issue's targets at 25 ms: at most 40 requests per unit written; with commits in flight, at
+least 0.8x the units/s of the local disk.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from storage import LAYOUT, rounded_unit_batch
 
 from pipeline.config import StoreOptions, parse_job
 from pipeline.data.decode import DecodedBatch
+from pipeline.store import unit_writer as unit_writer_module
 from pipeline.store.bank import assemble_bank
 from pipeline.store.compact import compact
 from pipeline.store.features import EncodedBatch, FeatureWriter
@@ -119,7 +119,7 @@ def s3_server(name: str, latency_s: float, cpus: set[int] | None = None) -> Iter
 
 def unit_writer(out: Output, unit: str, shared: dict) -> UnitWriter:
     """A unit's writer as a worker opens it: fresh (the resume found nothing of it), with what a worker's units
-    share (``maps``: its maps.zarr, ``encoding``: the lock its commits encode under). An earlier version's writer
+    share (``maps``: its maps.zarr, ``encoding``: the slots its commits encode in). An earlier version's writer
     (run for a before/after) takes the keywords it knows."""
     known = set(inspect.signature(UnitWriter).parameters)
     extra = {name: value for name, value in ({"fresh": True} | shared).items() if name in known}
@@ -133,7 +133,9 @@ def write_units(location: Location, batches: list[dict], in_flight: int) -> dict
     one worker's commits in flight: requests per unit, commit seconds, units/s, CPU seconds per unit of the writer
     (this process), the S3 server and the proxy."""
     out = Output(f"{location.url}/out-{in_flight}", location.options)
-    shared = {"maps": MapStore(out.child("maps.zarr")), "encoding": threading.Lock()}
+    shared: dict = {"maps": MapStore(out.child("maps.zarr"))}
+    if hasattr(unit_writer_module, "encoding_slots"):  # an earlier version (run for a before/after) has none
+        shared["encoding"] = unit_writer_module.encoding_slots()
     commit_s: list[float] = []
     before = location.requests()
 

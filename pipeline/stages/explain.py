@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import zlib
 from collections.abc import Sequence
 
@@ -21,7 +20,7 @@ from pipeline.stats import block_statistics, boxes_to_grid_mask, explainer_stati
 from pipeline.store.bank import load_bank
 from pipeline.store.lease import Fence
 from pipeline.store.output import job_output
-from pipeline.store.unit_writer import ExplainedBatch, UnitWriter
+from pipeline.store.unit_writer import ExplainedBatch, UnitWriter, encoding_slots
 from pipeline.store.units import unit_name
 from pipeline.store.zarr_store import MapLayout, MapStore, round_significant, significant_bits
 
@@ -60,7 +59,7 @@ class ExplainStage:
         self.mean, self.std = tuple(data_config["mean"]), tuple(data_config["std"])  # the worker's normalisation
         self._bank = None  # self-supervised jobs: loaded on first use, once the bank stage has built it
         self._maps: MapStore | None = None  # the output's maps.zarr, opened by the first unit
-        self._encoding = threading.Lock()  # the worker's commits encode one at a time (UnitWriter)
+        self._encoding = encoding_slots()  # the worker's commits take turns to encode (UnitWriter)
         evaluate = job.evaluate
         self.cascade = None
         if evaluate is not None and evaluate.sanity == "cascading":

@@ -13,6 +13,7 @@ Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from pipeline.data.decode import DecodedBatch, DecodedSample
     from pipeline.store.lease import Fence
 
-__all__ = ["SAMPLE_COLUMNS", "ExplainedBatch", "UnitWriter"]
+__all__ = ["SAMPLE_COLUMNS", "ExplainedBatch", "UnitWriter", "encoding_slots"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,21 @@ class ExplainedBatch:
     rounded: bool = False
 
 
+def encoding_slots(cores: int | None = None) -> threading.BoundedSemaphore:
+    """What a worker's units encode their files under (``UnitWriter(encoding=...)``): as many encodings at once as
+    the cores hold at two cores each (zarr encodes a unit's arrays in threads: 1.3 cores busy on 2), at least one.
+
+    Where commits in flight would encode more units at once than that, they slice the same cores, finish together and
+    then all wait on storage, leaving the cores idle; taking turns, one unit encodes while the others' puts wait.
+
+    Args:
+        cores: The cores the worker may use; default: this process's CPU affinity.
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return threading.BoundedSemaphore(max(1, cores // 2))
+
+
 class UnitWriter:
     """Writes one unit of the explain stage: maps, samples and statistics of its batches, then the commit.
 
@@ -98,9 +114,8 @@ class UnitWriter:
             once); default: opened and checked for this unit.
         fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
         fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
-        encoding: Held while the commit encodes the unit's files. A worker's units share one: their encoding (CPU,
-            parallel within a unit) runs one at a time while their puts (waiting on storage) overlap it, instead of
-            commits in flight slicing the same cores and then all waiting on storage at once. Default: the unit's own.
+        encoding: Held while the commit encodes the unit's files; a worker's units share one
+            (:func:`encoding_slots`). Default: the unit's own.
 
     Raises:
         StoreError: the output holds maps of another configuration, or cannot be written.

@@ -59,7 +59,7 @@ def test_the_explain_stage_evaluates_with_the_units_random_stream(tmp_path):
     one, two = stage.open_unit("part-a", "part-a.tar"), stage.open_unit("part-b", "part-b.tar")
     again = stage.open_unit("part-a", "part-a.tar")
     assert isinstance(one.sink, UnitWriter)
-    assert one.sink._encoding is two.sink._encoding  # the worker's commits encode one at a time
+    assert one.sink._encoding is two.sink._encoding  # the worker's commits take turns to encode
     assert torch.equal(torch.rand(4, generator=one.generator), torch.rand(4, generator=again.generator))
     assert not torch.equal(torch.rand(4, generator=one.generator), torch.rand(4, generator=two.generator))
     a = stage.compute(x, batch, stage.open_unit("part-a", "part-a.tar").generator)

@@ -20,7 +20,7 @@ from pipeline.config import StoreOptions
 from pipeline.errors import StoreError
 from pipeline.store.output import Output
 from pipeline.store.results import open_results
-from pipeline.store.unit_writer import UnitWriter
+from pipeline.store.unit_writer import UnitWriter, encoding_slots
 from pipeline.store.units import (
     EXPLAIN_PARTS,
     UnitTransaction,
@@ -144,6 +144,14 @@ def test_a_workers_units_encode_under_its_one_lock_and_put_after_releasing_it(tm
     assert held == [[], ["shard-000000"]]  # each unit's files were put after its encoding let the lock go
     assert done_units(tmp_path) == ["shard-000000", "shard-000001"]
     assert not encoding.lock.locked()
+
+
+def test_a_worker_encodes_as_many_units_at_once_as_its_cores_hold_at_two_each():
+    for cores, at_once in ((1, 1), (2, 1), (3, 1), (8, 4)):
+        slots = encoding_slots(cores)
+        assert [slots.acquire(blocking=False) for _ in range(at_once + 1)] == [True] * at_once + [False]
+    default = encoding_slots()  # this process's cores
+    assert sum(default.acquire(blocking=False) for _ in range(64)) == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def test_begin_unit_removes_every_part(tmp_path, layout, make_batch):
