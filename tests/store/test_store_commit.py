@@ -119,8 +119,8 @@ def test_interrupted_commit_leaves_no_marker_and_is_ignored(tmp_path, layout, ma
     assert len(keys) == 10 and keys.str.startswith("fresh").all()
 
 
-def test_a_workers_units_encode_under_its_one_lock_and_put_after_releasing_it(tmp_path, layout, make_batch):
-    held: list[list[str]] = []  # at each release of the lock: the units whose tables are in the output
+def test_a_unit_encodes_in_the_workers_slot_and_puts_after_releasing_it(tmp_path, layout, make_batch):
+    held: list[list[str]] = []  # at each release of the slot: the units whose tables are in the output
 
     class Encoding:
         def __init__(self) -> None:
@@ -141,7 +141,7 @@ def test_a_workers_units_encode_under_its_one_lock_and_put_after_releasing_it(tm
     for u, writer in enumerate(writers):
         writer.write_explained(**make_batch([f"u{u}-{i}" for i in range(5)], seed=u))
     assert writers[0].commit()["ok"] == 5 and writers[1].commit()["ok"] == 5
-    assert held == [[], ["shard-000000"]]  # each unit's files were put after its encoding let the lock go
+    assert held == [[], ["shard-000000"]]  # each unit's files were put after its encoding let the slot go
     assert done_units(tmp_path) == ["shard-000000", "shard-000001"]
     assert not encoding.lock.locked()
 
