@@ -145,7 +145,7 @@ class UnitWriter:
         self._maps = UnitMapWriter(unit, layout, options)
         self._fixed = {"shard": shard, "unit": unit, "model": layout.model, "job": job}
         self._tables: dict[str, list[pa.Table]] = {part: [] for part in TABLE_SCHEMAS}
-        self._encoding = encoding or threading.Lock()
+        self._encoding = encoding if encoding is not None else threading.Lock()
         self.failed = 0
 
     @property
