@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import JobConfig
-from pipeline.engine.transfer import move_tree, to_host
+from pipeline.engine.transfer import move_tree
 from pipeline.errors import ConfigError, StoreError
 from pipeline.names import CURVE_COLUMNS, METRIC_COLUMNS, PER_BLOCK_EXPLAINERS, TOP_DOWN_EXPLAINERS
 from pipeline.store.output import JOB_FILE
@@ -82,7 +82,7 @@ def evaluate_stored(out: Any, *, device: str | None = None, progress: bool = Fal
                     if job.mode == "supervised":
                         target = torch.as_tensor(targets[where], device=worker.device).long()
                     # one packed copy each way per batch
-                    maps = to_host(
+                    maps = move_tree(
                         {name: torch.from_numpy(values[where]) for name, values in finals.items()}, worker.device
                     )
                     daam = maps.pop("daam")[:, None]  # the stage evaluates the last block of (B, L, h, w)
