@@ -12,11 +12,11 @@ Layout under ``OUT`` (:data:`~pipeline.store.units.EXPLAIN_PARTS`)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +115,7 @@ class UnitWriter:
         fresh: Nothing of the unit exists yet (see :class:`~pipeline.store.units.UnitTransaction`).
         fence: The driver's lease (:class:`~pipeline.store.units.UnitTransaction`); None: unfenced.
         encoding: Held while the commit encodes the unit's files; a worker's units share one
-            (:func:`encoding_slots`). Default: the unit's own.
+            (:func:`encoding_slots`). Default: none shared, nothing to wait for.
 
     Raises:
         StoreError: the output holds maps of another configuration, or cannot be written.
@@ -134,7 +134,7 @@ class UnitWriter:
         maps: MapStore | None = None,
         fresh: bool = False,
         fence: Fence | None = None,
-        encoding: AbstractContextManager[Any] | None = None,
+        encoding: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         self.output = as_output(out)
         self.unit = unit
@@ -145,7 +145,7 @@ class UnitWriter:
         self._maps = UnitMapWriter(unit, layout, options)
         self._fixed = {"shard": shard, "unit": unit, "model": layout.model, "job": job}
         self._tables: dict[str, list[pa.Table]] = {part: [] for part in TABLE_SCHEMAS}
-        self._encoding = encoding if encoding is not None else threading.Lock()
+        self._encoding = encoding if encoding is not None else contextlib.nullcontext()
         self.failed = 0
 
     @property
