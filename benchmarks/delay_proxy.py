@@ -36,6 +36,12 @@ def request_kind(line: bytes) -> str:
     return method.decode()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used, from Linux's /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class DelayProxy:
     """The proxy in front of ``127.0.0.1:upstream_port``, holding every request ``latency_s`` (each connection on
     its own, so concurrent requests wait concurrently), in a process of its own on ``cpus`` when given.
@@ -74,9 +80,8 @@ class DelayProxy:
         return Counter({kind: n for kind, n in zip(KINDS, _COUNTS.unpack_from(self._counts), strict=True) if n})
 
     def cpu_s(self) -> float:
-        """CPU seconds the proxy's process has used (Linux's /proc)."""
-        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds the proxy's process has used."""
+        return cpu_seconds(self._process.pid)
 
     def stop(self) -> None:
         self._process.terminate()

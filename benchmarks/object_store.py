@@ -36,7 +36,7 @@ from pathlib import Path
 
 import click
 import numpy as np
-from delay_proxy import DelayProxy
+from delay_proxy import DelayProxy, cpu_seconds
 from storage import LAYOUT, rounded_unit_batch
 
 from pipeline.config import StoreOptions, parse_job
@@ -52,12 +52,6 @@ from pipeline.store.zarr_store import MapStore
 
 ARRAYS = ("block_maps", "daam", "coefficients")
 FEATURES = 384  # vit_small's pooled [class] feature
-
-
-def _cpu_s(stat: str) -> float:
-    """User and system CPU seconds of a process or thread, from its /proc stat file."""
-    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclasses.dataclass
@@ -77,7 +71,7 @@ class Location:
 
     def server_cpu_s(self) -> float:
         """CPU seconds the S3 server's process has used (0 for a local folder)."""
-        return 0.0 if self.server_pid is None else _cpu_s(f"/proc/{self.server_pid}/stat")
+        return 0.0 if self.server_pid is None else cpu_seconds(self.server_pid)
 
     def proxy_cpu_s(self) -> float:
         """CPU seconds the proxy's process has used (0 for a local folder)."""
